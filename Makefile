@@ -1,0 +1,36 @@
+# Two commands on a fresh machine with only python3: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+TESTSTAMP := $(VENV)/.test-installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: demo test bench install clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	touch $@
+
+$(TESTSTAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	bash scripts/install-system-deps.sh
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m handoff_magic.demo
+
+test: $(TESTSTAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/capture.py
+	$(BIN)/python benchmarks/handoff.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,249 @@
+"""The run state that travels between kernels and servers, as plain JSON.
+
+Everything here is data only (no pickles): the server reads it, stores it in SQLite and
+shows it, so it must never need to execute anything to understand a run.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+SCHEMA_VERSION = 1
+
+PlanStatus = Literal["pending", "active", "done", "failed"]
+PLAN_STATUSES: tuple[str, ...] = ("pending", "active", "done", "failed")
+
+# Local runs use idle/running/paused; remote runs add queued/restoring; handed_off and
+# pulled mark the side that gave the run away.
+RUN_STATUSES: tuple[str, ...] = (
+    "idle", "queued", "restoring", "running", "paused", "waiting_input",
+    "completed", "failed", "cancelled", "handed_off", "pulled",
+)
+TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled", "pulled"})
+
+
+class StateError(ValueError):
+    """A run state or manifest that cannot be read; the message says what to do."""
+
+
+class SchemaVersionError(StateError):
+    """Written by a newer jupyter-handoff than the one reading it."""
+
+
+def check_schema_version(data: dict[str, Any], what: str = "run state") -> None:
+    version = data.get("schema_version")
+    if not isinstance(version, int):
+        raise StateError(f"{what} has no integer schema_version; it is not a jupyter-handoff {what}")
+    if version > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{what} uses schema version {version}, but this jupyter-handoff reads up to "
+            f"{SCHEMA_VERSION}: upgrade jupyter-handoff here (pip install -U jupyter-handoff)"
+        )
+    if version < 1:
+        raise StateError(f"{what} has invalid schema_version {version}")
+
+
+def _pick(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """Keep only the keys a dataclass knows, so older readers ignore newer optional fields."""
+    if not isinstance(data, dict):
+        raise StateError(f"expected a JSON object for {cls.__name__}, got {type(data).__name__}")
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
+
+
+@dataclass
+class PlanStep:
+    text: str
+    status: str = "pending"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.text, str):
+            raise StateError("plan step text must be a string")
+        if self.status not in PLAN_STATUSES:
+            raise StateError(f"plan step status {self.status!r} is not one of {', '.join(PLAN_STATUSES)}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PlanStep":
+        return cls(**_pick(cls, data))
+
+
+@dataclass
+class ToolCall:
+    id: str
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ToolCall":
+        d = _pick(cls, data)
+        if not isinstance(d.get("name"), str) or not isinstance(d.get("id"), str):
+            raise StateError("a tool call needs string 'id' and 'name'")
+        if not isinstance(d.get("arguments", {}), dict):
+            raise StateError("tool call arguments must be a JSON object")
+        return cls(**d)
+
+
+@dataclass
+class ToolResult:
+    call_id: str
+    name: str
+    content: str                      # what the model sees (already trimmed)
+    is_error: bool = False
+    outputs: list[dict[str, Any]] = field(default_factory=list)  # nbformat v4 output dicts
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ToolResult":
+        return cls(**_pick(cls, data))
+
+
+@dataclass
+class Message:
+    """Provider-neutral message. role: system | user | assistant | tool.
+
+    An assistant message may carry tool_calls; a tool message carries the results of
+    every call of the preceding assistant message, in order.
+    """
+    role: str
+    text: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_results: list[ToolResult] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.role not in ("system", "user", "assistant", "tool"):
+            raise StateError(f"message role {self.role!r} is not system, user, assistant or tool")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Message":
+        d = _pick(cls, data)
+        d["tool_calls"] = [ToolCall.from_dict(c) for c in d.get("tool_calls") or []]
+        d["tool_results"] = [ToolResult.from_dict(r) for r in d.get("tool_results") or []]
+        if not isinstance(d.get("text", ""), str):
+            raise StateError("message text must be a string")
+        return cls(**d)
+
+
+@dataclass
+class Event:
+    """One state change. seq numbers start at 1 and never repeat within a run."""
+    seq: int
+    type: str
+    data: dict[str, Any] = field(default_factory=dict)
+    time: float = field(default_factory=time.time)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Event":
+        d = _pick(cls, data)
+        if not isinstance(d.get("seq"), int) or not isinstance(d.get("type"), str):
+            raise StateError("an event needs an integer 'seq' and a string 'type'")
+        return cls(**d)
+
+
+@dataclass
+class Budgets:
+    max_steps: int = 40
+    max_seconds: float = 3600.0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Budgets":
+        return cls(**_pick(cls, data))
+
+
+@dataclass
+class Origin:
+    host: str = ""
+    notebook_path: str = ""
+    python: str = ""
+    packages: dict[str, str] = field(default_factory=dict)
+    time: float = field(default_factory=time.time)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Origin":
+        return cls(**_pick(cls, data))
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@dataclass
+class RunState:
+    goal: str
+    id: str = field(default_factory=new_run_id)
+    status: str = "idle"
+    plan: list[PlanStep] = field(default_factory=list)
+    messages: list[Message] = field(default_factory=list)
+    steps: int = 0                     # model turns taken so far
+    budgets: Budgets = field(default_factory=Budgets)
+    model: str = ""                    # model spec name only, e.g. "openai:gpt-4o"; never a key
+    origin: Origin = field(default_factory=Origin)
+    events: list[Event] = field(default_factory=list)
+    question: str | None = None        # set while status == waiting_input
+    summary: str | None = None         # set by finish
+    error: str | None = None           # what went wrong, with what to do next
+    created: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.status not in RUN_STATUSES:
+            raise StateError(f"run status {self.status!r} is not one of {', '.join(RUN_STATUSES)}")
+
+    # -- events -------------------------------------------------------------------
+    @property
+    def last_seq(self) -> int:
+        return self.events[-1].seq if self.events else 0
+
+    def emit(self, type: str, **data: Any) -> Event:
+        """Append a numbered event; every state change goes through here."""
+        event = Event(seq=self.last_seq + 1, type=type, data=data)
+        self.events.append(event)
+        self.updated = event.time
+        return event
+
+    def set_status(self, status: str, **data: Any) -> Event | None:
+        if status not in RUN_STATUSES:
+            raise StateError(f"run status {status!r} is not one of {', '.join(RUN_STATUSES)}")
+        if status == self.status and not data:
+            return None
+        self.status = status
+        return self.emit("status", status=status, **data)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    # -- JSON ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunState":
+        if not isinstance(data, dict):
+            raise StateError("run state must be a JSON object")
+        check_schema_version(data)
+        d = _pick(cls, data)
+        if not isinstance(d.get("goal"), str):
+            raise StateError("run state needs a string 'goal'")
+        try:
+            d["plan"] = [PlanStep.from_dict(p) for p in d.get("plan") or []]
+            d["messages"] = [Message.from_dict(m) for m in d.get("messages") or []]
+            d["events"] = [Event.from_dict(e) for e in d.get("events") or []]
+            d["budgets"] = Budgets.from_dict(d.get("budgets") or {})
+            d["origin"] = Origin.from_dict(d.get("origin") or {})
+            return cls(**d)
+        except TypeError as exc:  # wrong field types from hand-made JSON
+            raise StateError(f"run state is malformed: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "RunState":
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StateError(f"run state is not valid JSON ({exc}); the file may be truncated") from exc
+        return cls.from_dict(data)
