@@ -1,0 +1,31 @@
+"""jupyter-handoff: run an agent in your notebook, hand it off to a Jupyter Server, pull it back.
+
+Public API (a contract): ``save_state``, ``load_state``, ``%load_ext handoff_magic``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["save_state", "load_state", "load_ipython_extension", "__version__"]
+
+
+def save_state(path: Any, shell: Any = None, **kwargs: Any) -> Any:
+    """Snapshot the kernel's variables, imports, In/Out history and working files into ``path``."""
+    from .capture import save_state as _save
+    return _save(path, shell, **kwargs)
+
+
+def load_state(path: Any, shell: Any = None, **kwargs: Any) -> Any:
+    """Restore a snapshot written by ``save_state`` into this kernel; nothing changes on error."""
+    from .restore import load_state as _load
+    return _load(path, shell, **kwargs)
+
+
+def load_ipython_extension(ip: Any) -> None:
+    from .magics import HandoffMagics
+    ip.register_magics(HandoffMagics)
+
+
+def unload_ipython_extension(ip: Any) -> None:  # nothing to undo: magics simply stay registered
+    return None
