@@ -1,0 +1,396 @@
+"""HTTP client for a Jupyter Server's ``/handoff/api``: uploads, runs, events, pull back.
+
+Pure HTTP over httpx, no kernel or widget code, so it runs in a notebook kernel, a script or a
+test alike. Every failure becomes a ``ClientError`` whose message says what happened and what to
+do next; the server's own ``{"error", "hint"}`` is passed through verbatim.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import httpx
+
+API_PREFIX = "/handoff/api"
+STREAM_PIECE = 256 * 1024          # bytes per progress update while streaming a chunk
+Progress = Callable[[int, int], None]   # (bytes done, bytes total)
+
+_RETRY_STATUS = frozenset({500, 502, 503, 504})
+
+
+class ClientError(RuntimeError):
+    """A request to the handoff server failed; ``str()`` says what happened and what to do."""
+
+    def __init__(self, message: str, hint: str | None = None, status: int | None = None) -> None:
+        self.message = message
+        self.hint = hint
+        self.status = status
+        super().__init__(f"{message}: {hint}" if hint else message)
+
+
+class ServerUnreachable(ClientError):
+    """No connection could be made (server down, wrong URL, network gone)."""
+
+
+class AuthError(ClientError):
+    """The server refused the token (403/401)."""
+
+
+class RunNotFound(ClientError):
+    """The server has no run (or blob) with that id (404)."""
+
+
+class BundleTooLarge(ClientError):
+    """The server refused the bundle because of its size limit (413)."""
+
+
+@dataclass
+class UploadReport:
+    """What an upload did: the second handoff of a kernel should send only what changed."""
+    chunks_total: int = 0
+    chunks_sent: int = 0
+    bytes_total: int = 0           # stored bytes of every chunk the manifest references
+    bytes_sent: int = 0            # stored bytes actually PUT
+    retries: int = 0
+    seconds: float = 0.0
+    sent: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "sent"}
+
+
+def _chunk_path(bundle_dir: Path, sha: str) -> Path:
+    return bundle_dir / "chunks" / sha[:2] / sha
+
+
+def _valid_sha(sha: str) -> bool:
+    return isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)
+
+
+def _resolve_settings(url: str | None, token: str | None) -> tuple[str, str | None]:
+    """args > env (HANDOFF_SERVER_URL / HANDOFF_TOKEN) > ~/.jupyter/handoff.json, via config."""
+    try:
+        from .config import server_settings
+    except ImportError:  # config module not present in this install: env only
+        return (url or os.environ.get("HANDOFF_SERVER_URL") or "",
+                token if token is not None else os.environ.get("HANDOFF_TOKEN"))
+    return server_settings(url, token)
+
+
+class HandoffClient:
+    """One server. Retries connect errors and 5xx with backoff; maps status codes to clear errors."""
+
+    def __init__(self, url: str | None = None, token: str | None = None, *, timeout: float = 30.0,
+                 retries: int = 3, backoff: float = 0.25,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        url, token = _resolve_settings(url, token)
+        if not url:
+            raise ClientError(
+                "no handoff server configured",
+                "set HANDOFF_SERVER_URL (and HANDOFF_TOKEN), or pass --to URL to %handoff")
+        if not url.startswith(("http://", "https://")):
+            raise ClientError(f"server URL {url!r} is not an http(s) URL",
+                              "use e.g. http://127.0.0.1:8888 (the Jupyter Server's base URL)")
+        self.url = url.rstrip("/")
+        self.token = token
+        self.retries = max(0, retries)
+        self.backoff = backoff
+        headers = {"Accept": "application/json"}
+        if token:
+            headers["Authorization"] = f"token {token}"
+        self._http = httpx.Client(base_url=self.url + API_PREFIX, headers=headers,
+                                  timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+                                  transport=transport, follow_redirects=False)
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "HandoffClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:  # never show the token
+        return f"HandoffClient({self.url!r})"
+
+    def _sleep(self, attempt: int) -> None:
+        time.sleep(self.backoff * (2 ** attempt))
+
+    def _unreachable(self, exc: Exception) -> ServerUnreachable:
+        return ServerUnreachable(
+            f"cannot reach {self.url} ({type(exc).__name__}: {exc})",
+            "is the server running? check HANDOFF_SERVER_URL (or %handoff --to URL)")
+
+    def _error(self, resp: httpx.Response, what: str) -> ClientError:
+        """Turn a non-2xx response into a ClientError, keeping the server's words."""
+        error = hint = None
+        try:
+            body = resp.json()
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+            body = None
+        if isinstance(body, dict):
+            error = body.get("error") or body.get("message") or body.get("reason")
+            hint = body.get("hint")
+        code = resp.status_code
+        if code in (401, 403):
+            return AuthError(error or f"the server refused the token ({code} on {what})",
+                             hint or "set HANDOFF_TOKEN to a valid Jupyter Server token "
+                                     "(`jupyter server list` shows it)", code)
+        if code == 404:
+            return RunNotFound(error or f"not found on {self.url}: {what}",
+                               hint or "check the run id: %reattach lists the runs on this server", code)
+        if code == 413:
+            return BundleTooLarge(error or f"the bundle is larger than the server accepts ({what})",
+                                  hint or "drop or delete large variables (del big_df) or raise "
+                                          "c.HandoffApp.max_bundle_bytes on the server", code)
+        return ClientError(error or f"{what} failed with HTTP {code} {resp.reason_phrase}",
+                           hint or ("the server log says more" if code >= 500 else None), code)
+
+    def _request(self, method: str, path: str, *, what: str, idempotent: bool = True,
+                 ok: Iterable[int] = (200, 201, 204), **kwargs: Any) -> httpx.Response:
+        """Send with retries: connect errors always (nothing was sent), read errors and 5xx
+        only for idempotent requests."""
+        attempt = 0
+        while True:
+            try:
+                resp = self._http.request(method, path, **kwargs)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                if attempt >= self.retries:
+                    raise self._unreachable(exc) from exc
+            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError,
+                    httpx.ReadTimeout, httpx.WriteTimeout) as exc:
+                if not idempotent or attempt >= self.retries:
+                    raise ClientError(f"the connection to {self.url} broke during {what} "
+                                      f"({type(exc).__name__}: {exc})",
+                                      "try again; nothing was lost on this side") from exc
+            else:
+                if resp.status_code in ok:
+                    return resp
+                if not (idempotent and resp.status_code in _RETRY_STATUS and attempt < self.retries):
+                    raise self._error(resp, what)
+            self._sleep(attempt)
+            attempt += 1
+
+    def _json(self, resp: httpx.Response, what: str) -> Any:
+        try:
+            return resp.json()
+        except ValueError as exc:
+            raise ClientError(f"the server's reply to {what} is not JSON",
+                              f"is {self.url} a Jupyter Server with jupyter-handoff enabled?") from exc
+
+    # -- blobs ------------------------------------------------------------------------------
+    def missing(self, shas: list[str]) -> list[str]:
+        """Which of these chunks the server lacks (one batch request; HEAD per chunk if the
+        server has no batch route)."""
+        if not shas:
+            return []
+        try:
+            resp = self._request("POST", "/blobs/missing", json={"shas": shas}, what="checking chunks")
+            missing = self._json(resp, "checking chunks").get("missing")
+            if not isinstance(missing, list):
+                raise ClientError("the server's /blobs/missing reply has no 'missing' list",
+                                  "upgrade jupyter-handoff on the server")
+            lacking = set(missing)
+            return [s for s in shas if s in lacking]
+        except RunNotFound:
+            return [s for s in shas if not self.has_blob(s)]
+
+    def has_blob(self, sha: str) -> bool:
+        try:
+            self._request("HEAD", f"/blobs/{sha}", what=f"checking chunk {sha[:12]}")
+            return True
+        except RunNotFound:
+            return False
+
+    def put_blob(self, sha: str, path: Path, progress: Callable[[int], None] | None = None) -> int:
+        """PUT one stored chunk, streamed; a connection cut mid-body is retried from the start
+        (progress is rewound). Returns the bytes sent."""
+        size = path.stat().st_size
+        attempt = 0
+        while True:
+            sent = 0
+
+            def body() -> Iterator[bytes]:
+                nonlocal sent
+                with open(path, "rb") as fh:
+                    while piece := fh.read(STREAM_PIECE):
+                        yield piece
+                        sent += len(piece)
+                        if progress:
+                            progress(len(piece))
+
+            try:
+                resp = self._http.put(f"/blobs/{sha}", content=body(), headers={
+                    "Content-Type": "application/octet-stream", "Content-Length": str(size)})
+            except httpx.TransportError as exc:
+                if progress and sent:
+                    progress(-sent)
+                if attempt >= self.retries:
+                    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+                        raise self._unreachable(exc) from exc
+                    raise ClientError(f"uploading chunk {sha[:12]} to {self.url} kept failing "
+                                      f"({type(exc).__name__}: {exc})",
+                                      "check the connection and run %handoff again; only missing "
+                                      "chunks are sent") from exc
+            else:
+                if resp.status_code in (200, 201, 204):
+                    return size
+                if progress and sent:
+                    progress(-sent)
+                if not (resp.status_code in _RETRY_STATUS and attempt < self.retries):
+                    raise self._error(resp, f"uploading chunk {sha[:12]}")
+            self._sleep(attempt)
+            attempt += 1
+
+    def upload_bundle(self, bundle_dir: str | Path, progress: Progress | None = None,
+                      manifest: dict[str, Any] | None = None) -> UploadReport:
+        """Upload the chunks of ``bundle_dir/manifest.json`` that the server lacks."""
+        t0 = time.perf_counter()
+        bundle_dir = Path(bundle_dir)
+        if manifest is None:
+            manifest = read_manifest_file(bundle_dir)
+        shas = list((manifest.get("chunks") or {}).keys())
+        report = UploadReport(chunks_total=len(shas))
+        for sha in shas:
+            if not _valid_sha(sha):
+                raise ClientError(f"the bundle at {bundle_dir} lists an invalid chunk id {sha!r}",
+                                  "take the snapshot again (%handoff does this)")
+            path = _chunk_path(bundle_dir, sha)
+            if not path.is_file():
+                raise ClientError(f"chunk {sha[:12]} listed in {bundle_dir}/manifest.json is missing",
+                                  "the local bundle cache is damaged; delete it and run %handoff again")
+            report.bytes_total += path.stat().st_size
+        todo = self.missing(shas)
+        total = sum(_chunk_path(bundle_dir, s).stat().st_size for s in todo)
+        done = 0
+        if progress:
+            progress(0, total)
+
+        def step(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress:
+                progress(max(0, done), total)
+
+        for sha in todo:
+            report.bytes_sent += self.put_blob(sha, _chunk_path(bundle_dir, sha), step)
+            report.chunks_sent += 1
+            report.sent.append(sha)
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    def download_chunks(self, manifest: dict[str, Any], store: Any,
+                        progress: Progress | None = None) -> int:
+        """Fetch the manifest's chunks that ``store`` (a ChunkStore, or anything with
+        ``has(sha)`` and ``path(sha)``) lacks; each is hash-checked and written atomically.
+        Returns the bytes downloaded."""
+        chunks = manifest.get("chunks") or {}
+        todo = [s for s in chunks if not store.has(s)]
+        for sha in todo:
+            if not _valid_sha(sha):
+                raise ClientError(f"the server's manifest lists an invalid chunk id {sha!r}",
+                                  "the run's checkpoint is damaged; report this to the server admin")
+        total = sum(int((chunks[s] or {}).get("stored") or 0) for s in todo)
+        done = 0
+        if progress:
+            progress(0, total)
+        for sha in todo:
+            resp = self._request("GET", f"/blobs/{sha}", what=f"downloading chunk {sha[:12]}")
+            data = resp.content
+            if hashlib.sha256(data).hexdigest() != sha:
+                raise ClientError(f"chunk {sha[:12]} arrived corrupted (hash mismatch)",
+                                  "run %pull again; nothing was changed locally")
+            _atomic_write(Path(store.path(sha)), data)
+            done += len(data)
+            if progress:
+                progress(done, max(total, done))
+        return done
+
+    # -- runs -------------------------------------------------------------------------------
+    def create_run(self, manifest: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+        """POST /runs. The idempotency key makes a retried create return the same run."""
+        key = idempotency_key or uuid.uuid4().hex
+        resp = self._request("POST", "/runs", json={"manifest": manifest, "idempotency_key": key},
+                             what="creating the remote run")
+        return self._json(resp, "creating the remote run")
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        return self._json(self._request("GET", f"/runs/{run_id}", what=f"run {run_id}"), "get run")
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        data = self._json(self._request("GET", "/runs", what="listing runs"), "list runs")
+        return data.get("runs", []) if isinstance(data, dict) else list(data)
+
+    def events(self, run_id: str, after: int = 0, timeout: float = 25.0) -> dict[str, Any]:
+        """Long-poll: returns ``{"events", "last_seq", "status"}`` as soon as there is news or
+        after ``timeout`` seconds."""
+        resp = self._request("GET", f"/runs/{run_id}/events",
+                             params={"after": after, "timeout": timeout},
+                             timeout=httpx.Timeout(timeout + 15.0, connect=10.0),
+                             what=f"events of run {run_id}")
+        return self._json(resp, "events")
+
+    def answer(self, run_id: str, text: str) -> dict[str, Any]:
+        resp = self._request("POST", f"/runs/{run_id}/answer", json={"answer": text},
+                             idempotent=False, what=f"answering run {run_id}")
+        return self._json(resp, "answer") if resp.content else {}
+
+    def cancel(self, run_id: str) -> dict[str, Any]:
+        resp = self._request("POST", f"/runs/{run_id}/cancel", json={}, what=f"cancelling run {run_id}")
+        return self._json(resp, "cancel") if resp.content else {}
+
+    def pull(self, run_id: str, timeout: float = 180.0) -> dict[str, Any]:
+        """Ask the server to pause the run at a step boundary, checkpoint and end it ``pulled``."""
+        resp = self._request("POST", f"/runs/{run_id}/pull", json={},
+                             timeout=httpx.Timeout(timeout, connect=10.0), what=f"pulling run {run_id}")
+        return self._json(resp, "pull") if resp.content else {}
+
+    def bundle(self, run_id: str) -> dict[str, Any]:
+        """The run's latest checkpoint manifest (with ``run`` = the remote RunState)."""
+        data = self._json(self._request("GET", f"/runs/{run_id}/bundle", what=f"bundle of run {run_id}"),
+                          "bundle")
+        return data.get("manifest", data) if isinstance(data, dict) and "kind" not in data else data
+
+    def diff(self, run_id: str) -> dict[str, Any]:
+        return self._json(self._request("GET", f"/runs/{run_id}/diff", what=f"diff of run {run_id}"), "diff")
+
+
+def read_manifest_file(bundle_dir: Path) -> dict[str, Any]:
+    """The bundle's manifest (via bundle.read_manifest when available, for its checks)."""
+    try:
+        from .bundle import read_manifest
+    except ImportError:
+        read_manifest = None
+    if read_manifest is not None:
+        return read_manifest(bundle_dir)
+    try:
+        return json.loads((bundle_dir / "manifest.json").read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ClientError(f"cannot read {bundle_dir}/manifest.json ({exc})",
+                          "take the snapshot again") from exc
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
