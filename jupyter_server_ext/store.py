@@ -1,0 +1,562 @@
+"""Durable server-side storage: runs, events, answers, manifests and the notification outbox
+in SQLite (WAL), and uploaded chunks in a content-addressed blob directory.
+
+Why one module: the runner (threads) and the handlers (the event loop) both write here, so the
+locking and the "committed before return" guarantees live in one place.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from handoff_magic.state import TERMINAL_STATUSES, Event, RunState, new_run_id
+
+SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class BlobError(ValueError):
+    """An upload that cannot be stored (bad address, hash mismatch, too large)."""
+
+
+def check_sha(sha: str) -> str:
+    """Return ``sha`` if it is a lowercase sha256 hex digest; a path can never come out of it."""
+    if not isinstance(sha, str) or not SHA_RE.match(sha):
+        raise BlobError(f"{sha!r} is not a sha256 address (64 lowercase hex digits)")
+    return sha
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems refuse opening directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Blobs
+# ---------------------------------------------------------------------------------------------
+class BlobWriter:
+    """Streams one upload to a temp file, hashing as it goes; ``commit`` verifies and renames.
+
+    Used by the PUT handler so a large chunk never sits in memory and a cut connection leaves
+    nothing but a temp file that ``abort`` removes.
+    """
+
+    def __init__(self, store: "BlobStore", sha: str, max_bytes: int) -> None:
+        self.store = store
+        self.sha = check_sha(sha)
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._hash = hashlib.sha256()
+        final = store.path(sha)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = final.parent / f".tmp-{uuid.uuid4().hex}"
+        self._file: BinaryIO | None = open(self._tmp, "wb")
+
+    def write(self, data: bytes) -> None:
+        if self._file is None:
+            raise BlobError("upload already finished")
+        self.size += len(data)
+        if self.size > self.max_bytes:
+            self.abort()
+            raise BlobError(f"chunk is larger than the {self.max_bytes} byte limit")
+        self._hash.update(data)
+        self._file.write(data)
+
+    def commit(self) -> bool:
+        """Verify the hash and publish the blob atomically; True if it was new."""
+        if self._file is None:
+            raise BlobError("upload already finished")
+        digest = self._hash.hexdigest()
+        if digest != self.sha:
+            self.abort()
+            raise BlobError(f"uploaded bytes hash to {digest}, not {self.sha}: the chunk was corrupted "
+                            "in transit or addressed wrongly; upload it again")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        final = self.store.path(self.sha)
+        existed = final.exists()
+        os.replace(self._tmp, final)
+        _fsync_dir(final.parent)
+        return not existed
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        try:
+            self._tmp.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class BlobStore:
+    """``root/<sha[:2]>/<sha>``: the layout of ``handoff_magic.bundle.ChunkStore``.
+
+    The address is the sha256 of the stored bytes, so the server verifies uploads without
+    decoding (or unpickling) anything.
+    """
+
+    def __init__(self, root: Path, max_chunk_bytes: int = 256 * 1024 * 1024) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_chunk_bytes = max_chunk_bytes
+
+    def path(self, sha: str) -> Path:
+        check_sha(sha)
+        return self.root / sha[:2] / sha
+
+    def has(self, sha: str) -> bool:
+        return self.path(sha).is_file()
+
+    def missing(self, shas: Iterable[str]) -> list[str]:
+        seen: set[str] = set()
+        out: list[str] = []
+        for sha in shas:
+            if sha in seen:
+                continue
+            seen.add(sha)
+            if not self.has(sha):
+                out.append(sha)
+        return out
+
+    def writer(self, sha: str, max_bytes: int | None = None) -> BlobWriter:
+        return BlobWriter(self, sha, self.max_chunk_bytes if max_bytes is None else max_bytes)
+
+    def put(self, sha: str, data: bytes | memoryview) -> bool:
+        """Store ``data`` under ``sha`` after verifying it; idempotent; True if it was new."""
+        if self.has(sha):
+            if hashlib.sha256(data).hexdigest() != sha:
+                raise BlobError(f"data does not hash to {sha}")
+            return False
+        w = self.writer(sha)
+        try:
+            w.write(bytes(data))
+        except BaseException:
+            w.abort()
+            raise
+        return w.commit()
+
+    def open(self, sha: str) -> BinaryIO:
+        return open(self.path(sha), "rb")
+
+    def read(self, sha: str) -> bytes:
+        with self.open(sha) as f:
+            return f.read()
+
+    def size(self, sha: str) -> int:
+        return self.path(sha).stat().st_size
+
+
+# ---------------------------------------------------------------------------------------------
+# SQLite
+# ---------------------------------------------------------------------------------------------
+MIGRATIONS: list[str] = [
+    # 1: initial schema
+    """
+    CREATE TABLE runs (
+        id TEXT PRIMARY KEY,
+        status TEXT NOT NULL,
+        goal TEXT NOT NULL,
+        state TEXT NOT NULL,
+        idempotency_key TEXT UNIQUE,
+        created REAL NOT NULL,
+        updated REAL NOT NULL
+    );
+    CREATE TABLE events (
+        run_id TEXT NOT NULL REFERENCES runs(id),
+        seq INTEGER NOT NULL,
+        type TEXT NOT NULL,
+        data TEXT NOT NULL,
+        time REAL NOT NULL,
+        PRIMARY KEY (run_id, seq)
+    );
+    CREATE TABLE answers (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id TEXT NOT NULL REFERENCES runs(id),
+        text TEXT NOT NULL,
+        created REAL NOT NULL,
+        taken REAL
+    );
+    CREATE TABLE manifests (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id TEXT NOT NULL REFERENCES runs(id),
+        kind TEXT NOT NULL,
+        created REAL NOT NULL,
+        manifest TEXT NOT NULL
+    );
+    CREATE INDEX manifests_run_kind ON manifests(run_id, kind, id);
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        target TEXT NOT NULL,
+        title TEXT NOT NULL,
+        body TEXT NOT NULL,
+        created REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt REAL NOT NULL,
+        delivered REAL,
+        last_error TEXT
+    );
+    CREATE INDEX outbox_pending ON outbox(delivered, next_attempt);
+    """,
+]
+
+
+def _summary(row: sqlite3.Row, last_seq: int) -> dict[str, Any]:
+    state = json.loads(row["state"])
+    return {
+        "id": row["id"],
+        "goal": row["goal"],
+        "status": row["status"],
+        "plan": state.get("plan") or [],
+        "question": state.get("question"),
+        "summary": state.get("summary"),
+        "error": state.get("error"),
+        "steps": state.get("steps", 0),
+        "model": state.get("model", ""),
+        "origin": state.get("origin") or {},
+        "created": row["created"],
+        "updated": row["updated"],
+        "last_seq": last_seq,
+    }
+
+
+class RunStore:
+    """``handoff.sqlite`` in WAL mode; every method is safe to call from any thread.
+
+    One connection guarded by a lock: writes are short, and a single writer is what SQLite wants
+    anyway. Long-polls wait on asyncio futures that ``append_event`` wakes thread-safely.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
+                                   timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = {}
+        self._waiters_lock = threading.Lock()
+        self._migrate()
+
+    # -- plumbing --------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        with self._lock:
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise RuntimeError(
+                    f"{self.path} was written by a newer jupyter-handoff (schema {version}); "
+                    "upgrade jupyter-handoff on this server or point HandoffApp.data_dir elsewhere")
+            for i in range(version, len(MIGRATIONS)):
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for stmt in MIGRATIONS[i].split(";"):
+                        if stmt.strip():
+                            self._db.execute(stmt)
+                    self._db.execute(f"PRAGMA user_version = {i + 1}")
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+
+    def _tx(self) -> "_Tx":
+        return _Tx(self)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _q(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def _last_seq(self, run_id: str) -> int:
+        row = self._db.execute("SELECT MAX(seq) FROM events WHERE run_id=?", (run_id,)).fetchone()
+        return row[0] or 0
+
+    # -- runs ------------------------------------------------------------------------------
+    def create_run(self, state: RunState, manifest: dict[str, Any],
+                   idempotency_key: str | None) -> tuple[dict[str, Any], bool]:
+        """Insert a run (status ``queued``), its past events and its handoff manifest.
+
+        Same idempotency key → the existing run and ``False``. Keeps the client's run id when
+        free so both sides talk about the same id; otherwise picks a new one.
+        """
+        with self._tx() as db:
+            if idempotency_key:
+                row = db.execute("SELECT id FROM runs WHERE idempotency_key=?", (idempotency_key,)).fetchone()
+                if row is not None:
+                    return self.summary(row["id"]), False
+            run_id = state.id
+            while db.execute("SELECT 1 FROM runs WHERE id=?", (run_id,)).fetchone() is not None:
+                run_id = new_run_id()
+            state.id = run_id
+            now = time.time()
+            past = list(state.events)
+            state.events = []
+            state.status = "queued"
+            state.updated = now
+            db.execute(
+                "INSERT INTO runs(id, status, goal, state, idempotency_key, created, updated) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (run_id, state.status, state.goal, state.to_json(), idempotency_key, now, now))
+            seq = 0
+            for ev in past:
+                seq += 1  # renumber densely: the server's log has no gaps whatever the client sent
+                db.execute("INSERT INTO events(run_id, seq, type, data, time) VALUES (?,?,?,?,?)",
+                           (run_id, seq, ev.type, json.dumps(ev.data, ensure_ascii=False), ev.time))
+            db.execute("INSERT INTO events(run_id, seq, type, data, time) VALUES (?,?,?,?,?)",
+                       (run_id, seq + 1, "status",
+                        json.dumps({"status": "queued", "reason": "handed off to this server"}), now))
+            db.execute("INSERT INTO manifests(run_id, kind, created, manifest) VALUES (?,?,?,?)",
+                       (run_id, "handoff", now, json.dumps(manifest, ensure_ascii=False)))
+        self._wake(run_id)
+        return self.summary(run_id), True
+
+    def has_run(self, run_id: str) -> bool:
+        return bool(self._q("SELECT 1 FROM runs WHERE id=?", (run_id,)))
+
+    def summary(self, run_id: str) -> dict[str, Any]:
+        """The run summary of docs/internals.md without ``links`` (the handler adds those)."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
+            if row is None:
+                raise KeyError(run_id)
+            return _summary(row, self._last_seq(run_id))
+
+    def get_state(self, run_id: str) -> RunState:
+        """The stored RunState with its full event log (``state.last_seq`` matches the store)."""
+        with self._lock:
+            row = self._db.execute("SELECT status, state FROM runs WHERE id=?", (run_id,)).fetchone()
+            if row is None:
+                raise KeyError(run_id)
+            data = json.loads(row["state"])
+            data["status"] = row["status"]
+            data["events"] = []
+            state = RunState.from_dict(data)
+            state.events = self.events(run_id, 0, limit=None)
+            return state
+
+    def save_state(self, state: RunState) -> None:
+        """Persist status, plan, messages... (events live in their own table)."""
+        data = state.to_dict()
+        data["events"] = []
+        with self._tx() as db:
+            cur = db.execute("UPDATE runs SET status=?, goal=?, state=?, updated=? WHERE id=?",
+                             (state.status, state.goal, json.dumps(data, ensure_ascii=False),
+                              time.time(), state.id))
+            if cur.rowcount == 0:
+                raise KeyError(state.id)
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM runs ORDER BY created DESC").fetchall()
+            return [_summary(r, self._last_seq(r["id"])) for r in rows]
+
+    def unfinished_runs(self) -> list[str]:
+        marks = ",".join("?" * len(TERMINAL_STATUSES))
+        rows = self._q(f"SELECT id FROM runs WHERE status NOT IN ({marks}) ORDER BY created",
+                       tuple(sorted(TERMINAL_STATUSES)))
+        return [r["id"] for r in rows]
+
+    # -- events ----------------------------------------------------------------------------
+    def append_event(self, run_id: str, type: str, data: dict[str, Any]) -> Event:
+        """Give the event the next seq, commit it, then wake long-polls; returns the Event.
+
+        A ``status`` event also updates the run's status column so summaries never lag.
+        """
+        now = time.time()
+        payload = json.dumps(data or {}, ensure_ascii=False)
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM runs WHERE id=?", (run_id,)).fetchone() is None:
+                raise KeyError(run_id)
+            seq = self._last_seq(run_id) + 1
+            db.execute("INSERT INTO events(run_id, seq, type, data, time) VALUES (?,?,?,?,?)",
+                       (run_id, seq, type, payload, now))
+            if type == "status" and isinstance((data or {}).get("status"), str):
+                db.execute("UPDATE runs SET status=?, state=json_set(state, '$.status', ?), updated=? "
+                           "WHERE id=?", (data["status"], data["status"], now, run_id))
+            else:
+                db.execute("UPDATE runs SET updated=? WHERE id=?", (now, run_id))
+        self._wake(run_id)
+        return Event(seq=seq, type=type, data=dict(data or {}), time=now)
+
+    def events(self, run_id: str, after: int = 0, limit: int | None = 500) -> list[Event]:
+        sql = "SELECT seq, type, data, time FROM events WHERE run_id=? AND seq>? ORDER BY seq"
+        args: tuple[Any, ...] = (run_id, after)
+        if limit is not None:
+            sql += " LIMIT ?"
+            args += (limit,)
+        return [Event(seq=r["seq"], type=r["type"], data=json.loads(r["data"]), time=r["time"])
+                for r in self._q(sql, args)]
+
+    def last_seq(self, run_id: str) -> int:
+        with self._lock:
+            return self._last_seq(run_id)
+
+    async def wait_events(self, run_id: str, after: int, timeout: float,
+                          limit: int = 500) -> list[Event]:
+        """Events with seq > ``after``, waiting up to ``timeout`` s for the first one.
+
+        Always reads from SQLite after waking, so a wake-up can never lose or duplicate events.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout)
+        while True:
+            fut: asyncio.Future[None] = loop.create_future()
+            key = (loop, fut)
+            with self._waiters_lock:
+                self._waiters.setdefault(run_id, set()).add(key)
+            try:
+                found = self.events(run_id, after, limit)  # after registering: no missed wake-up
+                remaining = deadline - loop.time()
+                if found or remaining <= 0:
+                    return found
+                try:
+                    await asyncio.wait_for(fut, remaining)
+                except asyncio.TimeoutError:
+                    pass
+            finally:
+                with self._waiters_lock:
+                    waiters = self._waiters.get(run_id)
+                    if waiters is not None:
+                        waiters.discard(key)
+                        if not waiters:
+                            del self._waiters[run_id]
+
+    def _wake(self, run_id: str) -> None:
+        with self._waiters_lock:
+            waiters = list(self._waiters.get(run_id, ()))
+        for loop, fut in waiters:
+            try:
+                loop.call_soon_threadsafe(_resolve, fut)
+            except RuntimeError:  # that loop is closed; its waiter is gone with it
+                pass
+
+    # -- answers ---------------------------------------------------------------------------
+    def put_answer(self, run_id: str, text: str) -> None:
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM runs WHERE id=?", (run_id,)).fetchone() is None:
+                raise KeyError(run_id)
+            db.execute("INSERT INTO answers(run_id, text, created) VALUES (?,?,?)",
+                       (run_id, text, time.time()))
+
+    def take_answer(self, run_id: str) -> str | None:
+        """The oldest unread answer, marked read in the same transaction."""
+        with self._tx() as db:
+            row = db.execute("SELECT id, text FROM answers WHERE run_id=? AND taken IS NULL "
+                             "ORDER BY id LIMIT 1", (run_id,)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE answers SET taken=? WHERE id=?", (time.time(), row["id"]))
+            return row["text"]
+
+    # -- manifests -------------------------------------------------------------------------
+    def save_manifest(self, run_id: str, kind: str, manifest: dict[str, Any]) -> None:
+        if kind not in ("handoff", "checkpoint"):
+            raise ValueError(f"manifest kind {kind!r} is not 'handoff' or 'checkpoint'")
+        with self._tx() as db:
+            db.execute("INSERT INTO manifests(run_id, kind, created, manifest) VALUES (?,?,?,?)",
+                       (run_id, kind, time.time(), json.dumps(manifest, ensure_ascii=False)))
+
+    def manifest(self, run_id: str, kind: str) -> dict[str, Any] | None:
+        rows = self._q("SELECT manifest FROM manifests WHERE run_id=? AND kind=? ORDER BY id DESC LIMIT 1",
+                       (run_id, kind))
+        return json.loads(rows[0]["manifest"]) if rows else None
+
+    def referenced_chunks(self) -> set[str]:
+        """Every chunk sha named by any stored manifest (for blob garbage collection)."""
+        shas: set[str] = set()
+        for r in self._q("SELECT manifest FROM manifests"):
+            shas.update((json.loads(r["manifest"]).get("chunks") or {}).keys())
+        return shas
+
+    # -- notification outbox ---------------------------------------------------------------
+    def add_notifications(self, run_id: str, kind: str, title: str, body: str,
+                          targets: list[str]) -> list[int]:
+        """One outbox row per target (a hash naming a configured URL); committed on return."""
+        now = time.time()
+        ids: list[int] = []
+        with self._tx() as db:
+            for target in targets:
+                cur = db.execute(
+                    "INSERT INTO outbox(run_id, kind, target, title, body, created, next_attempt) "
+                    "VALUES (?,?,?,?,?,?,?)", (run_id, kind, target, title, body, now, now))
+                ids.append(int(cur.lastrowid or 0))
+        return ids
+
+    def due_notifications(self, now: float | None = None) -> list[dict[str, Any]]:
+        now = time.time() if now is None else now
+        rows = self._q("SELECT * FROM outbox WHERE delivered IS NULL AND next_attempt<=? ORDER BY id",
+                       (now,))
+        return [dict(r) for r in rows]
+
+    def next_notification_time(self) -> float | None:
+        rows = self._q("SELECT MIN(next_attempt) FROM outbox WHERE delivered IS NULL")
+        return rows[0][0] if rows else None
+
+    def mark_delivered(self, outbox_id: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE outbox SET delivered=?, attempts=attempts+1, last_error=NULL WHERE id=?",
+                       (time.time(), outbox_id))
+
+    def mark_failed(self, outbox_id: int, error: str, next_attempt: float | None) -> None:
+        """Record a failed attempt; ``next_attempt=None`` gives up (delivered stays NULL)."""
+        with self._tx() as db:
+            db.execute("UPDATE outbox SET attempts=attempts+1, last_error=?, next_attempt=? WHERE id=?",
+                       (error, float("inf") if next_attempt is None else next_attempt, outbox_id))
+
+    def notifications(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        if run_id is None:
+            return [dict(r) for r in self._q("SELECT * FROM outbox ORDER BY id")]
+        return [dict(r) for r in self._q("SELECT * FROM outbox WHERE run_id=? ORDER BY id", (run_id,))]
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class _Tx:
+    """``with store._tx() as db``: lock + BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error)."""
+
+    def __init__(self, store: RunStore) -> None:
+        self.store = store
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.store._lock.acquire()
+        try:
+            self.store._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.store._lock.release()
+            raise
+        return self.store._db
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            self.store._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self.store._lock.release()
