@@ -1,0 +1,735 @@
+"""The client side of the journey: hand a run off, reattach to it, review its diff, pull it back.
+
+``handoff`` snapshots the kernel into a per-kernel bundle cache (so a second handoff writes and
+uploads only changed chunks), uploads what the server lacks and creates the remote run; after it
+returns, the server needs nothing more from this kernel. ``RemoteRun`` follows a remote run's
+events in a background thread and drives the same RunWidget a local run uses.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import html
+import json
+import os
+import tempfile
+import threading
+import time
+import uuid
+import webbrowser
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .client import ClientError, HandoffClient, _atomic_write
+from .state import TERMINAL_STATUSES, Event, PlanStep, RunState, StateError
+
+# statuses after which a remote run needs nothing more from anyone
+REMOTE_DONE = frozenset(TERMINAL_STATUSES)
+PAUSE_TIMEOUT = 120.0
+
+
+class HandoffError(RuntimeError):
+    """A handoff/reattach/pull step failed; the message says what to do and the local run is intact."""
+
+
+@dataclass
+class RemoteRef:
+    """Where a handed-off run lives now (``LocalRun.remote``)."""
+    server_url: str
+    run_id: str
+    links: dict[str, str] = field(default_factory=dict)
+    handed_off: float = field(default_factory=time.time)
+
+
+# -- local bundle cache -----------------------------------------------------------------------
+def cache_root() -> Path:
+    """~/.cache/jupyter-handoff (XDG_CACHE_HOME respected), else a temp dir."""
+    base = os.environ.get("HANDOFF_CACHE_DIR")
+    if base:
+        return Path(base)
+    xdg = os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")
+    root = Path(xdg) / "jupyter-handoff"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+    except OSError:
+        return Path(tempfile.gettempdir()) / "jupyter-handoff"
+
+
+def kernel_key(fallback: str) -> str:
+    """This kernel's id (from its connection file) so each kernel reuses one bundle cache."""
+    try:
+        from ipykernel import get_connection_file
+        name = Path(get_connection_file()).stem          # kernel-<id>
+        return name.removeprefix("kernel-") or fallback
+    except (ImportError, RuntimeError, AttributeError):  # not inside an ipykernel
+        return fallback
+
+
+def bundle_cache(key: str) -> Path:
+    path = cache_root() / "bundles" / key
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _record_path(server_url: str, run_id: str) -> Path:
+    server = hashlib.sha256(server_url.encode()).hexdigest()[:12]
+    return cache_root() / "handoffs" / f"{server}-{run_id}.json"
+
+
+def save_record(server_url: str, run_id: str, record: dict[str, Any]) -> None:
+    """What pull needs from the handoff moment: file hashes (conflict detection) and the cache dir."""
+    _atomic_write(_record_path(server_url, run_id), json.dumps(record).encode())
+
+
+def load_record(server_url: str, run_id: str) -> dict[str, Any] | None:
+    path = _record_path(server_url, run_id)
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise HandoffError(f"the handoff record {path} is unreadable ({exc}): delete it and "
+                           "run %pull again (local files will then be kept, remote ones saved as .remote)")
+
+
+class _DirStore:
+    """The bundle layout's chunk dir (``chunks/<sha[:2]>/<sha>``) as a has/path store."""
+
+    def __init__(self, bundle_dir: Path) -> None:
+        self.root = bundle_dir / "chunks"
+
+    def path(self, sha: str) -> Path:
+        return self.root / sha[:2] / sha
+
+    def has(self, sha: str) -> bool:
+        return self.path(sha).is_file()
+
+
+# -- display helpers --------------------------------------------------------------------------
+def _display(obj: Any) -> None:
+    try:
+        from IPython.display import display
+    except ImportError:
+        print(obj)
+        return
+    display(obj)
+
+
+def _widget_message(widget: Any, text: str, level: str = "info") -> None:
+    if widget is not None and hasattr(widget, "show_message"):
+        widget.show_message(text, level)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return ""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+class RunList(list):
+    """The server's runs; shows as an HTML table in the notebook and a text table elsewhere."""
+
+    def __init__(self, server_url: str, runs: list[dict[str, Any]]) -> None:
+        super().__init__(runs)
+        self.server_url = server_url
+
+    def _rows(self) -> list[tuple[str, str, str, str, str]]:
+        return [(r.get("id", ""), r.get("status", ""), str(r.get("steps", "")),
+                 _ago(r.get("updated")), (r.get("goal") or "")[:60]) for r in self]
+
+    def __str__(self) -> str:
+        if not self:
+            return f"no runs on {self.server_url}"
+        head = ("id", "status", "steps", "updated", "goal")
+        rows = [head] + self._rows()
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        return f"runs on {self.server_url}:\n" + "\n".join(lines) + "\n%reattach ID follows one"
+
+    __repr__ = __str__
+
+    def _repr_html_(self) -> str:
+        if not self:
+            return f"<p>No runs on {html.escape(self.server_url)}.</p>"
+        rows = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in self._rows())
+        return (f"<p>Runs on {html.escape(self.server_url)} — <code>%reattach ID</code> follows one.</p>"
+                "<table><tr><th>id</th><th>status</th><th>steps</th><th>updated</th><th>goal</th></tr>"
+                f"{rows}</table>")
+
+
+class DiffView:
+    """The server's diff (files + variables) between the handoff and the latest checkpoint."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+
+    def _render_html(self) -> str | None:
+        try:
+            from jupyter_server_ext.diff import render_diff_html
+        except ImportError:
+            return None
+        return render_diff_html(self.data)
+
+    def _repr_html_(self) -> str:
+        rendered = self._render_html()
+        if rendered is not None:
+            return rendered
+        parts = ["<div class='handoff-diff'>"]
+        files = self.data.get("files") or []
+        parts.append(f"<h4>Files ({len(files)} changed)</h4>")
+        for f in files:
+            head = f"{html.escape(str(f.get('status', '')))} <code>{html.escape(str(f.get('path', '')))}</code>"
+            body = f.get("diff") or f.get("unified")
+            if body:
+                parts.append(f"<details><summary>{head}</summary><pre>{html.escape(str(body))}</pre></details>")
+            else:
+                parts.append(f"<div>{head} {html.escape(str(f.get('summary') or ''))}</div>")
+        variables = self.data.get("variables") or []
+        parts.append(f"<h4>Variables ({len(variables)} changed)</h4><table>"
+                     "<tr><th>name</th><th>change</th><th>type</th><th>before</th><th>after</th></tr>")
+        for v in variables:
+            cells = (v.get("name"), v.get("status"), v.get("type"), v.get("before"), v.get("after"))
+            parts.append("<tr>" + "".join(f"<td>{html.escape(_short(c))}</td>" for c in cells) + "</tr>")
+        parts.append("</table></div>")
+        return "".join(parts)
+
+    def __str__(self) -> str:
+        lines = []
+        for f in self.data.get("files") or []:
+            lines.append(f"file {f.get('status', '?'):8} {f.get('path')}")
+            if f.get("diff"):
+                lines.append(str(f["diff"]).rstrip())
+        for v in self.data.get("variables") or []:
+            lines.append(f"var  {v.get('status', '?'):8} {v.get('name')}: {_short(v.get('after') or v.get('before'))}")
+        return "\n".join(lines) or "no changes"
+
+    __repr__ = __str__
+
+
+def _short(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, dict):
+        value = value.get("summary") or value.get("type") or json.dumps(value)[:80]
+    return str(value)[:120]
+
+
+# -- remote run ------------------------------------------------------------------------------
+def state_from_summary(summary: dict[str, Any], events: list[Event]) -> RunState:
+    """A RunState mirror of a remote run, rebuilt from its summary and event log."""
+    state = RunState(goal=str(summary.get("goal") or ""), id=str(summary["id"]))
+    state.events = list(events)
+    state.model = str(summary.get("model") or "")
+    state.steps = int(summary.get("steps") or 0)
+    for ev in events:
+        _apply(state, ev)
+    status = summary.get("status")
+    if status:
+        try:
+            state.status = status
+            state.__post_init__()
+        except StateError:
+            state.status = "running"
+    state.question = summary.get("question") or state.question
+    state.summary = summary.get("summary") or state.summary
+    state.error = summary.get("error") or state.error
+    if summary.get("plan"):
+        state.plan = [PlanStep.from_dict(p) for p in summary["plan"]]
+    return state
+
+
+def _apply(state: RunState, ev: Event) -> None:
+    """Fold one event into the mirror state (the server owns the truth)."""
+    d = ev.data
+    if ev.type == "status" and d.get("status"):
+        try:
+            RunState(goal="", status=d["status"])
+            state.status = d["status"]
+        except StateError:
+            pass  # a status this client version does not know: keep the last known one
+        if state.status != "waiting_input":
+            state.question = None
+    elif ev.type == "plan":
+        state.plan = [PlanStep.from_dict(p) for p in d.get("steps") or []]
+    elif ev.type == "question":
+        state.question = d.get("question")
+    elif ev.type == "finish":
+        state.summary = d.get("summary")
+    elif ev.type == "error":
+        state.error = d.get("error")
+    state.updated = ev.time
+
+
+class RemoteRun:
+    """A run on a server, as seen from a notebook: implements the widget's RunController."""
+
+    def __init__(self, client: HandoffClient, run_id: str, *, widget: Any = None,
+                 state: RunState | None = None, shell: Any = None) -> None:
+        self.client = client
+        self.server_url = client.url
+        self.run_id = run_id
+        self.shell = shell
+        self.state = state or RunState(goal="", id=run_id, status="queued")
+        self.widget = widget
+        self.links: dict[str, str] = {}
+        self.last_seq = self.state.last_seq
+        self.follow_error: str | None = None
+        self._stop = threading.Event()
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self.on_event: Callable[[Event], None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<RemoteRun {self.run_id} on {self.server_url}: {self.state.status}>"
+
+    @property
+    def status(self) -> str:
+        return self.state.status
+
+    # -- following -----------------------------------------------------------------------
+    def refresh(self) -> dict[str, Any]:
+        summary = self.client.get_run(self.run_id)
+        self.links = summary.get("links") or self.links
+        return summary
+
+    def poll(self, timeout: float = 0.0) -> list[Event]:
+        """One long-poll: fetch events after the last seen one and feed them to the widget."""
+        data = self.client.events(self.run_id, after=self.last_seq, timeout=timeout)
+        events = [Event.from_dict(e) for e in data.get("events") or []]
+        for ev in events:
+            if ev.seq <= self.last_seq:
+                continue  # never show an event twice
+            self.state.events.append(ev)
+            _apply(self.state, ev)
+            self.last_seq = ev.seq
+            if self.widget is not None:
+                self.widget.show_event(ev)
+            if self.on_event:
+                self.on_event(ev)
+        status = data.get("status")
+        if status and status != self.state.status and not events:
+            self.state.status = status
+        with self._changed:
+            self._changed.notify_all()
+        return events
+
+    def follow(self) -> "RemoteRun":
+        """Follow live in a daemon thread until the run ends (or stop())."""
+        if self._thread and self._thread.is_alive():
+            return self
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._follow_loop, name=f"handoff-follow-{self.run_id}",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def _follow_loop(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self.poll(timeout=20.0)
+                failures = 0
+                self.follow_error = None
+            except ClientError as exc:
+                failures += 1
+                self.follow_error = str(exc)
+                if failures == 1:
+                    _widget_message(self.widget, f"lost contact with the server, retrying: {exc}", "warning")
+                self._stop.wait(min(30.0, 0.5 * 2 ** min(failures, 6)))
+                continue
+            if self.state.status in REMOTE_DONE:
+                if self.widget is not None and hasattr(self.widget, "show_state"):
+                    self.widget.show_state(self.state)
+                break
+        with self._changed:
+            self._changed.notify_all()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def wait(self, statuses: set[str] | frozenset[str] = REMOTE_DONE | {"waiting_input"},
+             timeout: float = 300.0) -> str:
+        """Block until the run reaches one of ``statuses`` (polls itself if not following)."""
+        deadline = time.monotonic() + timeout
+        while self.state.status not in statuses:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"run {self.run_id} is still {self.state.status} after {timeout:.0f}s")
+            if self._thread and self._thread.is_alive():
+                with self._changed:
+                    self._changed.wait(min(left, 1.0))
+            else:
+                self.poll(timeout=min(left, 10.0))
+        return self.state.status
+
+    # -- RunController -------------------------------------------------------------------
+    def handoff(self) -> None:
+        _widget_message(self.widget, "this run already runs remotely", "info")
+
+    def reattach(self) -> None:
+        self.follow()
+
+    def answer(self, text: str) -> None:
+        self.client.answer(self.run_id, text)
+        if not (self._thread and self._thread.is_alive()):
+            self.follow()
+
+    def cancel(self) -> None:
+        self.client.cancel(self.run_id)
+
+    def diff(self) -> DiffView:
+        return DiffView(self.client.diff(self.run_id))
+
+    def review_diff(self) -> None:
+        _display(self.diff())
+
+    def notebook_url(self) -> str:
+        link = self.links.get("notebook") or self.links.get("lab")
+        if link and link.startswith("http"):
+            return link
+        return f"{self.server_url}/lab/tree/handoff-runs/{self.run_id}/result.ipynb"
+
+    def open_notebook(self) -> None:
+        url = self.notebook_url()
+        try:
+            from IPython.display import HTML
+            _display(HTML(f'<a href="{html.escape(url)}" target="_blank">Open the run\'s notebook: '
+                          f'{html.escape(url)}</a>'))
+        except ImportError:
+            print(url)
+        if os.environ.get("DISPLAY") or os.environ.get("BROWSER"):
+            webbrowser.open(url)
+
+    def pull_back(self) -> None:
+        pull(self.run_id, client=self.client, shell=self.shell)
+
+
+# -- handoff ---------------------------------------------------------------------------------
+def _client(to: str | None, token: str | None, client: HandoffClient | None) -> HandoffClient:
+    if client is not None:
+        return client
+    try:
+        return HandoffClient(to, token)
+    except ClientError as exc:
+        raise HandoffError(str(exc)) from exc
+
+
+def _progress(widget: Any, label: str) -> Callable[[int, int], None]:
+    def report(done: int, total: int) -> None:
+        if widget is not None and hasattr(widget, "set_progress"):
+            widget.set_progress(label, done, total)
+    return report
+
+
+@dataclass
+class HandoffTimings:
+    pause: float = 0.0
+    capture: float = 0.0
+    upload: float = 0.0
+    create: float = 0.0
+    total: float = 0.0
+    bytes_total: int = 0
+    bytes_sent: int = 0
+    chunks_sent: int = 0
+    chunks_total: int = 0
+
+
+def handoff(run: Any, *, to: str | None = None, token: str | None = None, fork: bool = False,
+            client: HandoffClient | None = None, shell: Any = None) -> RemoteRun:
+    """Hand ``run`` (a LocalRun) to a server; returns a RemoteRun that follows it.
+
+    On any failure the local run is left as it was (paused at a step boundary if it was running)
+    and the error says what to do.
+    """
+    t0 = time.perf_counter()
+    timings = HandoffTimings()
+    cl = _client(to, token, client)
+    widget = getattr(run, "widget", None)
+    state: RunState = run.state
+    if state.status == "handed_off" and getattr(run, "remote", None) is not None and not fork:
+        raise HandoffError(f"run {state.id} was already handed off to {run.remote.server_url} as "
+                           f"{run.remote.run_id}: %reattach {run.remote.run_id} follows it")
+    if state.is_terminal:
+        raise HandoffError(f"run {state.id} is {state.status}; start a new one with %agent TASK")
+    if state.status == "running":
+        _widget_message(widget, "pausing the run at the next step boundary...")
+        run.request_pause()
+        if not run.wait_paused(PAUSE_TIMEOUT):
+            raise HandoffError(f"run {state.id} did not reach a step boundary within {PAUSE_TIMEOUT:.0f}s: "
+                               "interrupt the kernel and run %handoff again")
+    timings.pause = time.perf_counter() - t0
+
+    if shell is None:
+        shell = _get_shell()
+    key = kernel_key(state.id)
+    bundle_dir = bundle_cache(key)
+    sent_state = RunState.from_dict(copy.deepcopy(state.to_dict()))
+    if sent_state.status != "paused":
+        sent_state.set_status("paused", reason="handoff")
+
+    t = time.perf_counter()
+    from . import save_state
+    try:
+        report = save_state(bundle_dir, shell, run=sent_state)
+    except Exception as exc:
+        raise HandoffError(f"capturing the kernel state failed ({type(exc).__name__}: {exc}); "
+                           "nothing was sent and the local run is unchanged") from exc
+    manifest = report.manifest
+    timings.capture = time.perf_counter() - t
+    _widget_message(widget, f"captured {len(manifest.get('variables') or [])} variables, "
+                            f"{len(manifest.get('files') or [])} files")
+
+    t = time.perf_counter()
+    try:
+        up = cl.upload_bundle(bundle_dir, progress=_progress(widget, "upload"), manifest=manifest)
+    except ClientError as exc:
+        _widget_message(widget, f"handoff failed: {exc}", "error")
+        raise HandoffError(f"handoff failed while uploading: {exc}. The local run is unchanged.") from exc
+    timings.upload = time.perf_counter() - t
+    timings.bytes_total, timings.bytes_sent = up.bytes_total, up.bytes_sent
+    timings.chunks_total, timings.chunks_sent = up.chunks_total, up.chunks_sent
+
+    t = time.perf_counter()
+    try:
+        summary = cl.create_run(manifest, idempotency_key=uuid.uuid4().hex)
+    except ClientError as exc:
+        _widget_message(widget, f"handoff failed: {exc}", "error")
+        raise HandoffError(f"handoff failed while creating the remote run: {exc}. "
+                           "The local run is unchanged.") from exc
+    timings.create = time.perf_counter() - t
+    remote_id = str(summary["id"])
+    links = summary.get("links") or {}
+    save_record(cl.url, remote_id, {
+        "server": cl.url, "run_id": remote_id, "local_run_id": state.id, "bundle_dir": str(bundle_dir),
+        "root": os.getcwd(), "time": time.time(),
+        "files": {f["path"]: f.get("sha256") for f in manifest.get("files") or []},
+    })
+
+    if fork:
+        from_widget = _new_widget(state_from_summary(summary, []), None)
+    else:
+        state.set_status("handed_off")
+        ev = state.emit("handoff", server=cl.url, remote_id=remote_id)
+        run.remote = RemoteRef(cl.url, remote_id, links)
+        from_widget = widget
+        if widget is not None:
+            widget.show_event(ev)
+    remote = RemoteRun(cl, remote_id, widget=from_widget, state=state_from_summary(summary, []), shell=shell)
+    remote.links = links
+    if from_widget is not None:
+        if hasattr(from_widget, "controller"):
+            run._local_controller = from_widget.controller  # restored by pull back
+            from_widget.controller = remote
+        from_widget.set_remote(cl.url, remote_id, links)
+        if fork:
+            _display(from_widget)
+    timings.total = time.perf_counter() - t0
+    remote.timings = timings  # type: ignore[attr-defined]
+    remote.upload = up        # type: ignore[attr-defined]
+    _widget_message(from_widget, f"handed off as {remote_id}: sent {_fmt_bytes(up.bytes_sent)} of "
+                                 f"{_fmt_bytes(up.bytes_total)} in {timings.total:.2f}s; "
+                                 "you can close this notebook now")
+    remote.follow()
+    return remote
+
+
+def _get_shell() -> Any:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    return get_ipython()
+
+
+def _new_widget(state: RunState, controller: Any) -> Any:
+    try:
+        from .widget import RunWidget
+    except ImportError:
+        return None
+    return RunWidget(state, controller)
+
+
+# -- reattach --------------------------------------------------------------------------------
+def reattach(run_id: str | None = None, *, to: str | None = None, token: str | None = None,
+             client: HandoffClient | None = None, follow: bool = True,
+             display: bool = True) -> "RemoteRun | RunList":
+    """No id: the server's runs. With an id: rebuild the run's widget from its event log and
+    follow it live (works in a brand-new kernel)."""
+    cl = _client(to, token, client)
+    try:
+        if run_id is None:
+            return RunList(cl.url, cl.list_runs())
+        summary = cl.get_run(run_id)
+        events: list[Event] = []
+        after = 0
+        while True:  # the whole log, page by page
+            data = cl.events(run_id, after=after, timeout=0)
+            page = [Event.from_dict(e) for e in data.get("events") or []]
+            if not page:
+                break
+            events.extend(page)
+            after = page[-1].seq
+            if after >= int(data.get("last_seq") or 0):
+                break
+    except ClientError as exc:
+        raise HandoffError(f"cannot reattach: {exc}") from exc
+    state = state_from_summary(summary, events)
+    remote = RemoteRun(cl, run_id, state=state)
+    remote.links = summary.get("links") or {}
+    widget = _new_widget(state, remote)
+    remote.widget = widget
+    if widget is not None:
+        widget.set_remote(cl.url, run_id, remote.links)
+        if display:
+            _display(widget)
+    if follow and state.status not in REMOTE_DONE:
+        remote.follow()
+    return remote
+
+
+def review_diff(run_id: str, *, to: str | None = None, token: str | None = None,
+                client: HandoffClient | None = None) -> DiffView:
+    cl = _client(to, token, client)
+    try:
+        return DiffView(cl.diff(run_id))
+    except ClientError as exc:
+        raise HandoffError(f"cannot get the diff of {run_id}: {exc}") from exc
+
+
+# -- pull back -------------------------------------------------------------------------------
+@dataclass
+class PullReport:
+    run_id: str
+    server_url: str
+    bytes_downloaded: int
+    restore: Any
+    conflicts: list[Any]
+    seconds: float
+
+    def __str__(self) -> str:
+        lines = [f"pulled run {self.run_id} from {self.server_url}: downloaded "
+                 f"{_fmt_bytes(self.bytes_downloaded)} in {self.seconds:.2f}s"]
+        if self.restore is not None:
+            lines.append(str(self.restore))
+        for c in self.conflicts:
+            lines.append(f"conflict: {c} (your local file was kept; the remote version is next to it "
+                         "as .remote)")
+        lines.append("%agent continue goes on here with the full plan and messages")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+    def _repr_html_(self) -> str:
+        body = self.restore._repr_html_() if hasattr(self.restore, "_repr_html_") else ""
+        conflicts = "".join(f"<li>{html.escape(str(c))}: local file kept, remote saved as "
+                            f"<code>.remote</code></li>" for c in self.conflicts)
+        return (f"<p>Pulled run <b>{html.escape(self.run_id)}</b> from {html.escape(self.server_url)} "
+                f"({_fmt_bytes(self.bytes_downloaded)} downloaded in {self.seconds:.2f}s). "
+                f"<code>%agent continue</code> goes on here.</p>{body}"
+                + (f"<p>Conflicts:</p><ul>{conflicts}</ul>" if conflicts else ""))
+
+
+def _file_conflicts(manifest: dict[str, Any], record: dict[str, Any] | None, root: Path) -> dict[str, str]:
+    """path -> sha256 of the file at handoff. Without a handoff record (pull into another
+    machine), any existing local file that differs from the incoming one counts as changed."""
+    if record is not None:
+        return {p: h for p, h in (record.get("files") or {}).items() if h}
+    out: dict[str, str] = {}
+    for f in manifest.get("files") or []:
+        local = root / f["path"]
+        if local.is_file():
+            digest = hashlib.sha256(local.read_bytes()).hexdigest()
+            out[f["path"]] = digest if digest == f.get("sha256") else "0" * 64
+    return out
+
+
+def pull(run_id: str, *, to: str | None = None, token: str | None = None, shell: Any = None,
+         client: HandoffClient | None = None, display: bool = True) -> Any:
+    """Pause + checkpoint the remote run, restore its state here and make it a LocalRun."""
+    t0 = time.perf_counter()
+    cl = _client(to, token, client)
+    shell = shell if shell is not None else _get_shell()
+    root = Path(os.getcwd())
+    record = load_record(cl.url, run_id)
+    bundle_dir = Path(record["bundle_dir"]) if record and record.get("bundle_dir") else \
+        bundle_cache(f"pull-{run_id}")
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cl.pull(run_id)
+        manifest = cl.bundle(run_id)
+        downloaded = cl.download_chunks(manifest, _DirStore(bundle_dir), progress=None)
+    except ClientError as exc:
+        raise HandoffError(f"pull back failed: {exc}. Nothing changed in this kernel.") from exc
+
+    from .bundle import write_manifest
+    write_manifest(bundle_dir, manifest)
+    conflicts = _file_conflicts(manifest, record, root)
+    from . import load_state
+    try:
+        report = load_state(bundle_dir, shell, file_conflicts=conflicts)
+    except Exception as exc:
+        raise HandoffError(f"restoring the pulled state failed ({type(exc).__name__}: {exc}); "
+                           f"nothing changed in this kernel. The checkpoint stays on the server "
+                           f"(run {run_id}).") from exc
+
+    remote_state = getattr(report, "run", None)
+    if remote_state is None and manifest.get("run"):
+        remote_state = RunState.from_dict(manifest["run"])
+    if remote_state is None:
+        raise HandoffError(f"run {run_id}'s checkpoint carries no run state; the variables were "
+                           "restored but the agent cannot continue: start a new %agent run")
+    local = _merge_into_local(remote_state, record, cl.url, run_id, shell)
+    result = PullReport(run_id, cl.url, downloaded, report, list(getattr(report, "conflicts", []) or []),
+                        time.perf_counter() - t0)
+    local.pull_report = result  # type: ignore[attr-defined]
+    if display:
+        _display(result)
+    return local
+
+
+def _merge_into_local(remote_state: RunState, record: dict[str, Any] | None, server_url: str,
+                      run_id: str, shell: Any) -> Any:
+    """The remote's plan, messages, steps and events become the local run's, status paused."""
+    from . import runs
+    state = RunState.from_dict(copy.deepcopy(remote_state.to_dict()))
+    if state.status != "paused":
+        state.status = "paused"
+        state.emit("status", status="paused", reason="pulled back")
+    state.question = None if not state.question else state.question
+    state.emit("pull", server=server_url, remote_id=run_id)
+    local_id = (record or {}).get("local_run_id")
+    existing = runs.RUNS.get(local_id) if local_id else None
+    if existing is None:
+        existing = runs.RUNS.get(state.id)
+    if existing is not None:
+        existing.state = state
+        existing.remote = None
+        widget = getattr(existing, "widget", None)
+        if widget is not None and hasattr(widget, "show_state"):
+            if hasattr(widget, "controller") and hasattr(existing, "_local_controller"):
+                widget.controller = existing._local_controller
+            widget.show_state(state)
+        runs.RUNS[state.id] = existing
+        return existing
+    local = runs.LocalRun(state, shell=shell) if _accepts_shell(runs.LocalRun) else runs.LocalRun(state)
+    runs.RUNS[state.id] = local
+    return local
+
+
+def _accepts_shell(cls: type) -> bool:
+    import inspect
+    try:
+        return "shell" in inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return False
