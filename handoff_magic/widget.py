@@ -1,0 +1,546 @@
+"""RunWidget: a live view of one agent run (local or remote) built from stock ipywidgets.
+
+No custom front-end JS: the header, plan, step log and messages are ``ipywidgets.HTML`` with a
+scoped stylesheet (``jh-`` classes, JupyterLab theme variables), the actions are plain Buttons.
+The widget only *shows* a run and forwards clicks to a ``RunController``; it never touches the
+agent, the network or any secret. Updates may come from a background thread: every update takes
+the widget's lock and is batched with ``hold_sync``; all child widgets are created up front, in
+the thread that builds the RunWidget.
+"""
+from __future__ import annotations
+
+import html
+import json
+import logging
+import threading
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import ipywidgets as W
+
+from .state import Event, RunState, TERMINAL_STATUSES
+from .widget_css import CSS
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RunController", "RunWidget", "button_states", "STATUS_LABELS", "PLAN_ICONS"]
+
+PLAN_ICONS: dict[str, str] = {"pending": "○", "active": "◐", "done": "✓", "failed": "✗"}
+STATUS_LABELS: dict[str, str] = {
+    "idle": "idle", "queued": "queued", "restoring": "restoring", "running": "running",
+    "paused": "paused", "waiting_input": "waiting for input", "completed": "completed",
+    "failed": "failed", "cancelled": "cancelled", "handed_off": "handed off", "pulled": "pulled back",
+}
+MAX_LOG_ENTRIES = 40        # older steps are summarised as "N earlier steps"
+MAX_CODE_CHARS = 4000
+MAX_RESULT_CHARS = 800
+MAX_RESULT_LINES = 12
+MAX_GOAL_CHARS = 240
+
+
+@runtime_checkable
+class RunController(Protocol):
+    """What the buttons call; LocalRun and remote.RemoteRun both implement it."""
+
+    def handoff(self) -> None: ...
+    def reattach(self) -> None: ...
+    def review_diff(self) -> None: ...
+    def pull_back(self) -> None: ...
+    def open_notebook(self) -> None: ...
+    def cancel(self) -> None: ...
+    def answer(self, text: str) -> None: ...
+
+
+# -- pure view model and rendering ------------------------------------------------------------
+
+BUTTONS: tuple[tuple[str, str, str], ...] = (
+    # (key, label, controller method)
+    ("handoff", "Hand off", "handoff"),
+    ("reattach", "Reattach", "reattach"),
+    ("diff", "Review diff", "review_diff"),
+    ("pull", "Pull back", "pull_back"),
+    ("notebook", "Open notebook", "open_notebook"),
+    ("pause", "Pause", "request_pause"),
+    ("cancel", "Cancel", "cancel"),
+)
+REMOTE_ACTIONS = frozenset({"handoff", "reattach", "diff", "pull", "notebook"})
+_HANDOFF_OK = frozenset({"idle", "running", "paused", "waiting_input"})
+
+
+def button_states(status: str, remote: bool) -> dict[str, tuple[bool, str]]:
+    """Which actions make sense for a run in ``status``; returns key -> (enabled, tooltip).
+
+    ``remote`` is True once the run lives on a server (a handed-off local run or a remote run).
+    The tooltip says why a button is disabled, so a greyed button is never a mystery.
+    """
+    terminal = status in TERMINAL_STATUSES
+    s: dict[str, tuple[bool, str]] = {}
+    if remote:
+        s["handoff"] = (False, "already on a server; use Pull back to bring it here")
+        s["reattach"] = (status != "pulled", "follow the remote run here" if status != "pulled"
+                         else "the run was pulled back")
+        s["diff"] = (True, "what the remote run changed: files and variables")
+        pull_ok = status not in ("cancelled", "pulled")
+        s["pull"] = (pull_ok, "bring the run and its kernel state back into this kernel" if pull_ok
+                     else f"nothing to pull: the run is {STATUS_LABELS.get(status, status)}")
+        s["notebook"] = (True, "open the remote result notebook")
+        s["pause"] = (False, "remote runs pause through Pull back")
+        cancel_ok = not terminal
+        s["cancel"] = (cancel_ok, "stop the remote run" if cancel_ok
+                       else f"the run is already {STATUS_LABELS.get(status, status)}")
+    else:
+        h_ok = status in _HANDOFF_OK
+        s["handoff"] = (h_ok, "send this run and the kernel state to a server" if h_ok
+                        else f"cannot hand off a run that is {STATUS_LABELS.get(status, status)}")
+        for key in ("reattach", "diff", "pull", "notebook"):
+            s[key] = (False, "only for a run that was handed off to a server")
+        s["pause"] = (status == "running", "pause at the next step boundary" if status == "running"
+                      else "only while the run is running")
+        cancel_ok = status in ("idle", "running", "paused", "waiting_input")
+        s["cancel"] = (cancel_ok, "stop this run" if cancel_ok
+                       else f"the run is {STATUS_LABELS.get(status, status)}")
+    return s
+
+
+def _short(text: str, chars: int, lines: int | None = None) -> str:
+    text = text or ""
+    if lines is not None:
+        parts = text.splitlines()
+        if len(parts) > lines:
+            text = "\n".join(parts[:lines]) + f"\n… ({len(parts) - lines} more lines)"
+    if len(text) > chars:
+        text = text[:chars] + f"… ({len(text) - chars} more characters)"
+    return text
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+@dataclass
+class _Call:
+    id: str
+    name: str
+    arguments: dict[str, Any]
+    result: str | None = None
+    is_error: bool = False
+
+
+@dataclass
+class _Entry:
+    text: str = ""
+    calls: list[_Call] = field(default_factory=list)
+    note: str = ""          # e.g. "you answered: …"
+
+
+@dataclass
+class _View:
+    goal: str = ""
+    model: str = ""
+    run_id: str = ""
+    status: str = "idle"
+    steps: int = 0
+    max_steps: int | None = None
+    plan: list[tuple[str, str]] = field(default_factory=list)
+    entries: list[_Entry] = field(default_factory=list)
+    question: str | None = None
+    summary: str | None = None
+    message: tuple[str, str, str | None] | None = None   # (text, level, link)
+    remote: tuple[str, str, dict[str, Any]] | None = None  # (server_url, run_id, links)
+    progress: tuple[str, int, int] | None = None
+
+    def apply(self, ev: Event) -> None:
+        """Fold one event into the view (the same rules for live and replayed events)."""
+        d = ev.data or {}
+        t = ev.type
+        if t == "status":
+            self.status = str(d.get("status", self.status))
+            if self.status != "waiting_input":
+                self.question = None
+            reason = d.get("reason")
+            if reason:
+                level = {"failed": "error", "paused": "warn", "completed": "success"}.get(self.status, "info")
+                self.message = (f"{STATUS_LABELS.get(self.status, self.status).capitalize()}: {reason}",
+                                level, None)
+            elif self.status == "running" and self.message and self.message[1] != "error":
+                self.message = None
+        elif t == "plan":
+            steps = d.get("steps") or []
+            self.plan = [(str(s.get("text", "")), str(s.get("status", "pending")))
+                         for s in steps if isinstance(s, dict)]
+        elif t == "assistant":
+            self.entries.append(_Entry(text=str(d.get("text") or "")))
+        elif t == "tool_call":
+            if not self.entries:
+                self.entries.append(_Entry())
+            args = d.get("arguments") if isinstance(d.get("arguments"), dict) else {}
+            self.entries[-1].calls.append(_Call(str(d.get("id", "")), str(d.get("name", "")), args))
+        elif t == "tool_result":
+            call = self._find_call(str(d.get("id", "")))
+            if call is None:   # result without a visible call (e.g. replayed from the middle)
+                if not self.entries:
+                    self.entries.append(_Entry())
+                call = _Call(str(d.get("id", "")), str(d.get("name", "")), {})
+                self.entries[-1].calls.append(call)
+            call.result = str(d.get("content") or "")
+            call.is_error = bool(d.get("is_error"))
+        elif t == "question":
+            self.question = str(d.get("question") or "")
+        elif t == "answer":
+            self.question = None
+            self.entries.append(_Entry(note=f"You answered: {d.get('answer', '')}"))
+        elif t == "finish":
+            self.summary = str(d.get("summary") or "")
+            self.message = (f"Done: {self.summary}" if self.summary else "Done.", "success", None)
+        elif t == "error":
+            text = str(d.get("error") or "error")
+            hint = d.get("hint")
+            self.message = (f"{text}\n{hint}" if hint else text, "error", None)
+        elif t == "interrupted":
+            self.message = (f"Interrupted: {d.get('reason', '')}. Resume with %agent continue.", "warn", None)
+        elif t == "handoff":
+            self.message = (f"Handed off to {d.get('server', '?')} as run {d.get('remote_id', '?')}.",
+                            "info", None)
+        elif t == "pull":
+            self.message = (f"Pulled back from {d.get('server', '?')} (run {d.get('remote_id', '?')}).",
+                            "info", None)
+        elif t == "checkpoint":
+            pass  # progress is shown by set_progress; a checkpoint is not news for the user
+
+    def _find_call(self, call_id: str) -> _Call | None:
+        for entry in reversed(self.entries[-5:]):
+            for call in entry.calls:
+                if call.id == call_id:
+                    return call
+        return None
+
+
+def _view_from_state(state: RunState) -> _View:
+    v = _View(goal=state.goal, model=state.model, run_id=state.id, status=state.status,
+              steps=state.steps, max_steps=state.budgets.max_steps if state.budgets else None)
+    for ev in list(state.events):
+        v.apply(ev)
+    # the state's own fields are the truth; events only fill in the log and messages
+    v.status = state.status
+    v.plan = [(p.text, p.status) for p in list(state.plan)]
+    v.question = state.question if state.status == "waiting_input" else None
+    v.summary = state.summary
+    if state.status == "failed" and state.error:
+        v.message = (state.error, "error", None)
+    return v
+
+
+def _esc(text: str) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def render_header_html(v: _View) -> str:
+    goal = _short(v.goal.strip().splitlines()[0] if v.goal.strip() else "(no goal)", MAX_GOAL_CHARS)
+    label = STATUS_LABELS.get(v.status, v.status)
+    meta = [f"model <b>{_esc(v.model or 'default')}</b>"]
+    if v.remote:
+        server, rid, links = v.remote
+        where = f"remote · {_esc(server)} · run {_esc(rid)}"
+        status_page = links.get("status_page") if isinstance(links, dict) else None
+        if status_page:
+            where += f' · <a href="{_esc(status_page)}" target="_blank" rel="noopener">status page</a>'
+        meta.append(where)
+    else:
+        meta.append(f"local · run {_esc(v.run_id)}")
+    steps = f"{v.steps} step{'s' if v.steps != 1 else ''}"
+    if v.max_steps:
+        steps += f" of max {v.max_steps}"
+    meta.append(steps)
+    return (f"<style>{CSS}</style>"
+            f'<div class="jh-header"><span class="jh-goal" title="{_esc(v.goal)}">{_esc(goal)}</span>'
+            f'<span class="jh-badge jh-s-{_esc(v.status)}" data-status="{_esc(v.status)}">{_esc(label)}</span>'
+            f'</div><div class="jh-meta">{" · ".join(meta)}</div>')
+
+
+def render_plan_html(plan: list[tuple[str, str]]) -> str:
+    if not plan:
+        return '<div class="jh-section">Plan</div><div class="jh-empty">No plan yet.</div>'
+    rows = []
+    for text, status in plan:
+        icon = PLAN_ICONS.get(status, "○")
+        spin = " jh-spin" if status == "active" else ""
+        rows.append(f'<li class="jh-p-{_esc(status)}" data-status="{_esc(status)}">'
+                    f'<span class="jh-ico{spin}">{icon}</span><span class="jh-txt">{_esc(text)}</span></li>')
+    done = sum(1 for _, s in plan if s == "done")
+    return (f'<div class="jh-section">Plan · {done}/{len(plan)} done</div>'
+            f'<ul class="jh-plan">{"".join(rows)}</ul>')
+
+
+def _call_html(call: _Call) -> str:
+    a = call.arguments
+    if call.name == "run_python":
+        body = f'<pre class="jh-code">{_esc(_short(str(a.get("code", "")), MAX_CODE_CHARS))}</pre>'
+    elif call.name == "update_plan":
+        body = '<div class="jh-tool">updated the plan</div>'
+    elif call.name == "ask_user":
+        body = f'<div class="jh-tool">asked you: {_esc(str(a.get("question", "")))}</div>'
+    elif call.name == "finish":
+        body = f'<div class="jh-tool">finished: {_esc(_short(str(a.get("summary", "")), 400))}</div>'
+    else:
+        body = (f'<div class="jh-tool">{_esc(call.name)}'
+                f'({_esc(_short(json.dumps(a, ensure_ascii=False, default=str), 300))})</div>')
+    if call.result is not None and call.name not in ("update_plan", "finish") and (
+            call.name == "run_python" or call.is_error):
+        cls = "jh-result jh-err" if call.is_error else "jh-result"
+        body += f'<div class="{cls}">{_esc(_short(call.result, MAX_RESULT_CHARS, MAX_RESULT_LINES) or "(no output)")}</div>'
+    return body
+
+
+def render_log_html(entries: list[_Entry]) -> str:
+    if not entries:
+        return '<div class="jh-empty">No steps yet.</div>'
+    shown = entries[-MAX_LOG_ENTRIES:]
+    skipped = len(entries) - len(shown)
+    parts = []
+    if skipped:
+        parts.append(f'<div class="jh-empty">{skipped} earlier step{"s" if skipped != 1 else ""} not shown</div>')
+    for i, e in enumerate(shown, start=skipped + 1):
+        inner = f'<div class="jh-step-n">#{i}</div>'
+        if e.note:
+            inner += f'<div class="jh-tool">{_esc(e.note)}</div>'
+        if e.text:
+            inner += f'<div class="jh-words">{_esc(_short(e.text, 2000))}</div>'
+        inner += "".join(_call_html(c) for c in e.calls)
+        parts.append(f'<div class="jh-step">{inner}</div>')
+    # column-reverse on the outer box keeps the newest step in view without any JavaScript
+    return f'<div class="jh-log"><div>{"".join(parts)}</div></div>'
+
+
+def render_message_html(message: tuple[str, str, str | None] | None) -> str:
+    if not message or not message[0]:
+        return ""
+    text, level, link = message
+    level = level if level in ("info", "success", "warn", "error") else "info"
+    body = _esc(text)
+    if link:
+        body += f' <a href="{_esc(link)}" target="_blank" rel="noopener">{_esc(link)}</a>'
+    return f'<div class="jh-msg jh-m-{level}" data-level="{level}">{body}</div>'
+
+
+def render_text(v: _View) -> str:
+    """Plain-text rendering for terminals, nbconvert text and logs."""
+    label = STATUS_LABELS.get(v.status, v.status)
+    where = f"remote {v.remote[0]} run {v.remote[1]}" if v.remote else f"local run {v.run_id}"
+    steps = f"{v.steps} step{'s' if v.steps != 1 else ''}" + (f"/{v.max_steps}" if v.max_steps else "")
+    goal = _short(" ".join(v.goal.split()), 200)
+    lines = [f"Agent run [{label}] {goal}", f"  model {v.model or 'default'} · {where} · {steps}"]
+    if v.plan:
+        done = sum(1 for _, s in v.plan if s == "done")
+        lines.append(f"  Plan ({done}/{len(v.plan)} done):")
+        lines += [f"    {PLAN_ICONS.get(s, '○')} {t}" for t, s in v.plan]
+    if v.entries:
+        last = v.entries[-1]
+        words = last.text or last.note or (last.calls[0].name if last.calls else "")
+        if words:
+            lines.append(f"  Last step: {_short(' '.join(words.split()), 160)}")
+    if v.progress:
+        label_p, done_b, total_b = v.progress
+        pct = f" ({100 * done_b / total_b:.0f}%)" if total_b else ""
+        lines.append(f"  {label_p}: {_fmt_bytes(done_b)}" + (f" of {_fmt_bytes(total_b)}" if total_b else "") + pct)
+    if v.message and v.message[0]:
+        text, level, link = v.message
+        prefix = {"error": "Error: ", "warn": "Note: "}.get(level, "")
+        lines.append("  " + prefix + text.replace("\n", "\n  ") + (f" {link}" if link else ""))
+    if v.status == "waiting_input" and v.question:
+        lines.append(f"  Question: {v.question}")
+        lines.append('  Answer with: %agent continue "your answer"')
+    return "\n".join(lines)
+
+
+# -- the widget --------------------------------------------------------------------------------
+
+class RunWidget(W.VBox):
+    """Live view of one run. Build it on the main thread; update it from any thread."""
+
+    def __init__(self, state: RunState, controller: RunController | None = None, **kwargs: Any) -> None:
+        self.controller = controller
+        self._lock = threading.RLock()
+        self._state = state
+        self._view = _view_from_state(state)
+
+        self._header = W.HTML()
+        self._plan = W.HTML()
+        self._log = W.HTML()
+        self._log_box = W.Accordion(children=[self._log], titles=("Step log",), selected_index=0)
+        self._log_box.add_class("jh-log-acc")
+        self._progress_label = W.HTML()
+        self._progress_label.add_class("jh-progress-label")
+        self._progress_bar = W.FloatProgress(value=0.0, min=0.0, max=1.0,
+                                             layout=W.Layout(width="auto", flex="1 1 auto"))
+        self._progress = W.HBox([self._progress_label, self._progress_bar],
+                                layout=W.Layout(display="none", align_items="center", grid_gap="8px"))
+        self._message = W.HTML()
+        self.buttons: dict[str, W.Button] = {}
+        for key, label, method in BUTTONS:
+            b = W.Button(description=label, layout=W.Layout(width="auto"))
+            b.add_class("jh-btn")
+            b.add_class(f"jh-btn-{key}")
+            b.on_click(self._make_handler(key, method))
+            self.buttons[key] = b
+        self.buttons["cancel"].button_style = ""
+        self._buttons_box = W.HBox(list(self.buttons.values()))
+        self._buttons_box.add_class("jh-buttons")
+        self._question = W.HTML()
+        self.answer_text = W.Text(placeholder="Type your answer for the agent",
+                                  layout=W.Layout(flex="1 1 auto", width="auto"))
+        self.answer_button = W.Button(description="Send", button_style="primary",
+                                      layout=W.Layout(width="auto"))
+        self.answer_button.on_click(self._on_send)
+        self.answer_box = W.VBox([self._question, W.HBox([self.answer_text, self.answer_button])],
+                                 layout=W.Layout(display="none"))
+        self.answer_box.add_class("jh-answer")
+        super().__init__([self._header, self._plan, self._log_box, self._progress, self._message,
+                          self.answer_box, self._buttons_box], **kwargs)
+        self.add_class("jh-run")
+        self._render()
+
+    # -- public API (thread-safe) -------------------------------------------------------------
+    @property
+    def status(self) -> str:
+        return self._view.status
+
+    def show_state(self, state: RunState) -> None:
+        """Full refresh from a RunState (e.g. after a restore, a pull, or a remote summary)."""
+        with self._lock:
+            keep_remote, keep_progress = self._view.remote, self._view.progress
+            self._state = state
+            self._view = _view_from_state(state)
+            self._view.remote, self._view.progress = keep_remote, keep_progress
+            self._render()
+
+    def show_event(self, event: Event) -> None:
+        """Incremental update for one event; cheap enough to call for every event."""
+        with self._lock:
+            self._view.apply(event)
+            if self._state is not None:
+                self._view.steps = max(self._view.steps, self._state.steps)
+                self._view.goal = self._state.goal or self._view.goal
+            self._render(event.type)
+
+    def set_remote(self, server_url: str, run_id: str, links: dict[str, Any] | None = None) -> None:
+        """Mark the run as living on ``server_url`` as ``run_id``; switches the buttons to remote mode."""
+        with self._lock:
+            self._view.remote = (server_url, run_id, dict(links or {}))
+            self._render()
+
+    def set_progress(self, label: str, done: int, total: int) -> None:
+        """Show an upload/restore/pull bar; ``set_progress("", 0, 0)`` hides it."""
+        with self._lock:
+            self._view.progress = (label, int(done), int(total)) if label else None
+            self._render_progress()
+
+    def show_message(self, text: str, level: str = "info", *, link: str | None = None) -> None:
+        """A one-line notice under the log (errors should say what to do); empty text clears it."""
+        with self._lock:
+            self._view.message = (text, level, link) if text else None
+            self._message.value = render_message_html(self._view.message)
+
+    def to_text(self) -> str:
+        with self._lock:
+            return render_text(self._view)
+
+    # -- rendering ----------------------------------------------------------------------------
+    def _render(self, what: str | None = None) -> None:
+        v = self._view
+        widgets = [self._header, self._plan, self._log, self._log_box, self._message,
+                   self._question, self.answer_box, self.answer_box.layout, self.answer_button,
+                   *self.buttons.values()]
+        with ExitStack() as stack:
+            for w in widgets:
+                stack.enter_context(w.hold_sync())
+            if what in (None, "status", "plan", "assistant", "handoff", "pull", "restore"):
+                self._header.value = render_header_html(v)
+            if what in (None, "plan"):
+                self._plan.value = render_plan_html(v.plan)
+            if what in (None, "assistant", "tool_call", "tool_result", "answer"):
+                self._log.value = render_log_html(v.entries)
+                n = len(v.entries)
+                self._log_box.titles = (f"Step log · {n} step{'s' if n != 1 else ''}",)
+            self._message.value = render_message_html(v.message)
+            waiting = v.status == "waiting_input"
+            self._question.value = (f'<div class="jh-question">The agent asks: {_esc(v.question or "")}</div>'
+                                    if waiting else "")
+            self.answer_box.layout.display = "" if waiting else "none"
+            self.answer_button.disabled = not waiting
+            for key, (enabled, tip) in button_states(v.status, v.remote is not None).items():
+                b = self.buttons[key]
+                b.disabled = not enabled
+                b.tooltip = tip
+            self.buttons["pause"].layout.display = "none" if v.remote else ""
+        if what is None:
+            self._render_progress()
+
+    def _render_progress(self) -> None:
+        p = self._view.progress
+        if not p:
+            self._progress.layout.display = "none"
+            return
+        label, done, total = p
+        text = f"{_esc(label)}: {_fmt_bytes(done)}"
+        if total > 0:
+            frac = min(max(done / total, 0.0), 1.0)
+            text += f" of {_fmt_bytes(total)} ({frac * 100:.0f}%)"
+        else:
+            frac = 0.0
+        with self._progress_label.hold_sync(), self._progress_bar.hold_sync():
+            self._progress_label.value = text
+            self._progress_bar.value = frac
+            self._progress_bar.bar_style = "success" if total and done >= total else ""
+        self._progress.layout.display = ""
+
+    # -- buttons ------------------------------------------------------------------------------
+    def _make_handler(self, key: str, method: str) -> Callable[[W.Button], None]:
+        def handler(_button: W.Button) -> None:
+            self._invoke(key, method)
+        return handler
+
+    def _invoke(self, key: str, method: str, *args: Any) -> None:
+        c = self.controller
+        fn = getattr(c, method, None) if c is not None else None
+        if fn is None and method == "request_pause":
+            fn = getattr(c, "pause", None)
+        if fn is None:
+            if key in REMOTE_ACTIONS:
+                self.show_message("Not connected to a server: set HANDOFF_SERVER_URL and HANDOFF_TOKEN, "
+                                  "or run %handoff --to URL --token TOKEN.", "warn")
+            else:
+                self.show_message("This view is not attached to a run any more; use %runs to find it.", "warn")
+            return
+        try:
+            fn(*args)
+        except Exception as exc:  # shown to the user in the widget and logged with its traceback
+            log.exception("RunWidget: %s failed", method)
+            hint = getattr(exc, "hint", None)
+            self.show_message(f"{dict((k, l) for k, l, _ in BUTTONS).get(key, key)} failed: {exc}"
+                              + (f"\n{hint}" if hint else ""), "error")
+
+    def _on_send(self, _button: W.Button) -> None:
+        text = self.answer_text.value.strip()
+        if not text:
+            self.show_message("Type an answer first, then press Send.", "warn")
+            return
+        self.answer_button.disabled = True
+        self.answer_text.value = ""
+        self._invoke("answer", "answer", text)
+
+    # -- fallbacks without a widget front end ---------------------------------------------------
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any] | None:
+        data = super()._repr_mimebundle_(**kwargs) or {}
+        data["text/plain"] = self.to_text()
+        return data
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text("RunWidget(...)" if cycle else self.to_text())
+
+    def __repr__(self) -> str:  # never "VBox(children=...)"
+        return self.to_text()
