@@ -211,7 +211,8 @@ class HandoffClient:
         except RunNotFound:
             return False
 
-    def put_blob(self, sha: str, path: Path, progress: Callable[[int], None] | None = None) -> int:
+    def put_blob(self, sha: str, path: Path, progress: Callable[[int], None] | None = None,
+                 report: UploadReport | None = None) -> int:
         """PUT one stored chunk, streamed; a connection cut mid-body is retried from the start
         (progress is rewound). Returns the bytes sent."""
         size = path.stat().st_size
@@ -248,6 +249,8 @@ class HandoffClient:
                     progress(-sent)
                 if not (resp.status_code in _RETRY_STATUS and attempt < self.retries):
                     raise self._error(resp, f"uploading chunk {sha[:12]}")
+            if report is not None:
+                report.retries += 1
             self._sleep(attempt)
             attempt += 1
 
@@ -282,7 +285,7 @@ class HandoffClient:
                 progress(max(0, done), total)
 
         for sha in todo:
-            report.bytes_sent += self.put_blob(sha, _chunk_path(bundle_dir, sha), step)
+            report.bytes_sent += self.put_blob(sha, _chunk_path(bundle_dir, sha), step, report)
             report.chunks_sent += 1
             report.sent.append(sha)
         report.seconds = time.perf_counter() - t0

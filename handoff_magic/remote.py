@@ -345,7 +345,7 @@ class RemoteRun:
                 failures += 1
                 self.follow_error = str(exc)
                 if failures == 1:
-                    _widget_message(self.widget, f"lost contact with the server, retrying: {exc}", "warning")
+                    _widget_message(self.widget, f"lost contact with the server, retrying: {exc}", "warn")
                 self._stop.wait(min(30.0, 0.5 * 2 ** min(failures, 6)))
                 continue
             if self.state.status in REMOTE_DONE:
