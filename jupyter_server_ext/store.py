@@ -336,6 +336,11 @@ class RunStore:
         self._wake(run_id)
         return self.summary(run_id), True
 
+    def run_by_key(self, idempotency_key: str) -> str | None:
+        """The id of the run created with this idempotency key, if any."""
+        rows = self._q("SELECT id FROM runs WHERE idempotency_key=?", (idempotency_key,))
+        return rows[0]["id"] if rows else None
+
     def has_run(self, run_id: str) -> bool:
         return bool(self._q("SELECT 1 FROM runs WHERE id=?", (run_id,)))
 

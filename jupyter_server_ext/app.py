@@ -1,0 +1,106 @@
+"""HandoffApp: the extension's configuration and lifecycle (store, runner, notifier).
+
+Trait names are a contract (DESIGN "Configuration"): users set ``c.HandoffApp.model`` etc.
+"""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from jupyter_core.paths import jupyter_data_dir
+from jupyter_server.extension.application import ExtensionApp, ExtensionAppJinjaMixin
+from traitlets import Bool, Float, Integer, List, Unicode, default
+
+from .store import BlobStore, RunStore
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+class HandoffApp(ExtensionAppJinjaMixin, ExtensionApp):
+    """Accepts handed-off agent runs and resumes them in fresh kernels on this server."""
+
+    name = "handoff"
+    load_other_extensions = True
+
+    data_dir = Unicode(help="Where runs (SQLite) and uploaded chunks live. "
+                            "Default: <jupyter data dir>/handoff.").tag(config=True)
+    max_bundle_bytes = Integer(8 * 1024**3, help="Largest bundle (sum of its stored chunks) a run "
+                                                  "may reference; larger ones get 413.").tag(config=True)
+    max_chunk_bytes = Integer(256 * 1024**2, help="Largest single uploaded chunk.").tag(config=True)
+    max_concurrent_runs = Integer(2, help="Runs executing at once; others wait as 'queued'.").tag(config=True)
+    model = Unicode("", help="Model spec used for remote runs (openai:MODEL, anthropic:MODEL, "
+                             "scripted:PATH); empty = the run's own model preference.").tag(config=True)
+    model_base_url = Unicode("", help="Endpoint for the model provider (else the SDK's "
+                                      "*_BASE_URL env var).").tag(config=True)
+    model_api_key_env = Unicode("", help="Name of the environment variable holding the model key "
+                                         "(else the SDK convention, e.g. OPENAI_API_KEY).").tag(config=True)
+    notify_urls = List(Unicode(), help="apprise URLs notified when a run completes, fails, is "
+                                       "cancelled or needs input.").tag(config=True)
+    notify_retry_seconds = Float(2.0, help="First retry delay for a failed notification; doubles "
+                                           "per attempt up to 5 minutes.").tag(config=True)
+    public_url = Unicode("", help="Base URL used in links (notifications, status pages). "
+                                  "Default: this server's URL + base_url.").tag(config=True)
+    kernel_name = Unicode("python3", help="Kernel spec for remote runs.").tag(config=True)
+    keep_kernel = Bool(False, help="Keep a finished run's kernel alive (for inspection).").tag(config=True)
+    max_events_wait = Float(60.0, help="Longest a long-poll for events may wait, in seconds.").tag(config=True)
+
+    @default("data_dir")
+    def _default_data_dir(self) -> str:
+        return str(Path(jupyter_data_dir()) / "handoff")
+
+    # set in initialize_settings
+    store: RunStore
+    blobs: BlobStore
+    run_manager: Any = None
+    notifier: Any = None
+
+    def get_public_url(self) -> str:
+        """Base for links, without a trailing slash (e.g. ``http://host:8888/base``)."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        assert self.serverapp is not None
+        return self.serverapp.connection_url.rstrip("/")
+
+    def initialize_templates(self) -> None:
+        self.template_paths = [str(TEMPLATES)]
+
+    def initialize_settings(self) -> None:
+        data = Path(self.data_dir).expanduser()
+        data.mkdir(parents=True, exist_ok=True)
+        self.store = RunStore(data / "handoff.sqlite")
+        self.blobs = BlobStore(data / "blobs", max_chunk_bytes=self.max_chunk_bytes)
+        from .notify import Notifier
+        self.notifier = Notifier(self.store, self.notify_urls, self.get_public_url, log=self.log,
+                                 retry_base=self.notify_retry_seconds)
+        try:
+            from .runner import RunManager
+        except ImportError as exc:  # runner not installed/landed: API still serves blobs and reads
+            self.log.error("jupyter-handoff: runner unavailable (%s); runs will not execute", exc)
+            self.run_manager = None
+        else:
+            assert self.serverapp is not None
+            self.run_manager = RunManager(self, self.store, self.blobs, self.serverapp.kernel_manager,
+                                          Path(self.serverapp.root_dir))
+        self.settings.update({"handoff_app": self})
+        self.log.info("jupyter-handoff: data in %s", data)
+
+    def initialize_handlers(self) -> None:
+        from .handlers import handlers
+        self.handlers.extend(handlers())
+
+    async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
+        """Runs once the event loop is up: deliver pending notifications, resume unfinished runs."""
+        self.notifier.start()
+        if self.run_manager is not None:
+            await self.run_manager.start()
+
+    async def stop_extension(self) -> None:
+        if self.run_manager is not None:
+            try:
+                await asyncio.wait_for(self.run_manager.stop(), 30)
+            except Exception:
+                self.log.exception("jupyter-handoff: stopping runs failed; they resume on next start")
+        if self.notifier is not None:
+            await self.notifier.stop()
+        self.store.close()

@@ -1,0 +1,561 @@
+"""HTTP routes of the extension: the JSON API under ``/handoff/api`` and the HTML status pages.
+
+Every route is authenticated by Jupyter Server (``@web.authenticated``) and authorized on the
+resource ``handoff``; errors are JSON ``{"error": what happened, "hint": what to do}``. The
+server never unpickles: manifests are checked as JSON and chunks only by their hash.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from typing import Any
+
+from jupyter_server.auth.decorator import authorized
+from jupyter_server.base.handlers import APIHandler, JupyterHandler
+from jupyter_server.extension.handler import ExtensionHandlerMixin
+from markupsafe import Markup
+from tornado import web
+
+from handoff_magic.state import TERMINAL_STATUSES, RunState, StateError
+
+from .notify import links
+from .store import BlobError, check_sha
+
+RESOURCE = "handoff"
+RUN_ID = r"(?P<run_id>[A-Za-z0-9_-]{1,64})"
+API = "/handoff/api"
+MAX_JSON_BYTES = 64 * 1024 * 1024     # a manifest for a huge namespace is still far below this
+MAX_ANSWER_CHARS = 100_000
+IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
+NOT_FOUND_HINT = "list runs with GET /handoff/api/runs or %reattach"
+
+
+class HandoffError(web.HTTPError):
+    """An error the client can act on; rendered as ``{"error", "hint", **extra}``."""
+
+    def __init__(self, status: int, error: str, hint: str, **extra: Any) -> None:
+        super().__init__(status, log_message=error.replace("%", "%%"))
+        self.error = error
+        self.hint = hint
+        self.extra = extra
+
+
+_DEFAULT_HINTS = {
+    400: "check the request against the jupyter-handoff API",
+    403: "send a valid Jupyter Server token (Authorization: token …) or log in; "
+         "for form posts include the _xsrf field",
+    404: "check the URL; " + NOT_FOUND_HINT,
+    405: "this route does not accept that method",
+    413: "the request is too large for this server",
+    500: "this is a bug in jupyter-handoff; the server log has the traceback",
+    503: "the handoff runner is not available on this server; check the server log",
+}
+
+
+class _Base(ExtensionHandlerMixin):
+    """Shared helpers; ``auth_resource`` makes ``@authorized`` check the resource ``handoff``."""
+
+    auth_resource = RESOURCE
+
+    @property
+    def handoff(self) -> Any:
+        return self.settings["handoff_app"]
+
+    @property
+    def public_url(self) -> str:
+        return self.handoff.get_public_url()
+
+    def run_summary(self, run_id: str) -> dict[str, Any]:
+        try:
+            summary = self.handoff.store.summary(run_id)
+        except KeyError:
+            raise HandoffError(404, f"no run with id {run_id!r} on this server", NOT_FOUND_HINT) from None
+        summary["links"] = links(self.public_url, run_id)
+        return summary
+
+    def runner(self) -> Any:
+        rm = self.handoff.run_manager
+        if rm is None:
+            raise HandoffError(503, "the handoff runner did not load on this server, so runs cannot "
+                               "execute", "check the Jupyter Server log for the import error")
+        return rm
+
+
+class HandoffAPIHandler(_Base, APIHandler):  # type: ignore[misc]
+    """JSON in, JSON out, JSON errors."""
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, HandoffError):
+            reply: dict[str, Any] = {"error": exc.error, "hint": exc.hint, **exc.extra}
+        else:
+            error = (exc.log_message if isinstance(exc, web.HTTPError) and exc.log_message
+                     else self._reason)
+            if status_code == 403:
+                error = f"not authorized: {error}"
+            reply = {"error": error, "hint": _DEFAULT_HINTS.get(status_code, "see the server log")}
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(reply))
+
+    def json_body(self) -> dict[str, Any]:
+        body = self.request.body or b""
+        if len(body) > MAX_JSON_BYTES:
+            raise HandoffError(413, f"request body is {len(body)} bytes, over the {MAX_JSON_BYTES} byte limit",
+                               "send less data per request")
+        if not body.strip():
+            return {}
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise HandoffError(400, f"request body is not valid JSON ({exc})",
+                               "send a JSON object; the upload may have been cut off, retry it") from None
+        if not isinstance(data, dict):
+            raise HandoffError(400, "request body must be a JSON object", "wrap the fields in {...}")
+        return data
+
+    def send(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(data, ensure_ascii=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# blobs
+# ---------------------------------------------------------------------------------------------
+class MissingBlobsHandler(HandoffAPIHandler):
+    @web.authenticated
+    @authorized
+    def post(self) -> None:
+        shas = self.json_body().get("shas")
+        if not isinstance(shas, list) or len(shas) > 1_000_000:
+            raise HandoffError(400, "'shas' must be a list of chunk ids", 'send {"shas": ["<sha256>", ...]}')
+        try:
+            for sha in shas:
+                check_sha(sha)
+        except BlobError as exc:
+            raise HandoffError(400, str(exc), "chunk ids are sha256 hex digests of the stored bytes") from None
+        self.send({"missing": self.handoff.blobs.missing(shas)})
+
+
+@web.stream_request_body
+class BlobHandler(HandoffAPIHandler):
+    """HEAD (exists?), GET (stored bytes), PUT (streamed upload, hash verified, size capped)."""
+
+    _writer: Any = None
+
+    async def prepare(self) -> None:  # type: ignore[override]
+        await super().prepare()
+        if self.request.method != "PUT":
+            return
+        # the body streams in before put() runs, so authenticate and bound it here
+        if not self.current_user:
+            raise web.HTTPError(403, "no valid token or login")
+        if not await _is_authorized(self, "write"):
+            raise web.HTTPError(403, f"user may not write to resource {RESOURCE}")
+        sha = self.path_kwargs["sha"]
+        try:
+            check_sha(sha)
+        except BlobError as exc:
+            raise HandoffError(400, str(exc), "PUT each chunk at /handoff/api/blobs/<sha256 of its bytes>") from None
+        cap = self.handoff.max_chunk_bytes
+        length = self.request.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > cap:
+            raise HandoffError(413, f"chunk of {int(length)} bytes is over the {cap} byte limit",
+                               "split data into smaller chunks or raise HandoffApp.max_chunk_bytes")
+        self.request.connection.set_max_body_size(cap + 1)
+        self._writer = self.handoff.blobs.writer(sha, cap)
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._writer is None:
+            return
+        try:
+            self._writer.write(chunk)
+        except BlobError as exc:
+            self._writer = None
+            raise HandoffError(413, str(exc), "split data into smaller chunks or raise "
+                               "HandoffApp.max_chunk_bytes") from None
+
+    def on_connection_close(self) -> None:
+        if self._writer is not None:  # cut mid-body: drop the temp file, nothing is published
+            self._writer.abort()
+            self._writer = None
+        super().on_connection_close()
+
+    def on_finish(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+
+    @web.authenticated
+    @authorized
+    def put(self, sha: str) -> None:
+        writer, self._writer = self._writer, None
+        if writer is None:
+            raise HandoffError(400, "upload was not received", "retry the PUT")
+        try:
+            created = writer.commit()
+        except BlobError as exc:
+            raise HandoffError(400, str(exc), "upload the chunk again; nothing was stored") from None
+        self.send({"sha256": sha, "size": writer.size, "created": created}, 201 if created else 200)
+
+    def _existing(self, sha: str) -> Any:
+        try:
+            path = self.handoff.blobs.path(sha)
+        except BlobError as exc:
+            raise HandoffError(400, str(exc), "chunk ids are sha256 hex digests") from None
+        if not path.is_file():
+            raise HandoffError(404, f"chunk {sha} is not on this server", "upload it with PUT")
+        return path
+
+    @web.authenticated
+    @authorized
+    def head(self, sha: str) -> None:
+        path = self._existing(sha)
+        self.set_header("Content-Length", str(path.stat().st_size))
+        self.set_status(200)
+        self.finish(set_content_type="application/octet-stream")
+
+    @web.authenticated
+    @authorized
+    async def get(self, sha: str) -> None:
+        path = self._existing(sha)
+        self.set_header("Content-Length", str(path.stat().st_size))
+        with open(path, "rb") as f:
+            while piece := f.read(1024 * 1024):
+                self.write(piece)
+                await self.flush()
+        self.finish(set_content_type="application/octet-stream")
+
+
+async def _is_authorized(handler: Any, action: str) -> bool:
+    result = handler.authorizer.is_authorized(handler, handler.current_user, action, RESOURCE)
+    if asyncio.iscoroutine(result):
+        result = await result
+    return bool(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# runs
+# ---------------------------------------------------------------------------------------------
+def _bundle_size(manifest: dict[str, Any]) -> int:
+    total = 0
+    chunks = manifest.get("chunks")
+    if isinstance(chunks, dict):
+        for meta in chunks.values():
+            if isinstance(meta, dict):
+                stored = meta.get("stored", meta.get("size", 0))
+                if isinstance(stored, int) and stored > 0:
+                    total += stored
+    return total
+
+
+class RunsHandler(HandoffAPIHandler):
+    @web.authenticated
+    @authorized
+    def get(self) -> None:
+        runs = self.handoff.store.list_runs()
+        for r in runs:
+            r["links"] = links(self.public_url, r["id"])
+        self.send({"runs": runs})
+
+    @web.authenticated
+    @authorized
+    def post(self) -> None:
+        body = self.json_body()
+        key = body.get("idempotency_key")
+        if key is not None and (not isinstance(key, str) or not IDEMPOTENCY_KEY.match(key)):
+            raise HandoffError(400, "idempotency_key must be 1-200 letters, digits or ._:-",
+                               "use a uuid4 hex per handoff")
+        store = self.handoff.store
+        if key:  # a retried create: answer with the run the first attempt made
+            existing = store.run_by_key(key)
+            if existing is not None:
+                self.send(self.run_summary(existing), 200)
+                return
+        manifest = body.get("manifest")
+        if not isinstance(manifest, dict):
+            raise HandoffError(400, "request has no 'manifest' object",
+                               'POST {"manifest": {...}, "idempotency_key": "..."} (%handoff does this)')
+        size = _bundle_size(manifest)
+        limit = self.handoff.max_bundle_bytes
+        if size > limit:
+            raise HandoffError(413, f"bundle is {size} bytes, over this server's limit of {limit} bytes",
+                               "hand off fewer or smaller variables (del big ones, or use files), "
+                               "or ask the admin to raise HandoffApp.max_bundle_bytes")
+        self.runner()  # 503 before anything is written if runs cannot execute
+        from handoff_magic.bundle import BundleError, validate_manifest
+        try:
+            shas = validate_manifest(manifest, max_bytes=limit)
+        except (BundleError, StateError, ValueError, TypeError, KeyError) as exc:
+            raise HandoffError(400, f"manifest rejected: {exc}",
+                               "capture the bundle again with %handoff; hand-made manifests must "
+                               "follow docs/internals.md") from None
+        blobs = self.handoff.blobs
+        missing = blobs.missing(shas)
+        if missing:
+            raise HandoffError(400, f"manifest references {len(missing)} chunk(s) this server does not have",
+                               "upload them with PUT /handoff/api/blobs/<sha> first (%handoff does "
+                               "this), then create the run again", missing=missing)
+        chunks = manifest.get("chunks") or {}
+        for sha in shas:
+            declared = (chunks.get(sha) or {}).get("stored")
+            if isinstance(declared, int) and blobs.size(sha) != declared:
+                raise HandoffError(400, f"chunk {sha} is {blobs.size(sha)} bytes on the server but the "
+                                   f"manifest declares {declared}", "capture the bundle again")
+        run = manifest.get("run")
+        if not isinstance(run, dict):
+            raise HandoffError(400, "manifest has no 'run': there is no agent run to resume",
+                               "start a run with %agent, then %handoff it")
+        try:
+            state = RunState.from_dict(run)
+        except StateError as exc:
+            raise HandoffError(400, f"run state rejected: {exc}", "capture the run again with %handoff") from None
+        summary, created = store.create_run(state, manifest, key or None)
+        if created:
+            self.runner().submit(summary["id"])
+        self.send(self.run_summary(summary["id"]), 201 if created else 200)
+
+
+class RunHandler(HandoffAPIHandler):
+    @web.authenticated
+    @authorized
+    def get(self, run_id: str) -> None:
+        self.send(self.run_summary(run_id))
+
+
+def _event_dict(ev: Any) -> dict[str, Any]:
+    return {"seq": ev.seq, "type": ev.type, "data": ev.data, "time": ev.time}
+
+
+class EventsHandler(HandoffAPIHandler):
+    @web.authenticated
+    @authorized
+    async def get(self, run_id: str) -> None:
+        self.run_summary(run_id)  # 404 first
+        try:
+            after = int(self.get_argument("after", "0"))
+            timeout = float(self.get_argument("timeout", "0"))
+            limit = int(self.get_argument("limit", "500"))
+        except ValueError:
+            raise HandoffError(400, "after and limit must be integers and timeout a number",
+                               "e.g. ?after=12&timeout=25") from None
+        timeout = max(0.0, min(timeout, self.handoff.max_events_wait))
+        limit = max(1, min(limit, 5000))
+        events = await self.handoff.store.wait_events(run_id, max(0, after), timeout, limit=limit)
+        summary = self.handoff.store.summary(run_id)
+        self.send({"events": [_event_dict(e) for e in events],
+                   # never past what this client has seen: an event committed after the wait
+                   # returned must still come in the next poll
+                   "last_seq": events[-1].seq if events else min(max(0, after), summary["last_seq"]),
+                   "status": summary["status"]})
+
+
+class AnswerHandler(HandoffAPIHandler):
+    @web.authenticated
+    @authorized
+    async def post(self, run_id: str) -> None:
+        summary = self.run_summary(run_id)
+        text = self.json_body().get("answer")
+        if not isinstance(text, str) or not text.strip():
+            raise HandoffError(400, "answer must be a non-empty string", 'POST {"answer": "..."}')
+        if len(text) > MAX_ANSWER_CHARS:
+            raise HandoffError(413, f"answer is over {MAX_ANSWER_CHARS} characters", "shorten it")
+        await submit_answer(self, run_id, summary, text)
+        self.send(self.run_summary(run_id))
+
+
+async def submit_answer(handler: _Base, run_id: str, summary: dict[str, Any], text: str) -> None:
+    if summary["status"] != "waiting_input":
+        raise HandoffError(409, f"run {run_id} is {summary['status']}, not waiting for input",
+                           "answer only when the run asks a question (status waiting_input)")
+    await handler.runner().answer(run_id, text)
+
+
+class CancelHandler(HandoffAPIHandler):
+    @web.authenticated
+    @authorized
+    async def post(self, run_id: str) -> None:
+        summary = self.run_summary(run_id)
+        if summary["status"] in TERMINAL_STATUSES:
+            raise HandoffError(409, f"run {run_id} already ended ({summary['status']})", "nothing to cancel")
+        await self.runner().cancel(run_id)
+        self.send(self.run_summary(run_id))
+
+
+class PullHandler(HandoffAPIHandler):
+    @web.authenticated
+    @authorized
+    async def post(self, run_id: str) -> None:
+        summary = self.run_summary(run_id)
+        if summary["status"] in TERMINAL_STATUSES and summary["status"] != "pulled":
+            raise HandoffError(409, f"run {run_id} ended ({summary['status']}); it can no longer be pulled "
+                               "as a live run", "fetch its last state with GET /handoff/api/runs/<id>/bundle")
+        timeout = self.json_body().get("timeout", 120)
+        if not isinstance(timeout, (int, float)) or timeout <= 0:
+            timeout = 120
+        if summary["status"] == "pulled":
+            manifest = bundle_manifest(self, run_id)
+        else:
+            try:
+                manifest = await self.runner().pull(run_id, timeout=min(float(timeout), 600.0))
+            except TimeoutError:
+                raise HandoffError(409, f"run {run_id} did not reach a step boundary in {timeout}s",
+                                   "try the pull again, or cancel the run") from None
+        out = self.run_summary(run_id)
+        out["manifest"] = manifest
+        self.send(out)
+
+
+def bundle_manifest(handler: _Base, run_id: str) -> dict[str, Any]:
+    """Latest checkpoint (else the handoff manifest) with ``run`` = the server's current RunState."""
+    store = handler.handoff.store
+    manifest = store.manifest(run_id, "checkpoint") or store.manifest(run_id, "handoff")
+    if manifest is None:
+        raise HandoffError(404, f"run {run_id} has no bundle", NOT_FOUND_HINT)
+    manifest["run"] = store.get_state(run_id).to_dict()
+    return manifest
+
+
+class BundleHandler(HandoffAPIHandler):
+    @web.authenticated
+    @authorized
+    def get(self, run_id: str) -> None:
+        self.run_summary(run_id)
+        self.send(bundle_manifest(self, run_id))
+
+
+async def compute_diff(handler: _Base, run_id: str) -> dict[str, Any]:
+    store = handler.handoff.store
+    before = store.manifest(run_id, "handoff")
+    if before is None:
+        raise HandoffError(404, f"run {run_id} has no handoff bundle", NOT_FOUND_HINT)
+    after = store.manifest(run_id, "checkpoint") or before
+    from .diff import diff_manifests
+    return await asyncio.to_thread(diff_manifests, before, after, handler.handoff.blobs.read)
+
+
+class DiffHandler(HandoffAPIHandler):
+    @web.authenticated
+    @authorized
+    async def get(self, run_id: str) -> None:
+        self.run_summary(run_id)
+        self.send(await compute_diff(self, run_id))
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML pages
+# ---------------------------------------------------------------------------------------------
+class PageHandler(_Base, JupyterHandler):  # type: ignore[misc]
+    """HTML pages: login redirect when not authenticated, XSRF on form posts."""
+
+    def render(self, name: str, **ns: Any) -> None:  # type: ignore[override]
+        env = self.settings["handoff_jinja2_env"]
+        html = env.get_template(name).render(
+            base_url=self.base_url.rstrip("/"), xsrf=Markup(self.xsrf_form_html()), **ns)
+        self.finish(html)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, HandoffError):
+            self.set_status(status_code)
+            self.render("error.html", status=status_code, error=exc.error, hint=exc.hint)
+            return
+        super().write_error(status_code, **kwargs)
+
+
+class RunListPage(PageHandler):
+    @web.authenticated
+    @authorized
+    def get(self) -> None:
+        self.render("runs.html", runs=self.handoff.store.list_runs())
+
+
+def _steps(events: list[Any], limit: int = 30) -> list[dict[str, Any]]:
+    """Recent steps for the page: the agent's words, its code and a short output."""
+    steps: list[dict[str, Any]] = []
+    for ev in events:
+        d = ev.data or {}
+        if ev.type == "assistant" and d.get("text"):
+            steps.append({"kind": "words", "text": str(d["text"])})
+        elif ev.type == "tool_call":
+            args = d.get("arguments") or {}
+            code = args.get("code") if isinstance(args, dict) else None
+            steps.append({"kind": "code", "name": d.get("name"), "text": code or json.dumps(args)[:2000]})
+        elif ev.type == "tool_result":
+            text = str(d.get("content") or "")
+            steps.append({"kind": "error" if d.get("is_error") else "output",
+                          "text": text if len(text) <= 1500 else text[:1500] + "\n…"})
+        elif ev.type in ("question", "answer", "finish", "error", "interrupted"):
+            text = d.get("question") or d.get("answer") or d.get("summary") or d.get("error") or d.get("reason")
+            steps.append({"kind": ev.type, "text": str(text or "")})
+    return steps[-limit:]
+
+
+class RunPage(PageHandler):
+    @web.authenticated
+    @authorized
+    def get(self, run_id: str) -> None:
+        run = self.run_summary(run_id)
+        events = self.handoff.store.events(run_id, 0, limit=None)
+        base = self.base_url.rstrip("/")
+        self.render("run.html", run=run, steps=_steps(events),
+                    refresh=run["status"] in ("queued", "restoring", "running"),
+                    message=self.get_argument("message", ""),
+                    local={"notebook": f"{base}/lab/tree/handoff-runs/{run_id}/result.ipynb",
+                           "diff_json": f"{base}/handoff/api/runs/{run_id}/diff",
+                           "diff_html": f"{base}/handoff/runs/{run_id}/diff",
+                           "answer": f"{base}/handoff/runs/{run_id}/answer",
+                           "cancel": f"{base}/handoff/runs/{run_id}/cancel",
+                           "list": f"{base}/handoff/runs"})
+
+
+class RunAnswerForm(PageHandler):
+    @web.authenticated
+    @authorized
+    async def post(self, run_id: str) -> None:
+        summary = self.run_summary(run_id)
+        text = self.get_body_argument("answer", "").strip()
+        if not text:
+            raise HandoffError(400, "the answer was empty", "type an answer and send it again")
+        await submit_answer(self, run_id, summary, text[:MAX_ANSWER_CHARS])
+        self.redirect(f"{self.base_url.rstrip('/')}/handoff/runs/{run_id}?message=Answer+sent")
+
+
+class RunCancelForm(PageHandler):
+    @web.authenticated
+    @authorized
+    async def post(self, run_id: str) -> None:
+        summary = self.run_summary(run_id)
+        if summary["status"] not in TERMINAL_STATUSES:
+            await self.runner().cancel(run_id)
+        self.redirect(f"{self.base_url.rstrip('/')}/handoff/runs/{run_id}?message=Run+cancelled")
+
+
+class DiffPage(PageHandler):
+    @web.authenticated
+    @authorized
+    async def get(self, run_id: str) -> None:
+        run = self.run_summary(run_id)
+        diff = await compute_diff(self, run_id)
+        self.render("diff.html", run=run, diff=diff,
+                    diff_json=json.dumps(diff, indent=1, ensure_ascii=False, default=str))
+
+
+def handlers() -> list[tuple[str, type, dict[str, Any]] | tuple[str, type]]:
+    return [
+        (rf"{API}/blobs/missing", MissingBlobsHandler),
+        (rf"{API}/blobs/(?P<sha>[^/]+)", BlobHandler),
+        (rf"{API}/runs", RunsHandler),
+        (rf"{API}/runs/{RUN_ID}", RunHandler),
+        (rf"{API}/runs/{RUN_ID}/events", EventsHandler),
+        (rf"{API}/runs/{RUN_ID}/answer", AnswerHandler),
+        (rf"{API}/runs/{RUN_ID}/cancel", CancelHandler),
+        (rf"{API}/runs/{RUN_ID}/pull", PullHandler),
+        (rf"{API}/runs/{RUN_ID}/bundle", BundleHandler),
+        (rf"{API}/runs/{RUN_ID}/diff", DiffHandler),
+        (r"/handoff/runs", RunListPage),
+        (rf"/handoff/runs/{RUN_ID}", RunPage),
+        (rf"/handoff/runs/{RUN_ID}/answer", RunAnswerForm),
+        (rf"/handoff/runs/{RUN_ID}/cancel", RunCancelForm),
+        (rf"/handoff/runs/{RUN_ID}/diff", DiffPage),
+    ]
