@@ -75,13 +75,12 @@ def _valid_sha(sha: str) -> bool:
 
 
 def _resolve_settings(url: str | None, token: str | None) -> tuple[str, str | None]:
-    """args > env (HANDOFF_SERVER_URL / HANDOFF_TOKEN) > ~/.jupyter/handoff.json, via config."""
+    """args > env (HANDOFF_SERVER_URL / HANDOFF_TOKEN) > handoff.json, via config."""
+    from .config import ConfigError, server_settings
     try:
-        from .config import server_settings
-    except ImportError:  # config module not present in this install: env only
-        return (url or os.environ.get("HANDOFF_SERVER_URL") or "",
-                token if token is not None else os.environ.get("HANDOFF_TOKEN"))
-    return server_settings(url, token)
+        return server_settings(url, token)
+    except ConfigError as exc:
+        raise ClientError(str(exc)) from exc
 
 
 class HandoffClient:
@@ -142,9 +141,10 @@ class HandoffClient:
             hint = body.get("hint")
         code = resp.status_code
         if code in (401, 403):
-            return AuthError(error or f"the server refused the token ({code} on {what})",
-                             hint or "set HANDOFF_TOKEN to a valid Jupyter Server token "
-                                     "(`jupyter server list` shows it)", code)
+            said = f": {error}" + (f" ({hint})" if hint else "") if error else ""
+            return AuthError(f"the server refused the token (HTTP {code} on {what}{said})",
+                             "set HANDOFF_TOKEN to a valid Jupyter Server token "
+                             "(`jupyter server list` shows it) or pass --token", code)
         if code == 404:
             return RunNotFound(error or f"not found on {self.url}: {what}",
                                hint or "check the run id: %reattach lists the runs on this server", code)

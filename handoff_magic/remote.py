@@ -666,8 +666,12 @@ def pull(run_id: str, *, to: str | None = None, token: str | None = None, shell:
         bundle_cache(f"pull-{run_id}")
     bundle_dir.mkdir(parents=True, exist_ok=True)
     try:
-        cl.pull(run_id)
-        manifest = cl.bundle(run_id)
+        summary = cl.get_run(run_id)
+        if summary.get("status") in ("completed", "failed", "cancelled"):
+            manifest = cl.bundle(run_id)   # ended: its last checkpoint is final, nothing to pause
+        else:
+            reply = cl.pull(run_id)
+            manifest = reply.get("manifest") or cl.bundle(run_id)
         downloaded = cl.download_chunks(manifest, _DirStore(bundle_dir), progress=None)
     except ClientError as exc:
         raise HandoffError(f"pull back failed: {exc}. Nothing changed in this kernel.") from exc
