@@ -1,0 +1,73 @@
+"""Where the model spec and the server address come from: arguments, environment, handoff.json.
+
+handoff.json lives in the Jupyter config dir (``jupyter --config-dir``, usually ~/.jupyter;
+JUPYTER_CONFIG_DIR moves it). Keys are never read from it: they come from the environment.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+DEFAULT_SCRIPT = Path(__file__).parent / "demo_scripts" / "default.json"
+
+
+class ConfigError(ValueError):
+    """Configuration that is missing or unreadable; the message says what to set."""
+
+
+def config_path() -> Path:
+    from jupyter_core.paths import jupyter_config_dir
+    return Path(jupyter_config_dir()) / "handoff.json"
+
+
+def load_config() -> dict[str, Any]:
+    """The handoff.json settings, or {} if there is no file. A broken file is an error."""
+    path = config_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); fix or delete it") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object like {{\"model\": \"openai:gpt-4o\"}}")
+    return data
+
+
+def default_model_spec() -> str:
+    return f"scripted:{DEFAULT_SCRIPT}"
+
+
+def resolve_model_spec(explicit: str | None = None) -> str:
+    """--model, else HANDOFF_MODEL, else handoff.json "model", else the scripted demo model."""
+    for value in (explicit, os.environ.get("HANDOFF_MODEL")):
+        if value and value.strip():
+            return value.strip()
+    model = load_config().get("model")
+    if isinstance(model, str) and model.strip():
+        return model.strip()
+    return default_model_spec()
+
+
+def server_settings(url: str | None = None, token: str | None = None) -> tuple[str, str | None]:
+    """(server URL, token): arguments, else HANDOFF_SERVER_URL/HANDOFF_TOKEN, else handoff.json."""
+    url = url or os.environ.get("HANDOFF_SERVER_URL") or None
+    token = token or os.environ.get("HANDOFF_TOKEN") or None
+    if not url or not token:
+        cfg = load_config()
+        url = url or cfg.get("server_url") or None
+        token = token or cfg.get("token") or None
+    if not url:
+        raise ConfigError(
+            "no handoff server configured: pass --to URL, or set HANDOFF_SERVER_URL (and HANDOFF_TOKEN), "
+            f"or put {{\"server_url\": ..., \"token\": ...}} in {config_path()}"
+        )
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ConfigError(f"server URL {url!r} must start with http:// or https://")
+    return url.rstrip("/"), token
