@@ -1,0 +1,223 @@
+"""HandoffClient against a real Jupyter Server with the extension (no mocks of our own code).
+
+Covers: missing-only uploads with progress, a connection cut mid-upload (a real TCP proxy that
+drops the socket), idempotent create, long-poll, download into a local chunk store, and the
+clear errors a user sees for a dead server, a wrong token, an unknown run and a too-large bundle.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from handoff_magic.bundle import ChunkStore, new_manifest, write_manifest
+from handoff_magic.client import (AuthError, BundleTooLarge, ClientError, HandoffClient, RunNotFound,
+                                  ServerUnreachable)
+from handoff_magic.state import RunState
+from server_process import free_port, handoff_server, handoff_server_factory  # noqa: F401  (fixtures)
+
+
+def make_bundle(dir: Path, payloads: dict[str, bytes], goal: str = "noop", model: str = "") -> dict:
+    """A real bundle: each payload is a working file split into stored chunks."""
+    store = ChunkStore(dir / "chunks")
+    manifest = new_manifest()
+    import hashlib
+    for name, data in payloads.items():
+        ref = store.put(data, compress=False)
+        manifest["chunks"][ref.sha] = ref.meta()
+        manifest["files"].append({"path": name, "mode": 0o644, "size": len(data),
+                                  "sha256": hashlib.sha256(data).hexdigest(), "chunks": [ref.sha]})
+    state = RunState(goal=goal, model=model, status="paused")
+    manifest["run"] = state.to_dict()
+    write_manifest(dir, manifest)
+    return manifest
+
+
+def finish_script(tmp: Path) -> str:
+    path = tmp / "finish.json"
+    path.write_text(json.dumps([{"text": "nothing to do", "tool_calls": [
+        {"name": "finish", "arguments": {"summary": "done"}}]}]))
+    return f"scripted:{path}"
+
+
+class CuttingProxy:
+    """A loopback TCP proxy that closes the first ``cuts`` PUT connections after ``after`` bytes."""
+
+    def __init__(self, target_port: int, cuts: int = 1, after: int = 300_000) -> None:
+        self.target_port, self.cuts, self.after = target_port, cuts, after
+        self.cut_count = 0
+        self.puts = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        threading.Thread(target=self._pump, args=(upstream, conn, None), daemon=True).start()
+        self._pump(conn, upstream, "up")
+
+    def _pump(self, src: socket.socket, dst: socket.socket, direction: str | None) -> None:
+        sent, cut_this = 0, False
+        try:
+            while data := src.recv(65536):
+                if direction == "up" and data.startswith(b"PUT "):
+                    with self._lock:
+                        self.puts += 1
+                        if self.cut_count < self.cuts:
+                            self.cut_count += 1
+                            cut_this, sent = True, 0
+                if cut_this:
+                    sent += len(data)
+                    if sent > self.after:  # drop the connection mid-body, both ways
+                        src.close()
+                        dst.close()
+                        return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def client(handoff_server):  # noqa: F811
+    with HandoffClient(handoff_server.url, handoff_server.token, retries=2, backoff=0.05) as c:
+        yield c
+
+
+def test_upload_sends_only_missing_chunks_with_progress(client, tmp_path):
+    a, b = os.urandom(1_500_000), os.urandom(700_000)
+    manifest = make_bundle(tmp_path / "b1", {"a.bin": a, "b.bin": b})
+    seen: list[tuple[int, int]] = []
+    first = client.upload_bundle(tmp_path / "b1", progress=lambda d, t: seen.append((d, t)))
+    assert first.chunks_sent == 2 and first.bytes_sent == len(a) + len(b)
+    assert seen[-1] == (len(a) + len(b), len(a) + len(b))
+    assert all(x[0] <= y[0] for x, y in zip(seen, seen[1:])), "progress never goes backwards here"
+    assert client.missing(list(manifest["chunks"])) == []
+
+    # same a, new c: only c travels
+    c = os.urandom(10_000)
+    make_bundle(tmp_path / "b2", {"a.bin": a, "c.bin": c})
+    second = client.upload_bundle(tmp_path / "b2")
+    assert second.chunks_sent == 1 and second.bytes_sent == len(c)
+    assert second.bytes_total == len(a) + len(c)
+
+
+def test_connection_cut_mid_upload_is_retried(handoff_server, tmp_path):  # noqa: F811
+    proxy = CuttingProxy(handoff_server.port, cuts=1, after=400_000)
+    try:
+        data = os.urandom(2_000_000)
+        manifest = make_bundle(tmp_path / "b", {"big.bin": data})
+        progress: list[int] = []
+        with HandoffClient(proxy.url, handoff_server.token, retries=3, backoff=0.05) as c:
+            report = c.upload_bundle(tmp_path / "b", progress=lambda d, t: progress.append(d))
+            assert c.missing(list(manifest["chunks"])) == []
+        assert proxy.cut_count == 1 and proxy.puts == 2, "one cut PUT, then one complete retry"
+        assert report.chunks_sent == 1 and report.retries == 1
+        assert progress[-1] == len(data)
+        got = handoff_server.client.get(f"/handoff/api/blobs/{next(iter(manifest['chunks']))}")
+        assert got.status_code == 200 and got.content == data
+    finally:
+        proxy.close()
+
+
+def test_create_run_is_idempotent_and_events_long_poll(client, tmp_path):
+    manifest = make_bundle(tmp_path / "b", {"x.txt": b"hello"}, goal="say hi",
+                           model=finish_script(tmp_path))
+    client.upload_bundle(tmp_path / "b")
+    one = client.create_run(manifest, idempotency_key="key-123")
+    two = client.create_run(manifest, idempotency_key="key-123")
+    assert one["id"] == two["id"]
+    other = client.create_run(manifest, idempotency_key="key-456")
+    assert other["id"] != one["id"]
+    assert one["id"] in {r["id"] for r in client.list_runs()}
+
+    # follow until completion through the long-poll
+    after, status, deadline = 0, one["status"], time.monotonic() + 90
+    while status not in ("completed", "failed") and time.monotonic() < deadline:
+        page = client.events(one["id"], after=after, timeout=5)
+        after, status = page["last_seq"], page["status"]
+    assert status == "completed", client.get_run(one["id"])
+    # nothing new: the long-poll waits about `timeout`, then returns empty
+    t0 = time.monotonic()
+    page = client.events(one["id"], after=after, timeout=1)
+    assert page["events"] == [] and 0.8 < time.monotonic() - t0 < 10
+
+
+def test_download_chunks_into_local_store(client, tmp_path):
+    data = os.urandom(300_000)
+    manifest = make_bundle(tmp_path / "src", {"d.bin": data})
+    client.upload_bundle(tmp_path / "src")
+    store = ChunkStore(tmp_path / "dst" / "chunks")
+    got = client.download_chunks(manifest, store)
+    sha = next(iter(manifest["chunks"]))
+    assert got == len(data) and store.path(sha).read_bytes() == data
+    assert client.download_chunks(manifest, store) == 0, "chunks already here are not fetched again"
+
+
+def test_dead_server_says_start_it(tmp_path):
+    port = free_port()
+    with HandoffClient(f"http://127.0.0.1:{port}", "t", retries=1, backoff=0.01) as c:
+        with pytest.raises(ServerUnreachable) as err:
+            c.list_runs()
+    msg = str(err.value)
+    assert f"127.0.0.1:{port}" in msg and "is the server running" in msg and "HANDOFF_SERVER_URL" in msg
+
+
+def test_wrong_token_and_unknown_run(handoff_server):  # noqa: F811
+    with HandoffClient(handoff_server.url, "not-the-token", retries=0) as bad:
+        with pytest.raises(AuthError) as err:
+            bad.list_runs()
+    assert "HANDOFF_TOKEN" in str(err.value) and err.value.status == 403
+    with HandoffClient(handoff_server.url, handoff_server.token, retries=0) as c:
+        with pytest.raises(RunNotFound) as nf:
+            c.get_run("doesnotexist")
+    assert nf.value.status == 404
+
+
+def test_no_server_configured_says_what_to_set(monkeypatch):
+    monkeypatch.delenv("HANDOFF_SERVER_URL", raising=False)
+    monkeypatch.setenv("JUPYTER_CONFIG_DIR", "/nonexistent-handoff-test")
+    monkeypatch.setenv("HOME", "/nonexistent-handoff-test")
+    with pytest.raises(ClientError) as err:
+        HandoffClient()
+    assert "HANDOFF_SERVER_URL" in str(err.value)
+
+
+def test_too_large_bundle_gets_the_servers_hint(handoff_server_factory, tmp_path):  # noqa: F811
+    srv = handoff_server_factory(extra_args=["--HandoffApp.max_bundle_bytes=100000"])
+    manifest = make_bundle(tmp_path / "b", {"big.bin": os.urandom(200_000)})
+    with HandoffClient(srv.url, srv.token, retries=0) as c:
+        with pytest.raises(BundleTooLarge) as err:
+            c.upload_bundle(tmp_path / "b")
+            c.create_run(manifest)
+    assert err.value.status == 413 and err.value.hint
+    with HandoffClient(srv.url, srv.token) as c2:
+        assert c2.list_runs() == [], "a refused bundle creates no run"
