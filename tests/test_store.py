@@ -1,0 +1,228 @@
+"""The server's durable store: real SQLite files and a real blob directory, several threads."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from handoff_magic.state import RunState
+from jupyter_server_ext.store import BlobError, BlobStore, RunStore
+
+
+def _state(goal: str = "clean the data") -> RunState:
+    st = RunState(goal=goal, status="running", model="scripted:demo")
+    st.emit("status", status="running")
+    st.emit("assistant", text="I will load the CSV first.")
+    return st
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> RunStore:
+    s = RunStore(tmp_path / "handoff.sqlite")
+    yield s
+    s.close()
+
+
+def test_create_run_queues_keeps_history_and_is_idempotent(store: RunStore) -> None:
+    st = _state()
+    summary, created = store.create_run(st, {"chunks": {}}, "key-1")
+    assert created and summary["status"] == "queued" and summary["goal"] == "clean the data"
+    events = store.events(summary["id"])
+    assert [e.seq for e in events] == [1, 2, 3]
+    assert [e.type for e in events] == ["status", "assistant", "status"]
+    assert events[-1].data["status"] == "queued"
+    again, created2 = store.create_run(_state("other"), {"chunks": {}}, "key-1")
+    assert not created2 and again["id"] == summary["id"]
+    assert len(store.list_runs()) == 1
+    # the same client run id handed off twice (no key) gets a fresh server id
+    twin = RunState.from_dict({**st.to_dict(), "id": summary["id"]})
+    other, _ = store.create_run(twin, {"chunks": {}}, None)
+    assert other["id"] != summary["id"]
+    assert store.manifest(summary["id"], "handoff") == {"chunks": {}}
+
+
+def test_state_round_trip_and_status_events(store: RunStore) -> None:
+    summary, _ = store.create_run(_state(), {}, None)
+    rid = summary["id"]
+    st = store.get_state(rid)
+    assert st.last_seq == 3 and st.status == "queued"
+    st.plan = []
+    st.question = "Which column is the target?"
+    store.save_state(st)
+    store.append_event(rid, "status", {"status": "waiting_input"})
+    got = store.summary(rid)
+    assert got["status"] == "waiting_input" and got["question"] == "Which column is the target?"
+    assert store.get_state(rid).status == "waiting_input"
+    assert rid in store.unfinished_runs()
+    store.append_event(rid, "status", {"status": "completed"})
+    assert rid not in store.unfinished_runs()
+    with pytest.raises(KeyError):
+        store.get_state("nope")
+    with pytest.raises(KeyError):
+        store.append_event("nope", "status", {"status": "running"})
+
+
+def test_concurrent_appends_are_dense_and_unique(store: RunStore) -> None:
+    rid = store.create_run(_state(), {}, None)[0]["id"]
+
+    def writer(n: int) -> None:
+        for i in range(50):
+            store.append_event(rid, "assistant", {"text": f"{n}-{i}"})
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seqs = [e.seq for e in store.events(rid, 0, limit=None)]
+    assert seqs == list(range(1, 3 + 200 + 1))
+    texts = [e.data["text"] for e in store.events(rid, 3, limit=None)]
+    assert len(set(texts)) == 200
+
+
+async def test_long_poll_wakes_on_append_from_a_thread(store: RunStore) -> None:
+    rid = store.create_run(_state(), {}, None)[0]["id"]
+    t0 = time.monotonic()
+    assert await store.wait_events(rid, 3, 0.2) == []
+    assert time.monotonic() - t0 >= 0.19
+
+    def later() -> None:
+        time.sleep(0.3)
+        store.append_event(rid, "assistant", {"text": "done loading"})
+
+    threading.Thread(target=later).start()
+    t0 = time.monotonic()
+    got = await store.wait_events(rid, 3, 10)
+    waited = time.monotonic() - t0
+    assert [e.seq for e in got] == [4] and got[0].data["text"] == "done loading"
+    assert waited < 2, f"long-poll was not woken, waited {waited:.2f}s"
+
+
+async def test_many_pollers_see_every_event_once(store: RunStore) -> None:
+    rid = store.create_run(_state(), {}, None)[0]["id"]
+
+    async def follow() -> list[int]:
+        seen: list[int] = []
+        after = 3
+        while after < 3 + 40:
+            for e in await store.wait_events(rid, after, 5, limit=7):
+                seen.append(e.seq)
+                after = e.seq
+        return seen
+
+    def produce() -> None:
+        for i in range(40):
+            store.append_event(rid, "assistant", {"text": str(i)})
+            if i % 5 == 0:
+                time.sleep(0.01)
+
+    pollers = [asyncio.create_task(follow()) for _ in range(20)]
+    await asyncio.sleep(0.05)
+    await asyncio.to_thread(produce)
+    results = await asyncio.wait_for(asyncio.gather(*pollers), 20)
+    for seen in results:
+        assert seen == list(range(4, 44))
+
+
+def test_persists_across_reopen_and_refuses_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "handoff.sqlite"
+    s = RunStore(path)
+    rid = s.create_run(_state(), {"chunks": {}}, "k")[0]["id"]
+    s.put_answer(rid, "first")
+    s.put_answer(rid, "second")
+    s.save_manifest(rid, "checkpoint", {"n": 1})
+    s.save_manifest(rid, "checkpoint", {"n": 2})
+    s.close()
+    s = RunStore(path)
+    assert s.run_by_key("k") == rid and s.get_state(rid).goal == "clean the data"
+    assert s.take_answer(rid) == "first" and s.take_answer(rid) == "second" and s.take_answer(rid) is None
+    assert s.manifest(rid, "checkpoint") == {"n": 2}
+    assert s.manifest(rid, "nothing") is None
+    s.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.execute("PRAGMA user_version = 99")
+    db.close()
+    with pytest.raises(RuntimeError, match="newer jupyter-handoff"):
+        RunStore(path)
+
+
+def test_outbox_rows_retry_and_deliver(store: RunStore) -> None:
+    ids = store.add_notifications("r1", "completed", "t", "b", ["a", "b"])
+    assert len(ids) == 2 and len(store.due_notifications()) == 2
+    store.mark_failed(ids[0], "receiver down", time.time() + 60)
+    store.mark_delivered(ids[1])
+    assert store.due_notifications() == []
+    due = store.due_notifications(time.time() + 61)
+    assert [r["id"] for r in due] == [ids[0]] and due[0]["attempts"] == 1
+    assert due[0]["last_error"] == "receiver down"
+
+
+# -- blobs -------------------------------------------------------------------------------------
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_blob_put_verifies_and_is_idempotent(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path / "blobs")
+    data = os.urandom(100_000)
+    sha = _sha(data)
+    with pytest.raises(BlobError, match="hash"):
+        blobs.put(sha, data[:-1])
+    assert not blobs.has(sha)
+    assert blobs.put(sha, data) is True
+    assert blobs.put(sha, data) is False
+    assert blobs.read(sha) == data and blobs.path(sha) == tmp_path / "blobs" / sha[:2] / sha
+    assert blobs.missing([sha, "0" * 64, sha]) == ["0" * 64]
+    assert not [p for p in (tmp_path / "blobs").rglob(".tmp-*")]
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "/etc/passwd", "A" * 64, "0" * 63, "", "..", "0" * 64 + "/x"])
+def test_blob_addresses_cannot_be_paths(tmp_path: Path, bad: str) -> None:
+    blobs = BlobStore(tmp_path / "blobs")
+    with pytest.raises(BlobError):
+        blobs.path(bad)
+    with pytest.raises(BlobError):
+        blobs.put(bad, b"x")
+
+
+def test_concurrent_puts_of_one_chunk(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path / "blobs")
+    data = os.urandom(2 * 1024 * 1024)
+    sha = _sha(data)
+    errors: list[BaseException] = []
+
+    def put() -> None:
+        try:
+            blobs.put(sha, data)
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=put) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert blobs.read(sha) == data
+    assert [p.name for p in (tmp_path / "blobs" / sha[:2]).iterdir()] == [sha]
+
+
+def test_streamed_writer_caps_size_and_aborts_cleanly(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path / "blobs", max_chunk_bytes=1000)
+    data = b"x" * 1500
+    w = blobs.writer(_sha(data))
+    w.write(data[:800])
+    with pytest.raises(BlobError, match="limit"):
+        w.write(data[800:])
+    assert not blobs.has(_sha(data))
+    w2 = blobs.writer(_sha(b"abc"))
+    w2.write(b"ab")
+    w2.abort()
+    assert not list((tmp_path / "blobs").rglob("*")) or all(p.is_dir() for p in (tmp_path / "blobs").rglob("*"))
