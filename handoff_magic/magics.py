@@ -1,17 +1,155 @@
 """IPython magics: %snapshot, %agent/%%agent, %handoff, %reattach, %pull, %runs.
 
-Each magic is a thin parser; the work lives in capture/restore, agent and remote modules.
+Each magic is a thin parser; the work lives in capture/restore, runs (LocalRun) and remote.
+Bad arguments raise IPython's UsageError (a one-line red message with the usage, no traceback);
+a run that cannot do what was asked says why and what to type instead.
 """
 from __future__ import annotations
 
+import argparse
+import inspect
+import re
 import shlex
 from typing import Any
 
-from IPython.core.magic import Magics, line_magic, magics_class
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+
+__all__ = ["HandoffMagics", "UsageError", "parse_agent_line"]
+
+AGENT_USAGE = """usage:
+  %agent [--model SPEC] [--max-steps N] [--background] TASK
+  %%agent [--model SPEC] [--max-steps N] [--background]   (the cell body is the task)
+  %agent continue [--background] [--model SPEC] ["answer or follow-up"]
+  %agent pause | %agent cancel
+SPEC is openai:MODEL, anthropic:MODEL or scripted:PATH (default: HANDOFF_MODEL, ~/.jupyter/handoff.json, demo)."""
+HANDOFF_USAGE = "usage: %handoff [--to URL] [--token TOKEN] [--fork] [RUN_ID]"
+REATTACH_USAGE = "usage: %reattach [RUN_ID] [--to URL] [--token TOKEN]   (no RUN_ID: list the server's runs)"
+PULL_USAGE = "usage: %pull RUN_ID [--to URL] [--token TOKEN]"
+
+_FLAGS = {"--background"}
+_VALUED = {"--model", "--max-steps"}
+_OPT_RE = re.compile(r"(--?[A-Za-z][\w-]*)(?:=(\S*))?(?=\s|$)")
 
 
-class UsageError(Exception):
-    pass
+def _take_value(text: str, name: str, usage: str) -> tuple[str, str]:
+    """One option value at the start of ``text`` (bare or quoted) and the rest."""
+    text = text.lstrip()
+    if not text:
+        raise UsageError(f"option {name} needs a value\n{usage}")
+    if text[0] in "\"'":
+        end = text.find(text[0], 1)
+        if end < 0:
+            raise UsageError(f"the value of {name} has an unclosed quote\n{usage}")
+        return text[1:end], text[end + 1:]
+    parts = text.split(None, 1)
+    return parts[0], (parts[1] if len(parts) > 1 else "")
+
+
+def _unquote(text: str) -> str:
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'" and text[0] not in text[1:-1]:
+        return text[1:-1]
+    return text
+
+
+def parse_agent_line(line: str, usage: str = AGENT_USAGE) -> tuple[dict[str, Any], str]:
+    """Leading ``--options`` and the free text after them (kept verbatim: quotes, apostrophes).
+
+    ``--`` ends the options, so a task may itself start with a dash.
+    """
+    opts: dict[str, Any] = {"model": None, "max_steps": None, "background": False}
+    rest = line.strip()
+    while rest.startswith("-"):
+        if rest == "--" or rest.startswith("-- "):
+            rest = rest[2:].strip()
+            break
+        m = _OPT_RE.match(rest)
+        if not m:
+            break
+        name, inline = m.group(1), m.group(2)
+        after = rest[m.end():]
+        if name in _FLAGS:
+            if inline is not None:
+                raise UsageError(f"{name} takes no value\n{usage}")
+            opts[name[2:].replace("-", "_")] = True
+        elif name in _VALUED:
+            value, after = (inline, after) if inline is not None else _take_value(after, name, usage)
+            if not value:
+                raise UsageError(f"option {name} needs a value\n{usage}")
+            opts[name[2:].replace("-", "_")] = value
+        else:
+            raise UsageError(f"unknown option {name}\n{usage}")
+        rest = after.strip()
+    if opts["max_steps"] is not None:
+        try:
+            n = int(opts["max_steps"])
+        except ValueError:
+            raise UsageError(f"--max-steps needs a whole number, got {opts['max_steps']!r}\n{usage}") from None
+        if n < 1:
+            raise UsageError(f"--max-steps must be at least 1, got {n}\n{usage}")
+        opts["max_steps"] = n
+    return opts, rest
+
+
+class _ArgParser(argparse.ArgumentParser):
+    """argparse that raises UsageError (with the usage line) instead of exiting the kernel."""
+
+    def __init__(self, usage: str, **kwargs: Any) -> None:
+        super().__init__(add_help=False, usage=argparse.SUPPRESS, **kwargs)
+        self._usage_text = usage
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message}\n{self._usage_text}")
+
+
+def _split(line: str, usage: str) -> list[str]:
+    try:
+        return shlex.split(line)
+    except ValueError as exc:
+        raise UsageError(f"cannot parse the arguments ({exc})\n{usage}") from None
+
+
+def _remote_module() -> Any:
+    try:
+        from . import remote
+    except ImportError as exc:
+        raise UsageError(f"remote actions are not available in this install ({exc}); "
+                         "reinstall jupyter-handoff") from exc
+    return remote
+
+
+def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call a remote action; its errors become one clean line (they already say what to do)."""
+    try:
+        params = inspect.signature(fn).parameters
+        kwargs = {k: v for k, v in kwargs.items()
+                  if k in params or any(p.kind is p.VAR_KEYWORD for p in params.values())}
+    except (TypeError, ValueError):
+        pass
+    try:
+        return fn(*args, **kwargs)
+    except UsageError:
+        raise
+    except Exception as exc:
+        from .config import ConfigError
+        from .runs import RunError
+        remote = _remote_module()
+        known = (ConfigError, RunError, getattr(remote, "HandoffError", RunError))
+        try:
+            from .client import ClientError
+            known = known + (ClientError,)
+        except ImportError:
+            pass
+        if isinstance(exc, known):
+            raise UsageError(str(exc)) from exc
+        raise
+
+
+def _display(obj: Any) -> None:
+    from IPython.display import display
+    if obj is not None:
+        display(obj)
 
 
 @magics_class
@@ -30,3 +168,163 @@ class HandoffMagics(Magics):
         if action == "save":
             return save_state(path, self.shell)
         return load_state(path, self.shell)
+
+    # -- %agent -----------------------------------------------------------------------------
+    @line_magic
+    def agent(self, line: str) -> None:
+        """Run an agent on TASK in this kernel; `%agent continue ["answer"]` resumes it.
+
+        %agent [--model SPEC] [--max-steps N] [--background] TASK
+        %agent continue [--background] [--model SPEC] ["answer or follow-up"]
+        %agent pause | %agent cancel
+        """
+        stripped = line.strip()
+        word, _, tail = stripped.partition(" ")
+        if word == "continue":
+            self._continue(tail)
+            return
+        if stripped in ("pause", "cancel"):
+            self._pause_or_cancel(stripped)
+            return
+        opts, task = parse_agent_line(line)
+        self._start(_unquote(task), opts)
+
+    @cell_magic("agent")
+    def agent_cell(self, line: str, cell: str) -> None:
+        """%%agent [--model SPEC] [--max-steps N] [--background] — the cell body is the task."""
+        opts, extra = parse_agent_line(line)
+        task = "\n".join(p for p in (_unquote(extra), cell.strip()) if p)
+        self._start(task, opts)
+
+    def _start(self, task: str, opts: dict[str, Any]) -> None:
+        from .agent.providers import ProviderError
+        from .config import ConfigError, resolve_model_spec
+        from .runs import RUNS, LocalRun, RunError
+
+        if not task:
+            raise UsageError(f"no task given: say what the agent should do\n{AGENT_USAGE}")
+        busy = [r for r in list(RUNS.values()) if r.running]
+        if busy:
+            raise UsageError(f"run {busy[0].id} is still running in the background and uses this kernel: "
+                             "%agent pause (or its Pause button) first, or wait for it to finish")
+        try:
+            spec = resolve_model_spec(opts["model"])
+            run = LocalRun.new(task, shell=self.shell, model=spec, max_steps=opts["max_steps"])
+        except (ProviderError, ConfigError, RunError) as exc:
+            raise UsageError(str(exc)) from exc
+        _display(run.widget)
+        run.start(background=opts["background"])
+
+    def _continue(self, tail: str) -> None:
+        from .agent.providers import ProviderError
+        from .runs import RUNS, RunError, current_run
+
+        usage = AGENT_USAGE
+        opts, rest = parse_agent_line(tail, usage)
+        if opts["max_steps"] is not None:
+            raise UsageError("--max-steps applies when a run starts; %agent continue gives each "
+                             f"resume a fresh step allowance\n{usage}")
+        run = current_run()
+        if run is None:
+            raise UsageError("no agent run in this kernel to continue: start one with %agent TASK")
+        busy = [r for r in list(RUNS.values()) if r.running and r is not run]
+        if busy:
+            raise UsageError(f"run {busy[0].id} is running in the background: %agent pause it first")
+        answer = _unquote(rest) or None
+        try:
+            if opts["model"]:
+                run.use_model(opts["model"])
+            if not run.running:
+                _display(run.widget)
+            run.continue_(answer, background=opts["background"])
+        except (RunError, ProviderError) as exc:
+            raise UsageError(str(exc)) from exc
+
+    def _pause_or_cancel(self, what: str) -> None:
+        from .runs import current_run
+        run = current_run()
+        if run is None:
+            raise UsageError("no agent run in this kernel: start one with %agent TASK")
+        if what == "cancel":
+            _call(run.cancel)
+            print(f"run {run.id}: cancel requested" if run.running else f"run {run.id} is {run.status}")
+            return
+        if not run.running:
+            raise UsageError(f"run {run.id} is not running in the background (it is {run.status}); "
+                             "a foreground run pauses with the stop button / kernel interrupt")
+        run.request_pause()
+        if run.wait_paused(30.0):
+            print(f"run {run.id} is {run.status}: %agent continue resumes it")
+        else:
+            print(f"run {run.id} will pause when its current step ends (still {run.status})")
+
+    # -- %runs --------------------------------------------------------------------------------
+    @line_magic
+    def runs(self, line: str) -> Any:
+        """List the agent runs in this kernel: id, goal, status, steps, where they run."""
+        from .runs import RUNS, RunTable
+        if line.strip():
+            raise UsageError("usage: %runs   (no arguments; %reattach lists the runs on a server)")
+        seen: list[Any] = []
+        for r in list(RUNS.values()):
+            if all(r is not s for s in seen):
+                seen.append(r)
+        return RunTable(seen)
+
+    # -- remote actions -------------------------------------------------------------------------
+    def _resolve_run(self, run_id: str | None, usage: str) -> Any:
+        from .runs import RUNS, current_run
+        if run_id:
+            run = RUNS.get(run_id)
+            if run is None:
+                known = ", ".join(RUNS) or "none"
+                raise UsageError(f"no agent run {run_id!r} in this kernel (runs here: {known}); "
+                                 f"%runs lists them\n{usage}")
+            return run
+        run = current_run()
+        if run is None:
+            raise UsageError(f"no agent run in this kernel to hand off: start one with %agent TASK\n{usage}")
+        return run
+
+    @line_magic
+    def handoff(self, line: str) -> None:
+        """Hand the current (or RUN_ID) run and this kernel's state off to a Jupyter Server."""
+        p = _ArgParser(HANDOFF_USAGE)
+        p.add_argument("run_id", nargs="?")
+        p.add_argument("--to")
+        p.add_argument("--token")
+        p.add_argument("--fork", action="store_true")
+        a = p.parse_args(_split(line, HANDOFF_USAGE))
+        run = self._resolve_run(a.run_id, HANDOFF_USAGE)
+        remote = _remote_module()
+        result = _call(remote.handoff, run, to=a.to, token=a.token, fork=a.fork, shell=self.shell)
+        widget = getattr(result, "widget", None)
+        _display(widget if widget is not None else result)
+
+    @line_magic
+    def reattach(self, line: str) -> None:
+        """Follow a remote run here (works in a new kernel); no RUN_ID lists the server's runs."""
+        p = _ArgParser(REATTACH_USAGE)
+        p.add_argument("run_id", nargs="?")
+        p.add_argument("--to")
+        p.add_argument("--token")
+        a = p.parse_args(_split(line, REATTACH_USAGE))
+        remote = _remote_module()
+        result = _call(remote.reattach, a.run_id, to=a.to, token=a.token, display=False)
+        widget = getattr(result, "widget", None)
+        _display(widget if widget is not None else result)
+
+    @line_magic
+    def pull(self, line: str) -> None:
+        """Bring a remote run back: its variables, files, plan and conversation; then %agent continue."""
+        p = _ArgParser(PULL_USAGE)
+        p.add_argument("run_id")
+        p.add_argument("--to")
+        p.add_argument("--token")
+        a = p.parse_args(_split(line, PULL_USAGE))
+        remote = _remote_module()
+        result = _call(remote.pull, a.run_id, to=a.to, token=a.token, shell=self.shell, display=False)
+        report = getattr(result, "pull_report", None)
+        _display(report)
+        widget = getattr(result, "widget", None)
+        _display(widget if widget is not None else result)

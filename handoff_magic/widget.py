@@ -204,9 +204,13 @@ class _View:
         elif t == "interrupted":
             self.message = (f"Interrupted: {d.get('reason', '')}. Resume with %agent continue.", "warn", None)
         elif t == "handoff":
+            if d.get("server") and d.get("remote_id") and (
+                    self.remote is None or self.remote[1] != str(d["remote_id"])):
+                self.remote = (str(d["server"]), str(d["remote_id"]), {})
             self.message = (f"Handed off to {d.get('server', '?')} as run {d.get('remote_id', '?')}.",
                             "info", None)
         elif t == "pull":
+            self.remote = None   # the run lives here again
             self.message = (f"Pulled back from {d.get('server', '?')} (run {d.get('remote_id', '?')}).",
                             "info", None)
         elif t == "checkpoint":
@@ -233,6 +237,14 @@ def _view_from_state(state: RunState) -> _View:
     if state.status == "failed" and state.error:
         v.message = (state.error, "error", None)
     return v
+
+
+def _pulled_back(state: RunState) -> bool:
+    """True if the state's last handoff/pull event is a pull: the run lives here again."""
+    for ev in reversed(state.events):
+        if ev.type in ("handoff", "pull"):
+            return ev.type == "pull"
+    return False
 
 
 def _esc(text: str) -> str:
@@ -320,6 +332,7 @@ def render_message_html(message: tuple[str, str, str | None] | None) -> str:
     if not message or not message[0]:
         return ""
     text, level, link = message
+    level = {"warning": "warn", "danger": "error"}.get(level, level)
     level = level if level in ("info", "success", "warn", "error") else "info"
     body = _esc(text)
     if link:
@@ -415,7 +428,10 @@ class RunWidget(W.VBox):
             keep_remote, keep_progress = self._view.remote, self._view.progress
             self._state = state
             self._view = _view_from_state(state)
-            self._view.remote, self._view.progress = keep_remote, keep_progress
+            self._view.progress = keep_progress
+            if keep_remote is not None and not _pulled_back(state) and (
+                    self._view.remote is None or self._view.remote[1] == keep_remote[1]):
+                self._view.remote = keep_remote   # a remote mirror state has no handoff event
             self._render()
 
     def show_event(self, event: Event) -> None:
