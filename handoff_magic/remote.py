@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .client import ClientError, HandoffClient, _atomic_write
-from .state import TERMINAL_STATUSES, Event, PlanStep, RunState, StateError
+from .state import TERMINAL_STATUSES, Budgets, Event, PlanStep, RunState, StateError
 
 # statuses after which a remote run needs nothing more from anyone
 REMOTE_DONE = frozenset(TERMINAL_STATUSES)
@@ -475,8 +475,11 @@ def handoff(run: Any, *, to: str | None = None, token: str | None = None, fork: 
     key = kernel_key(state.id)
     bundle_dir = bundle_cache(key)
     sent_state = RunState.from_dict(copy.deepcopy(state.to_dict()))
-    if sent_state.status != "paused":
+    if sent_state.status not in ("paused", "waiting_input"):
         sent_state.set_status("paused", reason="handoff")
+    # budgets count per run() call; a small local allowance (%agent --max-steps 2) is not meant
+    # to stop the remote run, so the remote gets at least the default allowance
+    sent_state.budgets.max_steps = max(sent_state.budgets.max_steps, Budgets().max_steps)
 
     t = time.perf_counter()
     from . import save_state
@@ -541,7 +544,22 @@ def handoff(run: Any, *, to: str | None = None, token: str | None = None, fork: 
                                  f"{_fmt_bytes(up.bytes_total)} in {timings.total:.2f}s; "
                                  "you can close this notebook now")
     remote.follow()
+    global LAST_HANDOFF
+    LAST_HANDOFF = remote
     return remote
+
+
+LAST_HANDOFF: RemoteRun | None = None
+
+
+def last_handoff_info() -> dict[str, Any] | None:
+    """The latest handoff from this kernel: remote id, timings (s) and bytes (for demo/bench)."""
+    r = LAST_HANDOFF
+    if r is None:
+        return None
+    from dataclasses import asdict
+    return {"run_id": r.run_id, "server": r.server_url,
+            "timings": asdict(r.timings)}  # type: ignore[attr-defined]
 
 
 def _get_shell() -> Any:
@@ -707,10 +725,10 @@ def _merge_into_local(remote_state: RunState, record: dict[str, Any] | None, ser
     """The remote's plan, messages, steps and events become the local run's, status paused."""
     from . import runs
     state = RunState.from_dict(copy.deepcopy(remote_state.to_dict()))
-    if state.status != "paused":
-        state.status = "paused"
-        state.emit("status", status="paused", reason="pulled back")
-    state.question = None if not state.question else state.question
+    # a finished, failed or waiting run keeps its status (continue with follow-up text, retry or
+    # an answer); one that was live remotely is paused here at the step boundary it reached
+    if state.status not in ("completed", "failed", "cancelled", "waiting_input", "paused"):
+        state.set_status("paused", reason="pulled back from the server; %agent continue goes on here")
     state.emit("pull", server=server_url, remote_id=run_id)
     local_id = (record or {}).get("local_run_id")
     existing = runs.RUNS.get(local_id) if local_id else None
