@@ -1,0 +1,98 @@
+"""OpenAI chat-completions with tools; any compatible endpoint via base_url / OPENAI_BASE_URL."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from ...state import Message, ToolCall
+from .base import HTTPProvider, ProviderError
+
+
+def to_openai_messages(system: str, messages: list[Message]) -> list[dict[str, Any]]:
+    """Neutral messages -> chat-completions messages (one role=tool message per result)."""
+    out: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    for m in messages:
+        if m.role == "assistant":
+            msg: dict[str, Any] = {"role": "assistant", "content": m.text or None}
+            if m.tool_calls:
+                msg["tool_calls"] = [
+                    {"id": c.id, "type": "function",
+                     "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
+                    for c in m.tool_calls
+                ]
+            out.append(msg)
+        elif m.role == "tool":
+            for r in m.tool_results:
+                out.append({"role": "tool", "tool_call_id": r.call_id, "content": r.content})
+            if m.text:
+                out.append({"role": "user", "content": m.text})
+        else:  # user / system
+            out.append({"role": m.role, "content": m.text})
+    return out
+
+
+def to_openai_tools(tools: list[dict]) -> list[dict[str, Any]]:
+    return [{"type": "function", "function": {"name": t["name"], "description": t.get("description", ""),
+                                              "parameters": t["parameters"]}} for t in tools]
+
+
+class OpenAIProvider(HTTPProvider):
+    kind = "openai"
+    key_env = "OPENAI_API_KEY"
+
+    def default_base_url(self) -> str:
+        return os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+
+    def endpoint(self) -> str:
+        return f"{self.base_url}/chat/completions"
+
+    def auth_headers(self, key: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {key}"}
+
+    def request_body(self, system: str, messages: list[Message], tools: list[dict]) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model, "messages": to_openai_messages(system, messages)}
+        if tools:
+            body["tools"] = to_openai_tools(tools)
+        return body
+
+    def complete(self, system: str, messages: list[Message], tools: list[dict]) -> Message:
+        body = self.post_json(self.request_body(system, messages, tools))
+        return self.parse_reply(body)
+
+    def parse_reply(self, body: dict[str, Any]) -> Message:
+        choices = body.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise self.malformed("no choices[0]", body)
+        msg = choices[0].get("message")
+        if not isinstance(msg, dict):
+            raise self.malformed("choices[0].message is missing", body)
+        text = msg.get("content") or ""
+        if isinstance(text, list):  # some compatible servers send content parts
+            text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
+        if not isinstance(text, str):
+            raise self.malformed("message.content is not text", body)
+        calls: list[ToolCall] = []
+        for i, raw in enumerate(msg.get("tool_calls") or []):
+            fn = raw.get("function") if isinstance(raw, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise self.malformed(f"tool_calls[{i}] has no function name", body)
+            call_id = raw.get("id") or f"call_{i}"
+            args_raw = fn.get("arguments")
+            if isinstance(args_raw, dict):
+                args = args_raw
+            else:
+                try:
+                    args = json.loads(args_raw or "{}")
+                except (TypeError, json.JSONDecodeError) as exc:
+                    raise ProviderError(
+                        f"{self.spec}: the model sent malformed JSON arguments for tool "
+                        f"{fn['name']!r} (call {call_id}): {exc}: {str(args_raw)[:200]!r}",
+                        "this happens occasionally; answer 'retry' to ask the model again",
+                    ) from exc
+                if not isinstance(args, dict):
+                    raise ProviderError(
+                        f"{self.spec}: arguments for tool {fn['name']!r} (call {call_id}) are not a JSON object",
+                        "answer 'retry' to ask the model again")
+            calls.append(ToolCall(id=str(call_id), name=fn["name"], arguments=args))
+        return Message(role="assistant", text=text, tool_calls=calls)
