@@ -1,0 +1,188 @@
+"""Notifications: a real loopback webhook and a real SMTP server (aiosmtpd), through apprise.
+
+A receiver that is down at first, and a server that is killed before it could deliver, must
+lose nothing.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from email import message_from_bytes
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from handoff_magic.state import RunState
+from jupyter_server_ext.notify import Notifier, compose, target_key
+from jupyter_server_ext.store import RunStore
+from server_process import JupyterServerProcess, free_port
+
+PUBLIC = "https://jupyter.example.org/user/ada"
+
+
+class Webhook:
+    """A loopback HTTP receiver for apprise ``json://`` URLs; can be started late."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.received: list[dict[str, Any]] = []
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"json://127.0.0.1:{self.port}/hook"
+
+    def start(self) -> "Webhook":
+        received = self.received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server API)
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                received.append(json.loads(body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                return
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def wait(self, n: int, timeout: float = 30) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.received
+
+
+class Mailbox:
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        self.messages.append(envelope)
+        return "250 OK"
+
+
+@pytest.fixture
+def webhook() -> Any:
+    hook = Webhook()
+    yield hook
+    hook.stop()
+
+
+def _run(store: RunStore, status: str = "completed", **fields: Any) -> str:
+    st = RunState(goal="Clean sales.csv and fit a model", model="scripted:demo")
+    rid = store.create_run(st, {"chunks": {}}, None)[0]["id"]
+    st = store.get_state(rid)
+    for k, v in fields.items():
+        setattr(st, k, v)
+    st.status = status
+    store.save_state(st)
+    return rid
+
+
+def test_message_names_goal_status_summary_and_links(tmp_path: Path) -> None:
+    store = RunStore(tmp_path / "h.sqlite")
+    rid = _run(store, "waiting_input", question="Drop rows with a negative price?")
+    title, body = compose(store.summary(rid), "waiting_input", PUBLIC)
+    assert "needs your input" in title and "Clean sales.csv" in title
+    assert "Drop rows with a negative price?" in body and "Status: waiting_input" in body
+    assert f"{PUBLIC}/handoff/runs/{rid}" in body
+    assert f"{PUBLIC}/lab/tree/handoff-runs/{rid}/result.ipynb" in body
+    rid2 = _run(store, "completed", summary="R² = 0.93 on the held-out set.")
+    assert "R² = 0.93" in compose(store.summary(rid2), "completed", PUBLIC)[1]
+
+
+async def test_receiver_down_at_first_gets_it_later(tmp_path: Path, webhook: Webhook) -> None:
+    store = RunStore(tmp_path / "h.sqlite")
+    notifier = Notifier(store, [webhook.url], lambda: PUBLIC, retry_base=0.2)
+    rid = _run(store, "completed", summary="All done.")
+    notifier.start()
+    try:
+        notifier.enqueue(rid, "completed")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the first attempt fails: nobody listens yet
+            rows = store.notifications(rid)
+            if rows and rows[0]["attempts"] >= 1:
+                break
+            await _sleep(0.05)
+        row = store.notifications(rid)[0]
+        assert row["delivered"] is None and row["attempts"] >= 1 and "127.0.0.1" in row["last_error"]
+        webhook.start()
+        deadline = time.monotonic() + 15
+        while not webhook.received and time.monotonic() < deadline:
+            await _sleep(0.05)
+    finally:
+        await notifier.stop()
+    assert len(webhook.received) == 1
+    msg = webhook.received[0]
+    assert "finished" in msg["title"] and "All done." in msg["message"]
+    assert store.notifications(rid)[0]["delivered"] is not None
+
+
+async def _sleep(s: float) -> None:
+    import asyncio
+    await asyncio.sleep(s)
+
+
+async def test_mail_through_smtp(tmp_path: Path) -> None:
+    box = Mailbox()
+    port = free_port()
+    smtp = Controller(box, hostname="127.0.0.1", port=port)
+    smtp.start()
+    try:
+        store = RunStore(tmp_path / "h.sqlite")
+        url = f"mailto://127.0.0.1:{port}?from=handoff@example.org&to=ada@example.org"
+        notifier = Notifier(store, [url], lambda: PUBLIC, retry_base=0.2)
+        rid = _run(store, "failed", error="kernel died twice in step 3; see the notebook")
+        notifier.enqueue(rid, "failed")
+        assert await notifier.deliver_due() == 1
+    finally:
+        smtp.stop()
+    assert len(box.messages) == 1
+    env = box.messages[0]
+    assert env.rcpt_tos == ["ada@example.org"]
+    mail = message_from_bytes(env.content)
+    assert "failed" in mail["Subject"]
+    text = "".join(p.get_payload(decode=True).decode() for p in mail.walk() if p.get_content_type() == "text/plain")
+    assert "kernel died twice" in text and f"/handoff/runs/{rid}" in text
+    # the SMTP URL (it may hold a password) is never written to the database
+    assert url not in (tmp_path / "h.sqlite").read_bytes().decode(errors="replace")
+    assert store.notifications(rid)[0]["target"] == target_key(url)
+
+
+def test_pending_notifications_survive_a_killed_server(webhook: Webhook) -> None:
+    """Queued while the receiver was down, then the server was SIGKILLed: the next start sends it."""
+    srv = JupyterServerProcess(extra_args=[f"--HandoffApp.notify_urls={webhook.url}",
+                                           "--HandoffApp.notify_retry_seconds=0.2"])
+    try:
+        srv.start()
+        store = RunStore(srv.data_dir / "handoff.sqlite")  # a second writer, like the runner thread
+        rid = _run(store, "waiting_input", question="Which metric matters most?")
+        notifier = Notifier(store, [webhook.url], lambda: srv.url)
+        notifier.enqueue(rid, "waiting_input")  # committed; never delivered by this process
+        store.close()
+        srv.kill()
+        webhook.start()
+        assert webhook.received == []
+        srv.restart()
+        got = webhook.wait(1, timeout=20)
+        assert len(got) == 1, srv.log()[-3000:]
+        assert "Which metric matters most?" in got[0]["message"]
+        time.sleep(0.5)
+        assert len(webhook.received) == 1  # delivered once, marked, not repeated
+        rows = RunStore(srv.data_dir / "handoff.sqlite").notifications(rid)
+        assert rows[0]["delivered"] is not None
+    finally:
+        srv.cleanup()
