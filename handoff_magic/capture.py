@@ -1,0 +1,897 @@
+"""Kernel namespace, In/Out history and working files -> a bundle (see DESIGN "Capture").
+
+Per variable: C pickle protocol 5 with out-of-band buffers streamed straight into chunks;
+dill only where plain pickle refuses; replay of the defining cell for live resources
+(generators, locks, sqlite3, sockets, read-mode files); else skipped with a reason. One bad
+object never sinks the rest. Variables sharing objects are pickled together.
+"""
+from __future__ import annotations
+
+import ast
+import builtins
+import os
+import pickle
+import re
+import sys
+import time
+import types
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Callable
+
+from .bundle import (CHUNK_SIZE, CHUNKS, ChunkRef, ChunkStore, new_manifest, read_manifest, worth_compressing,
+                     write_manifest, BundleError)
+from .reports import CaptureReport, VarReport
+from .secrets import is_secret_name, is_secret_value, redact, redact_obj, secret_values
+
+IPY_NAMES = frozenset({"In", "Out", "_", "__", "___", "_i", "_ii", "_iii", "_ih", "_oh", "_dh",
+                       "get_ipython", "exit", "quit"})
+IPY_RE = re.compile(r"^_(i?\d+)$")
+IGNORE_DIRS = frozenset({".git", ".hg", ".svn", "__pycache__", ".ipynb_checkpoints", ".handoff", "handoff-runs",
+                         "node_modules", ".venv", "venv", ".tox", ".nox", ".mypy_cache", ".pytest_cache",
+                         ".ruff_cache", ".cache", ".eggs", ".ipython", ".jupyter", ".local"})
+SECRET_FILE_RE = re.compile(r"^(\.env(\..*)?|.*\.pem|id_(rsa|dsa|ecdsa|ed25519)(\.pub)?|\.netrc|\.git-credentials|"
+                            r"\.pypirc|handoff\.json)$")
+DEFAULT_MAX_FILE = 100 * 1024 * 1024
+DEFAULT_MAX_TOTAL = 2 * 1024 * 1024 * 1024
+SCAN_BUFFER_LIMIT = 16 * 1024 * 1024   # out-of-band buffers below this are scanned for secrets
+MAX_MIME_BYTES = 100_000
+MAX_TEXT_PLAIN = 20_000
+_ATOMIC = (str, bytes, int, float, complex, bool, type(None), tuple, frozenset, range, slice)
+
+
+class SecretFound(Exception):
+    """A pickle stream or file would carry a secret value."""
+
+
+class Blocked(pickle.PicklingError):
+    """dill would 'restore' this live resource wrongly (a new lock, a truncated file)."""
+
+    def __init__(self, reason: str, replayable: bool) -> None:
+        super().__init__(reason)
+        self.reason, self.replayable = reason, replayable
+
+
+# -- classification ----------------------------------------------------------------
+def resource_kind(obj: Any) -> tuple[str, bool] | None:
+    """(reason, replayable) for live resources that must not be pickled, else None."""
+    import io
+    import socket
+    import sqlite3
+    import threading
+
+    if isinstance(obj, io.IOBase):
+        name = getattr(obj, "name", "?")
+        mode = str(getattr(obj, "mode", "") or "")
+        if getattr(obj, "closed", False):
+            return f"closed file {name!r}", True
+        if any(c in mode for c in "wax+"):
+            return (f"open file {name!r} in mode {mode!r}: reopening it would truncate or overwrite it", False)
+        return f"open file {name!r} (read mode)", True
+    if isinstance(obj, (_LOCK, _RLOCK)):
+        return "a lock: it cannot be copied, only re-created", True
+    if isinstance(obj, socket.socket):
+        return "an open socket", True
+    if isinstance(obj, (sqlite3.Connection, sqlite3.Cursor)):
+        return "a sqlite3 connection", True
+    if isinstance(obj, (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType)):
+        return f"a {type(obj).__name__}: its progress cannot be saved", True
+    if isinstance(obj, threading.Thread):
+        return "a thread: re-running it could repeat its work", False
+    if isinstance(obj, (types.FrameType, types.TracebackType)):
+        return "a stack frame or traceback", False
+    mod = type(obj).__module__ or ""
+    if mod.startswith("subprocess") and type(obj).__name__ == "Popen":
+        return "a running process", False
+    return None
+
+
+import threading as _threading  # noqa: E402
+
+_LOCK = type(_threading.Lock())
+_RLOCK = type(_threading.RLock())
+
+
+def _excluded(name: str, value: Any, hidden: dict[str, Any]) -> str | None:
+    """Why a namespace entry is not user state (None: it is)."""
+    if name in IPY_NAMES or IPY_RE.match(name) or (name.startswith("__") and name.endswith("__")):
+        return "IPython internal"
+    if name in hidden and hidden[name] is value:
+        return "IPython internal"
+    mod = type(value).__module__ or ""
+    if mod.startswith(("IPython.", "ipykernel.", "handoff_magic.", "jupyter_client.", "zmq.")):
+        return "handoff/IPython object"
+    if "ipywidgets" in sys.modules:
+        try:
+            if isinstance(value, sys.modules["ipywidgets"].Widget):
+                return "ipywidgets object (UI, not data)"
+        except Exception:  # noqa: BLE001 - a broken ipywidgets must not stop capture
+            pass
+    return None
+
+
+def import_line(name: str, value: Any) -> str | None:
+    """An import statement that rebinds ``name`` to ``value`` in a fresh kernel, if one exists."""
+    if isinstance(value, types.ModuleType):
+        mod = getattr(value, "__name__", None)
+        if not mod or sys.modules.get(mod) is not value or mod == "__main__":
+            return None
+        if mod == name:
+            return f"import {mod}"
+        if "." in mod:
+            pkg, _, leaf = mod.rpartition(".")
+            return f"from {pkg} import {leaf}" if leaf == name else f"from {pkg} import {leaf} as {name}"
+        return f"import {mod} as {name}"
+    if isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType)):
+        mod, qual = getattr(value, "__module__", None), getattr(value, "__qualname__", None)
+        if not mod or not qual or mod == "__main__" or "." in qual or "<" in qual:
+            return None
+        m = sys.modules.get(mod)
+        if m is None or getattr(m, qual, None) is not value:
+            return None
+        return f"from {mod} import {qual}" if qual == name else f"from {mod} import {qual} as {name}"
+    return None
+
+
+def _type_name(value: Any) -> str:
+    t = type(value)
+    mod = t.__module__
+    if mod in ("builtins", "__main__"):
+        return t.__qualname__
+    return f"{mod.split('.')[0]}.{t.__qualname__}"
+
+
+def summary(value: Any) -> str:
+    """Short non-secret description: type, shape/len and the first characters of repr."""
+    tn = _type_name(value)
+    try:
+        shape = getattr(value, "shape", None)
+        if isinstance(shape, tuple):
+            dims = "×".join(str(s) for s in shape)
+            dtype = getattr(value, "dtype", None)
+            return f"{type(value).__name__} {dims}" + (f" {dtype}" if dtype is not None and
+                                                         not hasattr(value, "columns") else "")
+        head = repr(value)
+        if len(head) > 80:
+            head = head[:77] + "..."
+        if hasattr(value, "__len__") and not isinstance(value, (str, bytes)):
+            return f"{tn} len={len(value)}: {head}"
+        return f"{tn}: {head}"
+    except Exception:  # noqa: BLE001 - a broken __repr__ must not stop capture
+        return tn
+
+
+# -- pickling ----------------------------------------------------------------------
+class _PayloadSink:
+    """File-like target for a Pickler: cuts the stream into chunks as it is written.
+
+    Memory stays bounded to a chunk or two; each chunk is checked for secret values (with
+    an overlap across chunk edges) before it reaches the disk.
+    """
+
+    def __init__(self, store: ChunkStore, secrets: list[bytes]) -> None:
+        self.store, self.secrets = store, secrets
+        self.buf = bytearray()
+        self.futs: list[Future[ChunkRef]] = []
+        self.tail = b""
+        self.total = 0
+        self.saw_main = False
+        self._overlap = max([len(s) for s in secrets] + [8])
+
+    def write(self, data: Any) -> int:
+        n = len(data)
+        self.buf += data
+        if len(self.buf) >= CHUNK_SIZE:
+            self._emit(bytes(self.buf[:CHUNK_SIZE]))
+            del self.buf[:CHUNK_SIZE]
+        return n
+
+    def _emit(self, chunk: bytes) -> None:
+        window = self.tail + chunk
+        if not self.saw_main and b"__main__" in window:
+            self.saw_main = True
+        for s in self.secrets:
+            if s in window:
+                raise SecretFound("it contains the value of a secret")
+        self.tail = chunk[-self._overlap:]
+        self.total += len(chunk)
+        self.futs.append(self.store.submit(chunk, True))
+
+    def close(self) -> list[Future[ChunkRef]]:
+        if self.buf or not self.futs:
+            self._emit(bytes(self.buf))
+            self.buf = bytearray()
+        return self.futs
+
+
+def _np_root(arr: Any) -> Any:
+    root = arr
+    import numpy as np
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    return root
+
+
+def _view_reducer(roots: dict[int, Any]) -> Callable[[Any], Any]:
+    """reducer_override that pickles numpy views of a group's arrays as views, so they stay views."""
+    import numpy as np
+
+    def reduce(obj: Any) -> Any:
+        if type(obj) is np.ndarray and obj.base is not None:
+            root = _np_root(obj)
+            if root is not obj and id(root) in roots and root.flags.c_contiguous:
+                off = obj.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+                return (_rebuild_view, (root, off, obj.shape, obj.strides, obj.dtype.str if not obj.dtype.fields
+                                        else obj.dtype, bool(obj.flags.writeable)))
+        return NotImplemented
+    return reduce
+
+
+def _rebuild_view(root: Any, offset: int, shape: tuple, strides: tuple, dtype: Any, writeable: bool) -> Any:
+    import numpy as np
+    base = root.reshape(-1).view(np.uint8) if root.ndim else root.reshape(1).view(np.uint8)
+    arr = np.ndarray(shape, dtype=dtype, buffer=base, offset=offset, strides=strides)
+    if not writeable:
+        arr.flags.writeable = False
+    return arr
+
+
+class _ViewPickler(pickle.Pickler):
+    """C pickler that keeps numpy views of a group's arrays as views (used only for such groups)."""
+
+    reduce_view: Callable[[Any], Any]
+
+    def reducer_override(self, obj: Any) -> Any:
+        return self.reduce_view(obj)
+
+
+def _dill_pickler_class() -> type:
+    import dill
+
+    class SafeDillPickler(dill.Pickler):  # type: ignore[misc,valid-type]
+        """dill that refuses live resources instead of 'restoring' them as something else."""
+
+        def save(self, obj: Any, save_persistent_id: bool = True) -> None:  # noqa: D401
+            if not isinstance(obj, _ATOMIC):
+                kind = resource_kind(obj)
+                if kind is not None:
+                    raise Blocked(*kind)
+            super().save(obj, save_persistent_id)
+
+    return SafeDillPickler
+
+
+_DILL: type | None = None
+
+
+class Packed:
+    """One pickle stream (a group of one or more variables) on its way into chunks."""
+
+    def __init__(self, method: str, payload: list[Future[ChunkRef]], buffers: list[tuple[int, list]],
+                 nbytes: int, memo_ids: set[int] | None) -> None:
+        self.method, self.payload, self.buffers, self.nbytes, self.memo_ids = (
+            method, payload, buffers, nbytes, memo_ids)
+        self.keepalive: Any = None
+
+    def refs(self) -> tuple[list[ChunkRef], list[tuple[int, list[ChunkRef]]]]:
+        return [f.result() for f in self.payload], [(n, [f.result() for f in fs]) for n, fs in self.buffers]
+
+
+def _relevant_ids(memo_values: Any, skip: set[int]) -> set[int]:
+    """Ids of memoised objects whose identity matters: mutable containers, arrays, instances,
+    and classes/functions defined in the notebook. Singletons (dtypes, module dicts) are left out
+    so that unrelated variables are not glued into one group."""
+    ids: set[int] = set()
+    for _, o in memo_values:
+        t = type(o)
+        if t in _CONTAINERS:
+            pass
+        elif isinstance(o, _ATOMIC) or isinstance(o, (types.ModuleType, types.BuiltinFunctionType)):
+            continue
+        elif isinstance(o, (type, types.FunctionType)):
+            if getattr(o, "__module__", None) != "__main__":
+                continue
+        elif not (t.__module__ == "__main__" or t.__name__ == "ndarray" or hasattr(o, "__dict__")):
+            continue
+        i = id(o)
+        if i not in skip:
+            ids.add(i)
+    return ids
+
+
+_CONTAINERS = (list, dict, set, bytearray, types.CellType)
+
+
+def _singleton_ids(ns: dict[str, Any]) -> set[int]:
+    """Objects shared by everything (module dicts, the namespace itself) that imply no sharing."""
+    ids = {id(ns)}
+    for m in list(sys.modules.values()):
+        d = getattr(m, "__dict__", None)
+        if d is not None:
+            ids.add(id(d))
+    return ids
+
+
+def pack(obj: Any, store: ChunkStore, secrets: list[bytes], *, use_dill: bool, want_memo: bool,
+         view_roots: dict[int, Any] | None = None, skip_ids: set[int] | None = None) -> Packed:
+    """Pickle ``obj`` into chunks; raises on failure (the caller tries the next method)."""
+    global _DILL
+    sink = _PayloadSink(store, secrets)
+    buffers: list[tuple[int, list]] = []
+
+    def on_buffer(pb: pickle.PickleBuffer) -> bool:
+        try:
+            raw = pb.raw()
+        except BufferError:       # not contiguous: let pickle copy it in-band
+            return True
+        if raw.nbytes <= SCAN_BUFFER_LIMIT and secrets:
+            data = raw.tobytes()
+            if any(s in data for s in secrets):
+                raise SecretFound("it contains the value of a secret")
+        buffers.append((raw.nbytes, store.put_buffer(raw)))
+        return False
+
+    if use_dill:
+        if _DILL is None:
+            _DILL = _dill_pickler_class()
+        p = _DILL(sink, protocol=5, buffer_callback=on_buffer, byref=False, recurse=False)
+        if view_roots:
+            p.reducer_override = _view_reducer(view_roots)  # type: ignore[attr-defined]
+    elif view_roots:
+        p = _ViewPickler(sink, protocol=5, buffer_callback=on_buffer)
+        p.reduce_view = _view_reducer(view_roots)
+    else:
+        p = pickle.Pickler(sink, protocol=5, buffer_callback=on_buffer)
+    p.dump(obj)
+    futs = sink.close()
+    if not use_dill and sink.saw_main:
+        raise pickle.PicklingError("refers to objects defined in the notebook (__main__)")
+    memo_ids = None
+    if want_memo:
+        memo = p.memo if isinstance(p.memo, dict) else p.memo.copy()
+        memo_ids = _relevant_ids(memo.values(), skip_ids or set())
+    nbytes = sink.total + sum(n for n, _ in buffers)
+    packed = Packed("dill" if use_dill else "pickle5", futs, buffers, nbytes, memo_ids)
+    # temporaries made while pickling keep their ids reserved until grouping is done
+    packed.keepalive = memo if want_memo else None
+    return packed
+
+
+def _pickle_var(obj: Any, store: ChunkStore, secrets: list[bytes], want_memo: bool,
+                view_roots: dict[int, Any] | None = None, force_dill: bool = False,
+                skip_ids: set[int] | None = None) -> tuple[Packed | None, str | None, bool]:
+    """Try pickle5 then dill. Returns (packed, reason-if-failed, replayable)."""
+    first: BaseException | None = None
+    if not force_dill:
+        try:
+            return pack(obj, store, secrets, use_dill=False, want_memo=want_memo, view_roots=view_roots,
+                        skip_ids=skip_ids), None, False
+        except SecretFound as exc:
+            return None, f"not saved: {exc}", False
+        except RecursionError as exc:
+            first = exc
+        except Exception as exc:  # noqa: BLE001 - any pickling error means "try the next method"
+            first = exc
+    try:
+        return pack(obj, store, secrets, use_dill=True, want_memo=want_memo, view_roots=view_roots,
+                    skip_ids=skip_ids), None, False
+    except SecretFound as exc:
+        return None, f"not saved: {exc}", False
+    except Blocked as exc:
+        return None, exc.reason, exc.replayable
+    except Exception as exc:  # noqa: BLE001
+        err = first or exc
+        msg = f"{type(err).__name__}: {err}"
+        replayable = "cannot pickle" in str(err) and type(obj).__module__ != "__main__"
+        return None, f"cannot be pickled ({msg[:200]})", replayable
+
+
+# -- history -----------------------------------------------------------------------
+def capture_history(shell: Any, values: set[str]) -> dict[str, Any]:
+    """In as text, Out as text/plain + small rich mime, with secrets redacted."""
+    if shell is None:
+        return {"In": [], "Out": {}}
+    hm = shell.history_manager
+    ins = [redact(str(s), values) for s in hm.input_hist_parsed]
+    raw = [redact(str(s), values) for s in hm.input_hist_raw]
+    out: dict[str, dict[str, Any]] = {}
+    for n, obj in list(hm.output_hist.items()):
+        try:
+            data, _md = shell.display_formatter.format(obj)
+        except Exception:  # noqa: BLE001 - a broken repr only loses rich output
+            data = {"text/plain": repr(obj)}
+        keep: dict[str, Any] = {}
+        for mime, v in data.items():
+            text = v if isinstance(v, str) else None
+            if mime == "text/plain":
+                keep[mime] = redact(str(v)[:MAX_TEXT_PLAIN], values)
+            elif text is not None and len(text) <= MAX_MIME_BYTES:
+                keep[mime] = redact(text, values)
+        out[str(n)] = keep
+    return {"In": ins, "In_raw": raw, "Out": out, "execution_count": int(getattr(shell, "execution_count", 0))}
+
+
+# -- files -------------------------------------------------------------------------
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def _ignored_dir(path: str, name: str, skip_real: set[str]) -> bool:
+    return (name in IGNORE_DIRS or os.path.islink(path) or os.path.exists(os.path.join(path, "pyvenv.cfg"))
+            or os.path.realpath(path) in skip_real)
+
+
+def capture_files(root: Path, store: ChunkStore, secrets: list[bytes], skip: list[Path],
+                  previous: dict[str, dict[str, Any]]) -> tuple[list[dict], list[dict], list[tuple[str, list]]]:
+    """Working-directory files -> chunk futures. Returns (entries, skipped, pending)."""
+    import hashlib
+    max_file = _env_int("HANDOFF_MAX_FILE_BYTES", DEFAULT_MAX_FILE)
+    max_total = _env_int("HANDOFF_MAX_TOTAL_BYTES", DEFAULT_MAX_TOTAL)
+    skip_real = {os.path.realpath(p) for p in skip}
+    entries: list[dict] = []
+    skipped: list[dict] = []
+    pending: list[tuple[str, list]] = []
+    total = 0
+    root_s = str(root)
+    for dirpath, dirnames, filenames in os.walk(root_s, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not _ignored_dir(os.path.join(dirpath, d), d, skip_real))
+        for fn in sorted(filenames):
+            full = os.path.join(dirpath, fn)
+            rel = os.path.relpath(full, root_s).replace(os.sep, "/")
+            try:
+                st = os.lstat(full)
+            except OSError as exc:
+                skipped.append({"path": rel, "reason": f"cannot stat: {exc}"})
+                continue
+            if not os.path.isfile(full) or os.path.islink(full):
+                if os.path.islink(full):
+                    skipped.append({"path": rel, "reason": "symlink"})
+                continue
+            if SECRET_FILE_RE.match(fn):
+                skipped.append({"path": rel, "reason": "looks like a secrets file"})
+                continue
+            if st.st_size > max_file:
+                skipped.append({"path": rel, "reason": f"larger than the {max_file} byte cap (HANDOFF_MAX_FILE_BYTES)"})
+                continue
+            if total + st.st_size > max_total:
+                skipped.append({"path": rel, "reason": f"total size cap {max_total} bytes reached "
+                                                       "(HANDOFF_MAX_TOTAL_BYTES)"})
+                continue
+            prev = previous.get(rel)
+            if (prev and prev.get("size") == st.st_size and prev.get("mtime_ns") == st.st_mtime_ns
+                    and all(store.has(s) for s in prev.get("chunks", []))):
+                entries.append(dict(prev, mode=st.st_mode & 0o7777))
+                total += st.st_size
+                continue
+            try:
+                h = hashlib.sha256()
+                futs: list = []
+                tail = b""
+                compress: bool | None = None
+                with open(full, "rb") as f:
+                    while True:
+                        block = f.read(CHUNK_SIZE)
+                        if not block and futs:
+                            break
+                        window = tail + block
+                        if any(s in window for s in secrets):
+                            raise SecretFound("contains the value of a secret")
+                        tail = block[-64:]
+                        h.update(block)
+                        if compress is None:
+                            compress = worth_compressing(block[:65536])
+                        futs.append(store.submit(block, compress))
+                        if not block:
+                            break
+            except SecretFound as exc:
+                for fu in futs:
+                    fu.result()
+                skipped.append({"path": rel, "reason": str(exc)})
+                continue
+            except OSError as exc:
+                skipped.append({"path": rel, "reason": f"cannot read: {exc}"})
+                continue
+            total += st.st_size
+            entry = {"path": rel, "mode": st.st_mode & 0o7777, "size": st.st_size, "sha256": h.hexdigest(),
+                     "mtime_ns": st.st_mtime_ns, "chunks": []}
+            entries.append(entry)
+            pending.append((rel, futs))
+    return entries, skipped, pending
+
+
+# -- the whole capture -------------------------------------------------------------
+def _shell(shell: Any) -> Any:
+    if shell is not None:
+        return shell
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    return get_ipython()
+
+
+def save_state(path: Any, shell: Any = None, *, run: Any = None, files: bool = True, root: Path | None = None,
+               ns: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> CaptureReport:
+    """Snapshot variables, imports, In/Out history, run state and working files into bundle ``path``.
+
+    ``ns`` (optional) captures a plain dict instead of the shell's user namespace (scripts, benchmarks).
+    """
+    t_start = time.perf_counter()
+    shell = _shell(shell)
+    if ns is None:
+        if shell is None:
+            raise BundleError("save_state needs an IPython kernel (or pass ns=dict); run it inside Jupyter")
+        ns = shell.user_ns
+    hidden = getattr(shell, "user_ns_hidden", {}) if shell is not None else {}
+    bundle = Path(path).expanduser().absolute()
+    root = Path(root if root is not None else os.getcwd()).absolute()
+    bundle.mkdir(parents=True, exist_ok=True)
+    store = ChunkStore(bundle / CHUNKS)
+    previous_files: dict[str, dict[str, Any]] = {}
+    try:
+        prev = read_manifest(bundle)
+        store.register(prev.get("chunks", {}))
+        previous_files = {f["path"]: f for f in prev.get("files", []) if isinstance(f, dict) and "path" in f}
+    except BundleError:
+        pass
+    report = CaptureReport(path=str(bundle))
+    manifest = new_manifest()
+    secret_vals = secret_values(ns, environ)
+    secret_bytes = sorted({v.encode("utf-8") for v in secret_vals}, key=len, reverse=True)
+
+    # 1. sort the namespace: internals out, secrets out, modules/functions as imports
+    candidates: list[tuple[str, Any]] = []
+    for name, value in list(ns.items()):
+        if not isinstance(name, str):
+            continue
+        why = _excluded(name, value, hidden)
+        if why == "IPython internal":
+            continue
+        if why:
+            report.variables.append(VarReport(name, _type_name(value), "skipped", outcome="skipped", reason=why))
+            continue
+        if is_secret_name(name) or is_secret_value(value, secret_vals):
+            report.variables.append(VarReport(name, _type_name(value), "skipped", outcome="skipped",
+                                              reason="looks like a secret"))
+            continue
+        line = import_line(name, value)
+        if line is not None:
+            manifest["imports"].append(line)
+            manifest["variables"].append({"name": name, "type": _type_name(value), "size": 0, "method": "import",
+                                          "group": None, "summary": line, "reason": None})
+            report.variables.append(VarReport(name, _type_name(value), "import"))
+            continue
+        candidates.append((name, value))
+
+    try:
+        _capture_vars(candidates, ns, shell, store, secret_bytes, manifest, report)
+        history = capture_history(shell, secret_vals)
+        manifest["history"] = history
+        if run is not None:
+            manifest["run"] = redact_obj(run.to_dict(), secret_vals)
+        if files:
+            entries, skipped, pending = capture_files(root, store, secret_bytes, [bundle], previous_files)
+            by_path = {e["path"]: e for e in entries}
+            for rel, futs in pending:
+                by_path[rel]["chunks"] = [f.result().sha for f in futs]
+            manifest["files"] = entries
+            report.files = [{"path": e["path"], "size": e["size"]} for e in entries]
+            report.skipped_files = skipped
+        referenced = _referenced(manifest)
+        manifest["chunks"] = {s: store.refs[s].meta() if s in store.refs else _prev_meta(store, s)
+                              for s in sorted(referenced)}
+        store.flush()
+        write_manifest(bundle, manifest)
+        store.discard_new(referenced)
+    finally:
+        store.close()
+    report.bytes_new = store.bytes_new
+    report.bytes_total = sum(m["stored"] for m in manifest["chunks"].values())
+    report.manifest = manifest
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _prev_meta(store: ChunkStore, sha: str) -> dict[str, Any]:
+    size = store.path(sha).stat().st_size
+    codec = store.codecs.get(sha)
+    if codec == "zstd":
+        raw = len(store.get(sha, codec))
+        return {"size": raw, "stored": size, "codec": codec}
+    return {"size": size, "stored": size, "codec": codec}
+
+
+def _referenced(manifest: dict[str, Any]) -> set[str]:
+    shas: set[str] = set()
+    for g in manifest["groups"]:
+        shas.update(g["payload"])
+        for b in g["buffers"]:
+            shas.update(b["chunks"])
+    for f in manifest["files"]:
+        shas.update(f["chunks"])
+    return shas
+
+
+class _UnionFind:
+    def __init__(self, names: list[str]) -> None:
+        self.parent = {n: n for n in names}
+
+    def find(self, n: str) -> str:
+        while self.parent[n] != n:
+            self.parent[n] = self.parent[self.parent[n]]
+            n = self.parent[n]
+        return n
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+
+def _capture_vars(candidates: list[tuple[str, Any]], ns: dict[str, Any], shell: Any, store: ChunkStore,
+                  secrets: list[bytes], manifest: dict[str, Any], report: CaptureReport) -> None:
+    """Pickle each variable, find sharing, re-pickle shared groups together, plan replays."""
+    want_memo = len(candidates) > 1
+    packs: dict[str, Packed] = {}
+    failed: dict[str, tuple[str, bool]] = {}
+    timing: dict[str, float] = {}
+    values = dict(candidates)
+    skip_ids = _singleton_ids(ns) if want_memo else set()
+    for name, value in candidates:
+        t0 = time.perf_counter()
+        packed, reason, replayable = _pickle_var(value, store, secrets, want_memo, skip_ids=skip_ids)
+        timing[name] = time.perf_counter() - t0
+        if packed is not None:
+            packs[name] = packed
+        else:
+            failed[name] = (reason or "cannot be pickled", replayable)
+
+    # sharing: same memoised object in two variables, or numpy arrays over the same base
+    uf = _UnionFind(list(packs))
+    owner: dict[int, str] = {}
+    np_roots: dict[int, Any] = {}
+    numpy = sys.modules.get("numpy")
+    for name, pk in packs.items():
+        ids = set(pk.memo_ids or ())
+        v = values[name]
+        if not isinstance(v, _ATOMIC):
+            ids.add(id(v))
+        if numpy is not None and isinstance(v, numpy.ndarray):
+            root = _np_root(v)
+            ids.add(id(root))
+            np_roots[id(root)] = root
+        for i in ids:
+            other = owner.setdefault(i, name)
+            if other != name:
+                uf.union(other, name)
+    groups: dict[str, list[str]] = {}
+    for name in packs:
+        groups.setdefault(uf.find(name), []).append(name)
+        packs[name].keepalive = None
+
+    gid = 0
+    for _root, names in groups.items():
+        gid += 1
+        group_id = f"g{gid}"
+        note = None
+        if len(names) == 1:
+            pk = packs[names[0]]
+        else:
+            t0 = time.perf_counter()
+            objs = tuple(values[n] for n in names)
+            roots = {i: r for i, r in np_roots.items() if any(r is values[n] for n in names)}
+            force_dill = any(packs[n].method == "dill" for n in names)
+            pk2, reason, _ = _pickle_var(objs, store, secrets, False, view_roots=roots or None,
+                                         force_dill=force_dill)
+            spent = (time.perf_counter() - t0) / len(names)
+            for n in names:
+                timing[n] += spent
+            if pk2 is None:   # keep them separately; identity between them is lost
+                note = f"shares objects with {', '.join(names)} but could not be saved together ({reason})"
+                for n in names:
+                    _add_group(manifest, report, f"{group_id}_{n}", [n], packs[n], values, timing, note)
+                continue
+            pk = pk2
+        _add_group(manifest, report, group_id, names, pk, values, timing, note)
+
+    # replays for live resources
+    plan = plan_replays(
+        {n: r for n, (r, ok) in failed.items() if ok}, shell,
+        restorable=set(packs) | {v["name"] for v in manifest["variables"] if v["method"] == "import"},
+        secrets=[s.decode("utf-8", "replace") for s in secrets])
+    for n, (reason, _ok) in failed.items():
+        value = values[n]
+        entry = {"name": n, "type": _type_name(value), "size": 0, "summary": summary(value)}
+        if n in plan.names:
+            cell = plan.names[n]
+            manifest["variables"].append(dict(entry, method="replay", group=None,
+                                              reason=f"{reason}; re-created by replaying cell {cell}"))
+            report.variables.append(VarReport(n, entry["type"], "replay", 0, timing[n], "ok",
+                                              f"re-created by replaying cell {cell} ({reason})"))
+        else:
+            why = reason + (f"; {plan.why_not[n]}" if n in plan.why_not else "")
+            manifest["variables"].append(dict(entry, method="skipped", group=None, reason=why))
+            report.variables.append(VarReport(n, entry["type"], "skipped", 0, timing[n], "skipped", why))
+    manifest["replays"] = plan.replays
+
+
+def _add_group(manifest: dict[str, Any], report: CaptureReport, group_id: str, names: list[str], pk: Packed,
+               values: dict[str, Any], timing: dict[str, float], note: str | None) -> None:
+    payload, buffers = pk.refs()
+    manifest["groups"].append({"id": group_id, "names": names, "method": pk.method,
+                               "payload": [r.sha for r in payload],
+                               "buffers": [{"chunks": [r.sha for r in refs], "size": n} for n, refs in buffers]})
+    share = pk.nbytes // len(names)
+    for n in names:
+        v = values[n]
+        manifest["variables"].append({"name": n, "type": _type_name(v), "size": share, "method": pk.method,
+                                      "group": group_id, "summary": summary(v), "reason": note})
+        report.variables.append(VarReport(n, _type_name(v), pk.method, share, timing.get(n, 0.0), "ok", note))
+
+
+# -- replay planning ---------------------------------------------------------------
+UNSAFE_ATTRS = frozenset({"write", "writelines", "write_text", "write_bytes", "unlink", "rmdir", "rmtree", "remove",
+                          "rename", "touch", "system", "popen", "Popen", "call", "check_call", "check_output",
+                          "kill", "terminate", "to_csv", "to_parquet", "to_excel", "to_json", "to_pickle",
+                          "to_sql", "savefig", "dump", "send", "sendall", "sendto", "post", "put", "delete",
+                          "patch", "truncate", "makedirs", "mkdir", "start", "submit", "urlopen", "retrieve"})
+UNSAFE_MODULES = frozenset({"os", "shutil", "subprocess", "requests", "httpx", "urllib", "socketserver"})
+_BUILTINS = frozenset(dir(builtins))
+
+
+class ReplayPlan:
+    def __init__(self) -> None:
+        self.names: dict[str, int] = {}        # variable -> cell number replayed for it
+        self.why_not: dict[str, str] = {}
+        self.replays: list[dict[str, Any]] = []
+
+
+def _top_bindings(tree: ast.Module) -> set[str]:
+    """Names a cell binds at module level (not inside functions, classes, lambdas or comprehensions)."""
+    out: set[str] = set()
+
+    def targets(node: ast.AST) -> None:
+        for n in ast.walk(node):
+            if isinstance(n, ast.Name):
+                out.add(n.id)
+
+    def visit(stmts: list[ast.stmt]) -> None:
+        for st in stmts:
+            if isinstance(st, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                out.add(st.name)
+            elif isinstance(st, (ast.Import, ast.ImportFrom)):
+                out.update((a.asname or a.name).split(".")[0] for a in st.names)
+            elif isinstance(st, ast.Assign):
+                for t in st.targets:
+                    targets(t)
+            elif isinstance(st, (ast.AugAssign, ast.AnnAssign)):
+                targets(st.target)
+            elif isinstance(st, (ast.For, ast.AsyncFor)):
+                targets(st.target)
+            elif isinstance(st, (ast.With, ast.AsyncWith)):
+                for item in st.items:
+                    if item.optional_vars is not None:
+                        targets(item.optional_vars)
+            for field in ("body", "orelse", "finalbody"):
+                sub = getattr(st, field, None)
+                if isinstance(sub, list) and not isinstance(st, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    visit(sub)
+            for h in getattr(st, "handlers", []) or []:
+                if h.name:
+                    out.add(h.name)
+                visit(h.body)
+        for st in stmts:
+            for n in ast.walk(st):
+                if isinstance(n, ast.NamedExpr) and isinstance(n.target, ast.Name):
+                    out.add(n.target.id)
+
+    visit(tree.body)
+    return out
+
+
+def _free_names(tree: ast.Module) -> set[str]:
+    loads: set[str] = set()
+    stores: set[str] = set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Name):
+            (loads if isinstance(n.ctx, ast.Load) else stores).add(n.id)
+        elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            stores.add(n.name)
+        elif isinstance(n, ast.arg):
+            stores.add(n.arg)
+        elif isinstance(n, ast.alias):
+            stores.add((n.asname or n.name).split(".")[0])
+        elif isinstance(n, ast.ExceptHandler) and n.name:
+            stores.add(n.name)
+    return loads - stores - _BUILTINS
+
+
+def replay_hazard(tree: ast.Module) -> str | None:
+    """Why re-running this cell could change the world (write files, run commands), or None."""
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Name) and n.id in ("get_ipython", "exec", "eval", "__import__"):
+            return "it uses IPython magics, shell commands or exec"
+        if not isinstance(n, ast.Call):
+            continue
+        f = n.func
+        name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+        if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id in UNSAFE_MODULES:
+            return f"it calls {f.value.id}.{f.attr}()"
+        if name in UNSAFE_ATTRS:
+            return f"it calls {name}(), which may write or send data"
+        if name == "open":
+            mode: ast.AST | None = None
+            if isinstance(f, ast.Name) and len(n.args) >= 2:
+                mode = n.args[1]
+            elif isinstance(f, ast.Attribute) and n.args:
+                mode = n.args[1] if len(n.args) >= 2 and not (isinstance(n.args[0], ast.Constant) and
+                                                                 isinstance(n.args[0].value, str) and
+                                                                 set(n.args[0].value) <= set("rbt")) else n.args[0]
+            for kw in n.keywords:
+                if kw.arg == "mode":
+                    mode = kw.value
+            if mode is not None:
+                if not (isinstance(mode, ast.Constant) and isinstance(mode.value, str)):
+                    return "it opens a file with a mode that is not a constant"
+                if any(c in mode.value for c in "wax+"):
+                    return f"it opens a file for writing (mode {mode.value!r}); replaying would truncate it"
+    return None
+
+
+def plan_replays(needed: dict[str, str], shell: Any, restorable: set[str], secrets: list[str]) -> ReplayPlan:
+    """For each live resource, find the cell that last bound it (AST over In) and decide if it is safe to replay.
+
+    A replay runs on restore in a scratch namespace seeded with the restored values, and
+    only the needed names are copied back, so the cell's other assignments change nothing.
+    """
+    plan = ReplayPlan()
+    if not needed:
+        return plan
+    cells: list[str] = list(shell.history_manager.input_hist_parsed) if shell is not None else []
+    parsed: dict[int, ast.Module | None] = {}
+
+    def tree_of(i: int) -> ast.Module | None:
+        if i not in parsed:
+            try:
+                parsed[i] = ast.parse(cells[i])
+            except (SyntaxError, ValueError):
+                parsed[i] = None
+        return parsed[i]
+
+    where: dict[str, int] = {}
+    for name in needed:
+        for i in range(len(cells) - 1, 0, -1):
+            tree = tree_of(i)
+            if tree is not None and name in _top_bindings(tree):
+                where[name] = i
+                break
+        else:
+            plan.why_not[name] = "no cell in this kernel's history defines it, so it cannot be replayed"
+    ok_names = set(restorable)
+    by_cell: dict[int, list[str]] = {}
+    for name, i in sorted(where.items(), key=lambda kv: kv[1]):
+        by_cell.setdefault(i, []).append(name)
+    for i in sorted(by_cell):
+        names = by_cell[i]
+        tree = tree_of(i)
+        assert tree is not None
+        code = cells[i]
+        why = replay_hazard(tree)
+        if why is None and any(s and s in code for s in secrets):
+            why = "its cell contains a secret"
+        if why is None:
+            missing = sorted(_free_names(tree) - ok_names - set(names))
+            if missing:
+                why = f"cell {i} needs {', '.join(missing[:5])}, which cannot be restored"
+        if why is not None:
+            for n in names:
+                plan.why_not[n] = f"not replayed: {why}"
+            continue
+        ok_names.update(names)
+        plan.replays.append({"names": names, "cell": i, "code": code})
+        for n in names:
+            plan.names[n] = i
+    return plan

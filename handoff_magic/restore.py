@@ -1,0 +1,316 @@
+"""Bundle -> kernel namespace, In/Out history and working files.
+
+Two phases: first read and verify the manifest and every chunk it needs (nothing in the
+namespace or the working directory changes if anything is wrong), then apply: imports,
+unpickled groups, files, replays of defining cells, and the In/Out history.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import mmap
+import os
+import pickle
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from .bundle import CHUNKS, BundleError, ChunkStore, check_relpath, read_manifest, validate_manifest
+from .reports import RestoreReport, VarReport
+from .state import RunState, StateError
+
+
+class HistoryOutput:
+    """An ``Out[n]`` brought over as data: shows the rich output it had, is not the original object."""
+
+    def __init__(self, bundle: dict[str, Any]) -> None:
+        self.bundle = {k: v for k, v in bundle.items() if isinstance(k, str)}
+
+    def __repr__(self) -> str:
+        return str(self.bundle.get("text/plain", "<output>"))
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        return dict(self.bundle)
+
+
+def _shell(shell: Any) -> Any:
+    if shell is not None:
+        return shell
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    return get_ipython()
+
+
+# -- phase 1: read and verify ------------------------------------------------------
+def _read_buffers(store: ChunkStore, chunks: dict[str, dict], groups: list[dict]) -> dict[str, list[Any]]:
+    """Every out-of-band buffer, verified: small single chunks memory-mapped copy-on-write, others read
+    straight into their destination bytearray (no intermediate copies), in parallel."""
+    out: dict[str, list[Any]] = {}
+    tasks: list[tuple[str, memoryview, str | None]] = []
+    for g in groups:
+        bufs: list[Any] = []
+        for b in g.get("buffers", []):
+            shas = b["chunks"]
+            if len(shas) == 1 and chunks[shas[0]]["codec"] is None and b["size"] > 0:
+                path = store.path(shas[0])
+                try:
+                    with open(path, "rb") as f:
+                        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                except FileNotFoundError:
+                    raise BundleError(f"chunk {shas[0]} is missing from {store.root}; the bundle is incomplete "
+                                      "— copy or save it again") from None
+                except ValueError:  # empty or shorter file
+                    raise BundleError(f"chunk {shas[0]} is truncated; save or copy the bundle again") from None
+                if len(m) != b["size"] or hashlib.sha256(m).hexdigest() != shas[0]:
+                    m.close()
+                    raise BundleError(f"chunk {shas[0]} is corrupt (sha256 mismatch), it belongs to "
+                                      f"{', '.join(g['names'])}; save or copy the bundle again")
+                bufs.append(m)
+                continue
+            dest = bytearray(b["size"])
+            mv = memoryview(dest)
+            off = 0
+            for s in shas:
+                n = chunks[s]["size"]
+                tasks.append((s, mv[off: off + n], chunks[s]["codec"]))
+                off += n
+            bufs.append(dest)
+        out[g["id"]] = bufs
+    if tasks:
+        with ThreadPoolExecutor(2, thread_name_prefix="handoff-load") as pool:
+            list(pool.map(lambda t: store.read_into(*t), tasks))
+    return out
+
+
+def _verify_chunks(store: ChunkStore, shas: list[str]) -> None:
+    def check(sha: str) -> None:
+        h = hashlib.sha256()
+        try:
+            with open(store.path(sha), "rb") as f:
+                while block := f.read(1 << 22):
+                    h.update(block)
+        except FileNotFoundError:
+            raise BundleError(f"chunk {sha} is missing from {store.root}; the bundle is incomplete") from None
+        if h.hexdigest() != sha:
+            raise BundleError(f"chunk {sha} is corrupt (sha256 mismatch); save or copy the bundle again")
+    if shas:
+        with ThreadPoolExecutor(2, thread_name_prefix="handoff-verify") as pool:
+            list(pool.map(check, shas))
+
+
+def _safe_target(root: Path, rel: str) -> Path:
+    why = check_relpath(rel)
+    if why:
+        raise BundleError(f"refusing to restore file: {why}")
+    target = root / rel
+    real_root = os.path.realpath(root)
+    real_parent = os.path.realpath(target.parent)
+    if os.path.commonpath([real_root, real_parent]) != real_root:
+        raise BundleError(f"refusing to restore {rel!r}: it would land outside {root}")
+    if target.is_symlink():
+        raise BundleError(f"refusing to restore {rel!r}: the local path is a symlink")
+    return target
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- phase 2: apply ----------------------------------------------------------------
+def _write_file(store: ChunkStore, entry: dict[str, Any], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.handoff-tmp-{os.getpid()}"
+    h = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as f:
+            for sha in entry["chunks"]:
+                data = store.get(sha)
+                h.update(data)
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if h.hexdigest() != entry["sha256"]:
+            raise BundleError(f"file {entry['path']} does not match its sha256 after decoding; not written")
+        os.chmod(tmp, entry.get("mode", 0o644) & 0o7777)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _restore_history(shell: Any, ns: dict[str, Any], history: dict[str, Any]) -> None:
+    """Put In/Out back so numbering continues after the restored cells."""
+    hm = shell.history_manager
+    ins = [str(s) for s in history.get("In", [])] or [""]
+    raw = [str(s) for s in history.get("In_raw", ins)]
+    if len(raw) != len(ins):
+        raw = list(ins)
+    current_parsed = hm.input_hist_parsed[-1] if len(hm.input_hist_parsed) > 1 else ""
+    current_raw = hm.input_hist_raw[-1] if len(hm.input_hist_raw) > 1 else ""
+    hm.input_hist_parsed[:] = ins + [current_parsed]
+    hm.input_hist_raw[:] = raw + [current_raw]
+    hm.output_hist.clear()
+    for n, bundle in history.get("Out", {}).items():
+        try:
+            hm.output_hist[int(n)] = HistoryOutput(bundle)
+        except (TypeError, ValueError):
+            continue
+    for i, text in enumerate(ins[1:], start=1):
+        ns[f"_i{i}"] = text
+    shell.execution_count = len(ins)
+
+
+def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path | None = None,
+               file_conflicts: dict[str, str] | None = None, ns: dict[str, Any] | None = None) -> RestoreReport:
+    """Restore bundle ``path`` into this kernel. Validates everything before changing anything.
+
+    Raises BundleError (a StateError) naming the problem when the bundle is unreadable,
+    corrupt or from a newer version; then the namespace and files are untouched.
+    """
+    t_start = time.perf_counter()
+    shell = _shell(shell)
+    if ns is None:
+        if shell is None:
+            raise BundleError("load_state needs an IPython kernel (or pass ns=dict); run it inside Jupyter")
+        ns = shell.user_ns
+    bundle = Path(path).expanduser().absolute()
+    root = Path(root if root is not None else os.getcwd()).absolute()
+    manifest = read_manifest(bundle)
+    validate_manifest(manifest)
+    chunks = manifest["chunks"]
+    store = ChunkStore(bundle / CHUNKS)
+    store.register(chunks)
+    report = RestoreReport(path=str(bundle))
+    try:
+        report.run = RunState.from_dict(manifest["run"]) if manifest.get("run") else None
+    except StateError as exc:
+        raise BundleError(f"the bundle's run state cannot be read: {exc}") from exc
+
+    # phase 1: everything needed, verified, nothing touched
+    groups = manifest.get("groups", [])
+    payloads: dict[str, bytes] = {}
+    for g in groups:
+        try:
+            payloads[g["id"]] = b"".join(store.get(s) for s in g["payload"])
+        except BundleError as exc:
+            raise BundleError(f"{exc} (it belongs to {', '.join(g['names'])})") from None
+    buffers = _read_buffers(store, chunks, groups)
+    file_plan: list[tuple[dict[str, Any], Path]] = []
+    if files:
+        for entry in manifest.get("files", []):
+            file_plan.append((entry, _safe_target(root, entry["path"])))
+        _verify_chunks(store, sorted({s for e, _ in file_plan for s in e["chunks"]}))
+
+    # phase 2: apply
+    staged: dict[str, Any] = {}
+    results: dict[str, VarReport] = {}
+    by_name = {v["name"]: v for v in manifest.get("variables", [])}
+    for line in manifest.get("imports", []):
+        t0 = time.perf_counter()
+        scratch: dict[str, Any] = {}
+        name = line.rsplit(" ", 1)[-1].split(".")[0]
+        try:
+            exec(compile(line, "<handoff import>", "exec"), scratch)  # noqa: S102 - validated import line
+            staged[name] = scratch[name]
+            results[name] = VarReport(name, by_name.get(name, {}).get("type", "module"), "import",
+                                      seconds=time.perf_counter() - t0)
+        except Exception as exc:  # noqa: BLE001 - one missing package must not sink the rest
+            results[name] = VarReport(name, by_name.get(name, {}).get("type", "module"), "import", 0,
+                                      time.perf_counter() - t0, "skipped",
+                                      f"{line!r} failed here ({type(exc).__name__}: {exc}); install the package "
+                                      "and run the line yourself")
+    for g in groups:
+        t0 = time.perf_counter()
+        names = g["names"]
+        try:
+            if g["method"] == "dill":
+                import dill
+                obj = dill.loads(payloads[g["id"]], buffers=buffers[g["id"]])
+            else:
+                obj = pickle.loads(payloads[g["id"]], buffers=buffers[g["id"]])
+            values = (obj,) if len(names) == 1 else tuple(obj)
+            if len(values) != len(names):
+                raise ValueError(f"group holds {len(values)} values for {len(names)} names")
+            spent = (time.perf_counter() - t0) / len(names)
+            for n, v in zip(names, values):
+                staged[n] = v
+                meta = by_name.get(n, {})
+                results[n] = VarReport(n, meta.get("type", type(v).__name__), g["method"], int(meta.get("size", 0)),
+                                       spent, "ok", meta.get("reason"))
+        except Exception as exc:  # noqa: BLE001 - e.g. a package missing here; others still restore
+            hint = " (install the missing package here)" if isinstance(exc, (ImportError, AttributeError)) else ""
+            for n in names:
+                meta = by_name.get(n, {})
+                results[n] = VarReport(n, meta.get("type", "?"), g["method"], int(meta.get("size", 0)),
+                                       time.perf_counter() - t0, "skipped",
+                                       f"could not be unpickled: {type(exc).__name__}: {exc}{hint}")
+        payloads.pop(g["id"], None)
+    ns.update(staged)
+
+    for entry, target in file_plan:
+        rel = entry["path"]
+        try:
+            if target.exists():
+                current = _file_sha(target) if target.is_file() else None
+                if current == entry["sha256"]:
+                    continue
+                at_handoff = (file_conflicts or {}).get(rel)
+                if at_handoff is not None and current != at_handoff:
+                    remote = target.with_name(target.name + ".remote")
+                    _write_file(store, entry, remote)
+                    report.conflicts.append({"path": rel, "written_as": rel + ".remote"})
+                    continue
+            _write_file(store, entry, target)
+            report.files.append(rel)
+        except (OSError, BundleError) as exc:
+            report.conflicts.append({"path": rel, "written_as": "", "error": f"not written: {exc}"})
+
+    _run_replays(manifest.get("replays", []), ns, root, by_name, results)
+    for name, meta in by_name.items():
+        if meta.get("method") == "skipped" and name not in results:
+            results[name] = VarReport(name, meta.get("type", "?"), "skipped", 0, 0.0, "skipped", meta.get("reason"))
+    if shell is not None and ns is shell.user_ns:
+        _restore_history(shell, ns, manifest.get("history") or {})
+    order = [v["name"] for v in manifest.get("variables", [])]
+    report.variables = [results[n] for n in order if n in results] + \
+        [r for n, r in results.items() if n not in by_name]
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _run_replays(replays: list[dict[str, Any]], ns: dict[str, Any], root: Path, by_name: dict[str, dict],
+                 results: dict[str, VarReport]) -> None:
+    """Re-run each defining cell in a scratch copy of the namespace; keep only the names it was run for."""
+    for r in sorted(replays, key=lambda r: r["cell"]):
+        t0 = time.perf_counter()
+        scratch = dict(ns)
+        cwd = os.getcwd()
+        err: str | None = None
+        try:
+            os.chdir(root)
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                exec(compile(r["code"], f"<handoff replay of cell {r['cell']}>", "exec"), scratch)  # noqa: S102
+        except BaseException as exc:  # noqa: BLE001 - a failed replay only loses its own names
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            err = f"replaying cell {r['cell']} failed: {type(exc).__name__}: {exc}"
+        finally:
+            os.chdir(cwd)
+        spent = (time.perf_counter() - t0) / max(1, len(r["names"]))
+        for n in r["names"]:
+            meta = by_name.get(n, {})
+            if err is None and n in scratch:
+                ns[n] = scratch[n]
+                results[n] = VarReport(n, meta.get("type", type(scratch[n]).__name__), "replay", 0, spent, "ok",
+                                       f"re-created by replaying cell {r['cell']}")
+            else:
+                results[n] = VarReport(n, meta.get("type", "?"), "replay", 0, spent, "skipped",
+                                       err or f"cell {r['cell']} no longer defines it")
