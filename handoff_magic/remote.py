@@ -613,7 +613,12 @@ def reattach(run_id: str | None = None, *, to: str | None = None, token: str | N
             _display(widget)
     if follow and state.status not in REMOTE_DONE:
         remote.follow()
+    global LAST_REATTACH
+    LAST_REATTACH = remote
     return remote
+
+
+LAST_REATTACH: RemoteRun | None = None
 
 
 def review_diff(run_id: str, *, to: str | None = None, token: str | None = None,
