@@ -1,0 +1,240 @@
+"""KernelExecutor: the agent loop's Executor for a kernel owned by the server's kernel manager.
+
+The loop runs in a worker thread and calls ``execute`` synchronously, so each run gets a
+``BlockingKernelClient`` built from the kernel's connection info. Liveness is checked through
+the kernel manager (``is_alive`` polls the kernel process, like nbclient's DeadKernelError
+handling) on the server's event loop, which also performs interrupts.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import time
+from typing import Any
+
+from jupyter_client.blocking.client import BlockingKernelClient
+from jupyter_core.utils import ensure_async
+
+from handoff_magic.agent.executors import ExecResult
+
+log = logging.getLogger(__name__)
+
+POLL = 0.5            # seconds between iopub polls while waiting for a reply
+ALIVE_EVERY = 1.0     # seconds between liveness checks while the kernel is quiet
+INTERRUPT_GRACE = 10  # seconds a kernel gets to become idle after an interrupt
+
+
+class KernelStartError(RuntimeError):
+    """The kernel did not become ready; the message says what to check."""
+
+
+class KernelExecutor:
+    """Executes code in kernel ``kernel_id`` of ``kernel_manager`` (a MappingKernelManager).
+
+    ``loop`` is the server's event loop: kernel-manager calls (is_alive, interrupt) are async
+    there, so this thread-side class schedules them onto it.
+    """
+
+    def __init__(self, kernel_manager: Any, kernel_id: str, loop: asyncio.AbstractEventLoop, *,
+                 default_timeout: float | None = 600.0, ready_timeout: float = 60.0) -> None:
+        self.kernel_manager = kernel_manager
+        self.kernel_id = kernel_id
+        self.loop = loop
+        self.default_timeout = default_timeout
+        self._interrupted = False
+        self.dead = False
+        km = kernel_manager.get_kernel(kernel_id)
+        info: dict[str, Any] = dict(km.get_connection_info(session=True))
+        for key in ("curve_publickey", "curve_secretkey"):
+            if isinstance(info.get(key), str):
+                info[key] = info[key].encode("ascii")
+        self.client = BlockingKernelClient(**info)
+        self.client.start_channels()
+        try:
+            self.client.wait_for_ready(timeout=ready_timeout)
+        except RuntimeError as exc:
+            self.client.stop_channels()
+            raise KernelStartError(f"kernel {kernel_id} did not become ready in {ready_timeout:.0f}s "
+                                   f"({exc}); check the kernel spec and the server log") from exc
+
+    # -- kernel-manager calls, run on the server loop ------------------------------------------
+    def _on_loop(self, coro_factory: Any, timeout: float = 15.0) -> Any:
+        fut = asyncio.run_coroutine_threadsafe(coro_factory(), self.loop)
+        return fut.result(timeout)
+
+    def is_alive(self) -> bool:
+        """True while the kernel process runs (asks the kernel manager, not the heartbeat)."""
+        if self.dead:
+            return False
+        try:
+            km = self.kernel_manager.get_kernel(self.kernel_id)
+        except KeyError:
+            return False
+        try:
+            return bool(self._on_loop(lambda: ensure_async(km.is_alive())))
+        except Exception as exc:  # loop gone (server stopping) or provisioner error
+            log.warning("jupyter-handoff: liveness check of kernel %s failed: %s", self.kernel_id, exc)
+            return bool(self.client.hb_channel.is_beating())
+
+    def interrupt(self) -> None:
+        """Interrupt the running code (SIGINT or an interrupt_request, per the kernel spec)."""
+        self._interrupted = True
+        try:
+            self._on_loop(lambda: ensure_async(self.kernel_manager.interrupt_kernel(self.kernel_id)))
+        except Exception as exc:
+            log.warning("jupyter-handoff: interrupting kernel %s failed: %s", self.kernel_id, exc)
+
+    def close(self) -> None:
+        self.client.stop_channels()
+
+    # -- execution -------------------------------------------------------------------------------
+    def execute(self, code: str, timeout: float | None = None, *, silent: bool = False,
+                store_history: bool = True) -> ExecResult:
+        """Run ``code``; collect its outputs as nbformat v4 dicts. Never raises for kernel faults."""
+        if self.dead or not self.is_alive():
+            self.dead = True
+            return self._dead_result([], None)
+        timeout = self.default_timeout if timeout is None else timeout
+        self._interrupted = False
+        collector = _Outputs()
+        # drain stale iopub traffic from earlier requests so it is not mistaken for ours
+        while True:
+            try:
+                self.client.get_iopub_msg(timeout=0)
+            except queue.Empty:
+                break
+        msg_id = self.client.execute(code, silent=silent, store_history=store_history,
+                                     allow_stdin=False, stop_on_error=False)
+        deadline = None if not timeout else time.monotonic() + timeout
+        reply: dict[str, Any] | None = None
+        idle = False
+        last_alive = time.monotonic()
+        timed_out = False
+        while not (idle and reply is not None):
+            if deadline is not None and time.monotonic() > deadline and not timed_out:
+                timed_out = True
+                self.interrupt()
+                deadline = time.monotonic() + INTERRUPT_GRACE
+            elif timed_out and deadline is not None and time.monotonic() > deadline:
+                break  # the kernel ignores interrupts; report what we have
+            got = False
+            try:
+                msg = self.client.get_iopub_msg(timeout=POLL)
+                got = True
+                if msg.get("parent_header", {}).get("msg_id") == msg_id:
+                    if msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle":
+                        idle = True
+                    else:
+                        collector.add(msg)
+            except queue.Empty:
+                pass
+            if reply is None:
+                try:
+                    r = self.client.get_shell_msg(timeout=0 if got else 0.01)
+                    if r.get("parent_header", {}).get("msg_id") == msg_id:
+                        reply = r
+                        got = True
+                except queue.Empty:
+                    pass
+            if not got and time.monotonic() - last_alive > ALIVE_EVERY:
+                last_alive = time.monotonic()
+                if not self.is_alive():
+                    self.dead = True
+                    return self._dead_result(collector.outputs, collector.execution_count)
+        content = (reply or {}).get("content", {})
+        count = content.get("execution_count", collector.execution_count)
+        if timed_out:
+            status = "timeout"
+        elif content.get("status") == "error":
+            status = "interrupted" if (self._interrupted and content.get("ename") == "KeyboardInterrupt") \
+                else "error"
+        elif content.get("status") == "aborted":
+            status = "error"
+        else:
+            status = "ok"
+        error = None
+        if content.get("status") == "error":
+            error = {"ename": content.get("ename", ""), "evalue": content.get("evalue", ""),
+                     "traceback": content.get("traceback", [])}
+        elif timed_out:
+            error = {"ename": "TimeoutError",
+                     "evalue": f"the code ran longer than {timeout:.0f}s and was interrupted",
+                     "traceback": []}
+        return ExecResult(status=status, stdout=collector.text("stdout"), stderr=collector.text("stderr"),
+                          result=collector.result, outputs=collector.outputs, error=error,
+                          execution_count=count if isinstance(count, int) else None)
+
+    def _dead_result(self, outputs: list[dict[str, Any]], count: int | None) -> ExecResult:
+        code = None
+        try:
+            km = self.kernel_manager.get_kernel(self.kernel_id)
+            proc = getattr(getattr(km, "provisioner", None), "process", None)
+            code = proc.poll() if proc is not None else None
+        except Exception as exc:
+            log.debug("no exit code for kernel %s: %s", self.kernel_id, exc)
+        how = f" (exit code {code})" if code is not None else ""
+        return ExecResult(status="dead", stdout="", stderr="", result=None, outputs=outputs,
+                          error={"ename": "DeadKernelError",
+                                 "evalue": f"the kernel died while running this code{how}",
+                                 "traceback": []},
+                          execution_count=count)
+
+
+class _Outputs:
+    """Turns iopub messages into nbformat v4 outputs the way nbclient does (streams merged)."""
+
+    def __init__(self) -> None:
+        self.outputs: list[dict[str, Any]] = []
+        self.execution_count: int | None = None
+        self.result: str | None = None
+        self._clear_pending = False
+        self._display_index: dict[str, list[int]] = {}
+
+    def _append(self, out: dict[str, Any]) -> None:
+        if self._clear_pending:
+            self.outputs.clear()
+            self._display_index.clear()
+            self._clear_pending = False
+        self.outputs.append(out)
+
+    def add(self, msg: dict[str, Any]) -> None:
+        kind = msg["msg_type"]
+        c = msg.get("content", {})
+        if kind == "execute_input":
+            self.execution_count = c.get("execution_count")
+        elif kind == "stream":
+            name = c.get("name", "stdout")
+            if self.outputs and not self._clear_pending and self.outputs[-1]["output_type"] == "stream" \
+                    and self.outputs[-1]["name"] == name:
+                self.outputs[-1]["text"] += c.get("text", "")
+            else:
+                self._append({"output_type": "stream", "name": name, "text": c.get("text", "")})
+        elif kind in ("display_data", "execute_result"):
+            out: dict[str, Any] = {"output_type": kind, "data": c.get("data", {}),
+                                   "metadata": c.get("metadata", {})}
+            if kind == "execute_result":
+                out["execution_count"] = c.get("execution_count")
+                self.result = c.get("data", {}).get("text/plain")
+            self._append(out)
+            display_id = (c.get("transient") or {}).get("display_id")
+            if display_id:
+                self._display_index.setdefault(display_id, []).append(len(self.outputs) - 1)
+        elif kind == "update_display_data":
+            display_id = (c.get("transient") or {}).get("display_id")
+            for i in self._display_index.get(display_id or "", []):
+                if i < len(self.outputs):
+                    self.outputs[i]["data"] = c.get("data", {})
+                    self.outputs[i]["metadata"] = c.get("metadata", {})
+        elif kind == "error":
+            self._append({"output_type": "error", "ename": c.get("ename", ""), "evalue": c.get("evalue", ""),
+                          "traceback": c.get("traceback", [])})
+        elif kind == "clear_output":
+            if c.get("wait"):
+                self._clear_pending = True
+            else:
+                self.outputs.clear()
+                self._display_index.clear()
+
+    def text(self, name: str) -> str:
+        return "".join(o["text"] for o in self.outputs if o["output_type"] == "stream" and o["name"] == name)

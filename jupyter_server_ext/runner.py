@@ -1,0 +1,851 @@
+"""RunManager: executes handed-off runs inside this Jupyter Server.
+
+Per run one asyncio task: workspace ``<root_dir>/handoff-runs/<id>/``, the bundle materialised
+there from the BlobStore (hard links), a fresh kernel from the server's own kernel manager with
+a scrubbed environment, ``load_state`` inside it, then the shared ``AgentLoop`` in a worker
+thread with a ``KernelExecutor`` and the server's model credentials. Every event is committed
+to SQLite before the loop goes on; after every step ``result.ipynb`` is rewritten and an
+incremental checkpoint (``save_state`` inside the kernel) is ingested, so a server crash or a
+kernel crash resumes from the last step boundary and the cut-off step is redone.
+
+The server never unpickles: it moves chunk bytes and reads JSON manifests; only kernels load.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from jupyter_core.utils import ensure_async
+
+from handoff_magic.bundle import BundleError, validate_manifest
+from handoff_magic.secrets import is_secret_name
+from handoff_magic.state import TERMINAL_STATUSES, Event, Message, PlanStep, RunState, StateError
+
+from .kernel_executor import KernelExecutor
+from .notebook import write_for_state
+
+log = logging.getLogger(__name__)
+
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+NOTIFY_ON = frozenset({"completed", "failed", "cancelled", "waiting_input"})
+REPORT_MARK = "@@HANDOFF-JSON@@"
+SDK_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
+DROP_ENV = frozenset({"JUPYTER_TOKEN", "JPY_API_TOKEN", "JUPYTERHUB_API_TOKEN", "JUPYTER_PASSWORD",
+                      "HANDOFF_TOKEN", "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "JPY_SESSION_NAME"})
+INLINE_MPL = "module://matplotlib_inline.backend_inline"
+MAX_CRASHES_PER_STEP = 2
+
+
+class RunConflict(ValueError):
+    """The request does not fit the run's status (e.g. cancelling a finished run) → HTTP 409."""
+
+
+class RunFailure(RuntimeError):
+    """Ends a run as ``failed``; ``hint`` says what the user can do."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+def check_run_id(run_id: str) -> str:
+    if not isinstance(run_id, str) or not RUN_ID_RE.match(run_id):
+        raise ValueError(f"{run_id!r} is not a valid run id (letters, digits, '-', '_')")
+    return run_id
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, ensure_ascii=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    if dst.exists():
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}-{threading.get_ident()}")
+    try:
+        os.link(src, tmp)
+    except OSError:  # other filesystem, or links not allowed: copy instead
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _kernel_code(func_body: str, name: str) -> str:
+    """Code that runs ``func_body`` in a throwaway function and prints its JSON result after a
+    marker, leaving no new names in the user's namespace."""
+    indented = "\n".join("    " + line for line in func_body.strip().splitlines())
+    return (f"def {name}():\n{indented}\n"
+            f"try:\n    print({REPORT_MARK!r} + {name}(), flush=True)\n"
+            f"finally:\n    del {name}\n")
+
+
+def _parse_marked(stdout: str) -> dict[str, Any]:
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(REPORT_MARK):
+            return json.loads(line[len(REPORT_MARK):])
+    raise ValueError("the kernel printed no result")
+
+
+@dataclass
+class _Run:
+    """What the manager knows about one active run (in memory; the store has the rest)."""
+    id: str
+    task: asyncio.Task[None] | None = None
+    state: RunState | None = None
+    kernel_id: str | None = None
+    executor: KernelExecutor | None = None
+    model: str = ""
+    pause: threading.Event = field(default_factory=threading.Event)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    cancel_requested: bool = False
+    pull_requested: bool = False
+    crashed: bool = False
+    crashes: dict[int, int] = field(default_factory=dict)
+    ckpt_messages: int = -1               # len(messages) at the last checkpoint
+    last_exec_count: int | None = None
+    pull_result: asyncio.Future[dict[str, Any]] | None = None
+    holds_slot: bool = False
+
+
+class _RunExecutor:
+    """The Executor the loop sees: forwards to the run's current kernel; flags a crash so the
+    loop pauses at the step boundary and the manager can restore a fresh kernel."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+
+    def execute(self, code: str, timeout: float | None = None) -> Any:
+        ex = self.run.executor
+        assert ex is not None
+        res = ex.execute(code, timeout)
+        self.run.last_exec_count = res.execution_count
+        if res.status == "dead":
+            self.run.crashed = True
+        return res
+
+    def interrupt(self) -> None:
+        if self.run.executor is not None:
+            self.run.executor.interrupt()
+
+
+class RunManager:
+    """Owns the runs' tasks, kernels and checkpoints (contract: docs/internals.md)."""
+
+    def __init__(self, app: Any, store: Any, blobs: Any, kernel_manager: Any, root_dir: Path) -> None:
+        self.app = app
+        self.store = store
+        self.blobs = blobs
+        self.kernel_manager = kernel_manager
+        self.root_dir = Path(root_dir)
+        self.runs: dict[str, _Run] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sem: asyncio.Semaphore | None = None
+        self._stopping = False
+        workers = max(4, 2 * int(getattr(app, "max_concurrent_runs", 2)) + 2)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="handoff-run")
+
+    # -- public API ------------------------------------------------------------------------------
+    def workspace(self, run_id: str) -> Path:
+        return self.root_dir / "handoff-runs" / check_run_id(run_id)
+
+    async def start(self) -> None:
+        """Resume every unfinished run (after a restart or crash) from its last checkpoint."""
+        self._ensure_loop()
+        for run_id in self.store.unfinished_runs():
+            log.info("jupyter-handoff: resuming run %s", run_id)
+            self.submit(run_id)
+
+    async def stop(self) -> None:
+        """Stop driving runs; they stay unfinished in the store and resume on the next start."""
+        self._stopping = True
+        for run in list(self.runs.values()):
+            run.pause.set()
+            run.wake.set()
+            if run.executor is not None:
+                await asyncio.get_running_loop().run_in_executor(None, run.executor.interrupt)
+        tasks = [r.task for r in self.runs.values() if r.task is not None and not r.task.done()]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def submit(self, run_id: str) -> None:
+        """Queue a run; at most ``app.max_concurrent_runs`` execute at once."""
+        check_run_id(run_id)
+        loop = self._ensure_loop()
+        if run_id in self.runs and self.runs[run_id].task and not self.runs[run_id].task.done():
+            return
+        run = _Run(id=run_id)
+        self.runs[run_id] = run
+        run.task = loop.create_task(self._run_task(run), name=f"handoff-run-{run_id}")
+
+    async def answer(self, run_id: str, text: str) -> None:
+        """Record the user's answer and wake the run waiting for it."""
+        state = self.store.get_state(run_id)
+        if state.is_terminal:
+            raise RunConflict(f"run {run_id} is {state.status}; it takes no more answers")
+        self.store.put_answer(run_id, text)
+        run = self.runs.get(run_id)
+        if run is not None:
+            run.wake.set()
+
+    async def cancel(self, run_id: str) -> None:
+        """Interrupt the kernel and end the run as ``cancelled``."""
+        state = self.store.get_state(run_id)
+        if state.is_terminal:
+            raise RunConflict(f"run {run_id} is already {state.status}")
+        run = self.runs.get(run_id)
+        if run is None or run.task is None or run.task.done():
+            self._set_status_direct(state, "cancelled", "cancelled by the user")
+            return
+        run.cancel_requested = True
+        run.pause.set()
+        run.wake.set()
+        if run.executor is not None:
+            await asyncio.get_running_loop().run_in_executor(self._pool, run.executor.interrupt)
+
+    async def pull(self, run_id: str, timeout: float = 120) -> dict[str, Any]:
+        """Pause at the next step boundary, checkpoint, end ``pulled``; returns the manifest."""
+        state = self.store.get_state(run_id)
+        if state.is_terminal:
+            raise RunConflict(f"run {run_id} is {state.status}; only an unfinished run can be pulled back")
+        run = self.runs.get(run_id)
+        if run is None or run.task is None or run.task.done():
+            manifest = self.latest_manifest(run_id)[0]
+            self._set_status_direct(state, "pulled", "pulled back to a local kernel")
+            return manifest
+        if run.pull_result is None:
+            run.pull_result = asyncio.get_running_loop().create_future()
+        run.pull_requested = True
+        run.pause.set()
+        run.wake.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(run.pull_result), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"run {run_id} did not reach a step boundary within {timeout:.0f}s; "
+                              "it pauses after the current step: try pulling again in a moment") from None
+
+    def latest_manifest(self, run_id: str) -> tuple[dict[str, Any], str]:
+        """The newest checkpoint manifest, else the handoff one; and which kind it is."""
+        m = self.store.manifest(run_id, "checkpoint")
+        if m is not None:
+            return m, "checkpoint"
+        m = self.store.manifest(run_id, "handoff")
+        if m is None:
+            raise RunFailure(f"run {run_id} has no handoff manifest", "hand the run off again")
+        return m, "handoff"
+
+    def gc(self, min_age: float = 3600.0) -> dict[str, int]:
+        """Delete blobs no stored manifest references and older than ``min_age`` seconds (so an
+        upload whose run is not created yet is spared). Never deletes a referenced chunk."""
+        return gc_blobs(self.store, self.blobs, min_age=min_age)
+
+    # -- the run task -----------------------------------------------------------------------------
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop() if _has_running_loop() else asyncio.get_event_loop()
+            self._sem = asyncio.Semaphore(max(1, int(getattr(self.app, "max_concurrent_runs", 2))))
+        return self._loop
+
+    async def _acquire_slot(self, run: _Run) -> bool:
+        """Wait for a free slot; False if woken for cancel/pull/stop first."""
+        assert self._sem is not None
+        while True:
+            if run.cancel_requested or run.pull_requested or self._stopping:
+                return False
+            acq = asyncio.ensure_future(self._sem.acquire())
+            woke = asyncio.ensure_future(run.wake.wait())
+            done, _ = await asyncio.wait({acq, woke}, return_when=asyncio.FIRST_COMPLETED)
+            woke.cancel()
+            if acq in done:
+                run.holds_slot = True
+                return True
+            acq.cancel()
+            try:
+                await acq
+                self._sem.release()  # acquired just as we cancelled
+            except asyncio.CancelledError:
+                pass
+            run.wake.clear()
+
+    def _release_slot(self, run: _Run) -> None:
+        if run.holds_slot and self._sem is not None:
+            run.holds_slot = False
+            self._sem.release()
+
+    async def _run_task(self, run: _Run) -> None:
+        try:
+            state = self.store.get_state(run.id)
+            run.state = state
+            if state.is_terminal:
+                return
+            if not await self._acquire_slot(run):
+                await self._finish_unstarted(run)
+                return
+            await self._drive(run)
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+        except RunFailure as exc:
+            self._fail(run, exc.message, exc.hint)
+        except Exception as exc:
+            log.exception("jupyter-handoff: run %s failed", run.id)
+            self._fail(run, f"the server-side runner failed: {type(exc).__name__}: {exc}",
+                       "see the Jupyter Server log; the last checkpoint is kept and can be pulled back")
+        finally:
+            self._release_slot(run)
+            if not self._stopping:
+                await self._cleanup_kernel(run)
+                if run.pull_result is not None and not run.pull_result.done():
+                    run.pull_result.set_exception(RunConflict(
+                        f"run {run.id} ended as {run.state.status if run.state else 'unknown'} before it "
+                        "could be pulled"))
+                if self.runs.get(run.id) is run:
+                    del self.runs[run.id]
+
+    async def _finish_unstarted(self, run: _Run) -> None:
+        state = run.state
+        assert state is not None
+        if self._stopping:
+            return
+        if run.pull_requested:
+            manifest = self.latest_manifest(run.id)[0]
+            self._status(run, "pulled", reason="pulled back to a local kernel")
+            if run.pull_result is not None and not run.pull_result.done():
+                run.pull_result.set_result(manifest)
+        elif run.cancel_requested:
+            self._status(run, "cancelled", reason="cancelled by the user")
+
+    async def _drive(self, run: _Run) -> None:
+        state = run.state
+        assert state is not None
+        ws = self.workspace(run.id)
+        ws.mkdir(parents=True, exist_ok=True)
+        resumed = state.status != "queued"
+        was_waiting = state.status == "waiting_input"
+        if not was_waiting:
+            self._status(run, "restoring", reason="resuming after a server restart" if resumed
+                         else "restoring the handed-off state in a fresh kernel")
+        await self._new_kernel(run, reason="server restart" if resumed else "handoff")
+        self._rollback_cut_off(run, "the Jupyter Server stopped while this step ran")
+        provider = self._provider(run)
+        from handoff_magic.agent.loop import AgentLoop
+        loop = AgentLoop(state, provider, _RunExecutor(run), on_event=self._on_event_cb(run),
+                         should_pause=lambda: self._should_pause(run),
+                         exec_timeout=float(getattr(self.app, "exec_timeout", 3600.0)))
+        answer: str | None = None
+        if state.status == "waiting_input":
+            answer = await self._wait_answer(run)
+            if answer is None:
+                await self._end_requested(run)
+                return
+        while True:
+            if self._stopping:
+                return
+            if run.cancel_requested or run.pull_requested:
+                await self._end_requested(run)
+                return
+            await self._in_thread(loop.run, answer)
+            answer = None
+            if self._stopping:
+                return
+            if run.crashed:
+                await self._recover_crash(run)
+                continue
+            await self._in_thread(self._after_step, run, True)
+            if run.crashed:  # died during the final checkpoint
+                await self._recover_crash(run)
+                continue
+            if run.cancel_requested or run.pull_requested:
+                await self._end_requested(run)
+                return
+            if state.status == "paused":  # budget: ask the user whether to go on
+                reason = next((e.data.get("reason") for e in reversed(state.events)
+                               if e.type == "status"), "") or "paused"
+                state.question = f"The run paused: {reason}. Answer 'continue' to go on."
+                self._emit(run, "question", question=state.question)
+                self._status(run, "waiting_input", reason="paused; waiting for the user")
+            if state.status == "waiting_input":
+                answer = await self._wait_answer(run)
+                if answer is None:
+                    await self._end_requested(run)
+                    return
+                continue
+            if state.is_terminal:
+                return
+            raise RunFailure(f"the agent loop stopped with status {state.status!r}",
+                             "this is a bug in jupyter-handoff; pull the run back to continue locally")
+
+    async def _wait_answer(self, run: _Run) -> str | None:
+        """Wait (without holding a run slot) for an answer; None if cancelled/pulled/stopping."""
+        self._release_slot(run)
+        while True:
+            if run.cancel_requested or run.pull_requested or self._stopping:
+                return None
+            text = self.store.take_answer(run.id)
+            if text is not None:
+                break
+            run.wake.clear()
+            await run.wake.wait()
+        if not await self._acquire_slot(run):
+            self.store.put_answer(run.id, text)  # keep it for whoever resumes the run
+            return None
+        return text
+
+    async def _end_requested(self, run: _Run) -> None:
+        if self._stopping:
+            return
+        state = run.state
+        assert state is not None
+        if run.pull_requested:
+            manifest: dict[str, Any] | None = None
+            if run.executor is not None and not run.executor.dead:
+                manifest = await self._in_thread(self._checkpoint, run, True)
+            if manifest is None:
+                manifest = self.latest_manifest(run.id)[0]
+            self._emit(run, "pull", server=self._public_url(), remote_id=run.id)
+            self._status(run, "pulled", reason="pulled back to a local kernel")
+            self._write_notebook(run)
+            if run.pull_result is not None and not run.pull_result.done():
+                run.pull_result.set_result(manifest)
+        elif run.cancel_requested:
+            state.question = None
+            self._status(run, "cancelled", reason="cancelled by the user")
+            self._write_notebook(run)
+
+    # -- kernels --------------------------------------------------------------------------------
+    def kernel_env(self) -> dict[str, str]:
+        """The server's environment minus anything secret: tokens, model keys, secret names,
+        and any variable whose value equals one of those."""
+        secret_vals: set[str] = set()
+        key_env = getattr(self.app, "model_api_key_env", "") or ""
+        drop = set(DROP_ENV) | ({key_env} if key_env else set())
+        for name in drop:
+            if os.environ.get(name):
+                secret_vals.add(os.environ[name])
+        token = self._server_token()
+        if token:
+            secret_vals.add(token)
+        for name, value in os.environ.items():
+            if is_secret_name(name) and value:
+                secret_vals.add(value)
+        env = {k: v for k, v in os.environ.items()
+               if k not in drop and not is_secret_name(k) and v not in secret_vals}
+        if not env.get("MPLBACKEND", "").startswith("module://"):
+            env["MPLBACKEND"] = INLINE_MPL  # kernels are interactive, whatever the server uses
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def _server_token(self) -> str:
+        sa = getattr(self.app, "serverapp", None)
+        for obj, attr in ((getattr(sa, "identity_provider", None), "token"), (sa, "token")):
+            try:
+                value = getattr(obj, attr, "") if obj is not None else ""
+            except Exception:  # traitlets may raise on deprecated access
+                value = ""
+            if isinstance(value, str) and value:
+                return value
+        return ""
+
+    async def _new_kernel(self, run: _Run, reason: str) -> None:
+        """Start a fresh kernel in the workspace and restore the latest manifest into it."""
+        await self._cleanup_kernel(run)
+        manifest, kind = self.latest_manifest(run.id)
+        ws = self.workspace(run.id)
+        await self._in_thread(self._materialise, run.id, manifest)
+        api_path = f"handoff-runs/{run.id}"
+        kid = await ensure_async(self.kernel_manager.start_kernel(
+            path=api_path, kernel_name=self.app.kernel_name, env=self.kernel_env()))
+        run.kernel_id = kid
+        km = self.kernel_manager.get_kernel(kid)
+        try:  # we recover crashed kernels ourselves (from the checkpoint), not by a blank restart
+            km.stop_restarter()
+            km.autorestart = False
+        except Exception as exc:
+            log.warning("jupyter-handoff: could not disable autorestart of kernel %s: %s", kid, exc)
+        loop = asyncio.get_running_loop()
+        run.executor = await self._in_thread(
+            lambda: KernelExecutor(self.kernel_manager, kid, loop,
+                                   default_timeout=float(getattr(self.app, "exec_timeout", 3600.0))))
+        run.crashed = False
+        src = ws / ".handoff" / "ckpt"
+        code = _kernel_code(
+            "import json, handoff_magic\n"
+            f"r = handoff_magic.load_state({str(src)!r}, root={str(ws)!r})\n"
+            "return json.dumps(r.to_dict(), default=str)", "_handoff_restore_")
+        res = await self._in_thread(run.executor.execute, code, 3600.0, silent=True, store_history=False)
+        if res.status != "ok":
+            err = res.error or {}
+            raise RunFailure(f"restoring the {kind} bundle in a fresh kernel failed: "
+                             f"{err.get('ename', res.status)}: {err.get('evalue', '')}",
+                             "the bundle may need packages this server lacks; install them here and "
+                             "hand off again, or pull the run back")
+        try:
+            report = _parse_marked(res.stdout)
+        except ValueError as exc:
+            raise RunFailure(f"restoring in a fresh kernel printed no report ({exc})",
+                             "see the Jupyter Server log") from exc
+        report.pop("run", None)  # the run state travels separately; keep the event small
+        report["reason"] = reason
+        report["source"] = kind
+        self._emit(run, "restore", report=report)
+        run.ckpt_messages = len(manifest.get("run", {}).get("messages", []) if isinstance(
+            manifest.get("run"), dict) else [])
+        self._write_notebook(run)
+
+    def _materialise(self, run_id: str, manifest: dict[str, Any]) -> None:
+        """Write the manifest and hard-link its chunks into .handoff/bundle and .handoff/ckpt
+        (the checkpoint dir starts with every chunk, so checkpoints write only new ones)."""
+        try:
+            shas = validate_manifest(manifest)
+        except BundleError as exc:
+            raise RunFailure(f"the stored manifest of run {run_id} is invalid: {exc}",
+                             "hand the run off again") from exc
+        missing = self.blobs.missing(shas)
+        if missing:
+            raise RunFailure(f"{len(missing)} chunk(s) of run {run_id} are missing on this server "
+                             f"(first: {missing[0]})", "hand the run off again to re-upload them")
+        ws = self.workspace(run_id)
+        for name in ("bundle", "ckpt"):
+            d = ws / ".handoff" / name
+            for sha in shas:
+                _link_or_copy(self.blobs.path(sha), d / "chunks" / sha[:2] / sha)
+            if name == "bundle" and (d / "manifest.json").exists():
+                continue  # the handoff bundle as it arrived stays as it was
+            _atomic_json(d / "manifest.json", manifest)
+
+    async def _cleanup_kernel(self, run: _Run) -> None:
+        ex, kid = run.executor, run.kernel_id
+        run.executor = None
+        run.kernel_id = None
+        if ex is not None:
+            ex.close()
+        if kid is None:
+            return
+        if getattr(self.app, "keep_kernel", False) and not (ex and ex.dead) and run.state is not None \
+                and run.state.status in ("completed", "failed", "cancelled"):
+            return  # kept for inspection (c.HandoffApp.keep_kernel)
+        try:
+            await ensure_async(self.kernel_manager.shutdown_kernel(kid, now=bool(ex and ex.dead)))
+        except KeyError:
+            pass
+        except Exception as exc:
+            log.warning("jupyter-handoff: shutting down kernel %s failed: %s", kid, exc)
+
+    async def _recover_crash(self, run: _Run) -> None:
+        """A kernel died mid-step: restore a fresh one from the last checkpoint and redo the
+        step; the second crash in the same step fails the run."""
+        state = run.state
+        assert state is not None
+        turn = self._cut_off_turn(run)
+        run.crashes[turn] = run.crashes.get(turn, 0) + 1
+        if run.crashes[turn] >= MAX_CRASHES_PER_STEP:
+            raise RunFailure(f"the kernel died {run.crashes[turn]} times while running step {turn + 1}; "
+                             "the run stopped so it does not crash forever",
+                             "look at that step's code (memory use, os._exit, native crashes); pull "
+                             "the run back to continue from the last checkpoint locally")
+        self._status(run, "restoring", reason="the kernel died; restoring the last checkpoint in a new kernel")
+        await self._new_kernel(run, reason="kernel crash")
+        self._rollback_cut_off(run, "the kernel died while this step ran (crash or out of memory)")
+        self._status(run, "running", reason="recovered from a kernel crash")
+
+    def _cut_off_turn(self, run: _Run) -> int:
+        state = run.state
+        assert state is not None
+        base = max(run.ckpt_messages, 0)
+        idx = next((i for i in range(base, len(state.messages)) if state.messages[i].role == "assistant"),
+                   len(state.messages))
+        return sum(1 for m in state.messages[:idx] if m.role == "assistant")
+
+    def _rollback_cut_off(self, run: _Run, why: str) -> None:
+        """Drop a step the restored kernel never saw (after the last checkpoint) and tell the
+        agent, so it redoes the step; a scripted model replays the same turn."""
+        state = run.state
+        assert state is not None
+        manifest, _ = self.latest_manifest(run.id)
+        base_run = manifest.get("run") if isinstance(manifest.get("run"), dict) else None
+        base_len = len(base_run.get("messages") or []) if base_run else 0
+        cut = next((i for i in range(base_len, len(state.messages))
+                    if state.messages[i].role == "assistant"), None)
+        if cut is None:
+            return
+        lost = state.messages[cut]
+        codes = [str(c.arguments.get("code", "")) for c in lost.tool_calls if c.name == "run_python"]
+        turn = sum(1 for m in state.messages[:cut] if m.role == "assistant") + 1
+        shown = "\n\n".join(c if len(c) < 2000 else c[:2000] + "\n# ... (trimmed)" for c in codes)
+        note = (f"[interrupted] Your step {turn} was cut off: {why}. The kernel was restored to the "
+                "checkpoint taken before that step, so its effects are gone. Redo the step."
+                + (f" Its code was:\n```python\n{shown}\n```" if shown else ""))
+        state.messages = state.messages[:cut] + [Message(role="user", text=note)]
+        if base_run is not None:
+            try:
+                base = RunState.from_dict(base_run)
+                state.plan = [PlanStep(text=p.text, status=p.status) for p in base.plan]
+                state.steps = base.steps
+            except StateError as exc:
+                log.warning("jupyter-handoff: checkpoint run state of %s unreadable: %s", run.id, exc)
+        run.ckpt_messages = len(state.messages) - 1
+        self._emit(run, "interrupted", reason=f"step {turn} was cut off ({why}); it will be redone",
+                   step=turn)
+        self._emit(run, "plan", steps=[{"text": p.text, "status": p.status} for p in state.plan])
+
+    # -- model ----------------------------------------------------------------------------------
+    def _provider(self, run: _Run) -> Any:
+        from handoff_magic.agent.providers.base import ProviderError, make_provider
+        state = run.state
+        assert state is not None
+        spec = (getattr(self.app, "model", "") or state.model or "").strip()
+        if not spec:
+            raise RunFailure("no model is configured for remote runs and the run names none",
+                             "set c.HandoffApp.model (e.g. openai:gpt-4o) on the server")
+        kind = spec.split(":", 1)[0].strip().lower()
+        key_env = getattr(self.app, "model_api_key_env", "") or SDK_KEY_ENV.get(kind, "")
+        api_key = os.environ.get(key_env) if key_env else None
+        base_url = getattr(self.app, "model_base_url", "") or None
+        try:
+            provider = make_provider(spec, api_key=api_key, base_url=base_url,
+                                     base_dir=self.workspace(run.id))
+        except ProviderError as exc:
+            raise RunFailure(f"cannot use model {spec!r} on this server: {exc.message}",
+                             exc.hint or "check c.HandoffApp.model and the key in the server's environment")
+        run.model = spec
+        return provider
+
+    # -- per step ---------------------------------------------------------------------------------
+    def _should_pause(self, run: _Run) -> bool:
+        """Called by the loop (worker thread) at every step boundary: checkpoint here."""
+        if run.crashed or self._stopping:
+            return True
+        self._after_step(run, False)
+        return run.crashed or run.pause.is_set()
+
+    def _after_step(self, run: _Run, final: bool) -> None:
+        state = run.state
+        assert state is not None
+        self._write_notebook(run)
+        if run.executor is None or run.executor.dead:
+            return
+        if len(state.messages) != run.ckpt_messages:
+            self._checkpoint(run, False)
+
+    def _checkpoint(self, run: _Run, full: bool) -> dict[str, Any] | None:
+        """``save_state`` inside the kernel into .handoff/ckpt (only new chunks are written),
+        then ingest the new chunks into the BlobStore by hash and record the manifest."""
+        state = run.state
+        ex = run.executor
+        assert state is not None and ex is not None
+        ws = self.workspace(run.id)
+        ckpt = ws / ".handoff" / "ckpt"
+        run_json = ws / ".handoff" / "run.json"
+        data = state.to_dict()
+        if not full:
+            data["events"] = []  # the event log lives in SQLite; keep per-step checkpoints small
+        _atomic_json(run_json, data)
+        code = _kernel_code(
+            "import json, handoff_magic\n"
+            "from handoff_magic.state import RunState\n"
+            f"with open({str(run_json)!r}, encoding='utf-8') as f:\n"
+            "    run = RunState.from_json(f.read())\n"
+            f"r = handoff_magic.save_state({str(ckpt)!r}, run=run, root={str(ws)!r})\n"
+            "return json.dumps({'bytes_new': r.bytes_new, 'bytes_total': r.bytes_total})",
+            "_handoff_checkpoint_")
+        res = ex.execute(code, 3600.0, silent=True, store_history=False)
+        if res.status == "dead":
+            run.crashed = True
+            return None
+        if res.status != "ok":
+            err = res.error or {}
+            self._emit(run, "error", error=f"checkpoint failed: {err.get('ename', res.status)}: "
+                                          f"{err.get('evalue', '')}",
+                       hint="the run goes on; a crash now would resume from the previous checkpoint")
+            return None
+        try:
+            manifest = json.loads((ckpt / "manifest.json").read_text(encoding="utf-8"))
+            shas = validate_manifest(manifest, max_bytes=getattr(self.app, "max_bundle_bytes", None))
+        except (OSError, ValueError, BundleError) as exc:
+            self._emit(run, "error", error=f"checkpoint manifest unreadable: {exc}",
+                       hint="the run goes on; a crash now would resume from the previous checkpoint")
+            return None
+        new_bytes = 0
+        for sha in shas:
+            if self.blobs.has(sha):
+                continue
+            raw = (ckpt / "chunks" / sha[:2] / sha).read_bytes()
+            self.blobs.put(sha, raw)  # verifies the sha256: nothing is decoded, nothing unpickled
+            new_bytes += len(raw)
+        self.store.save_manifest(run.id, "checkpoint", manifest)
+        run.ckpt_messages = len(state.messages)
+        total = sum(int(m.get("stored", 0)) for m in manifest.get("chunks", {}).values())
+        self._emit(run, "checkpoint", bytes_new=new_bytes, bytes_total=total)
+        return manifest
+
+    def _write_notebook(self, run: _Run) -> None:
+        state = run.state
+        if state is None:
+            return
+        try:
+            write_for_state(self.workspace(run.id) / "result.ipynb", state,
+                            model=run.model or getattr(self.app, "model", "") or state.model)
+        except Exception as exc:  # the notebook is a report: never let it stop the run, but say so
+            log.exception("jupyter-handoff: writing result.ipynb of %s failed", run.id)
+            self._emit(run, "error", error=f"result.ipynb could not be written: {exc}",
+                       hint="the run goes on; its events are complete in the status page")
+
+    # -- events -----------------------------------------------------------------------------------
+    def _on_event_cb(self, run: _Run) -> Callable[[RunState, Event], None]:
+        def on_event(state: RunState, event: Event) -> None:
+            self._persist(run, event)
+        return on_event
+
+    def _persist(self, run: _Run, event: Event) -> None:
+        """Commit the event (before the loop goes on) and the state; notify on key statuses."""
+        if self._stopping:
+            return  # the server is going down: the store keeps the last committed step
+        state = run.state
+        assert state is not None
+        if event.type == "tool_result" and event.data.get("name") == "run_python" \
+                and run.last_exec_count is not None:
+            event.data["execution_count"] = run.last_exec_count
+            run.last_exec_count = None
+        stored = self.store.append_event(run.id, event.type, event.data)
+        if stored.seq != event.seq:
+            log.debug("jupyter-handoff: run %s event renumbered %d -> %d", run.id, event.seq, stored.seq)
+            event.seq = stored.seq
+        event.time = stored.time
+        self.store.save_state(state)
+        if event.type == "status" and event.data.get("status") in NOTIFY_ON:
+            notifier = getattr(self.app, "notifier", None)
+            if notifier is not None:
+                try:
+                    notifier.enqueue(run.id, event.data["status"])
+                except Exception:
+                    log.exception("jupyter-handoff: queueing a notification for %s failed", run.id)
+
+    def _emit(self, run: _Run, type: str, **data: Any) -> Event:
+        assert run.state is not None
+        event = run.state.emit(type, **data)
+        self._persist(run, event)
+        return event
+
+    def _status(self, run: _Run, status: str, **data: Any) -> None:
+        assert run.state is not None
+        event = run.state.set_status(status, **data)
+        if event is not None:
+            self._persist(run, event)
+
+    def _set_status_direct(self, state: RunState, status: str, reason: str) -> None:
+        """Status change for a run no task drives (not started, or already gone)."""
+        run = _Run(id=state.id, state=state)
+        state.question = None
+        self._status(run, status, reason=reason)
+
+    def _fail(self, run: _Run, message: str, hint: str) -> None:
+        if self._stopping:
+            return
+        state = run.state
+        if state is None:
+            try:
+                state = run.state = self.store.get_state(run.id)
+            except KeyError:
+                return
+        if state.is_terminal:
+            return
+        state.error = message
+        self._emit(run, "error", error=message, hint=hint)
+        self._status(run, "failed", reason=message)
+        self._write_notebook(run)
+
+    def _public_url(self) -> str:
+        try:
+            return str(self.app.get_public_url())
+        except Exception:
+            return ""
+
+    async def _in_thread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+
+def _has_running_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        return False
+
+
+def gc_blobs(store: Any, blobs: Any, *, min_age: float = 3600.0) -> dict[str, int]:
+    """Remove chunks no manifest references (and stale upload temp files), sparing anything
+    younger than ``min_age`` seconds: an upload in progress is not referenced yet."""
+    referenced = store.referenced_chunks()
+    now = time.time()
+    deleted = kept = freed = 0
+    root = Path(blobs.root)
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        for f in sub.iterdir():
+            try:
+                st = f.stat()
+            except FileNotFoundError:
+                continue
+            if now - st.st_mtime < min_age:
+                kept += 1
+                continue
+            if f.name.startswith(".tmp-") or (f.name not in referenced and len(f.name) == 64):
+                f.unlink(missing_ok=True)
+                deleted += 1
+                freed += st.st_size
+            else:
+                kept += 1
+    return {"deleted": deleted, "kept": kept, "bytes_freed": freed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m jupyter_server_ext.runner gc --data-dir DIR [--min-age SECONDS]``."""
+    import argparse
+    from .store import BlobStore, RunStore
+    p = argparse.ArgumentParser(prog="python -m jupyter_server_ext.runner",
+                                description="jupyter-handoff server maintenance")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("gc", help="delete uploaded chunks no run references")
+    g.add_argument("--data-dir", required=True, help="the server's c.HandoffApp.data_dir")
+    g.add_argument("--min-age", type=float, default=3600.0, help="spare chunks younger than this (s)")
+    args = p.parse_args(argv)
+    data = Path(args.data_dir).expanduser()
+    if not (data / "handoff.sqlite").exists():
+        p.error(f"{data} holds no handoff.sqlite; pass the server's HandoffApp.data_dir")
+    store = RunStore(data / "handoff.sqlite")
+    try:
+        print(json.dumps(gc_blobs(store, BlobStore(data / "blobs"), min_age=args.min_age)))
+    finally:
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
