@@ -187,10 +187,15 @@ class WebhookReceiver:
 class Kernel:
     """A real ipykernel (jupyter_client) that runs code and returns nbformat outputs."""
 
-    def __init__(self, cwd: Path, env: dict[str, str], name: str = "python3") -> None:
+    def __init__(self, cwd: Path, env: dict[str, str], name: str = "python3",
+                 log: Path | None = None) -> None:
         from jupyter_client.manager import KernelManager
         self.km = KernelManager(kernel_name=name)
-        self.km.start_kernel(cwd=str(cwd), env=env)
+        kw: dict[str, Any] = {}
+        if log is not None:  # the kernel's own stderr (warnings, crashes) goes to a file
+            self._log = open(log, "ab")
+            kw = {"stdout": self._log, "stderr": self._log}
+        self.km.start_kernel(cwd=str(cwd), env=env, **kw)
         self.kc = self.km.client()
         self.kc.start_channels()
         try:
@@ -339,7 +344,7 @@ class Journey:
         client = HandoffClient(self.cloud.url, self.cloud.token)
 
         # -- part 1: the laptop ------------------------------------------------------------
-        a = Kernel(self.laptop, self.kernel_env())
+        a = Kernel(self.laptop, self.kernel_env(), log=self.base / "kernel-A.log")
         self.kernels.append(a)
         self.t.stage("laptop", f"kernel A started in {self.laptop}")
         handoff_cell = next(i for i in part1 if nb.cells[i].source.lstrip().startswith("%handoff"))
@@ -390,7 +395,7 @@ class Journey:
 
         # -- part 2: a new kernel -----------------------------------------------------------
         nb.cells[params[0]].source = f'RUN_ID = "{run_id}"  # from the notification'
-        b = Kernel(self.laptop, self.kernel_env())
+        b = Kernel(self.laptop, self.kernel_env(), log=self.base / "kernel-B.log")
         self.kernels.append(b)
         stage_cells: dict[str, list[int]] = {}
         for i in part2:

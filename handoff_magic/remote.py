@@ -646,8 +646,7 @@ class PullReport:
         if self.restore is not None:
             lines.append(str(self.restore))
         for c in self.conflicts:
-            lines.append(f"conflict: {c} (your local file was kept; the remote version is next to it "
-                         "as .remote)")
+            lines.append(f"conflict: {_conflict_text(c)}")
         lines.append("%agent continue goes on here with the full plan and messages")
         return "\n".join(lines)
 
@@ -655,26 +654,31 @@ class PullReport:
 
     def _repr_html_(self) -> str:
         body = self.restore._repr_html_() if hasattr(self.restore, "_repr_html_") else ""
-        conflicts = "".join(f"<li>{html.escape(str(c))}: local file kept, remote saved as "
-                            f"<code>.remote</code></li>" for c in self.conflicts)
+        conflicts = "".join(f"<li>{html.escape(_conflict_text(c))}</li>" for c in self.conflicts)
         return (f"<p>Pulled run <b>{html.escape(self.run_id)}</b> from {html.escape(self.server_url)} "
                 f"({_fmt_bytes(self.bytes_downloaded)} downloaded in {self.seconds:.2f}s). "
                 f"<code>%agent continue</code> goes on here.</p>{body}"
                 + (f"<p>Conflicts:</p><ul>{conflicts}</ul>" if conflicts else ""))
 
 
-def _file_conflicts(manifest: dict[str, Any], record: dict[str, Any] | None, root: Path) -> dict[str, str]:
-    """path -> sha256 of the file at handoff. Without a handoff record (pull into another
-    machine), any existing local file that differs from the incoming one counts as changed."""
-    if record is not None:
-        return {p: h for p, h in (record.get("files") or {}).items() if h}
-    out: dict[str, str] = {}
-    for f in manifest.get("files") or []:
-        local = root / f["path"]
-        if local.is_file():
-            digest = hashlib.sha256(local.read_bytes()).hexdigest()
-            out[f["path"]] = digest if digest == f.get("sha256") else "0" * 64
-    return out
+def _conflict_text(c: Any) -> str:
+    if isinstance(c, dict):
+        if c.get("error"):
+            return f"{c.get('path')}: {c['error']}"
+        return (f"{c.get('path')} changed here since the handoff: your version was kept, the run's "
+                f"version is in {c.get('written_as')}")
+    return str(c)
+
+
+ABSENT = "0" * 64   # "this file did not exist (or is unknown) at handoff"
+
+
+def _file_conflicts(manifest: dict[str, Any], record: dict[str, Any] | None) -> dict[str, str]:
+    """path -> sha256 of the file at handoff, for every incoming file. A file absent at handoff
+    (or a pull without a handoff record, e.g. into another machine) maps to ABSENT, so an existing
+    local file that differs from the incoming one is kept and the incoming one lands as .remote."""
+    at_handoff = (record or {}).get("files") or {}
+    return {f["path"]: at_handoff.get(f["path"]) or ABSENT for f in manifest.get("files") or []}
 
 
 def pull(run_id: str, *, to: str | None = None, token: str | None = None, shell: Any = None,
@@ -683,7 +687,6 @@ def pull(run_id: str, *, to: str | None = None, token: str | None = None, shell:
     t0 = time.perf_counter()
     cl = _client(to, token, client)
     shell = shell if shell is not None else _get_shell()
-    root = Path(os.getcwd())
     record = load_record(cl.url, run_id)
     bundle_dir = Path(record["bundle_dir"]) if record and record.get("bundle_dir") else \
         bundle_cache(f"pull-{run_id}")
@@ -701,7 +704,7 @@ def pull(run_id: str, *, to: str | None = None, token: str | None = None, shell:
 
     from .bundle import write_manifest
     write_manifest(bundle_dir, manifest)
-    conflicts = _file_conflicts(manifest, record, root)
+    conflicts = _file_conflicts(manifest, record)
     from . import load_state
     try:
         report = load_state(bundle_dir, shell, file_conflicts=conflicts)
