@@ -27,6 +27,7 @@ RUN_ID = r"(?P<run_id>[A-Za-z0-9_-]{1,64})"
 API = "/handoff/api"
 MAX_JSON_BYTES = 64 * 1024 * 1024     # a manifest for a huge namespace is still far below this
 MAX_ANSWER_CHARS = 100_000
+DISCARD_BYTES = 4 * 1024 * 1024     # refused uploads up to this size are drained to answer cleanly
 IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
 NOT_FOUND_HINT = "list runs with GET /handoff/api/runs or %reattach"
 
@@ -142,38 +143,47 @@ class BlobHandler(HandoffAPIHandler):
     """HEAD (exists?), GET (stored bytes), PUT (streamed upload, hash verified, size capped)."""
 
     _writer: Any = None
+    _deferred: web.HTTPError | None = None
 
     async def prepare(self) -> None:  # type: ignore[override]
-        await super().prepare()
         if self.request.method != "PUT":
+            await super().prepare()
             return
-        # the body streams in before put() runs, so authenticate and bound it here
-        if not self.current_user:
-            raise web.HTTPError(403, "no valid token or login")
-        if not await _is_authorized(self, "write"):
-            raise web.HTTPError(403, f"user may not write to resource {RESOURCE}")
-        sha = self.path_kwargs["sha"]
+        # The body streams in before put() runs, so authenticate and bound it here. An error is
+        # answered after the (small) body is drained: closing a socket with unread bytes resets
+        # it, and the client would never see the JSON error.
         try:
-            check_sha(sha)
-        except BlobError as exc:
-            raise HandoffError(400, str(exc), "PUT each chunk at /handoff/api/blobs/<sha256 of its bytes>") from None
-        cap = self.handoff.max_chunk_bytes
-        length = self.request.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > cap:
-            raise HandoffError(413, f"chunk of {int(length)} bytes is over the {cap} byte limit",
-                               "split data into smaller chunks or raise HandoffApp.max_chunk_bytes")
-        self.request.connection.set_max_body_size(cap + 1)
-        self._writer = self.handoff.blobs.writer(sha, cap)
+            await super().prepare()
+            if not self.current_user:
+                raise web.HTTPError(403, "no valid token or login")
+            if not await _is_authorized(self, "write"):
+                raise web.HTTPError(403, f"user may not write to resource {RESOURCE}")
+            sha = self.path_kwargs["sha"]
+            try:
+                check_sha(sha)
+            except BlobError as exc:
+                raise HandoffError(400, str(exc), "PUT each chunk at /handoff/api/blobs/<sha256 of its "
+                                   "bytes>") from None
+            cap = self.handoff.max_chunk_bytes
+            length = self.request.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > cap:
+                raise HandoffError(413, f"chunk of {int(length)} bytes is over the {cap} byte limit",
+                                   "split data into smaller chunks or raise HandoffApp.max_chunk_bytes")
+            self.request.connection.set_max_body_size(cap + DISCARD_BYTES)
+            self._writer = self.handoff.blobs.writer(sha, cap)
+        except web.HTTPError as exc:
+            self._deferred = exc
+            self.request.connection.set_max_body_size(DISCARD_BYTES)
 
     def data_received(self, chunk: bytes) -> None:
         if self._writer is None:
-            return
+            return  # draining a refused body
         try:
             self._writer.write(chunk)
-        except BlobError as exc:
+        except BlobError as exc:  # over the cap while streaming (no Content-Length)
             self._writer = None
-            raise HandoffError(413, str(exc), "split data into smaller chunks or raise "
-                               "HandoffApp.max_chunk_bytes") from None
+            self._deferred = HandoffError(413, str(exc), "split data into smaller chunks or raise "
+                                          "HandoffApp.max_chunk_bytes")
 
     def on_connection_close(self) -> None:
         if self._writer is not None:  # cut mid-body: drop the temp file, nothing is published
@@ -189,6 +199,8 @@ class BlobHandler(HandoffAPIHandler):
     @web.authenticated
     @authorized
     def put(self, sha: str) -> None:
+        if self._deferred is not None:
+            raise self._deferred
         writer, self._writer = self._writer, None
         if writer is None:
             raise HandoffError(400, "upload was not received", "retry the PUT")
@@ -282,7 +294,6 @@ class RunsHandler(HandoffAPIHandler):
             raise HandoffError(413, f"bundle is {size} bytes, over this server's limit of {limit} bytes",
                                "hand off fewer or smaller variables (del big ones, or use files), "
                                "or ask the admin to raise HandoffApp.max_bundle_bytes")
-        self.runner()  # 503 before anything is written if runs cannot execute
         from handoff_magic.bundle import BundleError, validate_manifest
         try:
             shas = validate_manifest(manifest, max_bytes=limit)
@@ -290,7 +301,16 @@ class RunsHandler(HandoffAPIHandler):
             raise HandoffError(400, f"manifest rejected: {exc}",
                                "capture the bundle again with %handoff; hand-made manifests must "
                                "follow docs/internals.md") from None
+        run = manifest.get("run")
+        if not isinstance(run, dict):
+            raise HandoffError(400, "manifest has no 'run': there is no agent run to resume",
+                               "start a run with %agent, then %handoff it")
+        try:
+            state = RunState.from_dict(run)
+        except StateError as exc:
+            raise HandoffError(400, f"run state rejected: {exc}", "capture the run again with %handoff") from None
         blobs = self.handoff.blobs
+        shas = sorted(set(shas) | set(manifest.get("chunks") or {}))
         missing = blobs.missing(shas)
         if missing:
             raise HandoffError(400, f"manifest references {len(missing)} chunk(s) this server does not have",
@@ -302,14 +322,7 @@ class RunsHandler(HandoffAPIHandler):
             if isinstance(declared, int) and blobs.size(sha) != declared:
                 raise HandoffError(400, f"chunk {sha} is {blobs.size(sha)} bytes on the server but the "
                                    f"manifest declares {declared}", "capture the bundle again")
-        run = manifest.get("run")
-        if not isinstance(run, dict):
-            raise HandoffError(400, "manifest has no 'run': there is no agent run to resume",
-                               "start a run with %agent, then %handoff it")
-        try:
-            state = RunState.from_dict(run)
-        except StateError as exc:
-            raise HandoffError(400, f"run state rejected: {exc}", "capture the run again with %handoff") from None
+        self.runner()  # 503 before anything is written if runs cannot execute here
         summary, created = store.create_run(state, manifest, key or None)
         if created:
             self.runner().submit(summary["id"])
