@@ -29,7 +29,7 @@ PULL_USAGE = "usage: %pull RUN_ID [--to URL] [--token TOKEN]"
 
 _FLAGS = {"--background"}
 _VALUED = {"--model", "--max-steps"}
-_OPT_RE = re.compile(r"(--?[A-Za-z][\w-]*)(?:=(\S*))?(?=\s|$)")
+_OPT_RE = re.compile(r"(--?[A-Za-z][\w-]*)(=|(?=\s|$))")
 
 
 def _take_value(text: str, name: str, usage: str) -> tuple[str, str]:
@@ -67,14 +67,16 @@ def parse_agent_line(line: str, usage: str = AGENT_USAGE) -> tuple[dict[str, Any
         m = _OPT_RE.match(rest)
         if not m:
             break
-        name, inline = m.group(1), m.group(2)
+        name, has_eq = m.group(1), m.group(2) == "="
         after = rest[m.end():]
         if name in _FLAGS:
-            if inline is not None:
+            if has_eq:
                 raise UsageError(f"{name} takes no value\n{usage}")
             opts[name[2:].replace("-", "_")] = True
         elif name in _VALUED:
-            value, after = (inline, after) if inline is not None else _take_value(after, name, usage)
+            if has_eq and (not after or after[0].isspace()):
+                raise UsageError(f"option {name} needs a value\n{usage}")
+            value, after = _take_value(after, name, usage)
             if not value:
                 raise UsageError(f"option {name} needs a value\n{usage}")
             opts[name[2:].replace("-", "_")] = value
@@ -232,10 +234,10 @@ class HandoffMagics(Magics):
             raise UsageError(f"run {busy[0].id} is running in the background: %agent pause it first")
         answer = _unquote(rest) or None
         try:
+            run.check_continue(answer)
             if opts["model"]:
                 run.use_model(opts["model"])
-            if not run.running:
-                _display(run.widget)
+            _display(run.widget)
             run.continue_(answer, background=opts["background"])
         except (RunError, ProviderError) as exc:
             raise UsageError(str(exc)) from exc

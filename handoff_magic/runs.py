@@ -158,7 +158,12 @@ class LocalRun:
         self._launch(None, background)
 
     def continue_(self, answer: str | None = None, background: bool = False) -> None:
-        """Resume a paused run, answer a waiting one, or retry a failed one."""
+        """Resume a paused run, answer a waiting one, retry a failed one, or follow up a completed one."""
+        self.check_continue(answer)
+        self._launch(answer.strip() if answer else None, background)
+
+    def check_continue(self, answer: str | None = None) -> None:
+        """Raise RunError (saying what to do instead) if continue_(answer) cannot run now."""
         s = self._state
         if self.running:
             raise RunError(f"run {s.id} is already running in the background; "
@@ -181,7 +186,6 @@ class LocalRun:
         if s.status == "waiting_input" and not (answer and answer.strip()):
             raise RunError(f'the agent is waiting for your answer to: {s.question or "(no question)"}\n'
                            'answer with %agent continue "your answer"')
-        self._launch(answer.strip() if answer else None, background)
 
     def _launch(self, answer: str | None, background: bool) -> None:
         self._pause.clear()
