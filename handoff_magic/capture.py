@@ -692,19 +692,20 @@ def _capture_vars(candidates: list[tuple[str, Any]], ns: dict[str, Any], shell: 
             if pk2 is None:   # keep them separately; identity between them is lost
                 note = f"shares objects with {', '.join(names)} but could not be saved together ({reason})"
                 for n in names:
-                    _add_group(manifest, report, f"{group_id}_{n}", [n], packs[n], values, timing, note)
+                    _add_group(manifest, report, f"{group_id}_{n}", [n], packs[n], values, timing, note, secrets)
                 continue
             pk = pk2
-        _add_group(manifest, report, group_id, names, pk, values, timing, note)
+        _add_group(manifest, report, group_id, names, pk, values, timing, note, secrets)
 
     # replays for live resources
+    secret_strs = [s.decode("utf-8", "replace") for s in secrets]
     plan = plan_replays(
         {n: r for n, (r, ok) in failed.items() if ok}, shell,
         restorable=set(packs) | {v["name"] for v in manifest["variables"] if v["method"] == "import"},
-        secrets=[s.decode("utf-8", "replace") for s in secrets])
+        secrets=secret_strs)
     for n, (reason, _ok) in failed.items():
         value = values[n]
-        entry = {"name": n, "type": _type_name(value), "size": 0, "summary": summary(value)}
+        entry = {"name": n, "type": _type_name(value), "size": 0, "summary": redact(summary(value), secret_strs)}
         if n in plan.names:
             cell = plan.names[n]
             manifest["variables"].append(dict(entry, method="replay", group=None,
@@ -719,7 +720,7 @@ def _capture_vars(candidates: list[tuple[str, Any]], ns: dict[str, Any], shell: 
 
 
 def _add_group(manifest: dict[str, Any], report: CaptureReport, group_id: str, names: list[str], pk: Packed,
-               values: dict[str, Any], timing: dict[str, float], note: str | None) -> None:
+               values: dict[str, Any], timing: dict[str, float], note: str | None, secrets: list[bytes]) -> None:
     payload, buffers = pk.refs()
     manifest["groups"].append({"id": group_id, "names": names, "method": pk.method,
                                "payload": [r.sha for r in payload],
@@ -728,7 +729,8 @@ def _add_group(manifest: dict[str, Any], report: CaptureReport, group_id: str, n
     for n in names:
         v = values[n]
         manifest["variables"].append({"name": n, "type": _type_name(v), "size": share, "method": pk.method,
-                                      "group": group_id, "summary": summary(v), "reason": note})
+                                      "group": group_id, "reason": note,
+                                      "summary": redact(summary(v), [s.decode("utf-8", "replace") for s in secrets])})
         report.variables.append(VarReport(n, _type_name(v), pk.method, share, timing.get(n, 0.0), "ok", note))
 
 

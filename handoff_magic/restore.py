@@ -153,6 +153,8 @@ def _restore_history(shell: Any, ns: dict[str, Any], history: dict[str, Any]) ->
     raw = [str(s) for s in history.get("In_raw", ins)]
     if len(raw) != len(ins):
         raw = list(ins)
+    # IPython 9 bumps execution_count when a cell starts, 8 when it ends: keep whichever offset applies
+    offset = int(shell.execution_count) - (len(hm.input_hist_parsed) - 1)
     current_parsed = hm.input_hist_parsed[-1] if len(hm.input_hist_parsed) > 1 else ""
     current_raw = hm.input_hist_raw[-1] if len(hm.input_hist_raw) > 1 else ""
     hm.input_hist_parsed[:] = ins + [current_parsed]
@@ -165,7 +167,7 @@ def _restore_history(shell: Any, ns: dict[str, Any], history: dict[str, Any]) ->
             continue
     for i, text in enumerate(ins[1:], start=1):
         ns[f"_i{i}"] = text
-    shell.execution_count = len(ins)
+    shell.execution_count = len(ins) + offset
 
 
 def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path | None = None,

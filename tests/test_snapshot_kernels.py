@@ -1,0 +1,302 @@
+"""Snapshot engine end to end in real kernels: define the hard-object corpus in kernel A,
+`%snapshot save`, restore into a fresh kernel B in another directory, compare values,
+types and identities. Two kernels for the whole module."""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client.manager import KernelManager
+
+SECRET = "sk-handoff-test-9f8e7d6c5b4a"
+
+CORPUS = [
+    "import os, sqlite3, threading, dataclasses\nimport numpy as np\nimport pandas as pd\n"
+    "import numpy.linalg as la\nfrom math import sqrt as s",
+    "big = np.random.default_rng(0).random(3_000_000)\nbig_sum = float(big.sum())\nview = big[10:20]\n"
+    "ints = np.arange(12, dtype=np.int32).reshape(3, 4)",
+    "df = pd.DataFrame({'cat': pd.Categorical(['a', 'b', 'a', 'c']),\n"
+    "                   'when': pd.date_range('2024-01-01', periods=4, tz='Europe/Paris'),\n"
+    "                   'x': [1.5, 2.5, 3.5, 4.5]},\n"
+    "                  index=pd.MultiIndex.from_product([[1, 2], ['u', 'v']], names=['k', 'l']))\ndf",
+    "shared = [1, 2, 3]\nx = {'a': shared, 'b': shared}\ny = shared\nalias = x\n"
+    "rec = {'name': 'loop'}\nrec['self'] = rec",
+    "sq = lambda t: t * t\n"
+    "def make_adder(k):\n    def add(z):\n        return z + k\n    return add\nadd5 = make_adder(5)\n"
+    "def twice(v):\n    return 2 * v",
+    "class Point:\n    def __init__(self, x, y):\n        self.x, self.y = x, y\n"
+    "    def norm2(self):\n        return self.x ** 2 + self.y ** 2\npt = Point(3, 4)\npts = [pt, Point(1, 1)]",
+    "@dataclasses.dataclass\nclass Item:\n    name: str\n    qty: int = 1\nitem = Item('pen', 3)",
+    "gen = (i * i for i in range(5))",
+    "con = sqlite3.connect(':memory:')\ncon.execute('create table t (a integer, b text)')\n"
+    "con.executemany('insert into t values (?, ?)', [(1, 'one'), (2, 'two')])\ncon.commit()",
+    "lock = threading.Lock()",
+    "fh = open('data.csv')",
+    "wfh = open('out.log', 'a')",
+    "class Unpicklable:\n    def __reduce__(self):\n        raise RuntimeError('refuses to be pickled')\n"
+    "bad = Unpicklable()",
+    "OPENAI_API_KEY = os.environ['OPENAI_API_KEY']\nleak = os.environ['OPENAI_API_KEY']\n"
+    "settings = {'model': 'm', 'key': os.environ['OPENAI_API_KEY']}\nprint('key is', OPENAI_API_KEY)",
+    "import ipywidgets\nslider = ipywidgets.IntSlider()",
+    "counter = 41\ncounter += 1\ncounter",
+    f"len('{SECRET}')",
+]
+
+CHECK = r"""
+import json as _json, numpy as _np
+_r = {}
+def _c(name, fn):
+    try:
+        _r[name] = fn()
+    except Exception as e:
+        _r[name] = f'ERROR {type(e).__name__}: {e}'
+_c('big', lambda: [type(big).__name__, big.shape[0], float(big.sum()) == big_sum, big.flags.writeable])
+_c('view', lambda: [view.base is not None, bool(_np.shares_memory(view, big)), float(view[0]) == float(big[10])])
+_c('ints', lambda: [str(ints.dtype), ints.tolist()[2]])
+_c('df', lambda: [str(df['cat'].dtype), str(df['when'].dtype), list(df.index.names), df['x'].sum(),
+                  df.index.tolist()[3]])
+_c('shared', lambda: [x['a'] is y, x['b'] is y, alias is x, y == [1, 2, 3]])
+_c('rec', lambda: rec['self'] is rec)
+_c('lambda', lambda: sq(7))
+_c('closure', lambda: add5(1))
+_c('function', lambda: twice(21))
+_c('class', lambda: [type(pt) is Point, pt.norm2(), all(type(p) is Point for p in pts), pts[0] is pt])
+_c('dataclass', lambda: [repr(item), dataclasses.is_dataclass(item)])
+_c('generator', lambda: list(gen))
+_c('sqlite', lambda: con.execute('select a, b from t order by a').fetchall())
+_c('lock', lambda: [type(lock).__name__, lock.acquire(blocking=False)])
+_c('file', lambda: [fh.name, fh.read(), fh.mode])
+_c('modules', lambda: [np.__name__, la.__name__, s(16), pd.__name__])
+_c('names', lambda: sorted(k for k in ('bad', 'wfh', 'OPENAI_API_KEY', 'leak', 'settings', 'slider', 'Unpicklable')
+                           if k in globals()))
+_c('counter', lambda: counter)
+_c('In', lambda: [len(In), In[3][:20], 'big = np.random' in In[2]])
+_c('Out', lambda: [sorted(Out)[:3], 'cat' in repr(Out[3])])
+_c('out_log', lambda: open('out.log').read())
+print(_json.dumps(_r, default=str))
+"""
+
+
+class Kernel:
+    """A real ipykernel driven over ZMQ, as a notebook frontend would."""
+
+    def __init__(self, cwd: Path, env: dict[str, str]) -> None:
+        self.km = KernelManager(kernel_name="python3")
+        self.km.start_kernel(cwd=str(cwd), env=env)
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        self.kc.wait_for_ready(timeout=60)
+
+    def run(self, code: str, timeout: float = 60) -> dict[str, Any]:
+        msg_id = self.kc.execute(code, store_history=True)
+        out: dict[str, Any] = {"stdout": "", "data": [], "error": None}
+        while True:
+            try:
+                msg = self.kc.get_iopub_msg(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"kernel did not finish {code[:60]!r}") from None
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            t, c = msg["msg_type"], msg["content"]
+            if t == "stream" and c["name"] == "stdout":
+                out["stdout"] += c["text"]
+            elif t in ("execute_result", "display_data"):
+                out["data"].append(c["data"])
+                if t == "execute_result":
+                    out["execution_count"] = c["execution_count"]
+            elif t == "error":
+                out["error"] = f"{c['ename']}: {c['evalue']}"
+            elif t == "status" and c["execution_state"] == "idle":
+                return out
+
+    def ok(self, code: str) -> dict[str, Any]:
+        out = self.run(code)
+        assert out["error"] is None, f"{code[:80]!r} failed: {out['error']}"
+        return out
+
+    def stop(self) -> None:
+        self.kc.stop_channels()
+        self.km.shutdown_kernel(now=True)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JPY_", "PYTEST"))}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    base = tmp_path_factory.mktemp("snap")
+    src, dst, bundle = base / "src", base / "dst", base / "bundle"
+    src.mkdir()
+    dst.mkdir()
+    (src / "data.csv").write_text("a,b\n1,2\n")
+    (src / ".gitignore").write_text("data.csv\nresults/\n")
+    (src / "results").mkdir()
+    (src / "results" / "model.bin").write_bytes(os.urandom(5000))
+    (src / ".git").mkdir()
+    (src / ".git" / "config").write_text("[core]\n")
+    (src / "env").mkdir()
+    (src / "env" / "pyvenv.cfg").write_text("home = /usr\n")
+    (src / "env" / "lib.py").write_text("x = 1\n")
+    (src / "__pycache__").mkdir()
+    (src / "__pycache__" / "m.cpython-311.pyc").write_bytes(b"\0" * 10)
+    (src / "huge.bin").write_bytes(b"\1" * 300_000)
+    (src / "out.log").write_text("keep me\n")
+    (src / "keys.txt").write_text(f"token={SECRET}\n")
+    os.symlink("/etc/passwd", src / "passwd-link")
+    a = Kernel(src, _env(OPENAI_API_KEY=SECRET, HANDOFF_MAX_FILE_BYTES="200000"))
+    b = Kernel(dst, _env())
+    try:
+        for cell in CORPUS:
+            a.ok(cell)
+        a.ok("%load_ext handoff_magic")
+        saved = a.ok(f"%snapshot save {bundle}")
+        report = json.loads(a.ok(f"import json; print(json.dumps(_.to_dict()))")["stdout"])
+        b.ok("%load_ext handoff_magic")
+        loaded = b.ok(f"%snapshot load {bundle}")
+        checks = json.loads(b.ok(CHECK)["stdout"])
+        yield {"a": a, "b": b, "src": src, "dst": dst, "bundle": bundle, "saved": saved, "loaded": loaded,
+               "report": report, "checks": checks}
+    finally:
+        a.stop()
+        b.stop()
+
+
+EXPECTED = {
+    "big": ["ndarray", 3_000_000, True, True],
+    "view": [True, True, True],
+    "ints": ["int32", [8, 9, 10, 11]],
+    "df": ["category", "datetime64[ns, Europe/Paris]", ["k", "l"], 12.0, [2, "v"]],
+    "shared": [True, True, True, True],
+    "rec": True,
+    "lambda": 49,
+    "closure": 6,
+    "function": 42,
+    "class": [True, 25, True, True],
+    "dataclass": ["Item(name='pen', qty=3)", True],
+    "generator": [0, 1, 4, 9, 16],
+    "sqlite": [[1, "one"], [2, "two"]],
+    "lock": ["lock", True],
+    "file": ["data.csv", "a,b\n1,2\n", "r"],
+    "modules": ["numpy", "numpy.linalg", 4.0, "pandas"],
+    "names": ["Unpicklable"],  # the class travels; its instance cannot
+    "counter": 42,
+    "out_log": "keep me\n",
+}
+
+
+@pytest.mark.parametrize("item", sorted(EXPECTED))
+def test_corpus_item_restored_in_fresh_kernel(world: Any, item: str) -> None:
+    got = world["checks"][item]
+    want = EXPECTED[item]
+    if item == "df":  # pandas picks the datetime unit
+        assert got[1].startswith("datetime64[") and got[1].endswith("Europe/Paris]"), got
+        got = got[:1] + [want[1]] + got[2:]
+    assert got == want, f"{item}: {got!r}"
+
+
+def test_each_variable_reports_method_and_reason(world: Any) -> None:
+    rows = {v["name"]: v for v in world["report"]["variables"]}
+    assert rows["big"]["method"] == "pickle5" and rows["view"]["method"] == "pickle5"
+    assert rows["big"]["bytes"] + rows["view"]["bytes"] >= 24_000_000  # one group: big and its view
+    assert rows["df"]["method"] == "pickle5"
+    assert rows["sq"]["method"] == "dill" and rows["add5"]["method"] == "dill" and rows["pt"]["method"] == "dill"
+    for name in ("gen", "con", "lock", "fh"):
+        assert rows[name]["method"] == "replay", rows[name]
+    assert rows["wfh"]["outcome"] == "skipped" and "mode 'a'" in rows["wfh"]["reason"]
+    assert rows["bad"]["outcome"] == "skipped" and "refuses to be pickled" in rows["bad"]["reason"]
+    assert rows["np"]["method"] == "import" and rows["s"]["method"] == "import"
+    for name in ("OPENAI_API_KEY", "leak"):
+        assert rows[name]["reason"] == "looks like a secret"
+    assert rows["settings"]["outcome"] == "skipped" and "secret" in rows["settings"]["reason"]
+    assert rows["slider"]["outcome"] == "skipped" and "ipywidgets" in rows["slider"]["reason"]
+    assert not any(n in rows for n in ("In", "Out", "_", "_i3", "get_ipython", "exit", "quit"))
+
+
+def test_reports_render_as_tables(world: Any) -> None:
+    saved_html = world["saved"]["data"][0]["text/html"]
+    assert "<table" in saved_html and "big" in saved_html and "replay" in saved_html
+    loaded = world["loaded"]["data"][0]
+    assert "<table" in loaded["text/html"] and "restored" in loaded["text/plain"]
+
+
+def test_imports_are_import_lines(world: Any) -> None:
+    manifest = json.loads((world["bundle"] / "manifest.json").read_text())
+    assert "import numpy as np" in manifest["imports"]
+    assert "from numpy import linalg as la" in manifest["imports"]
+    assert "from math import sqrt as s" in manifest["imports"]
+
+
+def test_secret_never_in_bundle_bytes(world: Any) -> None:
+    needle = SECRET.encode()
+    for path in world["bundle"].rglob("*"):
+        if path.is_file():
+            assert needle not in path.read_bytes(), f"secret found in {path}"
+    manifest = json.loads((world["bundle"] / "manifest.json").read_text())
+    names = {v["name"] for v in manifest["variables"]}
+    assert not names & {"OPENAI_API_KEY", "leak"}
+    assert "<redacted>" in json.dumps(manifest["history"])
+
+
+def test_files_travel_with_ignores_and_caps(world: Any) -> None:
+    manifest = json.loads((world["bundle"] / "manifest.json").read_text())
+    paths = {f["path"] for f in manifest["files"]}
+    assert {"data.csv", "results/model.bin", ".gitignore", "out.log"} <= paths
+    assert not any(p.startswith((".git/", "env/", "__pycache__/")) for p in paths)
+    assert "huge.bin" not in paths and "keys.txt" not in paths and "passwd-link" not in paths
+    dst = world["dst"]
+    assert (dst / "results" / "model.bin").read_bytes() == (world["src"] / "results" / "model.bin").read_bytes()
+    assert not (dst / "huge.bin").exists()
+
+
+def test_history_travels_and_numbering_continues(world: Any) -> None:
+    got = world["checks"]
+    # kernel A: '' + corpus + load_ext + save; kernel B adds its load cell and the check cell
+    assert got["In"][0] == len(CORPUS) + 5
+    assert got["In"][1][:9] == "df = pd.D" and got["In"][2]
+    assert got["Out"][1] is True
+    nxt = world["b"].ok("1 + 1")
+    assert nxt["execution_count"] == len(CORPUS) + 5
+
+
+@pytest.mark.parametrize("damage", ["corrupt_chunk", "truncated_manifest", "newer_schema"])
+def test_damaged_bundle_changes_nothing(world: Any, damage: str, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(world["bundle"], bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    if damage == "corrupt_chunk":
+        sha = next(g["buffers"][0]["chunks"][0] for g in manifest["groups"] if "big" in g["names"])
+        p = bad / "chunks" / sha[:2] / sha
+        data = bytearray(p.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        p.write_bytes(bytes(data))
+        expect = f"chunk {sha} is corrupt"
+    elif damage == "truncated_manifest":
+        raw = (bad / "manifest.json").read_bytes()
+        (bad / "manifest.json").write_bytes(raw[: len(raw) // 2])
+        expect = "truncated"
+    else:
+        manifest["schema_version"] = 99
+        (bad / "manifest.json").write_text(json.dumps(manifest))
+        expect = "upgrade jupyter-handoff"
+    b = world["b"]
+    b.ok("import json\nbig[0] = -1.0\ncounter = 'changed here'\n_before = sorted(k for k in globals() if not k.startswith('_'))")
+    (world["dst"] / "data.csv").write_text("local edit\n")
+    out = b.run(f"%snapshot load {bad}")
+    assert out["error"] is not None and out["error"].startswith("Bundle") and expect in out["error"], out["error"]
+    after = json.loads(b.ok("import json\nprint(json.dumps([big[0], counter, sorted(k for k in globals() "
+                            "if not k.startswith('_')) == _before]))")["stdout"])
+    assert after == [-1.0, "changed here", True]
+    assert (world["dst"] / "data.csv").read_text() == "local edit\n"
+
+
+if sys.platform == "win32":  # pragma: no cover
+    pytestmark = pytest.mark.skip("kernels over ZMQ with POSIX paths")
