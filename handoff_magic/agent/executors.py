@@ -11,6 +11,7 @@ import _thread
 import base64
 import ctypes
 import re
+import signal
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -206,6 +207,18 @@ def _set_async_exc(thread_id: int, exc: type[BaseException] | None) -> int:
     return ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), obj)
 
 
+def _interrupt_main_thread() -> None:
+    """Like a kernel interrupt: a real SIGINT wakes blocking calls (sleep, socket reads).
+
+    Only when Python handles SIGINT; otherwise (SIG_DFL would kill the process) fall back to
+    a simulated one, which takes effect at the next bytecode.
+    """
+    if callable(signal.getsignal(signal.SIGINT)):
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    else:
+        _thread.interrupt_main()
+
+
 class InProcessExecutor:
     """Runs the agent's code in this kernel's user namespace, from any thread.
 
@@ -246,7 +259,7 @@ class InProcessExecutor:
                 return
             self._interrupted = True
             if tid == threading.main_thread().ident:
-                _thread.interrupt_main()
+                _interrupt_main_thread()
             else:
                 _set_async_exc(tid, KeyboardInterrupt)
 
