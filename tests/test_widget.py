@@ -1,0 +1,328 @@
+"""RunWidget: traits per status, plan/log rendering, thread-safe updates, text fallback, and the
+widget state a real kernel leaves in an executed notebook (nbclient, store_widget_state=True)."""
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+from IPython.lib.pretty import pretty
+from nbclient import NotebookClient
+
+from handoff_magic.state import RUN_STATUSES, RunState
+from handoff_magic.widget import STATUS_LABELS, RunWidget
+
+pytestmark = pytest.mark.timeout(120)
+
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def make(status: str = "idle", **kw: Any) -> tuple[RunState, RunWidget]:
+    state = RunState(goal="clean sales.csv and fit a forecast", model="scripted:demo.json", **kw)
+    state.status = status
+    return state, RunWidget(state)
+
+
+def emit(state: RunState, widget: RunWidget, type: str, **data: Any) -> None:
+    widget.show_event(state.emit(type, **data))
+
+
+def set_status(state: RunState, widget: RunWidget, status: str, **data: Any) -> None:
+    ev = state.set_status(status, **data)
+    assert ev is not None
+    widget.show_event(ev)
+
+
+def enabled(widget: RunWidget) -> set[str]:
+    return {k for k, b in widget.buttons.items() if not b.disabled}
+
+
+# -- header and badge -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("status", RUN_STATUSES)
+def test_status_badge_shows_status(status: str) -> None:
+    _, w = make(status)
+    header = w._header.value
+    assert f'class="jh-badge jh-s-{status}" data-status="{status}">{STATUS_LABELS[status]}</span>' in header
+    assert "clean sales.csv and fit a forecast" in header and "scripted:demo.json" in header
+    assert w.status == status
+
+
+def test_badge_follows_status_events_and_html_is_escaped() -> None:
+    state = RunState(goal="<script>alert(1)</script> & co", model="openai:gpt-4o")
+    w = RunWidget(state)
+    assert "<script>alert(1)" not in w._header.value and "&lt;script&gt;" in w._header.value
+    set_status(state, w, "running")
+    assert 'data-status="running">running<' in w._header.value
+    set_status(state, w, "paused", reason="pause requested; continue the run to resume")
+    assert 'data-status="paused">paused<' in w._header.value
+    assert 'data-level="warn"' in w._message.value and "pause requested" in w._message.value
+
+
+# -- plan -----------------------------------------------------------------------------------
+
+def test_plan_is_a_live_checklist() -> None:
+    state, w = make("running")
+    assert "No plan yet" in w._plan.value
+    emit(state, w, "plan", steps=[{"text": "Load <data>", "status": "done"}, {"text": "Fit", "status": "active"},
+                                  {"text": "Evaluate", "status": "pending"}, {"text": "Plot", "status": "failed"}])
+    html = w._plan.value
+    assert html.count("<li ") == 4 and "Plan · 1/4 done" in html
+    for text, status, icon in (("Load &lt;data&gt;", "done", "✓"), ("Fit", "active", "◐"),
+                               ("Evaluate", "pending", "○"), ("Plot", "failed", "✗")):
+        assert f'data-status="{status}"><span class="jh-ico{" jh-spin" if status == "active" else ""}">' \
+               f'{icon}</span><span class="jh-txt">{text}</span>' in html
+    emit(state, w, "plan", steps=[{"text": "Load", "status": "done"}])
+    assert w._plan.value.count("<li ") == 1 and "1/1 done" in w._plan.value
+
+
+# -- step log ---------------------------------------------------------------------------------
+
+def test_step_log_shows_words_code_and_short_results_newest_last() -> None:
+    state, w = make("running")
+    emit(state, w, "assistant", text="Loading the data")
+    emit(state, w, "tool_call", id="c1", name="run_python", arguments={"code": "df = load('<x>')\ndf.head()"})
+    assert '<pre class="jh-code">df = load(&#x27;&lt;x&gt;&#x27;)\ndf.head()</pre>' in w._log.value
+    emit(state, w, "tool_result", id="c1", name="run_python", content="[ok]\n" + "row\n" * 50, is_error=False)
+    assert "… (39 more lines)" in w._log.value
+    emit(state, w, "assistant", text="Oops")
+    emit(state, w, "tool_call", id="c2", name="run_python", arguments={"code": "1/0"})
+    emit(state, w, "tool_result", id="c2", name="run_python", content="ZeroDivisionError", is_error=True)
+    log = w._log.value
+    assert log.index("Loading the data") < log.index("Oops")          # newest last
+    assert '<div class="jh-result jh-err">ZeroDivisionError</div>' in log
+    assert w._log_box.titles == ("Step log · 2 steps",)
+    for i in range(60):
+        emit(state, w, "assistant", text=f"step {i}")
+    assert "22 earlier steps not shown" in w._log.value and "step 59" in w._log.value
+    assert "step 0<" not in w._log.value
+
+
+# -- buttons and answer box per status -------------------------------------------------------
+
+LOCAL = {
+    "idle": {"handoff", "cancel"},
+    "running": {"handoff", "pause", "cancel"},
+    "paused": {"handoff", "cancel"},
+    "waiting_input": {"handoff", "cancel"},
+    "completed": set(),
+    "failed": set(),
+    "cancelled": set(),
+}
+REMOTE = {
+    "queued": {"reattach", "diff", "pull", "notebook", "cancel"},
+    "running": {"reattach", "diff", "pull", "notebook", "cancel"},
+    "waiting_input": {"reattach", "diff", "pull", "notebook", "cancel"},
+    "handed_off": {"reattach", "diff", "pull", "notebook", "cancel"},
+    "completed": {"reattach", "diff", "pull", "notebook"},
+    "cancelled": {"reattach", "diff", "notebook"},
+    "pulled": {"diff", "notebook"},
+}
+
+
+@pytest.mark.parametrize("status", LOCAL)
+def test_local_buttons_enabled_by_status(status: str) -> None:
+    _, w = make(status)
+    assert enabled(w) == LOCAL[status]
+    assert w.buttons["pause"].layout.display != "none"
+    for key in ("reattach", "diff", "pull", "notebook"):
+        assert "handed off" in w.buttons[key].tooltip     # a greyed button says why
+
+
+@pytest.mark.parametrize("status", REMOTE)
+def test_remote_buttons_enabled_by_status(status: str) -> None:
+    _, w = make(status)
+    w.set_remote("http://127.0.0.1:8888", "r123", {"status_page": "http://127.0.0.1:8888/handoff/runs/r123"})
+    assert enabled(w) == REMOTE[status]
+    assert w.buttons["pause"].layout.display == "none"
+    assert "remote · http://127.0.0.1:8888 · run r123" in w._header.value
+    assert 'href="http://127.0.0.1:8888/handoff/runs/r123"' in w._header.value
+
+
+def test_handoff_and_pull_events_switch_between_local_and_remote() -> None:
+    state, w = make("running")
+    set_status(state, w, "handed_off")
+    emit(state, w, "handoff", server="http://srv:1", remote_id="abc")
+    assert "remote · http://srv:1 · run abc" in w._header.value and "Handed off to http://srv:1" in w._message.value
+    assert "reattach" in enabled(w) and "handoff" not in enabled(w)
+    set_status(state, w, "paused", reason="pulled back")
+    emit(state, w, "pull", server="http://srv:1", remote_id="abc")
+    assert "local · run" in w._header.value and "handoff" in enabled(w) and "reattach" not in enabled(w)
+    w.show_state(state)           # a full refresh agrees with the incremental updates
+    assert "local · run" in w._header.value and "handoff" in enabled(w)
+
+
+def test_answer_box_only_while_waiting_input() -> None:
+    state, w = make("running")
+    assert w.answer_box.layout.display == "none" and w.answer_button.disabled
+    state.question = "Which column holds the date?"
+    emit(state, w, "question", question=state.question)
+    set_status(state, w, "waiting_input", reason="the agent asked a question")
+    assert w.answer_box.layout.display == "" and not w.answer_button.disabled
+    assert "The agent asks: Which column holds the date?" in w._question.value
+    set_status(state, w, "running")
+    assert w.answer_box.layout.display == "none" and w._question.value == ""
+
+
+def test_buttons_without_controller_say_not_connected() -> None:
+    _, w = make("paused")
+    w.buttons["handoff"].click()
+    assert "Not connected to a server" in w._message.value and "%handoff --to URL" in w._message.value
+    w.buttons["cancel"].click()
+    assert "not attached to a run" in w._message.value
+    state, w = make("running")
+    state.question = "?"
+    set_status(state, w, "waiting_input")
+    w.answer_button.click()                       # empty answer: nothing sent, says what to do
+    assert "Type an answer first" in w._message.value
+
+
+# -- progress and messages ------------------------------------------------------------------
+
+def test_progress_bar_and_messages() -> None:
+    _, w = make("running")
+    assert w._progress.layout.display == "none"
+    w.set_progress("Uploading", 1_500_000, 6_000_000)
+    assert w._progress.layout.display == "" and w._progress_bar.value == pytest.approx(0.25)
+    assert w._progress_label.value == "Uploading: 1.5 MB of 6.0 MB (25%)"
+    w.set_progress("Uploading", 6_000_000, 6_000_000)
+    assert w._progress_bar.bar_style == "success"
+    w.set_progress("", 0, 0)
+    assert w._progress.layout.display == "none"
+    w.show_message("upload failed: connection refused", "error")
+    assert 'data-level="error"' in w._message.value
+    w.show_message("lost contact, retrying", "warning")        # remote.py's spelling
+    assert 'data-level="warn"' in w._message.value
+    w.show_message("The run's notebook:", link="http://h/lab/tree/x.ipynb")
+    assert 'href="http://h/lab/tree/x.ipynb"' in w._message.value
+    w.show_message("")
+    assert w._message.value == ""
+
+
+# -- text rendering without a widget front end --------------------------------------------------
+
+def test_plain_text_rendering_never_shows_vbox() -> None:
+    state, w = make("running")
+    emit(state, w, "plan", steps=[{"text": "Load", "status": "done"}, {"text": "Fit", "status": "active"}])
+    state.question = "Which model?"
+    emit(state, w, "question", question="Which model?")
+    set_status(state, w, "waiting_input")
+    text = w._repr_mimebundle_()["text/plain"]
+    assert VIEW in w._repr_mimebundle_()
+    assert text.splitlines()[0] == "Agent run [waiting for input] clean sales.csv and fit a forecast"
+    assert "    ✓ Load" in text and "    ◐ Fit" in text
+    assert 'Answer with: %agent continue "your answer"' in text
+    assert pretty(w) == text and repr(w) == text and "VBox" not in text
+
+
+# -- updates from other threads -------------------------------------------------------------
+
+def test_concurrent_updates_from_threads_are_consistent() -> None:
+    state, w = make("running")
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        try:
+            for i in range(50):
+                with lock:
+                    ev = state.emit("assistant", text=f"t{n}-{i}")
+                w.show_event(ev)
+                w.set_progress("upload", i, 50)
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for _ in range(20):
+        w.show_state(state)
+    for t in threads:
+        t.join()
+    assert errors == []
+    w.show_state(state)
+    assert w._log_box.titles == ("Step log · 200 steps",)
+
+
+# -- the widget state a real kernel leaves in an executed notebook ------------------------------
+
+SOLVE = [
+    {"text": "Loading.", "tool_calls": [
+        {"name": "update_plan", "arguments": {"steps": [{"text": "Load sales.csv", "status": "active"},
+                                                        {"text": "Revenue per region", "status": "pending"}]}},
+        {"name": "run_python", "arguments": {"code": "import csv\nrows = list(csv.DictReader(open('sales.csv')))"}}]},
+    {"text": "Aggregating.", "tool_calls": [
+        {"name": "update_plan", "arguments": {"steps": [{"text": "Load sales.csv", "status": "done"},
+                                                        {"text": "Revenue per region", "status": "done"}]}},
+        {"name": "run_python", "arguments": {"code": "total = sum(int(r['revenue']) for r in rows)"}},
+        {"name": "finish", "arguments": {"summary": "total holds the revenue"}}]},
+]
+ASK = [
+    {"text": "", "tool_calls": [{"name": "ask_user", "arguments": {"question": "Which unit?"}}]},
+    {"text": "", "tool_calls": [{"name": "run_python", "arguments": {"code": "unit_answered = True"}},
+                                {"name": "finish", "arguments": {"summary": "ok"}}]},
+]
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory: pytest.TempPathFactory) -> nbformat.NotebookNode:
+    d: Path = tmp_path_factory.mktemp("widgetnb")
+    (d / "sales.csv").write_text("region,revenue\nnorth,10\nsouth,20\n")
+    (d / "solve.json").write_text(json.dumps(SOLVE))
+    (d / "ask.json").write_text(json.dumps(ASK))
+    cells = [
+        "%load_ext handoff_magic",
+        f"%agent --model scripted:{d / 'solve.json'} total revenue",
+        # Hand off with no server configured: the widget tells the user what to set
+        "from handoff_magic.runs import current_run\nw = current_run().widget\n"
+        "w.buttons['handoff'].click()\nprint(w._message.value)",
+        f"%agent --model scripted:{d / 'ask.json'} convert units",
+        # the answer box and Send button resume the run (in the background)
+        "r = current_run()\nr.widget.answer_text.value = 'metres'\nr.widget.answer_button.click()\n"
+        "print(r.wait_paused(20), r.status, unit_answered)",
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    NotebookClient(nb, timeout=60, kernel_name="python3", store_widget_state=True,
+                   resources={"metadata": {"path": str(d)}}).execute()
+    return nb
+
+
+def _models(nb: nbformat.NotebookNode) -> dict[str, Any]:
+    return nb.metadata["widgets"][WIDGET_STATE]["state"]
+
+
+def test_notebook_widget_state_holds_the_finished_run(executed: nbformat.NotebookNode) -> None:
+    models = _models(executed)
+    view = [o["data"][VIEW]["model_id"] for o in executed.cells[1].outputs if VIEW in o.get("data", {})]
+    assert view and view[0] in models
+    root = models[view[0]]
+    assert root["model_name"] == "VBoxModel" and "jh-run" in root["state"]["_dom_classes"]
+    child_ids = [c.removeprefix("IPY_MODEL_") for c in root["state"]["children"]]
+    values = [models[c]["state"].get("value", "") for c in child_ids if models[c]["model_name"] == "HTMLModel"]
+    header, plan = values[0], values[1]
+    assert 'data-status="completed">completed<' in header and "total revenue" in header
+    assert 'data-status="done"><span class="jh-ico">✓</span><span class="jh-txt">Load sales.csv' in plan
+    assert "Revenue per region" in plan and "2/2 done" in plan
+    # the text fallback saved alongside the view, for nbconvert / GitHub
+    text = [o["data"]["text/plain"] for o in executed.cells[1].outputs if VIEW in o.get("data", {})][0]
+    assert text.startswith("Agent run [")
+
+
+def test_handoff_click_without_server_says_what_to_set(executed: nbformat.NotebookNode) -> None:
+    out = "".join(o.get("text", "") for o in executed.cells[2].outputs if o.get("name") == "stdout")
+    assert 'data-level="error"' in out and "Hand off failed" in out
+    assert "HANDOFF_SERVER_URL" in out
+
+
+def test_answer_box_send_resumes_run(executed: nbformat.NotebookNode) -> None:
+    out = "".join(o.get("text", "") for o in executed.cells[4].outputs if o.get("name") == "stdout")
+    assert out.split() == ["True", "completed", "True"]
+    models = _models(executed)
+    texts = [m["state"].get("value") for m in models.values() if m["model_name"] == "TextModel"]
+    assert "" in texts                                 # the box was cleared after sending
+    html = " ".join(str(m["state"].get("value", "")) for m in models.values() if m["model_name"] == "HTMLModel")
+    assert "You answered: metres" in html
