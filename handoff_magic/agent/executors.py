@@ -148,7 +148,7 @@ class _Capture:
                 def tee_clear(*args: Any, **kwargs: Any) -> Any:
                     if self.recording():
                         self.outputs.clear()
-                    return clear(*args, **kwargs)
+                    return self._quietly(clear)(*args, **kwargs)   # plain IPython prints escapes
                 self._patch(pub, "clear_output", tee_clear)
 
         hook = getattr(shell, "displayhook", None)
