@@ -324,3 +324,49 @@ def test_invalid_script_names_file_and_problem(tmp_path, content, problem):
 def test_missing_script_is_explained(tmp_path):
     with pytest.raises(ProviderError, match="cannot read model script .*nope.json"):
         make_provider(f"scripted:{tmp_path / 'nope.json'}")
+
+
+def test_packaged_demo_script_is_found_by_name_and_from_another_install(tmp_path, monkeypatch):
+    from handoff_magic.config import DEFAULT_SCRIPT
+    monkeypatch.chdir(tmp_path)
+    convo = [Message(role="user", text="go")]
+    by_name = make_provider("scripted:default").complete("", convo, TOOLS)
+    foreign = make_provider("scripted:/elsewhere/site-packages/handoff_magic/demo_scripts/default.json")
+    assert foreign.complete("", convo, TOOLS) == by_name
+    assert make_provider(f"scripted:{DEFAULT_SCRIPT}").complete("", convo, TOOLS) == by_name
+    with pytest.raises(ProviderError, match="cannot read"):
+        make_provider("scripted:/elsewhere/other/default.json")
+
+
+# -- handoff_magic.config ----------------------------------------------------------------------------
+def test_model_spec_resolution_order(tmp_path, monkeypatch):
+    from handoff_magic.config import DEFAULT_SCRIPT, ConfigError, resolve_model_spec
+    monkeypatch.setenv("JUPYTER_CONFIG_DIR", str(tmp_path))
+    monkeypatch.delenv("HANDOFF_MODEL", raising=False)
+    assert resolve_model_spec() == f"scripted:{DEFAULT_SCRIPT}"
+    (tmp_path / "handoff.json").write_text('{"model": "anthropic:from-file"}')
+    assert resolve_model_spec() == "anthropic:from-file"
+    monkeypatch.setenv("HANDOFF_MODEL", "openai:from-env")
+    assert resolve_model_spec() == "openai:from-env"
+    assert resolve_model_spec("openai:explicit") == "openai:explicit"
+    monkeypatch.delenv("HANDOFF_MODEL")
+    (tmp_path / "handoff.json").write_text('{"model": ')
+    with pytest.raises(ConfigError, match="handoff.json is not valid JSON"):
+        resolve_model_spec()
+
+
+def test_server_settings_order_and_errors(tmp_path, monkeypatch):
+    from handoff_magic.config import ConfigError, server_settings
+    monkeypatch.setenv("JUPYTER_CONFIG_DIR", str(tmp_path))
+    monkeypatch.delenv("HANDOFF_SERVER_URL", raising=False)
+    monkeypatch.delenv("HANDOFF_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="HANDOFF_SERVER_URL"):
+        server_settings()
+    (tmp_path / "handoff.json").write_text('{"server_url": "http://file:1/", "token": "file-token"}')
+    assert server_settings() == ("http://file:1", "file-token")
+    monkeypatch.setenv("HANDOFF_SERVER_URL", "https://env:2")
+    monkeypatch.setenv("HANDOFF_TOKEN", "env-token")
+    assert server_settings() == ("https://env:2", "env-token")
+    assert server_settings("http://arg:3", "arg-token") == ("http://arg:3", "arg-token")
+    with pytest.raises(ConfigError, match="must start with http"):
+        server_settings("ftp://x")

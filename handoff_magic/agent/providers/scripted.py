@@ -13,14 +13,31 @@ from ...state import Message, ToolCall
 from .base import ProviderError
 
 
+DEMO_DIR = Path(__file__).resolve().parents[2] / "demo_scripts"
+
+
+def _packaged(p: Path) -> Path | None:
+    """A demo script shipped with jupyter-handoff, by bare name ("default") or by a path that
+    pointed into another install's demo_scripts (a run handed off to a server)."""
+    if len(p.parts) > 1 and p.parent.name != "demo_scripts":
+        return None
+    for name in (p.name, p.name + ".json"):
+        candidate = DEMO_DIR / name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def resolve_script_path(path: str | Path, base_dir: str | Path | None = None) -> Path:
-    """A relative ``path`` is looked up in ``base_dir`` first, then the cwd."""
+    """A relative ``path`` is looked up in ``base_dir`` first, then the cwd, then the demos."""
     p = Path(path).expanduser()
     if p.is_absolute():
-        return p
+        return p if p.exists() else (_packaged(p) or p)
     if base_dir is not None and (Path(base_dir) / p).exists():
         return Path(base_dir) / p
-    return Path.cwd() / p
+    if (Path.cwd() / p).exists():
+        return Path.cwd() / p
+    return _packaged(p) or Path.cwd() / p
 
 
 def load_script(path: Path) -> list[dict[str, Any]]:
