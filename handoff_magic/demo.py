@@ -379,7 +379,7 @@ class Journey:
         while status not in ("completed", "failed", "cancelled") and time.monotonic() < deadline:
             page = client.events(run_id, after=after, timeout=10)
             for ev in page["events"]:
-                if first_step is None and ev["type"] == "tool_result":
+                if first_step is None and ev["type"] == "tool_result" and float(ev["time"]) > wall0:
                     first_step = float(ev["time"]) - wall0  # server clock = this machine's
             after, status = page["last_seq"], page["status"]
         summary = client.get_run(run_id)
@@ -418,8 +418,8 @@ class Journey:
                                  + (f" from {events} events" if events else ""))
         upto(stage_cells["diff"][-1], "kernel B")
         diff = client.diff(run_id)
-        files = ", ".join(f"{f.get('status')} {f.get('path')}" for f in diff.get("files") or []) or "none"
-        variables = ", ".join(f"{v.get('status')} {v.get('name')}" for v in diff.get("variables") or []) or "none"
+        files = ", ".join(f"{f.get('change')} {f.get('path')}" for f in diff.get("files") or []) or "none"
+        variables = ", ".join(f"{v.get('change')} {v.get('name')}" for v in diff.get("variables") or []) or "none"
         self.t.stage("diff", f"files: {files}\nvariables: {variables}")
         upto(stage_cells["pull"][-1], "kernel B")
         pulled = self.probe(b, "(lambda r: {'id': r.id, 'status': r.status, 'steps': r.state.steps, "

@@ -189,17 +189,18 @@ class DiffView:
         files = self.data.get("files") or []
         parts.append(f"<h4>Files ({len(files)} changed)</h4>")
         for f in files:
-            head = f"{html.escape(str(f.get('status', '')))} <code>{html.escape(str(f.get('path', '')))}</code>"
-            body = f.get("diff") or f.get("unified")
+            head = f"{html.escape(_change(f))} <code>{html.escape(str(f.get('path', '')))}</code>"
+            body = f.get("unified_diff")
             if body:
                 parts.append(f"<details><summary>{head}</summary><pre>{html.escape(str(body))}</pre></details>")
             else:
-                parts.append(f"<div>{head} {html.escape(str(f.get('summary') or ''))}</div>")
+                parts.append(f"<div>{head}</div>")
         variables = self.data.get("variables") or []
         parts.append(f"<h4>Variables ({len(variables)} changed)</h4><table>"
                      "<tr><th>name</th><th>change</th><th>type</th><th>before</th><th>after</th></tr>")
         for v in variables:
-            cells = (v.get("name"), v.get("status"), v.get("type"), v.get("before"), v.get("after"))
+            cells = (v.get("name"), _change(v), v.get("type_after") or v.get("type_before"),
+                     v.get("summary_before"), v.get("summary_after"))
             parts.append("<tr>" + "".join(f"<td>{html.escape(_short(c))}</td>" for c in cells) + "</tr>")
         parts.append("</table></div>")
         return "".join(parts)
@@ -207,14 +208,21 @@ class DiffView:
     def __str__(self) -> str:
         lines = []
         for f in self.data.get("files") or []:
-            lines.append(f"file {f.get('status', '?'):8} {f.get('path')}")
-            if f.get("diff"):
-                lines.append(str(f["diff"]).rstrip())
+            size = f.get("size_after") if f.get("size_after") is not None else f.get("size_before")
+            lines.append(f"file {_change(f):8} {f.get('path')} ({size} bytes)")
+            if f.get("unified_diff"):
+                lines.append(str(f["unified_diff"]).rstrip())
         for v in self.data.get("variables") or []:
-            lines.append(f"var  {v.get('status', '?'):8} {v.get('name')}: {_short(v.get('after') or v.get('before'))}")
-        return "\n".join(lines) or "no changes"
+            summary = v.get("summary_after") or v.get("summary_before") or ""
+            lines.append(f"var  {_change(v):8} {v.get('name')}: {v.get('type_after') or v.get('type_before')} "
+                         f"{_short(summary)}".rstrip())
+        return "\n".join(lines) or "no changes since the handoff"
 
     __repr__ = __str__
+
+
+def _change(entry: dict[str, Any]) -> str:
+    return str(entry.get("change") or entry.get("status") or "?")
 
 
 def _short(value: Any) -> str:
