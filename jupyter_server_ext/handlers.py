@@ -381,7 +381,33 @@ async def submit_answer(handler: _Base, run_id: str, summary: dict[str, Any], te
     if summary["status"] != "waiting_input":
         raise HandoffError(409, f"run {run_id} is {summary['status']}, not waiting for input",
                            "answer only when the run asks a question (status waiting_input)")
-    await handler.runner().answer(run_id, text)
+    async with runner_errors(run_id):
+        await handler.runner().answer(run_id, text)
+
+
+class runner_errors:  # noqa: N801 (used as a context manager like contextlib helpers)
+    """Map the runner's refusals onto HTTP: a run that changed state meanwhile is a 409."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        if exc is None or isinstance(exc, web.HTTPError):
+            return False
+        from .runner import RunConflict, RunFailure
+        if isinstance(exc, RunConflict):
+            raise HandoffError(409, str(exc), "reload the run with GET /handoff/api/runs/<id>") from exc
+        if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+            raise HandoffError(409, str(exc) or f"run {self.run_id} did not reach a step boundary in time",
+                               "try again in a moment, or cancel the run") from exc
+        if isinstance(exc, RunFailure):
+            raise HandoffError(409, exc.message, exc.hint or "see the run's events") from exc
+        if isinstance(exc, KeyError):
+            raise HandoffError(404, f"no run with id {self.run_id!r} on this server", NOT_FOUND_HINT) from exc
+        return False
 
 
 class CancelHandler(HandoffAPIHandler):
@@ -391,7 +417,8 @@ class CancelHandler(HandoffAPIHandler):
         summary = self.run_summary(run_id)
         if summary["status"] in TERMINAL_STATUSES:
             raise HandoffError(409, f"run {run_id} already ended ({summary['status']})", "nothing to cancel")
-        await self.runner().cancel(run_id)
+        async with runner_errors(run_id):
+            await self.runner().cancel(run_id)
         self.send(self.run_summary(run_id))
 
 
@@ -409,11 +436,8 @@ class PullHandler(HandoffAPIHandler):
         if summary["status"] == "pulled":
             manifest = bundle_manifest(self, run_id)
         else:
-            try:
+            async with runner_errors(run_id):
                 manifest = await self.runner().pull(run_id, timeout=min(float(timeout), 600.0))
-            except TimeoutError:
-                raise HandoffError(409, f"run {run_id} did not reach a step boundary in {timeout}s",
-                                   "try the pull again, or cancel the run") from None
         out = self.run_summary(run_id)
         out["manifest"] = manifest
         self.send(out)
@@ -540,7 +564,8 @@ class RunCancelForm(PageHandler):
     async def post(self, run_id: str) -> None:
         summary = self.run_summary(run_id)
         if summary["status"] not in TERMINAL_STATUSES:
-            await self.runner().cancel(run_id)
+            async with runner_errors(run_id):
+                await self.runner().cancel(run_id)
         self.redirect(f"{self.base_url.rstrip('/')}/handoff/runs/{run_id}?message=Run+cancelled")
 
 

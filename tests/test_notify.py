@@ -5,11 +5,8 @@ lose nothing.
 """
 from __future__ import annotations
 
-import json
-import threading
 import time
 from email import message_from_bytes
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -19,50 +16,9 @@ from aiosmtpd.controller import Controller
 from handoff_magic.state import RunState
 from jupyter_server_ext.notify import Notifier, compose, target_key
 from jupyter_server_ext.store import RunStore
-from server_process import JupyterServerProcess, free_port
+from server_process import JupyterServerProcess, Webhook, free_port
 
 PUBLIC = "https://jupyter.example.org/user/ada"
-
-
-class Webhook:
-    """A loopback HTTP receiver for apprise ``json://`` URLs; can be started late."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.received: list[dict[str, Any]] = []
-        self._server: ThreadingHTTPServer | None = None
-
-    @property
-    def url(self) -> str:
-        return f"json://127.0.0.1:{self.port}/hook"
-
-    def start(self) -> "Webhook":
-        received = self.received
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server API)
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                received.append(json.loads(body))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                return
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-
-    def wait(self, n: int, timeout: float = 30) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while len(self.received) < n and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return self.received
 
 
 class Mailbox:

@@ -19,17 +19,26 @@ import httpx
 import pytest
 
 from handoff_magic.state import RunState
-from server_process import JupyterServerProcess
+from server_process import JupyterServerProcess, Webhook
 
 MiB = 1024 * 1024
 SHA0 = "0" * 64
 
 
 @pytest.fixture(scope="module")
-def srv() -> Iterator[JupyterServerProcess]:
+def hook() -> Iterator[Webhook]:
+    h = Webhook().start()
+    yield h
+    h.stop()
+
+
+@pytest.fixture(scope="module")
+def srv(hook: Webhook) -> Iterator[JupyterServerProcess]:
     s = JupyterServerProcess(extra_args=[f"--HandoffApp.max_chunk_bytes={MiB}",
                                          f"--HandoffApp.max_bundle_bytes={3 * MiB}",
-                                         "--HandoffApp.max_events_wait=5"])
+                                         "--HandoffApp.max_events_wait=2",
+                                         f"--HandoffApp.notify_urls={hook.url}",
+                                         "--HandoffApp.notify_retry_seconds=0.2"])
     s.start()
     try:
         yield s
@@ -285,3 +294,210 @@ def test_declared_size_must_match_the_stored_chunk(srv: JupyterServerProcess) ->
     before = run_ids(srv)
     assert_error(_post_run(srv, {"manifest": m}), 400, "declares")
     assert run_ids(srv) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# real runs (scripted model): idempotent create, long-poll, answer, status page, SIGKILL
+# ---------------------------------------------------------------------------------------------
+TERMINAL = ("completed", "failed", "cancelled", "pulled")
+
+
+def _script(srv: JupyterServerProcess, name: str, turns: list[dict[str, Any]]) -> str:
+    path = srv.data_dir.parent / f"{name}.json"
+    path.write_text(json.dumps(turns))
+    return f"scripted:{path}"
+
+
+def _py(code: str, text: str = "") -> dict[str, Any]:
+    return {"text": text, "tool_calls": [{"name": "run_python", "arguments": {"code": code}}]}
+
+
+def _ask(question: str) -> dict[str, Any]:
+    return {"text": "", "tool_calls": [{"name": "ask_user", "arguments": {"question": question}}]}
+
+
+def _finish(summary: str) -> dict[str, Any]:
+    return {"text": "", "tool_calls": [{"name": "finish", "arguments": {"summary": summary}}]}
+
+
+def _hand_off(srv: JupyterServerProcess, model: str, key: str, goal: str) -> httpx.Response:
+    state = RunState(goal=goal, model=model)
+    m, blobs = manifest_for({"notes.txt": b"median beats mean for skewed sales\n"}, run=state.to_dict())
+    upload(srv.client, blobs)
+    return _post_run(srv, {"manifest": m, "idempotency_key": key})
+
+
+def _wait(srv: JupyterServerProcess, rid: str, statuses: tuple[str, ...], timeout: float = 90) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    summary: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        summary = srv.client.get(f"/handoff/api/runs/{rid}").json()
+        if summary["status"] in statuses:
+            return summary
+        if summary["status"] in TERMINAL:
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"run {rid} is {summary.get('status')}, wanted {statuses}: {summary.get('error')}\n"
+                         f"{srv.log()[-3000:]}")
+
+
+def _follow(srv: JupyterServerProcess, rid: str, after: int = 0, until: tuple[str, ...] = TERMINAL,
+            timeout: float = 90) -> tuple[list[dict[str, Any]], list[float]]:
+    """Long-poll like a reattached widget; returns events and how long each poll took."""
+    events: list[dict[str, Any]] = []
+    waits: list[float] = []
+    deadline = time.monotonic() + timeout
+    settled = False  # once the status is reached, drain with non-blocking polls
+    with httpx.Client(base_url=srv.url, headers=srv.headers, timeout=30) as c:
+        while time.monotonic() < deadline:
+            t0 = time.monotonic()
+            r = c.get(f"/handoff/api/runs/{rid}/events",
+                      params={"after": after, "timeout": 0 if settled else 5}).json()
+            waits.append(time.monotonic() - t0)
+            events.extend(r["events"])
+            after = r["last_seq"]
+            if settled and not r["events"]:
+                return events, waits
+            settled = r["status"] in until
+    raise AssertionError(f"run {rid} did not reach {until}")
+
+
+def test_run_with_question_answer_and_completion(srv: JupyterServerProcess, hook: Webhook) -> None:
+    model = _script(srv, "qa", [
+        _py("print(open('notes.txt').read().upper())", text="<b>Reading</b> the notes <script>alert(1)</script>"),
+        _ask("Use the median or the mean?"),
+        _py("print('using', 'median')"),
+        _finish("Median chosen; report written."),
+    ])
+    key = uuid.uuid4().hex
+    r = _hand_off(srv, model, key, "Summarise the notes & pick a statistic")
+    assert r.status_code == 201, r.text
+    rid = r.json()["id"]
+    again = _hand_off(srv, model, key, "Summarise the notes & pick a statistic")
+    assert again.status_code == 200 and again.json()["id"] == rid  # a retried create
+    assert [x for x in run_ids(srv) if x == rid] == [rid]
+
+    events, _ = _follow(srv, rid, until=("waiting_input",))
+    summary = srv.client.get(f"/handoff/api/runs/{rid}").json()
+    assert summary["status"] == "waiting_input" and summary["question"] == "Use the median or the mean?"
+    assert summary["links"]["status_page"] == f"{srv.url}/handoff/runs/{rid}"
+    assert summary["links"]["notebook"] == f"{srv.url}/lab/tree/handoff-runs/{rid}/result.ipynb"
+    outputs = [e["data"]["content"] for e in events if e["type"] == "tool_result"]
+    assert any("MEDIAN BEATS MEAN" in o for o in outputs), outputs
+
+    page = srv.client.get(f"/handoff/runs/{rid}").text
+    assert "Use the median or the mean?" in page and 'name="_xsrf"' in page
+    assert "&lt;b&gt;Reading&lt;/b&gt;" in page and "<script>alert(1)" not in page
+    assert "Summarise the notes &amp; pick a statistic" in page
+    assert 'http-equiv="refresh"' not in page  # no refresh while the user may be typing
+
+    assert_error(srv.client.post(f"/handoff/api/runs/{rid}/answer", json={"answer": ""}), 400, "answer")
+    assert srv.client.post(f"/handoff/api/runs/{rid}/answer", json={"answer": "median"}).status_code == 200
+    more, _ = _follow(srv, rid, after=events[-1]["seq"])
+    seqs = [e["seq"] for e in events + more]
+    assert seqs == list(range(1, len(seqs) + 1)), "events lost or duplicated"
+    done = _wait(srv, rid, ("completed",))
+    assert done["summary"] == "Median chosen; report written."
+    assert any(e["type"] == "answer" and e["data"]["answer"] == "median" for e in more)
+
+    # ended runs refuse answers and cancels with 409; the bundle carries the final state
+    assert_error(srv.client.post(f"/handoff/api/runs/{rid}/answer", json={"answer": "x"}), 409, "waiting")
+    assert_error(srv.client.post(f"/handoff/api/runs/{rid}/cancel"), 409, "ended")
+    bundle = srv.client.get(f"/handoff/api/runs/{rid}/bundle").json()
+    assert bundle["kind"] == "handoff-bundle" and bundle["run"]["status"] == "completed"
+    diff = srv.client.get(f"/handoff/api/runs/{rid}/diff")
+    assert diff.status_code == 200 and isinstance(diff.json(), dict)
+    assert srv.client.get(f"/handoff/runs/{rid}/diff").status_code == 200
+    nb = srv.root_dir / "handoff-runs" / rid / "result.ipynb"
+    assert nb.is_file()
+    assert srv.client.get(f"/lab/tree/handoff-runs/{rid}/result.ipynb").status_code == 200
+
+    got = hook.wait(2, timeout=20)
+    mine = [m for m in got if rid in m["title"]]
+    assert [("needs your input" in m["title"], "finished" in m["title"]) for m in mine] == \
+        [(True, False), (False, True)], mine
+    assert f"{srv.url}/handoff/runs/{rid}" in mine[1]["message"]
+    assert "Median chosen" in mine[1]["message"]
+
+
+def test_answer_form_on_the_status_page(srv: JupyterServerProcess) -> None:
+    model = _script(srv, "form", [_ask("Which region first?"), _finish("North first.")])
+    rid = _hand_off(srv, model, uuid.uuid4().hex, "Rank the regions").json()["id"]
+    _wait(srv, rid, ("waiting_input",))
+    browser = _login(srv)
+    try:
+        page = browser.get(f"/handoff/runs/{rid}")
+        xsrf = re.search(r'name="_xsrf" value="([^"]+)"', page.text).group(1)
+        r = browser.post(f"/handoff/runs/{rid}/answer", data={"_xsrf": xsrf, "answer": "north"})
+        assert r.status_code == 302 and r.headers["location"].endswith(f"/handoff/runs/{rid}?message=Answer+sent")
+    finally:
+        browser.close()
+    assert _wait(srv, rid, ("completed",))["summary"] == "North first."
+    answers = [e for e in _follow(srv, rid)[0] if e["type"] == "answer"]
+    assert answers and answers[0]["data"]["answer"] == "north"
+
+
+def test_cancel_a_waiting_run(srv: JupyterServerProcess) -> None:
+    model = _script(srv, "cancel", [_ask("Shall I go on?"), _finish("never reached")])
+    rid = _hand_off(srv, model, uuid.uuid4().hex, "Something to cancel").json()["id"]
+    _wait(srv, rid, ("waiting_input",))
+    r = srv.client.post(f"/handoff/api/runs/{rid}/cancel")
+    assert r.status_code == 200, r.text
+    assert _wait(srv, rid, ("cancelled",))["status"] == "cancelled"
+    assert "Cancel run" not in srv.client.get(f"/handoff/runs/{rid}").text
+
+
+def test_long_poll_waits_then_returns_promptly(srv: JupyterServerProcess) -> None:
+    model = _script(srv, "poll", [_ask("Ready?"), _py("import time; time.sleep(0.5); print('ok')"),
+                                  _finish("ok")])
+    rid = _hand_off(srv, model, uuid.uuid4().hex, "Poll me").json()["id"]
+    _wait(srv, rid, ("waiting_input",))
+    last = srv.client.get(f"/handoff/api/runs/{rid}").json()["last_seq"]
+    t0 = time.monotonic()
+    r = srv.client.get(f"/handoff/api/runs/{rid}/events", params={"after": last, "timeout": 1}).json()
+    assert r["events"] == [] and r["last_seq"] == last and 0.9 <= time.monotonic() - t0 < 3
+    # the cap (max_events_wait=2) bounds a greedy timeout
+    t0 = time.monotonic()
+    srv.client.get(f"/handoff/api/runs/{rid}/events", params={"after": last, "timeout": 3600})
+    assert 1.9 <= time.monotonic() - t0 < 5
+    assert_error(srv.client.get(f"/handoff/api/runs/{rid}/events", params={"after": "x"}), 400, "integer")
+
+    import threading
+    box: dict[str, Any] = {}
+
+    def poll() -> None:
+        t = time.monotonic()
+        box["r"] = srv.client.get(f"/handoff/api/runs/{rid}/events", params={"after": last, "timeout": 30}).json()
+        box["t"] = time.monotonic() - t
+
+    th = threading.Thread(target=poll)
+    th.start()
+    time.sleep(0.5)
+    t_answer = time.monotonic()
+    srv.client.post(f"/handoff/api/runs/{rid}/answer", json={"answer": "yes"})
+    th.join(30)
+    assert box["r"]["events"] and box["r"]["events"][0]["seq"] == last + 1
+    assert box["t"] < 10 and time.monotonic() - t_answer < 10
+    _wait(srv, rid, ("completed",))
+
+
+def test_waiting_run_survives_server_sigkill(srv: JupyterServerProcess) -> None:
+    """Runs last here: SIGKILL the module's server; the run, its log and outbox survive."""
+    model = _script(srv, "kill", [_ask("Proceed with the full dataset?"), _py("print(6 * 7)"),
+                                  _finish("42 computed after restart.")])
+    rid = _hand_off(srv, model, uuid.uuid4().hex, "Survive a crash").json()["id"]
+    _wait(srv, rid, ("waiting_input",))
+    before, _ = _follow(srv, rid, until=("waiting_input",))
+    srv.kill()
+    srv.restart()
+    summary = _wait(srv, rid, ("waiting_input",))
+    assert summary["question"] == "Proceed with the full dataset?"
+    after_restart, _ = _follow(srv, rid, until=("waiting_input",))
+    assert after_restart[:len(before)] == before  # the log is durable, byte for byte
+    assert srv.client.post(f"/handoff/api/runs/{rid}/answer", json={"answer": "yes"}).status_code == 200
+    done = _wait(srv, rid, ("completed",))
+    assert done["summary"] == "42 computed after restart."
+    events, _ = _follow(srv, rid)
+    seqs = [e["seq"] for e in events]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert any("42" in e["data"].get("content", "") for e in events if e["type"] == "tool_result")
