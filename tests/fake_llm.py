@@ -11,7 +11,8 @@
 Replies are queued once and rendered in whichever format the request used: OpenAI for
 ``POST /v1/chat/completions``, Anthropic for ``POST /v1/messages``. Every request is recorded
 (path, headers, parsed body). Faults: 429 with Retry-After, 5xx, a hang past the client's
-timeout, a malformed body, any raw response. An empty queue answers HTTP 400, so a test that
+timeout, a malformed body, any raw response. ``push(fn)`` queues a callable that gets the
+Recorded request and returns a Turn or Raw, for replies that depend on what was sent. An empty queue answers HTTP 400, so a test that
 under-scripts fails loudly. Runs on 127.0.0.1 on a free port, in a daemon thread.
 """
 from __future__ import annotations

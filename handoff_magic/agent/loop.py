@@ -292,8 +292,7 @@ class AgentLoop:
         if asks and answer is None:
             question = str(asks[0].arguments.get("question", "")) or st.question or "waiting for your answer"
             if st.status != "waiting_input" or st.question != question:
-                st.question = question
-                self._status("waiting_input", reason="waiting for the user's answer")
+                self._ask(question, reason="waiting for the user's answer")
             return False
         for call in pending:
             if call.name == "ask_user" and not used:
