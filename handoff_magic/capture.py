@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ast
 import builtins
+import gc
 import os
+import reprlib
 import pickle
 import re
 import sys
@@ -151,7 +153,8 @@ def summary(value: Any) -> str:
             dtype = getattr(value, "dtype", None)
             return f"{type(value).__name__} {dims}" + (f" {dtype}" if dtype is not None and
                                                          not hasattr(value, "columns") else "")
-        head = repr(value)
+        head = _REPR.repr(value) if isinstance(value, (list, dict, set, tuple, frozenset, str, bytes)) \
+            else repr(value)
         if len(head) > 80:
             head = head[:77] + "..."
         if hasattr(value, "__len__") and not isinstance(value, (str, bytes)):
@@ -162,6 +165,11 @@ def summary(value: Any) -> str:
 
 
 # -- pickling ----------------------------------------------------------------------
+_REPR = reprlib.Repr()
+_REPR.maxlist = _REPR.maxdict = _REPR.maxset = _REPR.maxtuple = 4
+_REPR.maxstring = _REPR.maxother = 60
+
+
 class _PayloadSink:
     """File-like target for a Pickler: cuts the stream into chunks as it is written.
 
@@ -277,26 +285,18 @@ class Packed:
         return [f.result() for f in self.payload], [(n, [f.result() for f in fs]) for n, fs in self.buffers]
 
 
-def _relevant_ids(memo_values: Any, skip: set[int]) -> set[int]:
-    """Ids of memoised objects whose identity matters: mutable containers, arrays, instances,
-    and classes/functions defined in the notebook. Singletons (dtypes, module dicts) are left out
-    so that unrelated variables are not glued into one group."""
-    ids: set[int] = set()
-    for _, o in memo_values:
-        t = type(o)
-        if t in _CONTAINERS:
-            pass
-        elif isinstance(o, _ATOMIC) or isinstance(o, (types.ModuleType, types.BuiltinFunctionType)):
-            continue
-        elif isinstance(o, (type, types.FunctionType)):
-            if getattr(o, "__module__", None) != "__main__":
-                continue
-        elif not (t.__module__ == "__main__" or t.__name__ == "ndarray" or hasattr(o, "__dict__")):
-            continue
-        i = id(o)
-        if i not in skip:
-            ids.add(i)
-    return ids
+def _identity_matters(o: Any) -> bool:
+    """Mutable containers, arrays, instances, notebook classes/functions: objects whose sharing
+    must survive. Singletons (interned strings, dtypes, library classes) are not: they would
+    glue unrelated variables into one group."""
+    t = type(o)
+    if t in _CONTAINERS:
+        return True
+    if isinstance(o, _ATOMIC) or isinstance(o, (types.ModuleType, types.BuiltinFunctionType)):
+        return False
+    if isinstance(o, (type, types.FunctionType)):
+        return getattr(o, "__module__", None) == "__main__"
+    return t.__module__ == "__main__" or t.__name__ == "ndarray" or hasattr(o, "__dict__")
 
 
 _CONTAINERS = (list, dict, set, bytearray, types.CellType)
@@ -347,13 +347,14 @@ def pack(obj: Any, store: ChunkStore, secrets: list[bytes], *, use_dill: bool, w
     if not use_dill and sink.saw_main:
         raise pickle.PicklingError("refers to objects defined in the notebook (__main__)")
     memo_ids = None
+    memo: dict[int, Any] | None = None
     if want_memo:
         memo = p.memo if isinstance(p.memo, dict) else p.memo.copy()
-        memo_ids = _relevant_ids(memo.values(), skip_ids or set())
+        memo_ids = set(memo)
     nbytes = sink.total + sum(n for n, _ in buffers)
     packed = Packed("dill" if use_dill else "pickle5", futs, buffers, nbytes, memo_ids)
-    # temporaries made while pickling keep their ids reserved until grouping is done
-    packed.keepalive = memo if want_memo else None
+    # the memo keeps temporaries made while pickling alive, so their ids stay unique until grouping is done
+    packed.keepalive = memo
     return packed
 
 
@@ -520,8 +521,8 @@ def save_state(path: Any, shell: Any = None, *, run: Any = None, files: bool = T
     ``ns`` (optional) captures a plain dict instead of the shell's user namespace (scripts, benchmarks).
     """
     t_start = time.perf_counter()
-    shell = _shell(shell)
     if ns is None:
+        shell = _shell(shell)
         if shell is None:
             raise BundleError("save_state needs an IPython kernel (or pass ns=dict); run it inside Jupyter")
         ns = shell.user_ns
@@ -566,6 +567,8 @@ def save_state(path: Any, shell: Any = None, *, run: Any = None, files: bool = T
             continue
         candidates.append((name, value))
 
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # pickling allocates many tracked objects; full collections would dominate the time
     try:
         _capture_vars(candidates, ns, shell, store, secret_bytes, manifest, report)
         history = capture_history(shell, secret_vals)
@@ -588,6 +591,8 @@ def save_state(path: Any, shell: Any = None, *, run: Any = None, files: bool = T
         store.discard_new(referenced)
     finally:
         store.close()
+        if gc_was_enabled:
+            gc.enable()
     report.bytes_new = store.bytes_new
     report.bytes_total = sum(m["stored"] for m in manifest["chunks"].values())
     report.manifest = manifest
@@ -649,28 +654,44 @@ def _capture_vars(candidates: list[tuple[str, Any]], ns: dict[str, Any], shell: 
         else:
             failed[name] = (reason or "cannot be pickled", replayable)
 
-    # sharing: same memoised object in two variables, or numpy arrays over the same base
+    # sharing: same memoised object in two variables, or numpy arrays over the same base.
+    # Set intersections run in C; only the (few) shared ids are looked at in Python.
     uf = _UnionFind(list(packs))
-    owner: dict[int, str] = {}
     np_roots: dict[int, Any] = {}
     numpy = sys.modules.get("numpy")
+    seen: set[int] = set()
+    id_sets: list[tuple[str, set[int]]] = []
     for name, pk in packs.items():
-        ids = set(pk.memo_ids or ())
+        ids = pk.memo_ids if pk.memo_ids is not None else set()
         v = values[name]
+        extra: dict[int, Any] = {}
         if not isinstance(v, _ATOMIC):
-            ids.add(id(v))
+            extra[id(v)] = v
         if numpy is not None and isinstance(v, numpy.ndarray):
             root = _np_root(v)
-            ids.add(id(root))
+            extra[id(root)] = root
             np_roots[id(root)] = root
-        for i in ids:
-            other = owner.setdefault(i, name)
-            if other != name:
-                uf.union(other, name)
+        ids.update(extra)
+        shared = ids & seen
+        if shared:
+            memo = pk.keepalive or {}
+            real = set()
+            for i in shared:
+                o = extra[i] if i in extra else memo[i][1] if i in memo else None
+                if i not in skip_ids and o is not None and (i in extra or _identity_matters(o)):
+                    real.add(i)
+            if real:
+                for other, other_ids in id_sets:
+                    if not real.isdisjoint(other_ids):
+                        uf.union(other, name)
+        seen |= ids
+        id_sets.append((name, ids))
     groups: dict[str, list[str]] = {}
     for name in packs:
         groups.setdefault(uf.find(name), []).append(name)
         packs[name].keepalive = None
+        packs[name].memo_ids = None
+    del seen, id_sets
 
     gid = 0
     for _root, names in groups.items():

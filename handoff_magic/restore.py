@@ -71,8 +71,8 @@ def _read_buffers(store: ChunkStore, chunks: dict[str, dict], groups: list[dict]
                                       f"{', '.join(g['names'])}; save or copy the bundle again")
                 bufs.append(m)
                 continue
-            dest = bytearray(b["size"])
-            mv = memoryview(dest)
+            dest = _empty_buffer(b["size"])
+            mv = memoryview(dest).cast("B")
             off = 0
             for s in shas:
                 n = chunks[s]["size"]
@@ -84,6 +84,15 @@ def _read_buffers(store: ChunkStore, chunks: dict[str, dict], groups: list[dict]
         with ThreadPoolExecutor(2, thread_name_prefix="handoff-load") as pool:
             list(pool.map(lambda t: store.read_into(*t), tasks))
     return out
+
+
+def _empty_buffer(size: int) -> Any:
+    """A writable buffer that is not zero-filled first (numpy.empty), else a bytearray."""
+    try:
+        import numpy
+    except ImportError:
+        return bytearray(size)
+    return numpy.empty(size, dtype=numpy.uint8)
 
 
 def _verify_chunks(store: ChunkStore, shas: list[str]) -> None:
@@ -178,8 +187,8 @@ def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path |
     corrupt or from a newer version; then the namespace and files are untouched.
     """
     t_start = time.perf_counter()
-    shell = _shell(shell)
     if ns is None:
+        shell = _shell(shell)
         if shell is None:
             raise BundleError("load_state needs an IPython kernel (or pass ns=dict); run it inside Jupyter")
         ns = shell.user_ns
