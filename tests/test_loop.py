@@ -277,3 +277,15 @@ def test_run_python_results_for_the_model(shell, tmp_path):
     assert error.is_error and "ValueError: bad value" in error.content and "raise ValueError" in error.content
     assert "\x1b[" not in error.content
     assert "{'a': 1}" in value.content and not value.is_error
+
+
+def test_secret_variables_are_redacted_but_ordinary_key_names_are_not(shell, tmp_path):
+    shell.user_ns["DB_PASSWORD"] = "hunter2-Very-Secret-99"
+    shell.user_ns["join_key"] = "customer_id"
+    spec = script(tmp_path, [{"tool_calls": [call("run_python", code="print(DB_PASSWORD, join_key)")]},
+                             {"tool_calls": [call("finish", summary="x")]}])
+    loop, state, _ = make_loop(shell, spec)
+    loop.run()
+    content = results(state)[0].content
+    assert "hunter2-Very-Secret-99" not in state.to_json()
+    assert "<redacted> customer_id" in content

@@ -244,9 +244,16 @@ class InProcessExecutor:
         return f"<InProcessExecutor {type(self.shell).__name__}>"
 
     def secret_values(self) -> set[str]:
-        """Secret-looking values in the user namespace and environment, for redaction."""
+        """Values of secret-named user variables that also look like keys, for redaction.
+
+        ``join_key = "customer_id"`` must not blank out a column name in every result the
+        model reads, so namespace values count only when key-like: 12+ characters, no
+        whitespace, letters and digits. (Secret environment values are always redacted.)
+        """
         from ..secrets import secret_values
-        return secret_values(self.shell.user_ns)
+        return {v for v in secret_values(self.shell.user_ns, environ={})
+                if len(v) >= 12 and not any(c.isspace() for c in v)
+                and any(c.isdigit() for c in v) and any(c.isalpha() for c in v)}
 
     @property
     def running(self) -> bool:
