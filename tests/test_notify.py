@@ -125,9 +125,9 @@ def test_pending_notifications_survive_a_killed_server(webhook: Webhook) -> None
     try:
         srv.start()
         store = RunStore(srv.data_dir / "handoff.sqlite")  # a second writer, like the runner thread
-        rid = _run(store, "waiting_input", question="Which metric matters most?")
+        rid = _run(store, "completed", summary="RMSE 3.1 on the held-out month.")
         notifier = Notifier(store, [webhook.url], lambda: srv.url)
-        notifier.enqueue(rid, "waiting_input")  # committed; never delivered by this process
+        notifier.enqueue(rid, "completed")  # committed; never delivered by this process
         store.close()
         srv.kill()
         webhook.start()
@@ -135,7 +135,7 @@ def test_pending_notifications_survive_a_killed_server(webhook: Webhook) -> None
         srv.restart()
         got = webhook.wait(1, timeout=20)
         assert len(got) == 1, srv.log()[-3000:]
-        assert "Which metric matters most?" in got[0]["message"]
+        assert "RMSE 3.1" in got[0]["message"] and f"/handoff/runs/{rid}" in got[0]["message"]
         time.sleep(0.5)
         assert len(webhook.received) == 1  # delivered once, marked, not repeated
         rows = RunStore(srv.data_dir / "handoff.sqlite").notifications(rid)
