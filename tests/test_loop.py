@@ -217,6 +217,9 @@ def test_provider_failure_waits_for_input_and_retry_resumes(shell):
         loop = AgentLoop(state, provider, InProcessExecutor(shell))
         loop.run()
         assert state.status == "waiting_input"
+        retrying = [e for e in state.events if e.type == "status" and e.data["status"] == "running"
+                    and "retrying in" in e.data.get("reason", "")]
+        assert len(retrying) == 1 and "HTTP 500" in retrying[0].data["reason"]   # the user saw the retry
         assert "HTTP 500" in state.question and "retry" in state.question
         assert "HTTP 500" in state.error
         assert any(e.type == "error" for e in state.events)

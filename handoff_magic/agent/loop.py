@@ -176,6 +176,12 @@ class AgentLoop:
         self._steps_here = 0
         if not state.model:
             state.model = getattr(provider, "spec", "") or ""
+        if hasattr(provider, "on_retry"):
+            provider.on_retry = self._model_retrying
+
+    def _model_retrying(self, what: str) -> None:
+        """A model call is being retried: say so (a status event keeping status running)."""
+        self._status(self.state.status, reason=self._redact(f"model call failed: {what}"))
 
     # -- events ------------------------------------------------------------------------
     def _notify(self, event: Event | None) -> None:

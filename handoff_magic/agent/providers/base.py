@@ -10,7 +10,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 from ...state import Message
 
@@ -97,6 +97,9 @@ class HTTPProvider:
         self.max_total_wait = max_total_wait
         self.max_tokens = max_tokens
         self._client: Any = None
+        # told about each retry (what failed, how long until the next attempt), so a slow
+        # model service is visible to the user instead of a silent wait; the loop sets it
+        self.on_retry: Callable[[str], None] | None = None
 
     # -- subclass hooks -----------------------------------------------------------------
     def default_base_url(self) -> str:  # pragma: no cover - overridden
@@ -173,6 +176,8 @@ class HTTPProvider:
                     "or check the base URL and your quota",
                     retryable=True,
                 )
+            if self.on_retry is not None:
+                self.on_retry(f"{problem}; retrying in {delay:.1f}s (attempt {attempt + 2} of {self.max_retries + 1})")
             time.sleep(delay)
             waited += delay
             attempt += 1
