@@ -163,7 +163,9 @@ class _View:
             if self.status != "waiting_input":
                 self.question = None
             reason = d.get("reason")
-            if reason:
+            if reason and self.status == "waiting_input":
+                self.message = None  # the question itself is shown above the answer box
+            elif reason:
                 level = {"failed": "error", "paused": "warn", "completed": "success"}.get(self.status, "info")
                 self.message = (f"{STATUS_LABELS.get(self.status, self.status).capitalize()}: {reason}",
                                 level, None)
@@ -176,7 +178,10 @@ class _View:
         elif t == "assistant":
             self.entries.append(_Entry(text=str(d.get("text") or "")))
         elif t == "tool_call":
-            if not self.entries:
+            # a turn without words starts with its first call; the loop emits a turn's calls
+            # before any of their results, so a call after a result belongs to a new turn
+            last = self.entries[-1] if self.entries else None
+            if last is None or last.note or any(c.result is not None for c in last.calls):
                 self.entries.append(_Entry())
             args = d.get("arguments") if isinstance(d.get("arguments"), dict) else {}
             self.entries[-1].calls.append(_Call(str(d.get("id", "")), str(d.get("name", "")), args))
@@ -315,9 +320,14 @@ def render_log_html(entries: list[_Entry]) -> str:
     skipped = len(entries) - len(shown)
     parts = []
     if skipped:
-        parts.append(f'<div class="jh-empty">{skipped} earlier step{"s" if skipped != 1 else ""} not shown</div>')
-    for i, e in enumerate(shown, start=skipped + 1):
-        inner = f'<div class="jh-step-n">#{i}</div>'
+        parts.append(f'<div class="jh-empty">{skipped} earlier entr{"ies" if skipped != 1 else "y"} not shown</div>')
+    n = sum(1 for e in entries[:skipped] if not e.note)
+    for e in shown:
+        if e.note:
+            parts.append(f'<div class="jh-step jh-note"><div class="jh-tool">{_esc(e.note)}</div></div>')
+            continue
+        n += 1
+        inner = f'<div class="jh-step-n">#{n}</div>'
         if e.note:
             inner += f'<div class="jh-tool">{_esc(e.note)}</div>'
         if e.text:
@@ -480,7 +490,7 @@ class RunWidget(W.VBox):
                 self._plan.value = render_plan_html(v.plan)
             if what in (None, "assistant", "tool_call", "tool_result", "answer"):
                 self._log.value = render_log_html(v.entries)
-                n = len(v.entries)
+                n = sum(1 for e in v.entries if not e.note)
                 self._log_box.titles = (f"Step log · {n} step{'s' if n != 1 else ''}",)
             self._message.value = render_message_html(v.message)
             waiting = v.status == "waiting_input"

@@ -53,8 +53,10 @@ CSS = """
 @keyframes jh-spin { to { transform: rotate(360deg); } }
 @media (prefers-reduced-motion: reduce) { .jh-spin { animation: none; } }
 .jh-empty { color: var(--jp-ui-font-color3, rgba(0,0,0,.38)); font-style: italic; }
-.jh-log { max-height: 320px; overflow-y: auto; display: flex; flex-direction: column-reverse; }
+.jh-log { max-height: 360px; overflow-y: auto; display: flex; flex-direction: column-reverse; }
 .jh-step { border-left: 2px solid var(--jp-border-color2, #e0e0e0); padding: 1px 0 3px 8px; margin: 3px 0; }
+.jh-step.jh-note { border-left-color: var(--jp-brand-color1, #1976d2); }
+.jh-step.jh-note .jh-tool { color: var(--jp-ui-font-color1, rgba(0,0,0,.87)); }
 .jh-step-n { font-size: 11px; color: var(--jp-ui-font-color3, rgba(0,0,0,.38)); }
 .jh-words { white-space: pre-wrap; overflow-wrap: anywhere; }
 .jh-code {

@@ -96,9 +96,18 @@ def test_step_log_shows_words_code_and_short_results_newest_last() -> None:
     assert log.index("Loading the data") < log.index("Oops")          # newest last
     assert '<div class="jh-result jh-err">ZeroDivisionError</div>' in log
     assert w._log_box.titles == ("Step log · 2 steps",)
+    # a turn without words still gets its own numbered entry; the user's answer is a note
+    emit(state, w, "answer", answer="use <metres>")
+    emit(state, w, "tool_call", id="c3", name="run_python", arguments={"code": "x = 1"})
+    emit(state, w, "tool_result", id="c3", name="run_python", content="[ok]", is_error=False)
+    emit(state, w, "tool_call", id="c4", name="finish", arguments={"summary": "done"})
+    log = w._log.value
+    assert '<div class="jh-step jh-note"><div class="jh-tool">You answered: use &lt;metres&gt;</div></div>' in log
+    assert log.index("You answered") < log.index("#3") < log.index("x = 1") < log.index("#4") < log.index("finished: done")
+    assert w._log_box.titles == ("Step log · 4 steps",)
     for i in range(60):
         emit(state, w, "assistant", text=f"step {i}")
-    assert "22 earlier steps not shown" in w._log.value and "step 59" in w._log.value
+    assert "25 earlier entries not shown" in w._log.value and "step 59" in w._log.value
     assert "step 0<" not in w._log.value
 
 
