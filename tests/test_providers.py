@@ -16,7 +16,7 @@ from fake_llm import FakeLLM
 from handoff_magic.agent import SYSTEM_PROMPT, TOOLS, AgentLoop, InProcessExecutor, make_provider
 from handoff_magic.agent.providers.base import ProviderError, parse_retry_after
 from handoff_magic.agent.providers.scripted import ScriptedProvider
-from handoff_magic.state import Budgets, Message, RunState, ToolCall, ToolResult
+from handoff_magic.state import Budgets, Message, RunState, ToolResult
 
 TOOL_NAMES = [t["name"] for t in TOOLS]
 
