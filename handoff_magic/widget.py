@@ -153,11 +153,14 @@ class _View:
     message: tuple[str, str, str | None] | None = None   # (text, level, link)
     remote: tuple[str, str, dict[str, Any]] | None = None  # (server_url, run_id, links)
     progress: tuple[str, int, int] | None = None
+    transient: bool = False      # the message is a passing notice (a retry) cleared by progress
 
     def apply(self, ev: Event) -> None:
         """Fold one event into the view (the same rules for live and replayed events)."""
         d = ev.data or {}
         t = ev.type
+        if self.transient and t in ("assistant", "tool_call", "tool_result", "status"):
+            self.message, self.transient = None, False   # the retry notice is over
         if t == "status":
             self.status = str(d.get("status", self.status))
             if self.status != "waiting_input":
@@ -165,6 +168,9 @@ class _View:
             reason = d.get("reason")
             if reason and self.status == "waiting_input":
                 self.message = None  # the question itself is shown above the answer box
+            elif reason and self.status == "running":
+                self.message = (f"Still working: {reason}", "warn", None)   # e.g. a model retry
+                self.transient = True
             elif reason:
                 level = {"failed": "error", "paused": "warn", "completed": "success"}.get(self.status, "info")
                 self.message = (f"{STATUS_LABELS.get(self.status, self.status).capitalize()}: {reason}",

@@ -63,6 +63,15 @@ def test_badge_follows_status_events_and_html_is_escaped() -> None:
     assert 'data-level="warn"' in w._message.value and "pause requested" in w._message.value
 
 
+def test_model_retry_notice_shows_then_clears_when_the_model_answers() -> None:
+    state, w = make("running")
+    set_status(state, w, "running", reason="model call failed: HTTP 429; retrying in 2.0s (attempt 2 of 4)")
+    assert 'data-level="warn"' in w._message.value and "retrying in 2.0s" in w._message.value
+    assert 'data-status="running"' in w._header.value
+    emit(state, w, "assistant", text="Here is the next step")
+    assert w._message.value == ""
+
+
 # -- plan -----------------------------------------------------------------------------------
 
 def test_plan_is_a_live_checklist() -> None:
