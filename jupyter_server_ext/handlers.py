@@ -508,22 +508,26 @@ class RunListPage(PageHandler):
 
 
 def _steps(events: list[Any], limit: int = 30) -> list[dict[str, Any]]:
-    """Recent steps for the page: the agent's words, its code and a short output."""
+    """Recent steps for the page: the agent's words, its code and a short output.
+
+    Only code runs show as tool calls; plan updates, questions and the finish have their own
+    places on the page, so their tool echoes are left out.
+    """
     steps: list[dict[str, Any]] = []
     for ev in events:
         d = ev.data or {}
         if ev.type == "assistant" and d.get("text"):
             steps.append({"kind": "words", "text": str(d["text"])})
-        elif ev.type == "tool_call":
+        elif ev.type == "tool_call" and d.get("name") == "run_python":
             args = d.get("arguments") or {}
             code = args.get("code") if isinstance(args, dict) else None
-            steps.append({"kind": "code", "name": d.get("name"), "text": code or json.dumps(args)[:2000]})
-        elif ev.type == "tool_result":
+            steps.append({"kind": "code", "name": "python", "text": str(code or "")})
+        elif ev.type == "tool_result" and d.get("name") == "run_python":
             text = str(d.get("content") or "")
             steps.append({"kind": "error" if d.get("is_error") else "output",
                           "text": text if len(text) <= 1500 else text[:1500] + "\n…"})
-        elif ev.type in ("question", "answer", "finish", "error", "interrupted"):
-            text = d.get("question") or d.get("answer") or d.get("summary") or d.get("error") or d.get("reason")
+        elif ev.type in ("question", "answer", "error", "interrupted"):
+            text = d.get("question") or d.get("answer") or d.get("error") or d.get("reason")
             steps.append({"kind": ev.type, "text": str(text or "")})
     return steps[-limit:]
 
@@ -575,8 +579,10 @@ class DiffPage(PageHandler):
     async def get(self, run_id: str) -> None:
         run = self.run_summary(run_id)
         diff = await compute_diff(self, run_id)
-        self.render("diff.html", run=run, diff=diff,
-                    diff_json=json.dumps(diff, indent=1, ensure_ascii=False, default=str))
+        from .diff import render_diff_html  # escapes everything it renders
+        base = self.base_url.rstrip("/")
+        self.render("diff.html", run=run, diff_html=Markup(render_diff_html(diff)),
+                    diff_json_url=f"{base}/handoff/api/runs/{run_id}/diff")
 
 
 def handlers() -> list[tuple[str, type, dict[str, Any]] | tuple[str, type]]:
