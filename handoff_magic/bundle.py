@@ -117,7 +117,7 @@ def worth_compressing(sample: bytes | memoryview, ratio: float = 0.9) -> bool:
 class ChunkStore:
     """A local content-addressed directory (``<bundle>/chunks``); same layout as the server's BlobStore."""
 
-    def __init__(self, root: Path, *, workers: int = 4, max_in_flight: int = 12) -> None:
+    def __init__(self, root: Path, *, workers: int = 4, max_in_flight: int = 8) -> None:
         self.root = Path(root)
         self.codecs: dict[str, str | None] = {}
         self.refs: dict[str, ChunkRef] = {}

@@ -1,0 +1,242 @@
+"""Bundle format, verification, secrets helpers and file handling of the snapshot engine,
+exercised in-process on real directories (no kernel needed for these)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from handoff_magic import secrets
+from handoff_magic.bundle import (CHUNK_SIZE, BundleError, BundleSchemaError, ChunkStore, read_manifest,
+                                  validate_manifest, verify, write_manifest)
+from handoff_magic.capture import save_state
+from handoff_magic.restore import load_state
+from handoff_magic.state import RunState, StateError
+
+
+def _save(bundle: Path, ns: dict[str, Any], **kw: Any) -> Any:
+    kw.setdefault("files", False)
+    kw.setdefault("environ", {})
+    return save_state(bundle, ns=ns, **kw)
+
+
+# -- chunk store -------------------------------------------------------------------
+def test_chunk_address_is_sha_of_stored_bytes_and_dedups(tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path / "chunks")
+    text = b"hello world " * 10_000
+    ref = store.put(text, compress=True)
+    assert ref.codec == "zstd" and ref.stored < ref.size
+    stored = store.path(ref.sha).read_bytes()
+    assert hashlib.sha256(stored).hexdigest() == ref.sha
+    assert store.get(ref.sha) == text
+    again = store.put(text, compress=True)
+    assert again.sha == ref.sha and not again.new
+    assert store.bytes_new == ref.stored
+    noise = os.urandom(80_000)
+    raw = store.put(noise, compress=True)  # incompressible: stored as is
+    assert raw.codec is None and store.path(raw.sha).read_bytes() == noise
+    assert not list((tmp_path / "chunks").rglob("*.tmp-*")), "temp files left behind"
+
+
+def test_large_buffers_are_split_into_chunks_without_compressing_noise(tmp_path: Path) -> None:
+    bundle = tmp_path / "b"
+    arr = np.random.default_rng(1).random((CHUNK_SIZE * 2 + 1000) // 8)
+    zeros = np.zeros(CHUNK_SIZE // 8 * 3)
+    rep = _save(bundle, {"arr": arr, "zeros": zeros})
+    m = rep.manifest
+    bufs = {tuple(g["names"]): g["buffers"] for g in m["groups"]}
+    assert len(bufs[("arr",)][0]["chunks"]) == 3
+    assert all(m["chunks"][s]["codec"] is None for s in bufs[("arr",)][0]["chunks"])
+    assert all(m["chunks"][s]["codec"] == "zstd" for s in bufs[("zeros",)][0]["chunks"])
+    ns: dict[str, Any] = {}
+    load_state(bundle, ns=ns, files=False)
+    assert np.array_equal(ns["arr"], arr) and ns["arr"].flags.writeable
+    ns["arr"][0] = 5.0  # a loaded array is an ordinary writable array
+
+
+def test_resave_writes_only_changed_arrays(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    ns = {f"a{i}": rng.random(200_000) for i in range(10)}
+    first = _save(tmp_path / "b", ns)
+    assert first.bytes_new == first.bytes_total
+    ns["a3"] = rng.random(200_000)
+    second = _save(tmp_path / "b", ns)
+    assert second.bytes_total == pytest.approx(first.bytes_total, rel=0.01)
+    assert second.bytes_new <= 0.15 * second.bytes_total
+    ns2: dict[str, Any] = {}
+    load_state(tmp_path / "b", ns=ns2, files=False)
+    assert np.array_equal(ns2["a3"], ns["a3"]) and np.array_equal(ns2["a0"], ns["a0"])
+
+
+# -- manifest and verification -------------------------------------------------------
+def test_verify_names_flipped_chunk_and_its_owner(tmp_path: Path) -> None:
+    root = tmp_path / "work"
+    root.mkdir()
+    (root / "notes.txt").write_text("some notes\n" * 100)
+    bundle = tmp_path / "b"
+    rep = save_state(bundle, ns={"weights": np.arange(50_000.0)}, root=root, environ={})
+    verify(bundle)
+    g = next(g for g in rep.manifest["groups"] if g["names"] == ["weights"])
+    sha = g["buffers"][0]["chunks"][0]
+    p = bundle / "chunks" / sha[:2] / sha
+    data = bytearray(p.read_bytes())
+    data[1234] ^= 0x10
+    p.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=f"chunk {sha} is corrupt.*variable weights"):
+        verify(bundle)
+    fsha = rep.manifest["files"][0]["chunks"][0]
+    (bundle / "chunks" / fsha[:2] / fsha).unlink()
+    with pytest.raises(BundleError, match="file notes.txt"):
+        verify(bundle)
+
+
+def test_read_manifest_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="not a handoff bundle"):
+        read_manifest(tmp_path)
+    _save(tmp_path, {"x": 1})
+    raw = (tmp_path / "manifest.json").read_bytes()
+    (tmp_path / "manifest.json").write_bytes(raw[:-20])
+    with pytest.raises(BundleError, match="truncated"):
+        read_manifest(tmp_path)
+    m = json.loads(raw)
+    m["schema_version"] = 7
+    write_manifest(tmp_path, m)
+    with pytest.raises(BundleSchemaError, match="upgrade jupyter-handoff") as err:
+        read_manifest(tmp_path)
+    assert isinstance(err.value, StateError)
+
+
+@pytest.mark.parametrize("path", ["../escape.txt", "/etc/passwd", "a/../../b", "C:/x", "a\\b", "", "a//b"])
+def test_validate_manifest_refuses_unsafe_paths(tmp_path: Path, path: str) -> None:
+    rep = _save(tmp_path / "b", {"x": [1, 2]})
+    m = json.loads(json.dumps(rep.manifest))
+    sha = next(iter(m["chunks"]))
+    m["files"] = [{"path": path, "mode": 0o644, "size": 1, "sha256": "0" * 64, "chunks": [sha]}]
+    with pytest.raises(BundleError, match="path"):
+        validate_manifest(m)
+
+
+def test_validate_manifest_lists_chunks_and_checks_refs(tmp_path: Path) -> None:
+    rep = _save(tmp_path / "b", {"x": list(range(10)), "arr": np.ones(10)})
+    m = json.loads(json.dumps(rep.manifest))
+    assert set(validate_manifest(m)) == set(m["chunks"])
+    m["groups"][0]["payload"].append("f" * 64)
+    m["imports"].append("import os; os.system('rm -rf ~')")
+    with pytest.raises(BundleError) as err:
+        validate_manifest(m)
+    assert "not listed in 'chunks'" in str(err.value) and "not a plain import" in str(err.value)
+    with pytest.raises(BundleError, match="more than the limit"):
+        validate_manifest(rep.manifest, max_bytes=1)
+
+
+# -- restore safety ----------------------------------------------------------------
+def test_bad_bundle_changes_nothing(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "data.csv").write_text("a,b\n")
+    bundle = tmp_path / "b"
+    rep = save_state(bundle, ns={"x": [1, 2, 3], "arr": np.arange(10.0)}, root=src, environ={})
+    m = json.loads(json.dumps(rep.manifest))
+    m["files"][0]["path"] = "../outside.csv"
+    write_manifest(bundle, m)
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    ns = {"x": "mine"}
+    with pytest.raises(BundleError, match="path"):
+        load_state(bundle, ns=ns, root=dst)
+    assert ns == {"x": "mine"} and not (tmp_path / "outside.csv").exists() and not list(dst.iterdir())
+
+
+def test_file_conflicts_write_remote_copy(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "a.txt").write_text("remote version\n")
+    (src / "b.txt").write_text("remote b\n")
+    (src / "run.sh").write_text("#!/bin/sh\n")
+    os.chmod(src / "run.sh", 0o755)
+    bundle = tmp_path / "b"
+    save_state(bundle, ns={}, root=src, environ={})
+    original = hashlib.sha256(b"as handed off\n").hexdigest()
+    (dst / "a.txt").write_text("edited locally\n")   # changed since handoff: keep it
+    (dst / "b.txt").write_text("as handed off\n")    # unchanged since handoff: take remote
+    rep = load_state(bundle, ns={}, root=dst, file_conflicts={"a.txt": original, "b.txt": original})
+    assert (dst / "a.txt").read_text() == "edited locally\n"
+    assert (dst / "a.txt.remote").read_text() == "remote version\n"
+    assert (dst / "b.txt").read_text() == "remote b\n"
+    assert rep.conflicts == [{"path": "a.txt", "written_as": "a.txt.remote"}]
+    assert os.stat(dst / "run.sh").st_mode & 0o777 == 0o755
+    json.dumps(rep.to_dict())
+
+
+def test_object_that_cannot_be_unpickled_here_is_skipped_others_restored(tmp_path: Path) -> None:
+    mod_dir = tmp_path / "mods"
+    mod_dir.mkdir()
+    (mod_dir / "only_here.py").write_text("class Thing:\n    def __init__(self):\n        self.v = 7\n")
+    sys.path.insert(0, str(mod_dir))
+    try:
+        import only_here
+        ns = {"thing": only_here.Thing(), "kept": {"v": 1}}
+        _save(tmp_path / "b", ns)
+    finally:
+        sys.path.remove(str(mod_dir))
+        sys.modules.pop("only_here", None)
+    out: dict[str, Any] = {}
+    rep = load_state(tmp_path / "b", ns=out, files=False)
+    assert out == {"kept": {"v": 1}}
+    row = rep.var("thing")
+    assert row.outcome == "skipped" and "only_here" in row.reason and "install" in row.reason
+
+
+# -- secrets -----------------------------------------------------------------------
+def test_secret_helpers() -> None:
+    for name in ("OPENAI_API_KEY", "github_token", "db_password", "Secret", "AWS_CREDENTIALS", "passwd"):
+        assert secrets.is_secret_name(name), name
+    for name in ("df", "model", "results"):
+        assert not secrets.is_secret_name(name)
+    env = {"OPENAI_API_KEY": "sk-abcdef123456", "HOME": "/root", "SHORT_TOKEN": "1"}
+    vals = secrets.secret_values({"my_key": b"bytes-secret-1", "x": "sk-nope"}, env)
+    assert vals >= {"sk-abcdef123456", "bytes-secret-1"} and "1" not in vals and "/root" not in vals
+    assert secrets.redact("key=sk-abcdef123456!", vals) == "key=<redacted>!"
+    assert secrets.redact_obj({"a": ["sk-abcdef123456"], "n": 3}, vals) == {"a": ["<redacted>"], "n": 3}
+    assert secrets.is_secret_value("sk-abcdef123456", vals)
+
+
+def test_secrets_never_reach_the_bundle(tmp_path: Path) -> None:
+    value = "sk-live-0123456789abcdef"
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.md").write_text(f"my key is {value}\n")
+    (work / ".env").write_text("X=1\n")
+    (work / "ok.txt").write_text("fine\n")
+    state = RunState(goal=f"use {value} to call the API")
+    state.emit("assistant", text=f"I will use {value}")
+    ns = {"API_KEY": value, "copy": value, "nested": {"cfg": [value]}, "arr": np.frombuffer(value.encode(), np.uint8),
+          "fine": [1, 2, 3]}
+    rep = save_state(tmp_path / "b", ns=ns, root=work, run=state, environ={"OPENAI_API_KEY": value})
+    for p in (tmp_path / "b").rglob("*"):
+        if p.is_file():
+            assert value.encode() not in p.read_bytes(), p
+    names = {v["name"] for v in rep.manifest["variables"]}
+    assert names == {"nested", "arr", "fine"}  # skipped for content, with a reason; secret-named ones absent
+    assert {r.name: r.outcome for r in rep.variables}["nested"] == "skipped"
+    assert [f["path"] for f in rep.manifest["files"]] == ["ok.txt"]
+    assert "<redacted>" in json.dumps(rep.manifest["run"])
+    restored = load_state(tmp_path / "b", ns={}, files=False).run
+    assert restored.goal == "use <redacted> to call the API"
+
+
+def test_report_is_json_and_renders(tmp_path: Path) -> None:
+    rep = _save(tmp_path / "b", {"x": 1, "f": lambda v: v})
+    d = json.loads(json.dumps(rep.to_dict()))
+    assert {v["name"]: v["method"] for v in d["variables"]} == {"x": "pickle5", "f": "dill"}
+    assert "<table" in rep._repr_html_() and "pickle5" in str(rep)
+    back = load_state(tmp_path / "b", ns={}, files=False)
+    assert json.loads(json.dumps(back.to_dict()))["variables"][0]["outcome"] == "ok"
+    assert "restored" in str(back) and "<table" in back._repr_html_()
