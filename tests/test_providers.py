@@ -370,3 +370,15 @@ def test_server_settings_order_and_errors(tmp_path, monkeypatch):
     assert server_settings("http://arg:3", "arg-token") == ("http://arg:3", "arg-token")
     with pytest.raises(ConfigError, match="must start with http"):
         server_settings("ftp://x")
+
+
+def test_openai_compatible_base_url_with_query_and_missing_ids(llm):
+    provider = make_provider("openai:m", api_key=llm.api_key, base_url=llm.openai_base_url + "?api-version=2024-06-01")
+    llm.raw(200, {"choices": [{"message": {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "run_python", "arguments": {"code": "1"}}},
+        {"type": "function", "function": {"name": "finish", "arguments": '{"summary": "s"}'}}]}}]})
+    reply = provider.complete("sys", [Message(role="user", text="hi")], TOOLS)
+    assert llm.requests[0].path == "/v1/chat/completions"
+    assert [c.arguments for c in reply.tool_calls] == [{"code": "1"}, {"summary": "s"}]
+    ids = [c.id for c in reply.tool_calls]
+    assert all(ids) and len(set(ids)) == 2

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 from ...state import Message, ToolCall
 from .base import HTTPProvider, ProviderError
@@ -45,9 +47,14 @@ class OpenAIProvider(HTTPProvider):
         return os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
 
     def endpoint(self) -> str:
-        return f"{self.base_url}/chat/completions"
+        # Azure-style bases carry a query (?api-version=...): the path goes before it
+        base, sep, query = self.base_url.partition("?")
+        return f"{base.rstrip('/')}/chat/completions{sep}{query}"
 
     def auth_headers(self, key: str) -> dict[str, str]:
+        host = urlsplit(self.base_url).hostname or ""
+        if host.endswith((".openai.azure.com", ".cognitiveservices.azure.com")):
+            return {"api-key": key}
         return {"authorization": f"Bearer {key}"}
 
     def request_body(self, system: str, messages: list[Message], tools: list[dict]) -> dict[str, Any]:
@@ -77,7 +84,7 @@ class OpenAIProvider(HTTPProvider):
             fn = raw.get("function") if isinstance(raw, dict) else None
             if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
                 raise self.malformed(f"tool_calls[{i}] has no function name", body)
-            call_id = raw.get("id") or f"call_{i}"
+            call_id = raw.get("id") or f"call_{uuid.uuid4().hex[:16]}"   # some local servers omit ids
             args_raw = fn.get("arguments")
             if isinstance(args_raw, dict):
                 args = args_raw
