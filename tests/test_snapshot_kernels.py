@@ -46,6 +46,12 @@ CORPUS = [
     "import ipywidgets\nslider = ipywidgets.IntSlider()",
     "counter = 41\ncounter += 1\ncounter",
     f"len('{SECRET}')",
+    "vv = view[::2]\nviews = {'first': big[:5], 'same': view}",
+    "nested_lock = {'lock': threading.RLock(), 'n': 1}",
+    "limit = 100\nsquares = (i * i for i in range(limit))",
+    "limit = 5",
+    "import socket\nsock = socket.socket()",
+    "holder = {'out': wfh}",
 ]
 
 CHECK = r"""
@@ -79,6 +85,12 @@ _c('counter', lambda: counter)
 _c('In', lambda: [len(In), In[3][:20], 'big = np.random' in In[2]])
 _c('Out', lambda: [sorted(Out)[:3], 'cat' in repr(Out[3])])
 _c('out_log', lambda: open('out.log').read())
+_c('views2', lambda: [bool(_np.shares_memory(vv, big)), vv.strides == view[::2].strides,
+                      bool(_np.shares_memory(views['first'], big)), views['same'] is view])
+_c('nested_lock', lambda: [type(nested_lock['lock']).__name__, nested_lock['n']])
+_c('scratch', lambda: [limit, len(list(squares))])
+_c('socket', lambda: type(sock).__name__)
+_c('holder', lambda: 'holder' in globals())
 print(_json.dumps(_r, default=str))
 """
 
@@ -190,6 +202,11 @@ EXPECTED = {
     "names": ["Unpicklable"],  # the class travels; its instance cannot
     "counter": 42,
     "out_log": "keep me\n",
+    "views2": [True, True, True, True],
+    "nested_lock": ["RLock", 1],
+    "scratch": [5, 100],   # replaying the generator's cell did not clobber the restored `limit`
+    "socket": "socket",
+    "holder": False,
 }
 
 
@@ -206,13 +223,15 @@ def test_corpus_item_restored_in_fresh_kernel(world: Any, item: str) -> None:
 def test_each_variable_reports_method_and_reason(world: Any) -> None:
     rows = {v["name"]: v for v in world["report"]["variables"]}
     assert rows["big"]["method"] == "pickle5" and rows["view"]["method"] == "pickle5"
-    assert rows["big"]["bytes"] + rows["view"]["bytes"] >= 24_000_000  # one group: big and its view
+    # one group: big and its views, pickled together so they stay views of one array
+    assert sum(rows[n]["bytes"] for n in ("big", "view", "vv", "views")) >= 24_000_000
     assert rows["df"]["method"] == "pickle5"
     assert rows["sq"]["method"] == "dill" and rows["add5"]["method"] == "dill" and rows["pt"]["method"] == "dill"
-    for name in ("gen", "con", "lock", "fh"):
+    for name in ("gen", "con", "lock", "fh", "nested_lock", "squares", "sock"):
         assert rows[name]["method"] == "replay", rows[name]
     assert rows["wfh"]["outcome"] == "skipped" and "mode 'a'" in rows["wfh"]["reason"]
     assert rows["bad"]["outcome"] == "skipped" and "refuses to be pickled" in rows["bad"]["reason"]
+    assert rows["holder"]["outcome"] == "skipped" and "mode 'a'" in rows["holder"]["reason"]
     assert rows["np"]["method"] == "import" and rows["s"]["method"] == "import"
     for name in ("OPENAI_API_KEY", "leak"):
         assert rows[name]["reason"] == "looks like a secret"
