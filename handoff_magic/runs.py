@@ -85,6 +85,8 @@ class LocalRun:
         self._cancel_requested = False
         self._run_lock = threading.Lock()  # one loop at a time per run
         self.widget = widget if widget is not None else RunWidget(state, controller=self)
+        # terminal IPython shows no widgets: narrate the run as text lines instead
+        self.narrate = not _renders_widgets(shell)
         if register:
             _register(self)
 
@@ -248,6 +250,10 @@ class LocalRun:
             return  # an event of a state this run no longer shows (replaced by a pull)
         try:
             self.widget.show_event(event)
+            if self.narrate:
+                line = narrate(event)
+                if line:
+                    print(line, flush=True)
         except Exception:  # the display must never stop the agent; the failure is logged
             log.exception("RunWidget could not show event %s of run %s", event.type, state.id)
 
@@ -340,6 +346,38 @@ class LocalRun:
         if self.remote is not None:
             return f"remote {getattr(self.remote, 'server_url', '?')} ({getattr(self.remote, 'run_id', '?')})"
         return "local"
+
+
+def _renders_widgets(shell: Any) -> bool:
+    """A kernel (ZMQ) shell has a front end that may render widgets; terminal IPython has not."""
+    return shell is not None and (hasattr(shell, "kernel") or type(shell).__name__ == "ZMQInteractiveShell")
+
+
+def narrate(event: Event) -> str | None:
+    """One short text line for an event, for front ends without widgets."""
+    d = event.data or {}
+    t = event.type
+    if t == "status":
+        reason = f": {d['reason']}" if d.get("reason") else ""
+        return f"[agent] {STATUS_LABELS.get(str(d.get('status')), d.get('status'))}{reason}"
+    if t == "plan":
+        icons = {"pending": "○", "active": "◐", "done": "✓", "failed": "✗"}
+        return "[agent] plan: " + " · ".join(f"{icons.get(s.get('status'), '○')} {s.get('text', '')}"
+                                            for s in d.get("steps") or [] if isinstance(s, dict))
+    if t == "assistant" and d.get("text"):
+        first = str(d["text"]).strip().splitlines()[0] if str(d["text"]).strip() else ""
+        return f"[agent] {first[:200]}" if first else None
+    if t == "tool_call" and d.get("name") == "run_python":
+        code = str((d.get("arguments") or {}).get("code", ""))
+        n = len(code.splitlines())
+        return f"[agent] running {n} line{'s' if n != 1 else ''} of code"
+    if t == "question":
+        return f'[agent] asks: {d.get("question", "")}\n        answer with %agent continue "your answer"'
+    if t == "finish":
+        return f"[agent] done: {d.get('summary', '')}"
+    if t == "error":
+        return f"[agent] error: {d.get('error', '')}" + (f" ({d['hint']})" if d.get("hint") else "")
+    return None
 
 
 def _default_spec() -> str:

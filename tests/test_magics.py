@@ -342,3 +342,22 @@ def test_parse_agent_line_errors(line: str, message: str) -> None:
     with pytest.raises(UsageError, match=message) as info:
         parse_agent_line(line)
     assert "usage:" in str(info.value)
+
+
+def test_terminal_ipython_narrates_in_text(workdir: Path) -> None:
+    """Without a widget front end the run is readable text, never 'VBox(children=...)'."""
+    import subprocess
+    import sys
+    code = ("ip = get_ipython(); ip.run_line_magic('load_ext', 'handoff_magic'); "
+            f"ip.run_line_magic('agent', '--model scripted:{workdir / 'solve.json'} revenue per region'); "
+            "ip.run_line_magic('runs', '') ; print(by_region)")
+    proc = subprocess.run([sys.executable, "-m", "IPython", "--no-banner", "--colors=NoColor", "-c", code],
+                          cwd=workdir, capture_output=True, text=True, timeout=60)
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr
+    assert out.startswith("Agent run [idle] revenue per region"), out
+    assert "[agent] plan: ✓ Load sales.csv · ✓ Revenue per region" in out
+    assert "[agent] running 3 lines of code" in out
+    assert "[agent] done: by_region holds the revenue per region" in out
+    assert "{'east': 10, 'north': 15, 'south': 20}" in out
+    assert "VBox" not in out and "Widget" not in out
