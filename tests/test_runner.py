@@ -1,0 +1,265 @@
+"""The server-side runner through a real Jupyter Server subprocess and real kernels.
+
+A bundle captured in a real kernel is uploaded chunk by chunk, a run created, and the scripted
+(or a loopback fake OpenAI) model drives steps in a fresh kernel that uses the restored state.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import nbformat
+import pytest
+
+from fake_llm import FakeLLM
+from runner_helpers import (all_events, capture_bundle, finish, hand_off, run_python, tool_results,
+                            wait_status, write_script)
+from server_process import JupyterServerProcess
+
+SERVER_SECRET = "s3cr3t-value-of-a-service-token"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    return capture_bundle(tmp_path_factory.mktemp("local"))
+
+
+@pytest.fixture(scope="module")
+def llm() -> Iterator[FakeLLM]:
+    with FakeLLM() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def srv(llm: FakeLLM) -> Iterator[JupyterServerProcess]:
+    env = {**llm.env(), "MY_SERVICE_TOKEN": SERVER_SECRET}
+    server = JupyterServerProcess(extra_args=["--HandoffApp.max_concurrent_runs=2"], env=env).start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+def _scripted(tmp_path: Path, turns: list[dict[str, Any]]) -> str:
+    return "scripted:" + str(write_script(tmp_path / "script.json", turns))
+
+
+def _kernels(srv: JupyterServerProcess) -> list[dict[str, Any]]:
+    return srv.client.get("/api/kernels").json()
+
+
+def _wait_no_kernels(srv: JupyterServerProcess, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while _kernels(srv) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _kernels(srv) == [], "a finished run left its kernel running"
+
+
+def _wait_event(srv: JupyterServerProcess, run_id: str, pred: Any, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for ev in all_events(srv, run_id):
+            if pred(ev):
+                return ev
+        time.sleep(0.1)
+    raise AssertionError(f"no such event in run {run_id}: {all_events(srv, run_id)[-5:]}")
+
+
+def test_handed_off_run_uses_restored_state_and_writes_the_result_notebook(
+        srv: JupyterServerProcess, bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    bdir, manifest = bundle
+    model = _scripted(tmp_path, [
+        {"text": "I will sum, plot and report.", "tool_calls": [{"name": "update_plan", "arguments": {
+            "steps": [{"text": "sum the sales", "status": "active"}, {"text": "plot", "status": "pending"}]}}]},
+        run_python("total = float(df['amount'].sum())\nprint('total sales', total)\nlen(notes)",
+                   "First the total of the restored DataFrame."),
+        run_python("import matplotlib.pyplot as plt\nfig, ax = plt.subplots()\nax.plot(arr)\nplt.show()\n"
+                   "with open('report.txt', 'w') as f:\n    f.write(f'total={total}\\n')",
+                   "Now a plot of the restored array, and a report file."),
+        run_python("1/0", "This one fails on purpose."),
+        finish("Total sales are 42; plotted arr and wrote report.txt."),
+    ])
+    run_id = hand_off(srv, bdir, manifest, model=model)
+    summary = wait_status(srv, run_id)
+    assert summary["status"] == "completed", summary
+    assert summary["summary"].startswith("Total sales are 42")
+
+    events = all_events(srv, run_id)
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    types = [e["type"] for e in events]
+    assert types.index("restore") < types.index("assistant")
+    restore = next(e for e in events if e["type"] == "restore")["data"]["report"]
+    assert {"df", "arr", "notes", "big"} <= {v["name"] for v in restore["variables"]}
+    results = tool_results(events)
+    assert "total sales 42.0" in results[0]["content"]
+    first = results[0]["execution_count"]  # restore and checkpoints run silently: no gaps in the count
+    assert [r["execution_count"] for r in results] == [first, first + 1, first + 2]
+    assert any("image/png" in (o.get("data") or {}) for o in results[1]["outputs"])
+    assert results[2]["is_error"] and "ZeroDivisionError" in results[2]["content"]
+    statuses = [e["data"]["status"] for e in events if e["type"] == "status"]
+    assert statuses[-4:] == ["queued", "restoring", "running", "completed"]
+
+    # checkpoints after every step are incremental: the 1.6 MB array is never sent again
+    ckpts = [e["data"] for e in events if e["type"] == "checkpoint"]
+    assert len(ckpts) >= 4
+    assert all(c["bytes_new"] < 200_000 < c["bytes_total"] for c in ckpts)
+
+    ws = srv.root_dir / "handoff-runs" / run_id
+    assert (ws / "sales.csv").read_text().startswith("region,amount")
+    assert (ws / "report.txt").read_text() == "total=42.0\n"
+    assert (ws / ".handoff" / "bundle" / "manifest.json").exists()
+
+    nb = nbformat.read(ws / "result.ipynb", as_version=4)
+    nbformat.validate(nb)
+    header = nb.cells[0].source
+    assert "analyse the sales" in header and "laptop-1" in header and "analysis.ipynb" in header
+    assert "☑" in header or "▶" in header or "☐" in header
+    assert "Restore report" in nb.cells[1].source and "| df |" in nb.cells[1].source
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == [first, first + 1, first + 2]
+    assert code[0].outputs[0]["text"] == "total sales 42.0\n"
+    assert any("image/png" in o.get("data", {}) for o in code[1].outputs)
+    assert code[2].outputs[-1]["output_type"] == "error" and code[2].outputs[-1]["ename"] == "ZeroDivisionError"
+    assert any(c.cell_type == "markdown" and "Now a plot" in c.source for c in nb.cells)
+    assert any(c.cell_type == "markdown" and c.source.startswith("## Summary\n\nTotal sales are 42")
+               for c in nb.cells)
+
+    # it opens in JupyterLab on that server, and the contents API reads it as a notebook
+    assert srv.client.get(f"/lab/tree/handoff-runs/{run_id}/result.ipynb").status_code == 200
+    model_json = srv.client.get(f"/api/contents/handoff-runs/{run_id}/result.ipynb").json()
+    assert model_json["type"] == "notebook"
+
+    # the latest checkpoint holds what the agent made; the diff shows it
+    ck = srv.client.get(f"/handoff/api/runs/{run_id}/bundle").json()
+    assert "total" in {v["name"] for v in ck["variables"]}
+    diff = srv.client.get(f"/handoff/api/runs/{run_id}/diff").json()
+    report = next(f for f in diff["files"] if f["path"] == "report.txt")
+    assert report["change"] == "added" and "+total=42.0" in report["unified_diff"]
+    assert {"name": "total", "change": "added"}.items() <= next(
+        v for v in diff["variables"] if v["name"] == "total").items()
+    _wait_no_kernels(srv)
+
+
+def test_model_key_comes_from_the_server_and_never_reaches_the_kernel(
+        srv: JupyterServerProcess, llm: FakeLLM, bundle: tuple[Path, dict[str, Any]]) -> None:
+    bdir, manifest = bundle
+    llm.reply("Checking the environment.", tool_calls=[("run_python", {
+        "code": "import os, json\nprint(json.dumps(dict(os.environ)))"})])
+    llm.reply(tool_calls=[("finish", {"summary": "checked"})])
+    n_before = len(llm.requests)
+    run_id = hand_off(srv, bdir, manifest, model="openai:fake-model")
+    assert wait_status(srv, run_id)["status"] == "completed"
+
+    requests = llm.requests[n_before:]
+    assert len(requests) == 2
+    assert all(r.headers.get("authorization") == f"Bearer {llm.api_key}" for r in requests)
+    out = tool_results(all_events(srv, run_id))[0]["outputs"][0]["text"]
+    kernel_env = json.loads(out)
+    for name in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "MY_SERVICE_TOKEN", "JUPYTER_TOKEN"):
+        assert name not in kernel_env
+    values = set(kernel_env.values())
+    assert llm.api_key not in values and SERVER_SECRET not in values and srv.token not in values
+    assert srv.token not in out and llm.api_key not in out
+    assert kernel_env.get("OPENAI_BASE_URL") == llm.openai_base_url  # harmless settings still pass
+
+
+def test_three_runs_with_concurrency_two_the_third_queues(
+        srv: JupyterServerProcess, bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    bdir, manifest = bundle
+    model = _scripted(tmp_path, [run_python("import time\ntime.sleep(2)\nx = 1"), finish()])
+    ids = [hand_off(srv, bdir, manifest, model=model, goal=f"run {i}") for i in range(3)]
+    seen_queued_while_two_run = False
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        statuses = [srv.client.get(f"/handoff/api/runs/{i}").json()["status"] for i in ids]
+        active = sum(s in ("restoring", "running") for s in statuses)
+        assert active <= 2, statuses
+        if active == 2 and "queued" in statuses:
+            seen_queued_while_two_run = True
+        for i in ids:  # the result notebook is valid whenever anyone reads it
+            path = srv.root_dir / "handoff-runs" / i / "result.ipynb"
+            if path.exists():
+                nbformat.validate(nbformat.read(path, as_version=4))
+        if all(s == "completed" for s in statuses):
+            break
+        time.sleep(0.1)
+    final = {i: srv.client.get(f"/handoff/api/runs/{i}").json()["status"] for i in ids}
+    assert set(final.values()) == {"completed"}, (final, {i: all_events(srv, i)[-3:] for i in ids},
+                                                  srv.log()[-3000:])
+    assert seen_queued_while_two_run
+    # the run that waited started restoring only after another one had completed
+    def t(run_id: str, status: str) -> float:
+        return next(e["time"] for e in all_events(srv, run_id)
+                    if e["type"] == "status" and e["data"]["status"] == status)
+    starts = sorted((t(i, "restoring"), i) for i in ids)
+    last = starts[-1][1]
+    assert t(last, "restoring") >= min(t(i, "completed") for i in ids if i != last)
+
+
+def test_ask_user_waits_for_an_answer_then_continues(
+        srv: JupyterServerProcess, bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    bdir, manifest = bundle
+    model = _scripted(tmp_path, [
+        {"text": "", "tool_calls": [{"name": "ask_user", "arguments": {"question": "Which region first?"}}]},
+        run_python("region = 'north'\nprint(df[df.region == region].amount.sum())"),
+        finish("north done"),
+    ])
+    run_id = hand_off(srv, bdir, manifest, model=model)
+    summary = wait_status(srv, run_id, ("waiting_input",) + ("completed", "failed"))
+    assert summary["status"] == "waiting_input" and summary["question"] == "Which region first?"
+    time.sleep(0.5)
+    assert srv.client.get(f"/handoff/api/runs/{run_id}").json()["status"] == "waiting_input"
+    r = srv.client.post(f"/handoff/api/runs/{run_id}/answer", json={"answer": "north"})
+    assert r.status_code == 200, r.text
+    assert wait_status(srv, run_id)["status"] == "completed"
+    events = all_events(srv, run_id)
+    assert any(e["type"] == "answer" and e["data"]["answer"] == "north" for e in events)
+    assert tool_results(events)[0]["outputs"][0]["text"] == "10\n"
+
+
+def test_cancel_interrupts_the_kernel_and_ends_cancelled(
+        srv: JupyterServerProcess, bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    bdir, manifest = bundle
+    model = _scripted(tmp_path, [run_python("import time\nfor i in range(600):\n    time.sleep(0.1)"),
+                                 finish()])
+    run_id = hand_off(srv, bdir, manifest, model=model)
+    _wait_event(srv, run_id, lambda e: e["type"] == "tool_call")
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    r = srv.client.post(f"/handoff/api/runs/{run_id}/cancel")
+    assert r.status_code == 200, r.text
+    assert wait_status(srv, run_id, timeout=30)["status"] == "cancelled"
+    assert time.monotonic() - t0 < 15
+    result = tool_results(all_events(srv, run_id))[0]
+    assert result["is_error"] and "KeyboardInterrupt" in result["content"]
+    _wait_no_kernels(srv)
+    assert srv.client.post(f"/handoff/api/runs/{run_id}/cancel").status_code == 409
+
+
+def test_pull_pauses_at_the_step_boundary_and_returns_the_checkpoint(
+        srv: JupyterServerProcess, bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    bdir, manifest = bundle
+    model = _scripted(tmp_path, [run_python("import time\ntime.sleep(1.5)\nmade_remotely = 7"),
+                                 run_python("never_run = 1"), finish()])
+    run_id = hand_off(srv, bdir, manifest, model=model)
+    _wait_event(srv, run_id, lambda e: e["type"] == "tool_call")
+    box: dict[str, Any] = {}
+    th = threading.Thread(target=lambda: box.update(r=srv.client.post(
+        f"/handoff/api/runs/{run_id}/pull", json={"timeout": 60})))
+    th.start()
+    th.join(90)
+    r = box["r"]
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "pulled"
+    names = {v["name"] for v in body["manifest"]["variables"]}
+    assert "made_remotely" in names and "never_run" not in names and "df" in names
+    missing = srv.client.post("/handoff/api/blobs/missing", json={"shas": list(body["manifest"]["chunks"])})
+    assert missing.json()["missing"] == []  # every chunk of the checkpoint is downloadable
+    types = [e["type"] for e in all_events(srv, run_id)]
+    assert types[-1] == "status" and "pull" in types
+    _wait_no_kernels(srv)
+
