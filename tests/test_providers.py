@@ -16,7 +16,7 @@ from fake_llm import FakeLLM
 from handoff_magic.agent import SYSTEM_PROMPT, TOOLS, AgentLoop, InProcessExecutor, make_provider
 from handoff_magic.agent.providers.base import ProviderError, parse_retry_after
 from handoff_magic.agent.providers.scripted import ScriptedProvider
-from handoff_magic.state import Budgets, Message, RunState, ToolResult
+from handoff_magic.state import Budgets, Message, RunState, ToolCall, ToolResult
 
 TOOL_NAMES = [t["name"] for t in TOOLS]
 
@@ -382,3 +382,44 @@ def test_openai_compatible_base_url_with_query_and_missing_ids(llm):
     assert [c.arguments for c in reply.tool_calls] == [{"code": "1"}, {"summary": "s"}]
     ids = [c.id for c in reply.tool_calls]
     assert all(ids) and len(set(ids)) == 2
+
+
+# -- wire conversion invariants over arbitrary conversations ---------------------------------------
+from hypothesis import given, settings, strategies as hs  # noqa: E402
+
+from handoff_magic.agent.providers.anthropic import to_anthropic_messages  # noqa: E402
+from handoff_magic.agent.providers.openai import to_openai_messages  # noqa: E402
+
+_turn = hs.tuples(hs.text(max_size=5), hs.integers(0, 3), hs.one_of(hs.none(), hs.text(min_size=1, max_size=5)))
+
+
+def _conversation(turns) -> list[Message]:
+    msgs = [Message(role="user", text="goal")]
+    for k, (text, n_calls, user_after) in enumerate(turns):
+        calls = [ToolCall(id=f"c{k}-{i}", name="run_python", arguments={"code": str(i)}) for i in range(n_calls)]
+        msgs.append(Message(role="assistant", text=text, tool_calls=calls))
+        if calls:
+            msgs.append(Message(role="tool", tool_results=[ToolResult(c.id, c.name, "ok") for c in calls]))
+        if user_after or not calls:
+            msgs.append(Message(role="user", text=user_after or "go on"))
+    return msgs
+
+
+@settings(max_examples=60, deadline=None)
+@given(hs.lists(_turn, max_size=6))
+def test_every_tool_call_is_answered_in_both_wire_formats(turns):
+    msgs = _conversation(turns)
+    anth = to_anthropic_messages(msgs)
+    assert anth[0]["role"] == "user"
+    assert all(a["role"] != b["role"] for a, b in zip(anth, anth[1:]))          # strict alternation
+    for i, m in enumerate(anth):
+        uses = [b["id"] for b in m["content"] if b["type"] == "tool_use"]
+        if uses:
+            answered = [b["tool_use_id"] for b in anth[i + 1]["content"] if b["type"] == "tool_result"]
+            assert answered == uses
+        assert all(b.get("text", "x") for b in m["content"])                     # no empty text blocks
+    oai = to_openai_messages("sys", msgs)
+    for i, m in enumerate(oai):
+        if m.get("tool_calls"):
+            ids = [c["id"] for c in m["tool_calls"]]
+            assert [x.get("tool_call_id") for x in oai[i + 1:i + 1 + len(ids)]] == ids
