@@ -72,8 +72,8 @@ class Cloud:
                f"--HandoffApp.data_dir={self.data_dir}"]
         if self.model:
             cmd.append(f"--HandoffApp.model={self.model}")
-        if self.notify_urls:
-            cmd.append("--HandoffApp.notify_urls=" + json.dumps(self.notify_urls))
+        # one flag per URL: traitlets reads a JSON list given once as a single string
+        cmd += [f"--HandoffApp.notify_urls={u}" for u in self.notify_urls]
         return cmd + self.extra_args
 
     def start(self, timeout: float = 60.0) -> "Cloud":
