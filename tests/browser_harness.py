@@ -1,0 +1,136 @@
+"""Browser-test helpers: a local JupyterLab, a "cloud" Jupyter Server, and Playwright on Debian chromium.
+
+Why these pieces: the product's face is a widget inside JupyterLab and a result notebook opened
+in the cloud server's JupyterLab, so the tests drive both in a real browser. Nothing is mocked:
+``LabProcess`` is ``python -m jupyterlab`` on a loopback port (token auth, temp root dir, its own
+settings dir so the theme is known), the cloud is ``server_process.JupyterServerProcess``.
+Playwright drives ``/usr/bin/chromium`` (never ``playwright install``: no download is possible).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server_process import JupyterServerProcess
+
+CHROMIUM = os.environ.get("HANDOFF_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+LIGHT, DARK = "JupyterLab Light", "JupyterLab Dark"
+
+
+def require_chromium() -> str:
+    """The chromium binary, or a test FAILURE (not a skip) saying how to get it."""
+    path = CHROMIUM if os.path.isabs(CHROMIUM) else shutil.which(CHROMIUM)
+    if not path or not os.access(path, os.X_OK):
+        pytest.fail(f"chromium not found at {CHROMIUM}: run `bash scripts/install-system-deps.sh` "
+                    "(installs the Debian package chromium) or set HANDOFF_CHROMIUM to a Chromium binary")
+    return path
+
+
+def lab_settings(settings_dir: Path, theme: str = LIGHT) -> None:
+    """User settings written before JupyterLab starts: a known theme and no news/update toasts."""
+    apputils = settings_dir / "@jupyterlab" / "apputils-extension"
+    apputils.mkdir(parents=True, exist_ok=True)
+    (apputils / "themes.jupyterlab-settings").write_text(json.dumps({"theme": theme}))
+    (apputils / "notification.jupyterlab-settings").write_text(
+        json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    # the kernel-shutdown flow is part of the journey; no autosave races with the test's edits
+    docmanager = settings_dir / "@jupyterlab" / "docmanager-extension"
+    docmanager.mkdir(parents=True, exist_ok=True)
+    (docmanager / "plugin.jupyterlab-settings").write_text(json.dumps({"autosave": False}))
+
+
+class LabProcess(JupyterServerProcess):
+    """``python -m jupyterlab`` with the handoff extension: the user's "local" Jupyter.
+
+    Its kernels inherit ``env`` (HANDOFF_SERVER_URL / HANDOFF_TOKEN point at the cloud), so
+    ``%handoff`` and the widget's buttons find the server without arguments.
+    """
+
+    def __init__(self, *, theme: str = LIGHT, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.settings_dir = self._tmp / "lab-settings"
+        self.workspaces_dir = self._tmp / "lab-workspaces"
+        self.workspaces_dir.mkdir(parents=True, exist_ok=True)
+        lab_settings(self.settings_dir, theme)
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "jupyterlab",
+            "--allow-root", "--no-browser",
+            f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
+            "--ServerApp.ip=127.0.0.1",
+            f"--IdentityProvider.token={self.token}",
+            f"--ServerApp.root_dir={self.root_dir}",
+            f"--HandoffApp.data_dir={self.data_dir}",
+            f"--LabApp.user_settings_dir={self.settings_dir}",
+            f"--LabApp.workspaces_dir={self.workspaces_dir}",
+            "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            *self.extra_args,
+        ]
+
+    def lab_url(self, path: str = "lab") -> str:
+        sep = "&" if "?" in path else "?"
+        return f"{self.url}/{path.lstrip('/')}{sep}token={self.token}"
+
+
+def cloud_lab_url(cloud: JupyterServerProcess, path: str = "lab") -> str:
+    """A URL on the cloud server that also logs the browser in (token in the query, once)."""
+    sep = "&" if "?" in path else "?"
+    return f"{cloud.url}/{path.lstrip('/')}{sep}token={cloud.token}"
+
+
+def shot(page: Any, name: str, locator: Any = None) -> Path:
+    """Save a screenshot of the page (or one element) as tests/artifacts/<name>.png."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    (locator or page).screenshot(path=str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """One chromium for the module, with a fresh user-data dir (a persistent context per test)."""
+    exe = require_chromium()
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture(scope="module")
+def cloud() -> Iterator[JupyterServerProcess]:
+    """The "cloud": a Jupyter Server with the handoff extension (and JupyterLab, installed in the venv)."""
+    srv = JupyterServerProcess().start()
+    try:
+        yield srv
+    finally:
+        srv.cleanup()
+
+
+@pytest.fixture(scope="module")
+def lab(cloud: JupyterServerProcess) -> Iterator[LabProcess]:
+    """The user's local JupyterLab; its kernels know the cloud through HANDOFF_SERVER_URL/TOKEN."""
+    tmp = Path(tempfile.mkdtemp(prefix="handoff-lab-"))
+    env = {"HANDOFF_SERVER_URL": cloud.url, "HANDOFF_TOKEN": cloud.token,
+           "HANDOFF_CACHE_DIR": str(tmp / "cache"), "MPLBACKEND": "Agg"}
+    srv = LabProcess(env=env, startup_timeout=120)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
