@@ -338,7 +338,7 @@ def _wait(srv: JupyterServerProcess, rid: str, statuses: tuple[str, ...], timeou
             break
         time.sleep(0.1)
     raise AssertionError(f"run {rid} is {summary.get('status')}, wanted {statuses}: {summary.get('error')}\n"
-                         f"{srv.log()[-3000:]}")
+                         f"{srv.log()[-8000:]}")
 
 
 def _follow(srv: JupyterServerProcess, rid: str, after: int = 0, until: tuple[str, ...] = TERMINAL,
