@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import socket
+import sys
 import threading
 from importlib import metadata
 from typing import Any
@@ -193,8 +194,11 @@ class LocalRun:
         self._pause.clear()
         self._cancel_requested = False
         loop = self._ensure_loop()
+        # outputs of background steps cannot appear under a finished cell: the widget mirrors them
+        self.widget.mirror_outputs = background
         if background:
-            t = threading.Thread(target=self._run_loop, args=(loop, answer, True),
+            parent = _current_parent(self.shell)
+            t = threading.Thread(target=self._run_in_thread, args=(loop, answer, parent),
                                  name=f"handoff-agent-{self.id}", daemon=True)
             self._thread = t
             t.start()
@@ -214,6 +218,19 @@ class LocalRun:
         self._loop = AgentLoop(self._state, self.provider, self.executor,
                                on_event=self._on_event, should_pause=self._pause.is_set)
         return self._loop
+
+    def _run_in_thread(self, loop: Any, answer: str | None, parent: dict[str, Any] | None) -> None:
+        """Background body: this thread's outputs carry the launching request as parent, so
+        they never show up under whatever cell the user happens to run next."""
+        tokens = _pin_outputs(self.shell, parent)
+        try:
+            self._run_loop(loop, answer, True)
+        finally:
+            for obj, token in tokens:
+                try:
+                    obj.reset_thread_parent(token)
+                except (ValueError, RuntimeError) as exc:  # a token from another context
+                    log.debug("could not reset the output parent of %r: %s", obj, exc)
 
     def _run_loop(self, loop: Any, answer: str | None, background: bool) -> None:
         if not self._run_lock.acquire(blocking=False):
@@ -346,6 +363,32 @@ class LocalRun:
         if self.remote is not None:
             return f"remote {getattr(self.remote, 'server_url', '?')} ({getattr(self.remote, 'run_id', '?')})"
         return "local"
+
+
+def _current_parent(shell: Any) -> dict[str, Any] | None:
+    """The request (cell execution or widget comm message) being handled right now."""
+    kernel = getattr(shell, "kernel", None)
+    get_parent = getattr(kernel, "get_parent", None)
+    if get_parent is None:
+        return None
+    try:
+        parent = get_parent("shell")
+    except TypeError:  # older ipykernel: get_parent() without a channel
+        parent = get_parent()
+    return parent if isinstance(parent, dict) and parent.get("header") else None
+
+
+def _pin_outputs(shell: Any, parent: dict[str, Any] | None) -> list[tuple[Any, Any]]:
+    """Set the calling thread's output parent on stdout/stderr/display publisher/display hook
+    (ipykernel >= 6.20 keeps a per-thread parent); returns the reset tokens."""
+    if not parent:
+        return []
+    tokens = []
+    for obj in (sys.stdout, sys.stderr, getattr(shell, "display_pub", None), getattr(shell, "displayhook", None)):
+        setter = getattr(obj, "set_thread_parent", None)
+        if setter is not None:
+            tokens.append((obj, setter(parent)))
+    return tokens
 
 
 def _renders_widgets(shell: Any) -> bool:

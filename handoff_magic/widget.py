@@ -37,6 +37,9 @@ MAX_CODE_CHARS = 4000
 MAX_RESULT_CHARS = 800
 MAX_RESULT_LINES = 12
 MAX_GOAL_CHARS = 240
+MAX_OUTPUTS = 30
+MAX_OUTPUT_BYTES = 4_000_000
+_OUTPUT_TYPES = frozenset({"stream", "display_data", "execute_result", "error"})
 
 
 @runtime_checkable
@@ -408,6 +411,17 @@ class RunWidget(W.VBox):
                                              layout=W.Layout(width="auto", flex="1 1 auto"))
         self._progress = W.HBox([self._progress_label, self._progress_bar],
                                 layout=W.Layout(display="none", align_items="center", grid_gap="8px"))
+        # rich outputs of steps that ran where this cell cannot show them (background thread,
+        # remote kernel), mirrored from tool_result events; plain trait updates, so they arrive
+        # even after the cell finished
+        self.mirror_outputs = False
+        self.outputs = W.Output(layout=W.Layout(max_height="420px", overflow="auto"))
+        self._outputs_box = W.Accordion(children=[self.outputs], titles=("Outputs",), selected_index=0,
+                                        layout=W.Layout(display="none"))
+        self._outputs_box.add_class("jh-outputs")
+        self._n_outputs = 0
+        # what the buttons display (a diff, a link, a pull report) lands here, not in a cell
+        self.action_output = W.Output()
         self._message = W.HTML()
         self.buttons: dict[str, W.Button] = {}
         for key, label, method in BUTTONS:
@@ -428,8 +442,8 @@ class RunWidget(W.VBox):
         self.answer_box = W.VBox([self._question, W.HBox([self.answer_text, self.answer_button])],
                                  layout=W.Layout(display="none"))
         self.answer_box.add_class("jh-answer")
-        super().__init__([self._header, self._plan, self._log_box, self._progress, self._message,
-                          self.answer_box, self._buttons_box], **kwargs)
+        super().__init__([self._header, self._plan, self._log_box, self._outputs_box, self._progress,
+                          self._message, self.answer_box, self._buttons_box, self.action_output], **kwargs)
         self.add_class("jh-run")
         self._render()
 
@@ -458,6 +472,27 @@ class RunWidget(W.VBox):
                 self._view.steps = max(self._view.steps, self._state.steps)
                 self._view.goal = self._state.goal or self._view.goal
             self._render(event.type)
+            if event.type == "tool_result" and (self.mirror_outputs or self._view.remote is not None):
+                self.show_outputs((event.data or {}).get("outputs") or [])
+
+    def show_outputs(self, outputs: list[dict[str, Any]]) -> None:
+        """Append nbformat output dicts (stream, display_data, execute_result, error) to the
+        Outputs area; only the newest MAX_OUTPUTS / MAX_OUTPUT_BYTES are kept."""
+        keep = [dict(o) for o in outputs if isinstance(o, dict) and o.get("output_type") in _OUTPUT_TYPES]
+        if not keep:
+            return
+        with self._lock:
+            current = list(self.outputs.outputs) + keep
+            current = current[-MAX_OUTPUTS:]
+            while len(current) > 1 and len(json.dumps(current, default=str)) > MAX_OUTPUT_BYTES:
+                current.pop(0)
+            self._n_outputs += len(keep)
+            with self.outputs.hold_sync(), self._outputs_box.hold_sync():
+                self.outputs.outputs = tuple(current)
+                shown = len(current)
+                more = f" (newest {shown} of {self._n_outputs})" if shown < self._n_outputs else ""
+                self._outputs_box.titles = (f"Outputs of background steps{more}",)
+            self._outputs_box.layout.display = ""
 
     def set_remote(self, server_url: str, run_id: str, links: dict[str, Any] | None = None) -> None:
         """Mark the run as living on ``server_url`` as ``run_id``; switches the buttons to remote mode."""
@@ -548,13 +583,15 @@ class RunWidget(W.VBox):
             else:
                 self.show_message("This view is not attached to a run any more; use %runs to find it.", "warn")
             return
-        try:
-            fn(*args)
-        except Exception as exc:  # shown to the user in the widget and logged with its traceback
-            log.exception("RunWidget: %s failed", method)
-            hint = getattr(exc, "hint", None)
-            self.show_message(f"{dict((k, l) for k, l, _ in BUTTONS).get(key, key)} failed: {exc}"
-                              + (f"\n{hint}" if hint else ""), "error")
+        self.action_output.outputs = ()
+        with self.action_output:          # a diff view, a link, a report: shown in the widget
+            try:
+                fn(*args)
+            except Exception as exc:  # shown to the user in the widget and logged with its traceback
+                log.exception("RunWidget: %s failed", method)
+                hint = getattr(exc, "hint", None)
+                self.show_message(f"{dict((k, l) for k, l, _ in BUTTONS).get(key, key)} failed: {exc}"
+                                  + (f"\n{hint}" if hint else ""), "error")
 
     def _on_send(self, _button: W.Button) -> None:
         text = self.answer_text.value.strip()

@@ -78,7 +78,7 @@ SLOW = [
 BACKGROUND = [
     {"text": "step one", "tool_calls": [
         plan(("One", "active"), ("Two", "pending")),
-        py("import time\ntime.sleep(1.5)\nbg_one = 1")]},
+        py("import time\ntime.sleep(0.5)\nprint('bg step one output', flush=True)\ntime.sleep(1.0)\nbg_one = 1")]},
     {"text": "step two", "tool_calls": [plan(("One", "done"), ("Two", "active")), py("bg_two = 2")]},
     {"text": "", "tool_calls": [plan(("One", "done"), ("Two", "done")),
                                 {"name": "finish", "arguments": {"summary": "both"}}]},
@@ -288,7 +288,10 @@ def test_background_run_keeps_notebook_usable_and_pauses_on_request(kernel: Kern
         "from handoff_magic.runs import current_run\nr = current_run()\nprint(r.running, 6 * 7)\n"
         "r.widget.buttons['pause'].click()\nprint(r.wait_paused(20))")
     assert content["status"] == "ok", errors
+    # the background step printed while this cell ran: its output stays with the run, not here
     assert out.split() == ["True", "42", "True"]
+    _, out, _ = kernel.run("print(''.join(o.get('text', '') for o in r.widget.outputs.outputs))")
+    assert out.strip() == "bg step one output"      # mirrored in the widget's Outputs area
     paused = kernel.state(["bg_one", "bg_two"])
     assert paused["status"] == "paused"
     assert paused["vars"] == {"bg_one": "1"}     # the running step finished; the next did not start

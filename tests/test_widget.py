@@ -281,7 +281,7 @@ SOLVE = [
 ]
 ASK = [
     {"text": "", "tool_calls": [{"name": "ask_user", "arguments": {"question": "Which unit?"}}]},
-    {"text": "", "tool_calls": [{"name": "run_python", "arguments": {"code": "unit_answered = True"}},
+    {"text": "", "tool_calls": [{"name": "run_python", "arguments": {"code": "unit_answered = True\nprint('converted to metres')"}},
                                 {"name": "finish", "arguments": {"summary": "ok"}}]},
 ]
 
@@ -338,9 +338,14 @@ def test_handoff_click_without_server_says_what_to_set(executed: nbformat.Notebo
 
 def test_answer_box_send_resumes_run(executed: nbformat.NotebookNode) -> None:
     out = "".join(o.get("text", "") for o in executed.cells[4].outputs if o.get("name") == "stdout")
-    assert out.split() == ["True", "completed", "True"]
+    # clicked from this cell, so this cell is the request the resumed run's output belongs to
+    assert out.splitlines() == ["converted to metres", "True completed True"]
     models = _models(executed)
     texts = [m["state"].get("value") for m in models.values() if m["model_name"] == "TextModel"]
     assert "" in texts                                 # the box was cleared after sending
     html = " ".join(str(m["state"].get("value", "")) for m in models.values() if m["model_name"] == "HTMLModel")
     assert "You answered: metres" in html
+    # the resumed steps ran in a background thread: their output is mirrored into the widget
+    mirrored = [o for m in models.values() if m["model_name"] == "OutputModel"
+                for o in m["state"].get("outputs", [])]
+    assert {"output_type": "stream", "name": "stdout", "text": "converted to metres\n"} in mirrored
