@@ -212,6 +212,24 @@ def test_blob_over_the_size_limit_is_413(srv: JupyterServerProcess) -> None:
     assert not list((srv.data_dir / "blobs").rglob(".tmp-*"))
 
 
+def test_upload_cut_mid_body_leaves_nothing(srv: JupyterServerProcess) -> None:
+    """A real socket closed halfway through a PUT: no blob, no temp file; a retry then works."""
+    import socket
+    data = uuid.uuid4().bytes * 20_000  # 320 kB
+    h = sha(data)
+    with socket.create_connection(("127.0.0.1", srv.port)) as s:
+        s.sendall((f"PUT /handoff/api/blobs/{h} HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\n"
+                   f"Authorization: token {srv.token}\r\nContent-Length: {len(data)}\r\n\r\n").encode())
+        s.sendall(data[: len(data) // 2])
+        time.sleep(0.3)
+    deadline = time.monotonic() + 5
+    while list((srv.data_dir / "blobs").rglob(".tmp-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not list((srv.data_dir / "blobs").rglob(".tmp-*"))
+    assert srv.client.post("/handoff/api/blobs/missing", json={"shas": [h]}).json() == {"missing": [h]}
+    assert srv.client.put(f"/handoff/api/blobs/{h}", content=data).status_code == 201
+
+
 # ---------------------------------------------------------------------------------------------
 # POST /runs validation: hostile or broken manifests create nothing
 # ---------------------------------------------------------------------------------------------
