@@ -197,6 +197,8 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="size factor (0.1 = quick run)")
     ap.add_argument("--out", type=Path, default=None, help="scratch dir (default: a temp dir on the same disk)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    ap.add_argument("--only", choices=["numpy", "pandas", "small"], action="append",
+                    help="run only these namespaces (repeatable)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="handoff-bench-", dir=args.out))
     results: list[dict[str, Any]] = []
@@ -206,12 +208,16 @@ def main() -> None:
         print(f"{'namespace':<8} {'size':>11} | {'ours save':>9} {'load':>7} | {'dill save':>9} {'load':>7} | "
               f"{'speedup':>7} | {'ours bytes':>11} {'dill bytes':>11} | {'GB/s':>5} | peak extra")
         for name, make in (("numpy", make_numpy), ("pandas", make_pandas), ("small", make_small)):
+            if args.only and name not in args.only:
+                continue
             r = bench(name, make, args.scale, work, results)
             print(f"{name:<8} {fmt(r['bytes']):>11} | {r['ours_save']:8.2f}s {r['ours_load']:6.2f}s | "
                   f"{r['dill_save']:8.2f}s {r['dill_load']:6.2f}s | {r['speedup']:6.1f}x | "
                   f"{fmt(r['ours_written']):>11} {fmt(r['dill_written']):>11} | {r['capture_gbps']:5.2f} | "
                   f"{fmt(r['peak_extra'])} ({r['peak_extra_pct']:.0f}%)", flush=True)
-        n = results[0]
+        n = next((r for r in results if r["namespace"] == "numpy"), None)
+        if n is None:
+            return
         print(f"re-capture after replacing 1 of 10 arrays: {fmt(n['recapture_new'])} new of "
               f"{fmt(n['recapture_total'])} ({100 * n['recapture_new'] / n['recapture_total']:.1f}%) "
               f"in {n['recapture_seconds']:.2f}s")

@@ -128,6 +128,7 @@ class ChunkStore:
         self._workers = workers
         self._pool: ThreadPoolExecutor | None = None
         self._slots = threading.BoundedSemaphore(max_in_flight)
+        self._owned = threading.BoundedSemaphore(3)   # copies we made (payload, file blocks): keep few
 
     # -- addressing --------------------------------------------------------------
     def path(self, sha: str) -> Path:
@@ -171,17 +172,23 @@ class ChunkStore:
             self.refs[sha] = ref
         return ref
 
-    def submit(self, data: bytes | bytearray | memoryview, compress: bool) -> "Future[ChunkRef]":
-        """Like put, in a worker thread (hashlib and zstd release the GIL); memory is bounded."""
+    def submit(self, data: bytes | bytearray | memoryview, compress: bool, owned: bool = False
+               ) -> "Future[ChunkRef]":
+        """Like put, in a worker thread (hashlib and zstd release the GIL).
+
+        Memory is bounded: at most a few ``owned`` chunks (copies made just for the bundle)
+        are in flight; views of live objects cost nothing extra and may queue deeper.
+        """
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="handoff-chunk")
-        self._slots.acquire()
+        slots = self._owned if owned else self._slots
+        slots.acquire()
         try:
             fut = self._pool.submit(self.put, data, compress)
         except BaseException:
-            self._slots.release()
+            slots.release()
             raise
-        fut.add_done_callback(lambda _f: self._slots.release())
+        fut.add_done_callback(lambda _f: slots.release())
         return fut
 
     def put_buffer(self, data: memoryview, compress: bool | None = None) -> list["Future[ChunkRef]"]:
