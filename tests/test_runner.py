@@ -151,7 +151,8 @@ def test_model_key_comes_from_the_server_and_never_reaches_the_kernel(
     llm.reply(tool_calls=[("finish", {"summary": "checked"})])
     n_before = len(llm.requests)
     run_id = hand_off(srv, bdir, manifest, model="openai:fake-model")
-    assert wait_status(srv, run_id)["status"] == "completed"
+    summary = wait_status(srv, run_id)
+    assert summary["status"] == "completed", (summary, all_events(srv, run_id)[-4:])
 
     requests = llm.requests[n_before:]
     assert len(requests) == 2

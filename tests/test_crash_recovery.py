@@ -1,0 +1,143 @@
+"""Runs survive what really kills them: SIGKILL of the server mid-step, a kernel that calls
+os._exit(1). Plus blob garbage collection that never touches a referenced chunk."""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import nbformat
+import pytest
+
+from runner_helpers import (all_events, capture_bundle, finish, hand_off, run_python, tool_results,
+                            wait_status, write_script)
+from server_process import JupyterServerProcess, handoff_server_factory  # noqa: F401 (fixture)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    return capture_bundle(tmp_path_factory.mktemp("local"))
+
+
+def _check_log(events: list[dict[str, Any]]) -> None:
+    seqs = [e["seq"] for e in events]
+    assert seqs == list(range(1, len(seqs) + 1)), f"gap or duplicate in {seqs}"
+
+
+def _wait_tool_call(srv: JupyterServerProcess, run_id: str, needle: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(e["type"] == "tool_call" and needle in str(e["data"].get("arguments"))
+               for e in all_events(srv, run_id)):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the step with {needle!r} never started: {all_events(srv, run_id)[-4:]}")
+
+
+def test_sigkill_mid_step_resumes_from_the_checkpoint_and_redoes_the_step(
+        handoff_server_factory: Callable[..., JupyterServerProcess],
+        bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    bdir, manifest = bundle
+    model = "scripted:" + str(write_script(tmp_path / "script.json", [
+        run_python("a = float(arr.sum())"),
+        run_python("import time\nSLOW_STEP = 1\ntime.sleep(2.5)\nb = a * 2"),
+        run_python("print('b is', b)"),
+        finish("b computed"),
+    ]))
+    srv = handoff_server_factory()
+    run_id = hand_off(srv, bdir, manifest, model=model)
+    _wait_tool_call(srv, run_id, "SLOW_STEP")
+    time.sleep(0.8)
+    before = all_events(srv, run_id)
+    srv.kill()  # SIGKILL the server and its kernels mid-step
+
+    srv.restart()
+    assert wait_status(srv, run_id, timeout=120)["status"] == "completed"
+    events = all_events(srv, run_id)
+    _check_log(events)
+    assert events[:len(before)] == before  # nothing committed before the crash was lost or changed
+    interrupted = [e for e in events if e["type"] == "interrupted"]
+    assert len(interrupted) == 1 and "step 2" in interrupted[0]["data"]["reason"]
+    slow = [e for e in events if e["type"] == "tool_call" and "SLOW_STEP" in str(e["data"]["arguments"])]
+    assert len(slow) == 2  # cut off once, redone once
+    assert [e["data"]["report"]["source"] for e in events if e["type"] == "restore"] == ["handoff", "checkpoint"]
+    assert "b is 90.0" in tool_results(events)[-1]["content"]
+    nb = nbformat.read(srv.root_dir / "handoff-runs" / run_id / "result.ipynb", as_version=4)
+    nbformat.validate(nb)
+    assert any("Step interrupted" in c.source for c in nb.cells if c.cell_type == "markdown")
+
+
+def test_kernel_crash_is_recovered_once_and_the_agent_is_told(
+        handoff_server_factory: Callable[..., JupyterServerProcess],
+        bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    bdir, manifest = bundle
+    marker = tmp_path / f"crashed-{uuid.uuid4().hex}"
+    model = "scripted:" + str(write_script(tmp_path / "script.json", [
+        run_python("a = 20"),
+        run_python(f"import os, pathlib\np = pathlib.Path({str(marker)!r})\n"
+                   "if not p.exists():\n    p.touch()\n    os._exit(1)\nb = a + 1"),
+        run_python("print('b =', b)"),
+        finish(),
+    ]))
+    srv = handoff_server_factory()
+    run_id = hand_off(srv, bdir, manifest, model=model)
+    summary = wait_status(srv, run_id, timeout=120)
+    assert summary["status"] == "completed", summary
+    events = all_events(srv, run_id)
+    _check_log(events)
+    died = [r for r in tool_results(events) if "kernel died" in r["content"]]
+    assert len(died) == 1
+    assert any(e["type"] == "interrupted" and "kernel died" in e["data"]["reason"] for e in events)
+    assert "b = 21" in tool_results(events)[-1]["content"]  # a was restored from the checkpoint
+    assert marker.exists()
+
+
+def test_second_crash_in_the_same_step_fails_the_run_with_the_reason(
+        handoff_server_factory: Callable[..., JupyterServerProcess],
+        bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    bdir, manifest = bundle
+    model = "scripted:" + str(write_script(tmp_path / "script.json", [
+        run_python("import os\nos._exit(1)"), finish()]))
+    srv = handoff_server_factory()
+    run_id = hand_off(srv, bdir, manifest, model=model)
+    summary = wait_status(srv, run_id, timeout=120)
+    assert summary["status"] == "failed"
+    assert "kernel died 2 times" in summary["error"]
+    events = all_events(srv, run_id)
+    _check_log(events)
+    assert events[-1]["type"] == "status" and events[-1]["data"]["status"] == "failed"
+    deadline = time.monotonic() + 20
+    while srv.client.get("/api/kernels").json() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert srv.client.get("/api/kernels").json() == []
+
+
+def test_gc_deletes_only_unreferenced_old_chunks(tmp_path: Path, bundle: tuple[Path, dict[str, Any]]) -> None:
+    from handoff_magic.state import RunState
+    from jupyter_server_ext.runner import gc_blobs, main
+    from jupyter_server_ext.store import BlobStore, RunStore
+
+    bdir, manifest = bundle
+    store = RunStore(tmp_path / "handoff.sqlite")
+    blobs = BlobStore(tmp_path / "blobs")
+    for sha in manifest["chunks"]:
+        blobs.put(sha, (bdir / "chunks" / sha[:2] / sha).read_bytes())
+    store.create_run(RunState(goal="g"), manifest, None)
+    import hashlib
+    orphan_old, orphan_new = b"old orphan chunk", b"fresh upload, run not created yet"
+    sha_old, sha_new = hashlib.sha256(orphan_old).hexdigest(), hashlib.sha256(orphan_new).hexdigest()
+    blobs.put(sha_old, orphan_old)
+    blobs.put(sha_new, orphan_new)
+    past = time.time() - 7200
+    for p in [blobs.path(s) for s in manifest["chunks"]] + [blobs.path(sha_old)]:
+        os.utime(p, (past, past))
+
+    result = gc_blobs(store, blobs, min_age=3600)
+    assert result["deleted"] == 1 and result["bytes_freed"] == len(orphan_old)
+    assert not blobs.has(sha_old) and blobs.has(sha_new)
+    assert all(blobs.has(s) for s in manifest["chunks"])  # referenced: never deleted, however old
+    store.close()
+    assert main(["gc", "--data-dir", str(tmp_path), "--min-age", "0"]) == 0
+    assert not blobs.has(sha_new) and all(blobs.has(s) for s in manifest["chunks"])
