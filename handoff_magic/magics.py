@@ -158,18 +158,31 @@ def _display(obj: Any) -> None:
 class HandoffMagics(Magics):
     @line_magic
     def snapshot(self, line: str) -> Any:
-        """%snapshot save PATH | %snapshot load PATH — save or restore this kernel's state."""
+        """%snapshot save PATH | %snapshot load PATH | %snapshot verify PATH [--no-files]
+
+        save: variables, imports, In/Out history and working-directory files into bundle PATH;
+        load: restore PATH into this kernel (nothing changes if the bundle is damaged);
+        verify: check every chunk's hash. --no-files leaves working-directory files out.
+        """
         from IPython.core.error import UsageError as IPyUsageError
 
         from . import load_state, save_state
 
         args = shlex.split(line)
-        if len(args) != 2 or args[0] not in ("save", "load"):
-            raise IPyUsageError("usage: %snapshot save PATH  or  %snapshot load PATH")
+        files = "--no-files" not in args
+        args = [a for a in args if a != "--no-files"]
+        if len(args) != 2 or args[0] not in ("save", "load", "verify"):
+            raise IPyUsageError("usage: %snapshot save PATH | %snapshot load PATH | %snapshot verify PATH "
+                                "[--no-files]")
         action, path = args
         if action == "save":
-            return save_state(path, self.shell)
-        return load_state(path, self.shell)
+            return save_state(path, self.shell, files=files)
+        if action == "verify":
+            from .bundle import verify
+            verify(path)
+            print(f"{path}: manifest and every chunk verified")
+            return None
+        return load_state(path, self.shell, files=files)
 
     # -- %agent -----------------------------------------------------------------------------
     @line_magic

@@ -7,6 +7,7 @@ unpickled groups, files, replays of defining cells, and the In/Out history.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import io
 import mmap
@@ -238,32 +239,13 @@ def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path |
                                       time.perf_counter() - t0, "skipped",
                                       f"{line!r} failed here ({type(exc).__name__}: {exc}); install the package "
                                       "and run the line yourself")
-    for g in groups:
-        t0 = time.perf_counter()
-        names = g["names"]
-        try:
-            if g["method"] == "dill":
-                import dill
-                obj = dill.loads(payloads[g["id"]], buffers=buffers[g["id"]])
-            else:
-                obj = pickle.loads(payloads[g["id"]], buffers=buffers[g["id"]])
-            values = (obj,) if len(names) == 1 else tuple(obj)
-            if len(values) != len(names):
-                raise ValueError(f"group holds {len(values)} values for {len(names)} names")
-            spent = (time.perf_counter() - t0) / len(names)
-            for n, v in zip(names, values):
-                staged[n] = v
-                meta = by_name.get(n, {})
-                results[n] = VarReport(n, meta.get("type", type(v).__name__), g["method"], int(meta.get("size", 0)),
-                                       spent, "ok", meta.get("reason"))
-        except Exception as exc:  # noqa: BLE001 - e.g. a package missing here; others still restore
-            hint = " (install the missing package here)" if isinstance(exc, (ImportError, AttributeError)) else ""
-            for n in names:
-                meta = by_name.get(n, {})
-                results[n] = VarReport(n, meta.get("type", "?"), g["method"], int(meta.get("size", 0)),
-                                       time.perf_counter() - t0, "skipped",
-                                       f"could not be unpickled: {type(exc).__name__}: {exc}{hint}")
-        payloads.pop(g["id"], None)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # unpickling builds many containers; collections in between would dominate
+    try:
+        _unpickle_groups(groups, payloads, buffers, by_name, staged, results)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     ns.update(staged)
 
     for entry, target in file_plan:
@@ -295,6 +277,38 @@ def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path |
         [r for n, r in results.items() if n not in by_name]
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+def _unpickle_groups(groups: list[dict], payloads: dict[str, bytes], buffers: dict[str, list[Any]],
+                     by_name: dict[str, dict], staged: dict[str, Any], results: dict[str, VarReport]) -> None:
+    """Unpickle each group on its own, so one that fails (a package missing here) loses only itself."""
+    for g in groups:
+        t0 = time.perf_counter()
+        names = g["names"]
+        try:
+            if g["method"] == "dill":
+                import dill
+                obj = dill.loads(payloads[g["id"]], buffers=buffers[g["id"]])
+            else:
+                obj = pickle.loads(payloads[g["id"]], buffers=buffers[g["id"]])
+            values = (obj,) if len(names) == 1 else tuple(obj)
+            if len(values) != len(names):
+                raise ValueError(f"group holds {len(values)} values for {len(names)} names")
+            spent = (time.perf_counter() - t0) / len(names)
+            for n, v in zip(names, values):
+                staged[n] = v
+                meta = by_name.get(n, {})
+                results[n] = VarReport(n, meta.get("type", type(v).__name__), g["method"], int(meta.get("size", 0)),
+                                       spent, "ok", meta.get("reason"))
+        except Exception as exc:  # noqa: BLE001 - e.g. a package missing here; others still restore
+            hint = " (install the missing package here)" if isinstance(exc, (ImportError, AttributeError)) else ""
+            for n in names:
+                meta = by_name.get(n, {})
+                results[n] = VarReport(n, meta.get("type", "?"), g["method"], int(meta.get("size", 0)),
+                                       time.perf_counter() - t0, "skipped",
+                                       f"could not be unpickled: {type(exc).__name__}: {exc}{hint}")
+        payloads.pop(g["id"], None)
+
 
 
 def _run_replays(replays: list[dict[str, Any]], ns: dict[str, Any], root: Path, by_name: dict[str, dict],

@@ -319,3 +319,16 @@ def test_damaged_bundle_changes_nothing(world: Any, damage: str, tmp_path: Path)
 
 if sys.platform == "win32":  # pragma: no cover
     pytestmark = pytest.mark.skip("kernels over ZMQ with POSIX paths")
+
+
+def test_snapshot_verify_magic_names_the_damaged_variable(world: Any, tmp_path: Path) -> None:
+    b = world["b"]
+    assert "verified" in b.ok(f"%snapshot verify {world['bundle']}")["stdout"]
+    bad = tmp_path / "bad"
+    shutil.copytree(world["bundle"], bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    sha = next(g["payload"][0] for g in manifest["groups"] if "pt" in g["names"])
+    p = bad / "chunks" / sha[:2] / sha
+    p.write_bytes(p.read_bytes()[:-1] + b"\0")
+    out = b.run(f"%snapshot verify {bad}")
+    assert out["error"] and sha in out["error"] and "pt" in out["error"], out["error"]
