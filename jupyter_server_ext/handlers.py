@@ -344,23 +344,29 @@ class EventsHandler(HandoffAPIHandler):
     @web.authenticated
     @authorized
     async def get(self, run_id: str) -> None:
-        self.run_summary(run_id)  # 404 first
+        store = self.handoff.store
+        if not store.has_run(run_id):
+            raise HandoffError(404, f"no run with id {run_id!r} on this server", NOT_FOUND_HINT)
         try:
-            after = int(self.get_argument("after", "0"))
+            after = max(0, int(self.get_argument("after", "0")))
             timeout = float(self.get_argument("timeout", "0"))
             limit = int(self.get_argument("limit", "500"))
         except ValueError:
             raise HandoffError(400, "after and limit must be integers and timeout a number",
                                "e.g. ?after=12&timeout=25") from None
+        if timeout != timeout:  # NaN
+            timeout = 0.0
         timeout = max(0.0, min(timeout, self.handoff.max_events_wait))
         limit = max(1, min(limit, 5000))
-        events = await self.handoff.store.wait_events(run_id, max(0, after), timeout, limit=limit)
-        summary = self.handoff.store.summary(run_id)
+        events = await store.wait_events(run_id, after, timeout, limit=limit)
+        if self.request.connection.stream is not None and self.request.connection.stream.closed():
+            return  # the client went away while we waited
+        last = store.last_seq(run_id)
         self.send({"events": [_event_dict(e) for e in events],
                    # never past what this client has seen: an event committed after the wait
                    # returned must still come in the next poll
-                   "last_seq": events[-1].seq if events else min(max(0, after), summary["last_seq"]),
-                   "status": summary["status"]})
+                   "last_seq": events[-1].seq if events else min(after, last),
+                   "status": store.status(run_id)})
 
 
 class AnswerHandler(HandoffAPIHandler):

@@ -222,22 +222,34 @@ MIGRATIONS: list[str] = [
 ]
 
 
-def _summary(row: sqlite3.Row, last_seq: int) -> dict[str, Any]:
-    state = json.loads(row["state"])
+# Summaries read only the fields they show (json_extract in C), never the whole message list:
+# status and event calls stay fast while a run's state grows.
+_SUMMARY_SQL = """
+SELECT r.id, r.goal, r.status, r.created, r.updated,
+       json_extract(r.state, '$.plan') AS plan, json_extract(r.state, '$.question') AS question,
+       json_extract(r.state, '$.summary') AS summary, json_extract(r.state, '$.error') AS error,
+       json_extract(r.state, '$.steps') AS steps, json_extract(r.state, '$.model') AS model,
+       json_extract(r.state, '$.origin') AS origin,
+       (SELECT MAX(seq) FROM events e WHERE e.run_id = r.id) AS last_seq
+FROM runs r
+"""
+
+
+def _summary(row: sqlite3.Row) -> dict[str, Any]:
     return {
         "id": row["id"],
         "goal": row["goal"],
         "status": row["status"],
-        "plan": state.get("plan") or [],
-        "question": state.get("question"),
-        "summary": state.get("summary"),
-        "error": state.get("error"),
-        "steps": state.get("steps", 0),
-        "model": state.get("model", ""),
-        "origin": state.get("origin") or {},
+        "plan": json.loads(row["plan"]) if row["plan"] else [],
+        "question": row["question"],
+        "summary": row["summary"],
+        "error": row["error"],
+        "steps": row["steps"] or 0,
+        "model": row["model"] or "",
+        "origin": json.loads(row["origin"]) if row["origin"] else {},
         "created": row["created"],
         "updated": row["updated"],
-        "last_seq": last_seq,
+        "last_seq": row["last_seq"] or 0,
     }
 
 
@@ -347,10 +359,17 @@ class RunStore:
     def summary(self, run_id: str) -> dict[str, Any]:
         """The run summary of docs/internals.md without ``links`` (the handler adds those)."""
         with self._lock:
-            row = self._db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
-            if row is None:
-                raise KeyError(run_id)
-            return _summary(row, self._last_seq(run_id))
+            row = self._db.execute(_SUMMARY_SQL + " WHERE r.id=?", (run_id,)).fetchone()
+        if row is None:
+            raise KeyError(run_id)
+        return _summary(row)
+
+    def status(self, run_id: str) -> str:
+        """Just the status (cheap); KeyError if unknown."""
+        rows = self._q("SELECT status FROM runs WHERE id=?", (run_id,))
+        if not rows:
+            raise KeyError(run_id)
+        return str(rows[0]["status"])
 
     def get_state(self, run_id: str) -> RunState:
         """The stored RunState with its full event log (``state.last_seq`` matches the store)."""
@@ -377,9 +396,7 @@ class RunStore:
                 raise KeyError(state.id)
 
     def list_runs(self) -> list[dict[str, Any]]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM runs ORDER BY created DESC").fetchall()
-            return [_summary(r, self._last_seq(r["id"])) for r in rows]
+        return [_summary(r) for r in self._q(_SUMMARY_SQL + " ORDER BY r.created DESC")]
 
     def unfinished_runs(self) -> list[str]:
         marks = ",".join("?" * len(TERMINAL_STATUSES))
