@@ -596,9 +596,11 @@ def save_state(path: Any, shell: Any = None, *, run: Any = None, files: bool = T
     bundle.mkdir(parents=True, exist_ok=True)
     store = ChunkStore(bundle / CHUNKS)
     previous_files: dict[str, dict[str, Any]] = {}
+    previous_chunks: dict[str, dict[str, Any]] = {}
     try:
         prev = read_manifest(bundle)
-        store.register(prev.get("chunks", {}))
+        previous_chunks = prev.get("chunks", {}) if isinstance(prev.get("chunks"), dict) else {}
+        store.register(previous_chunks)
         previous_files = {f["path"]: f for f in prev.get("files", []) if isinstance(f, dict) and "path" in f}
     except BundleError:
         pass
@@ -648,8 +650,8 @@ def save_state(path: Any, shell: Any = None, *, run: Any = None, files: bool = T
             report.files = [{"path": e["path"], "size": e["size"]} for e in entries]
             report.skipped_files = skipped
         referenced = _referenced(manifest)
-        manifest["chunks"] = {s: store.refs[s].meta() if s in store.refs else _prev_meta(store, s)
-                              for s in sorted(referenced)}
+        manifest["chunks"] = {s: store.refs[s].meta() if s in store.refs else
+                              _prev_meta(store, s, previous_chunks.get(s)) for s in sorted(referenced)}
         store.flush()
         write_manifest(bundle, manifest)
         store.discard_new(referenced)
@@ -664,8 +666,11 @@ def save_state(path: Any, shell: Any = None, *, run: Any = None, files: bool = T
     return report
 
 
-def _prev_meta(store: ChunkStore, sha: str) -> dict[str, Any]:
+def _prev_meta(store: ChunkStore, sha: str, known: dict[str, Any] | None) -> dict[str, Any]:
+    """Chunk metadata for a chunk reused from the previous save (a file that did not change)."""
     size = store.path(sha).stat().st_size
+    if known and known.get("stored") == size:
+        return {"size": known["size"], "stored": size, "codec": known.get("codec")}
     codec = store.codecs.get(sha)
     if codec == "zstd":
         raw = len(store.get(sha, codec))

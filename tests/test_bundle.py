@@ -240,3 +240,26 @@ def test_report_is_json_and_renders(tmp_path: Path) -> None:
     back = load_state(tmp_path / "b", ns={}, files=False)
     assert json.loads(json.dumps(back.to_dict()))["variables"][0]["outcome"] == "ok"
     assert "restored" in str(back) and "<table" in back._repr_html_()
+
+
+def test_resave_reuses_unchanged_files_and_leaves_no_orphan_chunks(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "big.csv").write_bytes(os.urandom(300_000))
+    (work / "small.txt").write_text("v1\n")
+    shared = list(range(1000))
+    ns = {"a": {"k": shared}, "b": shared, "c": np.arange(1000.0)}  # a and b pickled together in the end
+    bundle = tmp_path / "b"
+    first = save_state(bundle, ns=ns, root=work, environ={})
+    on_disk = {p.name for p in (bundle / "chunks").rglob("*") if p.is_file()}
+    assert on_disk == set(first.manifest["chunks"]), "chunks of discarded trial pickles were left behind"
+    (work / "small.txt").write_text("v2, longer\n")
+    second = save_state(bundle, ns=ns, root=work, environ={})
+    small = next(f for f in second.manifest["files"] if f["path"] == "small.txt")
+    assert second.bytes_new == sum(second.manifest["chunks"][s]["stored"] for s in small["chunks"])
+    out: dict[str, Any] = {}
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    load_state(bundle, ns=out, root=dst)
+    assert out["a"]["k"] is out["b"] and (dst / "small.txt").read_text() == "v2, longer\n"
+    assert (dst / "big.csv").read_bytes() == (work / "big.csv").read_bytes()
