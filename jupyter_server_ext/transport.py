@@ -1,0 +1,494 @@
+"""How a run's bundle reaches its kernel, and how checkpoints come back.
+
+Two ways, one interface (``BundleTransport``):
+
+* ``SharedDiskTransport`` (the fast case): the kernel runs on this server's machine, so chunks
+  are hard-linked into ``<workspace>/.handoff/ckpt`` and the kernel reads/writes them there.
+* ``KernelChannelTransport``: the kernel lives elsewhere (Jupyter Enterprise Gateway / Kernel
+  Gateway on Kubernetes, YARN, Docker...) and shares no disk with the server. Chunks travel as
+  base64 pieces inside small execute requests over the kernel's own channels, are hash-checked
+  by the kernel before they are renamed into place, and checkpoint chunks come back as
+  ``display_data`` of a private MIME type, verified again here by the BlobStore.
+
+``make_transport`` picks channels when the server's kernels come from a gateway, else the shared
+disk; ``c.HandoffApp.transport = "shared" | "kernel"`` forces one.
+
+The server never unpickles: it moves stored chunk bytes and reads JSON manifests.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from handoff_magic.bundle import BundleError, check_relpath, validate_manifest
+
+log = logging.getLogger(__name__)
+
+MIME = "application/x.jupyter-handoff+json"
+PIECE_BYTES = 1024 * 1024          # raw bytes per piece: ~1.4 MB of base64 in one execute request
+BATCH_BYTES = 2 * 1024 * 1024      # raw bytes per execute request (several small chunks share one)
+CALL_TIMEOUT = 600.0               # one transfer request; a slow gateway is slow, not dead
+MODES = ("auto", "shared", "kernel")
+
+
+class TransportError(RuntimeError):
+    """Moving a bundle or checkpoint failed; ``hint`` says what to do."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class KernelGone(TransportError):
+    """The kernel died during a transfer: the runner recovers from the last checkpoint."""
+
+
+class Executor(Protocol):
+    """What a transport needs from the run's kernel (``KernelExecutor`` has it)."""
+
+    def execute(self, code: str, timeout: float | None = None, *, silent: bool = False,
+                store_history: bool = True) -> Any: ...
+
+
+class Blobs(Protocol):
+    def has(self, sha: str) -> bool: ...
+    def missing(self, shas: Any) -> list[str]: ...
+    def path(self, sha: str) -> Path: ...
+    def put(self, sha: str, data: bytes) -> bool: ...
+    def read(self, sha: str) -> bytes: ...
+
+
+@dataclass
+class KernelBundle:
+    """Where the kernel finds the materialised bundle and its working directory (kernel paths)."""
+    bundle_dir: str
+    root: str
+    bytes_sent: int = 0
+
+
+@dataclass
+class Checkpoint:
+    manifest: dict[str, Any]
+    bytes_new: int
+    bytes_total: int
+    files_mirrored: list[str] = field(default_factory=list)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    if dst.exists():
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    try:
+        os.link(src, tmp)
+    except OSError:  # another filesystem, or no hard links: copy
+        import shutil
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _stored_total(manifest: dict[str, Any]) -> int:
+    return sum(int(m.get("stored", 0)) for m in (manifest.get("chunks") or {}).values())
+
+
+def _check(res: Any, what: str) -> None:
+    if res.status == "dead":
+        raise KernelGone(f"the kernel died while {what}", "the run restores its last checkpoint in a new kernel")
+    if res.status != "ok":
+        err = res.error or {}
+        raise TransportError(f"{what} failed in the kernel: {err.get('ename', res.status)}: {err.get('evalue', '')}",
+                             "see the Jupyter Server log; the kernel needs jupyter-handoff installed "
+                             "(same version as the server)")
+
+
+class BundleTransport(ABC):
+    """Moves a run's bundle into its kernel and the kernel's checkpoints back into the BlobStore."""
+
+    name: str = ""
+
+    def __init__(self, workspace: Callable[[str], Path]) -> None:
+        self.workspace = workspace
+
+    @abstractmethod
+    def send_bundle(self, executor: Executor, run_id: str, manifest: dict[str, Any],
+                    blobs: Blobs) -> KernelBundle:
+        """Make every chunk of ``manifest`` and the manifest itself readable by the kernel."""
+
+    @abstractmethod
+    def fetch_checkpoint(self, executor: Executor, run_id: str, run_state: dict[str, Any],
+                         blobs: Blobs, *, max_bytes: int | None = None) -> Checkpoint:
+        """``save_state`` inside the kernel (only new chunks are written), then bring the
+        manifest and the chunks ``blobs`` lacks back here, verified by hash."""
+
+    # shared by both: the restore call, with kernel-side paths
+    @staticmethod
+    def restore_code(kb: KernelBundle) -> str:
+        return _kernel_call(
+            "import json, os, handoff_magic\n"
+            "os.chdir(a['root'])\n"
+            "r = handoff_magic.load_state(a['bundle_dir'], root=a['root'])\n"
+            "return json.loads(json.dumps(r.to_dict(), default=str))",
+            {"bundle_dir": kb.bundle_dir, "root": kb.root})
+
+
+# ---------------------------------------------------------------------------------------------
+# kernel-side code: one throwaway function per request, its JSON result as display_data
+# ---------------------------------------------------------------------------------------------
+def _kernel_call(body: str, args: dict[str, Any]) -> str:
+    """Code that runs ``body`` (with ``a`` = args) in a throwaway function and publishes its
+    return value as ``display_data`` of MIME type ``MIME``; leaves no names behind."""
+    indented = "\n".join("    " + line for line in body.strip().splitlines())
+    return (f"def _handoff_xfer_(a):\n{indented}\n"
+            "try:\n"
+            f"    __import__('IPython.display', fromlist=['_']).publish_display_data("
+            f"{{{MIME!r}: _handoff_xfer_(__import__('json').loads({json.dumps(args)!r}))}})\n"
+            "finally:\n"
+            "    del _handoff_xfer_\n")
+
+
+def kernel_result(res: Any) -> Any:
+    """The value a ``_kernel_call`` published, from an ExecResult's outputs."""
+    for out in reversed(res.outputs or []):
+        data = out.get("data") or {}
+        if out.get("output_type") == "display_data" and MIME in data:
+            value = data[MIME]
+            return json.loads(value) if isinstance(value, str) else value
+    raise TransportError("the kernel published no transfer result",
+                         "the kernel's output was lost; see the Jupyter Server log")
+
+
+_OPEN = """
+import os
+run_id = a['run_id']
+cwd = os.getcwd()
+if os.path.basename(cwd) == run_id and os.path.basename(os.path.dirname(cwd)) == 'handoff-runs':
+    root = cwd
+else:
+    root = os.path.join(cwd, 'handoff-runs', run_id)
+chunks = os.path.join(root, '.handoff', 'ckpt', 'chunks')
+os.makedirs(chunks, exist_ok=True)
+have = {}
+for sub in os.listdir(chunks):
+    d = os.path.join(chunks, sub)
+    if len(sub) == 2 and os.path.isdir(d):
+        for name in os.listdir(d):
+            if len(name) == 64:
+                have[name] = os.path.getsize(os.path.join(d, name))
+return {'root': os.path.abspath(root), 'have': have}
+"""
+
+_PUT = """
+import base64, hashlib, os
+root = os.path.realpath(a['root'])
+done = []
+for it in a['items']:
+    path = os.path.realpath(os.path.join(root, it['path']))
+    if not path.startswith(root + os.sep):
+        raise ValueError('refusing to write outside the run directory: %r' % it['path'])
+    part = path + '.part'
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(part, 'r+b' if it['offset'] else 'wb') as f:
+        f.seek(it['offset'])
+        f.write(base64.b64decode(it['data']))
+    if it['final']:
+        with open(part, 'rb') as f:
+            got = f.read()
+        if len(got) != it['size'] or hashlib.sha256(got).hexdigest() != it['sha']:
+            os.unlink(part)
+            raise ValueError('%s arrived damaged (%d bytes, sha256 %s); it will be sent again'
+                             % (it['path'], len(got), hashlib.sha256(got).hexdigest()))
+        with open(part, 'rb+') as f:
+            os.fsync(f.fileno())
+        os.replace(part, path)
+        done.append(it['path'])
+return {'done': done}
+"""
+
+_GET = """
+import base64, os
+root = os.path.realpath(a['root'])
+out = []
+for it in a['items']:
+    path = os.path.realpath(os.path.join(root, it['path']))
+    if not path.startswith(root + os.sep):
+        raise ValueError('refusing to read outside the run directory: %r' % it['path'])
+    with open(path, 'rb') as f:
+        f.seek(it['offset'])
+        out.append(base64.b64encode(f.read(it['length'])).decode('ascii'))
+return {'data': out}
+"""
+
+_SAVE = """
+import hashlib, json, os, handoff_magic
+from handoff_magic.state import RunState
+root = a['root']
+with open(os.path.join(root, '.handoff', 'run.json'), encoding='utf-8') as f:
+    run = RunState.from_json(f.read())
+ckpt = os.path.join(root, '.handoff', 'ckpt')
+r = handoff_magic.save_state(ckpt, run=run, root=root)
+with open(os.path.join(ckpt, 'manifest.json'), 'rb') as f:
+    raw = f.read()
+return {'bytes_new': r.bytes_new, 'bytes_total': r.bytes_total, 'manifest_size': len(raw),
+        'manifest_sha': hashlib.sha256(raw).hexdigest()}
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# shared disk
+# ---------------------------------------------------------------------------------------------
+class SharedDiskTransport(BundleTransport):
+    """Kernel and server share ``<root_dir>/handoff-runs/<id>``: hard links, no copies."""
+
+    name = "shared"
+
+    def send_bundle(self, executor: Executor, run_id: str, manifest: dict[str, Any],
+                    blobs: Blobs) -> KernelBundle:
+        ws = self.workspace(run_id)
+        ckpt = ws / ".handoff" / "ckpt"
+        for sha in validate_manifest(manifest):
+            _link_or_copy(blobs.path(sha), ckpt / "chunks" / sha[:2] / sha)
+        _atomic_write(ckpt / "manifest.json", json.dumps(manifest).encode("utf-8"))
+        return KernelBundle(bundle_dir=str(ckpt), root=str(ws))
+
+    def fetch_checkpoint(self, executor: Executor, run_id: str, run_state: dict[str, Any],
+                         blobs: Blobs, *, max_bytes: int | None = None) -> Checkpoint:
+        ws = self.workspace(run_id)
+        ckpt = ws / ".handoff" / "ckpt"
+        _atomic_write(ws / ".handoff" / "run.json", json.dumps(run_state).encode("utf-8"))
+        res = executor.execute(_kernel_call(_SAVE, {"root": str(ws)}), CALL_TIMEOUT,
+                               silent=True, store_history=False)
+        _check(res, "saving a checkpoint")
+        try:
+            manifest = json.loads((ckpt / "manifest.json").read_text(encoding="utf-8"))
+            shas = validate_manifest(manifest, max_bytes=max_bytes)
+        except (OSError, ValueError, BundleError) as exc:
+            raise TransportError(f"checkpoint manifest unreadable: {exc}",
+                                 "the run goes on; a crash now would resume from the previous checkpoint") from exc
+        new_bytes = 0
+        for sha in blobs.missing(shas):
+            raw = (ckpt / "chunks" / sha[:2] / sha).read_bytes()
+            blobs.put(sha, raw)  # verifies the sha256: nothing is decoded, nothing unpickled
+            new_bytes += len(raw)
+        return Checkpoint(manifest, new_bytes, _stored_total(manifest))
+
+
+# ---------------------------------------------------------------------------------------------
+# kernel channels (gateways)
+# ---------------------------------------------------------------------------------------------
+class KernelChannelTransport(BundleTransport):
+    """The kernel shares no disk with the server: everything travels over its channels.
+
+    Kernel side, the run lives in ``<kernel cwd>/handoff-runs/<id>`` (the same layout as the
+    server's workspace). Files the agent writes come back with every checkpoint and are mirrored
+    into the server's workspace, so ``result.ipynb`` and the files sit side by side in Lab.
+    """
+
+    name = "kernel"
+
+    def __init__(self, workspace: Callable[[str], Path], *, piece_bytes: int = PIECE_BYTES,
+                 batch_bytes: int = BATCH_BYTES, mirror_files: bool = True) -> None:
+        super().__init__(workspace)
+        self.piece_bytes = max(1024, int(piece_bytes))
+        self.batch_bytes = max(self.piece_bytes, int(batch_bytes))
+        self.mirror_files = mirror_files
+        self._roots: dict[str, str] = {}   # run id -> kernel-side root of its current kernel
+
+    def _call(self, executor: Executor, body: str, args: dict[str, Any], what: str) -> Any:
+        res = executor.execute(_kernel_call(body, args), CALL_TIMEOUT, silent=True, store_history=False)
+        _check(res, what)
+        return kernel_result(res)
+
+    def _open(self, executor: Executor, run_id: str) -> tuple[str, dict[str, int]]:
+        got = self._call(executor, _OPEN, {"run_id": run_id}, "preparing the run directory")
+        self._roots[run_id] = got["root"]
+        return str(got["root"]), {k: int(v) for k, v in got["have"].items()}
+
+    def _root(self, executor: Executor, run_id: str) -> str:
+        root = self._roots.get(run_id)
+        if root is None:
+            root = self._open(executor, run_id)[0]
+        return root
+
+    def _put_files(self, executor: Executor, root: str,
+                   files: list[tuple[str, str, int, Callable[[], bytes]]]) -> int:
+        """Send ``(relpath, sha256, size, read)`` files in pieces; returns bytes sent."""
+        batch: list[dict[str, Any]] = []
+        batch_size = 0
+        sent = 0
+
+        def flush() -> None:
+            nonlocal batch, batch_size
+            if batch:
+                self._call(executor, _PUT, {"root": root, "items": batch}, "receiving bundle chunks")
+            batch, batch_size = [], 0
+
+        for rel, sha, size, read in files:
+            data = read()
+            if len(data) != size or hashlib.sha256(data).hexdigest() != sha:
+                raise TransportError(f"{rel} is damaged on this server (sha256 mismatch)",
+                                     "hand the run off again to re-upload it")
+            offset = 0
+            while True:
+                piece = data[offset:offset + self.piece_bytes]
+                if batch and batch_size + len(piece) > self.batch_bytes:
+                    flush()
+                final = offset + len(piece) >= size
+                batch.append({"path": rel, "offset": offset, "final": final, "sha": sha, "size": size,
+                              "data": base64.b64encode(piece).decode("ascii")})
+                batch_size += len(piece)
+                sent += len(piece)
+                offset += len(piece)
+                if final:
+                    break
+        flush()
+        return sent
+
+    def _get_bytes(self, executor: Executor, root: str, wanted: list[tuple[str, int]]) -> dict[str, bytes]:
+        """Read ``(relpath, size)`` files from the kernel in pieces and batches."""
+        parts: dict[str, list[bytes]] = {rel: [] for rel, _ in wanted}
+        items: list[dict[str, Any]] = []
+        for rel, size in wanted:
+            offset = 0
+            while offset < size or (size == 0 and offset == 0):
+                n = min(self.piece_bytes, size - offset)
+                items.append({"path": rel, "offset": offset, "length": n})
+                offset += max(n, 1)
+        batch: list[dict[str, Any]] = []
+        batch_size = 0
+        for it in items + [None]:  # type: ignore[list-item]
+            if batch and (it is None or batch_size + it["length"] > self.batch_bytes):
+                got = self._call(executor, _GET, {"root": root, "items": batch}, "sending checkpoint chunks")
+                for req, b64 in zip(batch, got["data"]):
+                    parts[req["path"]].append(base64.b64decode(b64))
+                batch, batch_size = [], 0
+            if it is not None:
+                batch.append(it)
+                batch_size += it["length"]
+        return {rel: b"".join(p) for rel, p in parts.items()}
+
+    def send_bundle(self, executor: Executor, run_id: str, manifest: dict[str, Any],
+                    blobs: Blobs) -> KernelBundle:
+        shas = validate_manifest(manifest)
+        root, have = self._open(executor, run_id)
+        sizes = {sha: int((manifest.get("chunks") or {}).get(sha, {}).get("stored", -1)) for sha in shas}
+        todo = [sha for sha in shas if have.get(sha) != sizes[sha]]
+        files = [(f".handoff/ckpt/chunks/{sha[:2]}/{sha}", sha, blobs.path(sha).stat().st_size,
+                  (lambda s=sha: blobs.read(s))) for sha in todo]
+        raw = json.dumps(manifest).encode("utf-8")
+        files.append((".handoff/ckpt/manifest.json", hashlib.sha256(raw).hexdigest(), len(raw), lambda: raw))
+        sent = self._put_files(executor, root, files)
+        log.info("jupyter-handoff: run %s: sent %d of %d chunk(s), %d bytes, over the kernel's channels",
+                 run_id, len(todo), len(shas), sent)
+        return KernelBundle(bundle_dir=f"{root}/.handoff/ckpt", root=root, bytes_sent=sent)
+
+    def fetch_checkpoint(self, executor: Executor, run_id: str, run_state: dict[str, Any],
+                         blobs: Blobs, *, max_bytes: int | None = None) -> Checkpoint:
+        root = self._root(executor, run_id)
+        raw = json.dumps(run_state).encode("utf-8")
+        self._put_files(executor, root, [(".handoff/run.json", hashlib.sha256(raw).hexdigest(), len(raw),
+                                          lambda: raw)])
+        saved = self._call(executor, _SAVE, {"root": root}, "saving a checkpoint")
+        mraw = self._get_bytes(executor, root, [(".handoff/ckpt/manifest.json", int(saved["manifest_size"]))])
+        mbytes = mraw[".handoff/ckpt/manifest.json"]
+        if hashlib.sha256(mbytes).hexdigest() != saved["manifest_sha"]:
+            raise TransportError("the checkpoint manifest arrived damaged", "the run goes on; the next step retries")
+        try:
+            manifest = json.loads(mbytes.decode("utf-8"))
+            shas = validate_manifest(manifest, max_bytes=max_bytes)
+        except (ValueError, BundleError) as exc:
+            raise TransportError(f"checkpoint manifest unreadable: {exc}",
+                                 "the run goes on; a crash now would resume from the previous checkpoint") from exc
+        missing = blobs.missing(shas)
+        chunks = manifest.get("chunks") or {}
+        got = self._get_bytes(executor, root, [(f".handoff/ckpt/chunks/{s[:2]}/{s}", int(chunks[s]["stored"]))
+                                               for s in missing])
+        new_bytes = 0
+        for sha in missing:
+            data = got[f".handoff/ckpt/chunks/{sha[:2]}/{sha}"]
+            try:
+                blobs.put(sha, data)  # verifies the sha256
+            except ValueError as exc:
+                raise TransportError(f"checkpoint chunk {sha} arrived damaged from the kernel: {exc}",
+                                     "the run goes on; the next checkpoint sends it again") from exc
+            new_bytes += len(data)
+        mirrored = self._mirror(run_id, manifest, blobs) if self.mirror_files else []
+        return Checkpoint(manifest, new_bytes, _stored_total(manifest), mirrored)
+
+    def _mirror(self, run_id: str, manifest: dict[str, Any], blobs: Blobs) -> list[str]:
+        """Write the checkpoint's working files into the server's workspace (decompressing
+        chunks; nothing is unpickled), so Lab shows them next to result.ipynb."""
+        import zstandard
+        ws = self.workspace(run_id).resolve()
+        chunks = manifest.get("chunks") or {}
+        written: list[str] = []
+        for f in manifest.get("files") or []:
+            rel = f.get("path")
+            if check_relpath(rel) is not None or str(rel).split("/")[0] == ".handoff":
+                log.warning("jupyter-handoff: run %s: not mirroring unsafe path %r", run_id, rel)
+                continue
+            dest = (ws / rel).resolve()
+            if ws not in dest.parents:
+                continue
+            want = f.get("sha256")
+            if dest.is_file() and hashlib.sha256(dest.read_bytes()).hexdigest() == want:
+                continue
+            parts = []
+            for sha in f.get("chunks") or []:
+                stored = blobs.read(sha)
+                meta = chunks.get(sha) or {}
+                if meta.get("codec") == "zstd":
+                    stored = zstandard.ZstdDecompressor().decompress(stored, max_output_size=int(meta.get("size", 0)) or 0)
+                parts.append(stored)
+            data = b"".join(parts)
+            if hashlib.sha256(data).hexdigest() != want:
+                log.warning("jupyter-handoff: run %s: %s does not match its hash; not mirrored", run_id, rel)
+                continue
+            _atomic_write(dest, data)
+            try:
+                os.chmod(dest, int(f.get("mode", 0o644)) & 0o777)
+            except OSError:
+                pass
+            written.append(str(rel))
+        return written
+
+    def forget(self, run_id: str) -> None:
+        """Drop what is remembered about a run's kernel (the run ended)."""
+        self._roots.pop(run_id, None)
+
+
+def make_transport(app: Any, kernel_manager: Any, workspace: Callable[[str], Path]) -> BundleTransport:
+    """``c.HandoffApp.transport``: ``auto`` (channels when kernels come from a gateway), ``shared``
+    or ``kernel``."""
+    from .gateway_client import is_gateway_kernel_manager
+    mode = str(getattr(app, "transport", "auto") or "auto").lower()
+    if mode not in MODES:
+        raise ValueError(f"c.HandoffApp.transport is {mode!r}; use one of {', '.join(MODES)}")
+    if mode == "auto":
+        mode = "kernel" if is_gateway_kernel_manager(kernel_manager) else "shared"
+    return KernelChannelTransport(workspace) if mode == "kernel" else SharedDiskTransport(workspace)

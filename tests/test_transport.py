@@ -1,0 +1,184 @@
+"""Bundle transports with a real kernel whose working directory is NOT the server's workspace.
+
+The kernel is driven through the runner's own ``KernelExecutor``; the bundle is captured in
+another real kernel. Over the kernel's channels a 1.6 MB array travels in many small pieces,
+is restored, the kernel's new files and variables come back with a checkpoint (only new chunks),
+and damage on either side is caught by hash.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from jupyter_client.multikernelmanager import AsyncMultiKernelManager
+
+from jupyter_server_ext.kernel_executor import KernelExecutor
+from jupyter_server_ext.store import BlobStore
+from jupyter_server_ext.transport import (KernelChannelTransport, SharedDiskTransport, TransportError,
+                                          kernel_result, make_transport)
+from runner_helpers import capture_bundle
+
+
+class LoopThread:
+    """An event loop in a thread, like the server's, for the kernel manager's async calls."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any, timeout: float = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    return capture_bundle(tmp_path_factory.mktemp("laptop"))
+
+
+@pytest.fixture(scope="module")
+def blobs(tmp_path_factory: pytest.TempPathFactory, bundle: tuple[Path, dict[str, Any]]) -> BlobStore:
+    bdir, manifest = bundle
+    store = BlobStore(tmp_path_factory.mktemp("blobs"))
+    for sha in manifest["chunks"]:
+        store.put(sha, (bdir / "chunks" / sha[:2] / sha).read_bytes())
+    return store
+
+
+@pytest.fixture(scope="module")
+def kernel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("kernel-side")
+
+
+@pytest.fixture(scope="module")
+def executor(kernel_dir: Path) -> Iterator[KernelExecutor]:
+    lt = LoopThread()
+    mkm = AsyncMultiKernelManager()
+    kid = lt.run(mkm.start_kernel(kernel_name="python3", cwd=str(kernel_dir)))
+    ex = KernelExecutor(mkm, kid, lt.loop, default_timeout=120)
+    try:
+        yield ex
+    finally:
+        ex.close()
+        lt.run(mkm.shutdown_all(now=True))
+        lt.close()
+
+
+def workspace_in(root: Path):
+    return lambda run_id: root / "handoff-runs" / run_id
+
+
+def run_ok(ex: KernelExecutor, code: str) -> Any:
+    res = ex.execute(code, 120, silent=True, store_history=False)
+    assert res.status == "ok", res.error
+    return res
+
+
+def test_kernel_channels_round_trip_without_a_shared_disk(
+        executor: KernelExecutor, bundle: tuple[Path, dict[str, Any]], blobs: BlobStore,
+        kernel_dir: Path, tmp_path: Path) -> None:
+    _, manifest = bundle
+    server_root = tmp_path / "server-root"
+    t = KernelChannelTransport(workspace_in(server_root), piece_bytes=64 * 1024, batch_bytes=256 * 1024)
+
+    kb = t.send_bundle(executor, "run1", manifest, blobs)
+    krun = kernel_dir / "handoff-runs" / "run1"
+    assert Path(kb.root) == krun.resolve()
+    assert kb.bytes_sent > 1_600_000, "the 1.6 MB array travelled (in pieces)"
+    report = kernel_result(run_ok(executor, t.restore_code(kb)))
+    assert {"df", "arr", "big", "notes"} <= {v["name"] for v in report["variables"]}
+    assert (krun / "sales.csv").read_text().startswith("region,amount"), "files land in the kernel's dir"
+    assert not (server_root / "handoff-runs" / "run1" / "sales.csv").exists(), "nothing was put on the server's disk"
+
+    # the agent works in the kernel: a new variable and a new file
+    run_ok(executor, "total = float(df['amount'].sum())\nopen('report.txt', 'w').write(f'total={total}\\n')")
+    run_state = dict(manifest["run"], id="run1")
+    ck = t.fetch_checkpoint(executor, "run1", run_state, blobs)
+    names = {v["name"] for v in ck.manifest["variables"]}
+    assert {"total", "df", "big"} <= names
+    assert {"report.txt", "sales.csv"} <= {f["path"] for f in ck.manifest["files"]}
+    assert blobs.missing(list(ck.manifest["chunks"])) == [], "every checkpoint chunk is in the BlobStore"
+    assert 0 < ck.bytes_new < 200_000 < ck.bytes_total, "only new chunks came back"
+    ws = server_root / "handoff-runs" / "run1"
+    assert (ws / "report.txt").read_text() == "total=42.0\n", "files are mirrored next to result.ipynb"
+    assert "report.txt" in ck.files_mirrored
+
+    again = t.fetch_checkpoint(executor, "run1", run_state, blobs)
+    assert again.bytes_new == 0 and again.files_mirrored == []
+
+    # a fresh kernel for the same run (crash recovery) only needs the manifest: chunks are there
+    kb2 = t.send_bundle(executor, "run1", ck.manifest, blobs)
+    assert kb2.bytes_sent < 100_000
+
+
+def test_damaged_chunks_are_caught_on_both_sides(
+        executor: KernelExecutor, bundle: tuple[Path, dict[str, Any]], blobs: BlobStore,
+        kernel_dir: Path, tmp_path: Path) -> None:
+    _, manifest = bundle
+    t = KernelChannelTransport(workspace_in(tmp_path / "srv"))
+    kb = t.send_bundle(executor, "run2", manifest, blobs)
+    run_ok(executor, t.restore_code(kb))
+    run_ok(executor, "fresh = list(range(50_000))")
+
+    # the kernel's disk rots a chunk the server has not seen yet: the server refuses it
+    fresh_blobs = BlobStore(tmp_path / "other-blobs")
+    ckdir = Path(kb.root) / ".handoff" / "ckpt" / "chunks"
+    csv_sha = next(f for f in manifest["files"] if f["path"] == "sales.csv")["chunks"][0]
+    victim = ckdir / csv_sha[:2] / csv_sha   # unchanged, so the checkpoint reuses this chunk
+    victim.write_bytes(b"bit rot" + victim.read_bytes()[7:])
+    with pytest.raises(TransportError) as err:
+        t.fetch_checkpoint(executor, "run2", dict(manifest["run"], id="run2"), fresh_blobs)
+    assert victim.name in err.value.message and "damaged" in err.value.message
+
+    # a chunk damaged on the server is refused before anything is sent
+    bad = BlobStore(tmp_path / "bad-blobs")
+    for sha in manifest["chunks"]:
+        bad.put(sha, blobs.read(sha))
+    first = next(iter(manifest["chunks"]))
+    bad.path(first).write_bytes(b"x" * bad.path(first).stat().st_size)
+    with pytest.raises(TransportError, match="damaged on this server"):
+        t.send_bundle(executor, "run3", manifest, bad)
+
+
+def test_shared_disk_transport_links_and_ingests(
+        executor: KernelExecutor, bundle: tuple[Path, dict[str, Any]], blobs: BlobStore,
+        kernel_dir: Path) -> None:
+    _, manifest = bundle
+    # the kernel's cwd is the workspace root here: it shares the disk with the "server"
+    t = SharedDiskTransport(workspace_in(kernel_dir))
+    kb = t.send_bundle(executor, "run4", manifest, blobs)
+    ws = kernel_dir / "handoff-runs" / "run4"
+    assert kb.root == str(ws) and kb.bytes_sent == 0
+    sha = next(iter(manifest["chunks"]))
+    assert (ws / ".handoff" / "ckpt" / "chunks" / sha[:2] / sha).stat().st_ino == blobs.path(sha).stat().st_ino
+    run_ok(executor, t.restore_code(kb))
+    run_ok(executor, "shared_total = 7")
+    ck = t.fetch_checkpoint(executor, "run4", dict(manifest["run"], id="run4"), blobs)
+    assert "shared_total" in {v["name"] for v in ck.manifest["variables"]}
+    assert blobs.missing(list(ck.manifest["chunks"])) == []
+
+
+class _App:
+    def __init__(self, transport: str) -> None:
+        self.transport = transport
+
+
+def test_make_transport_picks_by_kernel_manager_and_trait(tmp_path: Path) -> None:
+    mkm = AsyncMultiKernelManager()
+    ws = workspace_in(tmp_path)
+    assert isinstance(make_transport(_App("auto"), mkm, ws), SharedDiskTransport)
+    assert isinstance(make_transport(_App("kernel"), mkm, ws), KernelChannelTransport)
+    assert isinstance(make_transport(object(), mkm, ws), SharedDiskTransport)
+    from jupyter_server.gateway.managers import GatewayMappingKernelManager
+    gw = GatewayMappingKernelManager.__new__(GatewayMappingKernelManager)  # no gateway needed to pick
+    assert isinstance(make_transport(_App("auto"), gw, ws), KernelChannelTransport)
+    assert isinstance(make_transport(_App("shared"), gw, ws), SharedDiskTransport)
+    with pytest.raises(ValueError, match="c.HandoffApp.transport"):
+        make_transport(_App("nfs"), mkm, ws)
