@@ -746,10 +746,15 @@ def _merge_into_local(remote_state: RunState, record: dict[str, Any] | None, ser
     if state.status not in ("completed", "failed", "cancelled", "waiting_input", "paused"):
         state.set_status("paused", reason="pulled back from the server; %agent continue goes on here")
     state.emit("pull", server=server_url, remote_id=run_id)
+    # the run handed off from this kernel takes its state back; a fork (or a run that went on
+    # here) is left alone and the pulled run becomes a run of its own, named by its remote id
     local_id = (record or {}).get("local_run_id")
-    existing = runs.RUNS.get(local_id) if local_id else None
-    if existing is None:
-        existing = runs.RUNS.get(state.id)
+    existing = None
+    for key in (local_id, state.id):
+        cand = runs.RUNS.get(key) if key else None
+        if cand is not None and cand.state.status == "handed_off":
+            existing = cand
+            break
     if existing is not None:
         existing.state = state
         existing.remote = None
@@ -758,16 +763,8 @@ def _merge_into_local(remote_state: RunState, record: dict[str, Any] | None, ser
             if hasattr(widget, "controller") and hasattr(existing, "_local_controller"):
                 widget.controller = existing._local_controller
             widget.show_state(state)
-        runs.RUNS[state.id] = existing
+        runs._register(existing)  # becomes the current run: %agent continue acts on it
         return existing
-    local = runs.LocalRun(state, shell=shell) if _accepts_shell(runs.LocalRun) else runs.LocalRun(state)
-    runs.RUNS[state.id] = local
-    return local
-
-
-def _accepts_shell(cls: type) -> bool:
-    import inspect
-    try:
-        return "shell" in inspect.signature(cls).parameters
-    except (TypeError, ValueError):
-        return False
+    if state.id in runs.RUNS:
+        state.id = run_id if run_id not in runs.RUNS else f"{run_id}-pulled-{uuid.uuid4().hex[:4]}"
+    return runs.LocalRun(state, shell=shell)   # registers itself as the current run

@@ -104,7 +104,8 @@ class Laptop:
         return text
 
     def value(self, expr: str) -> Any:
-        return json.loads(self.ok(f"import json as _j\nprint(_j.dumps({expr}))").strip().splitlines()[-1])
+        out = self.ok(f"import json as _j\nprint('@@' + _j.dumps({expr}))")
+        return json.loads(next(ln for ln in reversed(out.splitlines()) if ln.startswith("@@"))[2:])
 
     def run_state(self) -> dict[str, Any]:
         return self.value("(lambda r: {'id': r.id, 'status': r.status, 'steps': r.state.steps, "
@@ -254,12 +255,41 @@ def test_fork_second_handoff_only_changed_chunks_and_answer(cloud, client, webho
         events = client.events(r1, after=0, timeout=0)["events"]
         assert any(e["type"] == "answer" and e["data"].get("answer") == "mae" for e in events)
 
+        # pull the other fork back while it waits: it lands as a run of its own, still asking
         wait_status(client, r2, {"waiting_input"})
-        client.cancel(r2)
-        assert wait_status(client, r2, {"cancelled"})["status"] == "cancelled"
+        a.ok(f"%pull {r2}")
+        assert client.get_run(r2)["status"] == "pulled"
+        pulled = a.run_state()
+        assert pulled["id"] != local["id"] and pulled["status"] == "waiting_input"
+        assert a.value(f"__import__('handoff_magic.runs', fromlist=['x']).RUNS[{local['id']!r}].status") \
+            == "completed", "the forked local run was not touched by the pull"
+        assert a.value("small") == 2
+        a.ok('%agent continue "f1"')
+        assert a.run_state()["steps"] == 3
     finally:
         a.kill()
         proxy.close()
+
+
+def test_background_run_pauses_at_step_boundary_for_handoff(cloud, client, tmp_path):
+    model = script(tmp_path, [
+        {"text": "slow", "tool_calls": [py("import time\ntime.sleep(1.5)\na = 1")]},
+        {"text": "next", "tool_calls": [py("b = a + 1")]},
+        {"text": "done", "tool_calls": [{"name": "finish", "arguments": {"summary": "b is ready"}}]},
+    ])
+    a = Laptop(tmp_path / "laptop", cloud, model)
+    try:
+        a.ok("%load_ext handoff_magic")
+        a.ok("%agent --background compute b")
+        a.ok("%handoff")  # waits for the running step to end, then hands off
+        state = a.run_state()
+        assert state["status"] == "handed_off" and state["steps"] == 1
+        run_id = state["remote"]
+        assert wait_status(client, run_id, {"completed", "failed"})["status"] == "completed"
+        a.ok(f"%pull {run_id}")
+        assert a.value("b") == 2 and a.run_state()["status"] == "completed"
+    finally:
+        a.kill()
 
 
 def test_errors_are_clear_and_leave_the_local_run_intact(cloud, handoff_server_factory, tmp_path):  # noqa: F811
