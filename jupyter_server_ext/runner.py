@@ -642,7 +642,12 @@ class RunManager:
         """Called by the loop (worker thread) at every step boundary: checkpoint here."""
         if run.crashed or self._stopping:
             return True
-        self._after_step(run, False)
+        try:
+            self._after_step(run, False)
+        except Exception as exc:  # a failed checkpoint must not end the run; say so in its log
+            log.exception("jupyter-handoff: checkpoint of run %s failed", run.id)
+            self._emit(run, "error", error=f"checkpoint failed: {type(exc).__name__}: {exc}",
+                       hint="the run goes on; a crash now would resume from the previous checkpoint")
         return run.crashed or run.pause.is_set()
 
     def _after_step(self, run: _Run, final: bool) -> None:

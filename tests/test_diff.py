@@ -1,0 +1,113 @@
+"""diff_manifests over two real bundles written by the snapshot engine (save_state on a dict
+namespace and a real working directory), read back as raw stored chunks like the server does."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from handoff_magic import save_state
+from jupyter_server_ext.diff import DiffError, diff_manifests, render_diff_html
+
+
+def _capture(root: Path, bundle: Path, ns: dict[str, Any]) -> dict[str, Any]:
+    save_state(bundle, ns=ns, root=root, environ={})
+    return json.loads((bundle / "manifest.json").read_text())
+
+
+def _reader(*bundles: Path) -> Callable[[str], bytes]:
+    def read(sha: str) -> bytes:
+        for b in bundles:
+            p = b / "chunks" / sha[:2] / sha
+            if p.exists():
+                return p.read_bytes()
+        raise FileNotFoundError(sha)
+    return read
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any], Callable[[str], bytes]]:
+    root = tmp_path_factory.mktemp("ws")
+    (root / "notes.txt").write_text("line one\nline two\nline three\n")
+    (root / "model.bin").write_bytes(bytes(range(256)) * 4)
+    (root / "same.txt").write_text("unchanged\n")
+    (root / "big.txt").write_text("sales,amount\n" + "north,10\n" * 20_000)  # compressible: zstd chunks
+    before = _capture(root, root.parent / "b1", {"x": 1, "rows": [1, 2, 3], "kept": "same", "gone": 3.5})
+
+    (root / "notes.txt").write_text("line one\nline 2 <script>alert(1)</script>\nline three\n")
+    (root / "model.bin").write_bytes(bytes(range(256)) * 8)
+    (root / "big.txt").write_text("sales,amount\n" + "north,10\n" * 19_999 + "south,99\n")
+    (root / "new.csv").write_text("a,b\n1,2\n")
+    after = _capture(root, root.parent / "b2",
+                     {"x": 2, "rows": [1, 2, 3, 4], "kept": "same", "<b>y</b>": {"fresh": True}})
+    return before, after, _reader(root.parent / "b1", root.parent / "b2")
+
+
+def test_files_added_removed_modified_with_bounded_unified_diffs(pair: Any) -> None:
+    before, after, read = pair
+    diff = diff_manifests(before, after, read)
+    files = {f["path"]: f for f in diff["files"]}
+    assert set(files) == {"notes.txt", "model.bin", "big.txt", "new.csv"}  # same.txt unchanged
+    notes = files["notes.txt"]
+    assert notes["change"] == "modified" and notes["binary"] is False
+    assert "-line two\n" in notes["unified_diff"] and "+line 2 <script>alert(1)</script>\n" in notes["unified_diff"]
+    assert files["model.bin"]["binary"] is True and files["model.bin"]["unified_diff"] is None
+    assert (files["model.bin"]["size_before"], files["model.bin"]["size_after"]) == (1024, 2048)
+    assert files["new.csv"]["change"] == "added" and "+a,b\n" in files["new.csv"]["unified_diff"]
+    big = files["big.txt"]  # stored zstd-compressed: the diff decompresses it
+    assert any(c.get("codec") == "zstd" for c in after["chunks"].values())
+    assert "-north,10\n" in big["unified_diff"] and "+south,99\n" in big["unified_diff"]
+    assert len(big["unified_diff"]) < 5000
+
+
+def test_variables_added_changed_removed_without_unpickling(pair: Any) -> None:
+    before, after, read = pair
+    variables = {v["name"]: v for v in diff_manifests(before, after, read)["variables"]}
+    assert variables["x"]["change"] == "changed"
+    assert variables["rows"]["change"] == "changed"
+    assert variables["gone"]["change"] == "removed" and variables["gone"]["type_before"] == "float"
+    assert variables["<b>y</b>"]["change"] == "added" and variables["<b>y</b>"]["type_after"] == "dict"
+    assert "kept" not in variables
+
+
+def test_a_corrupted_chunk_is_refused(pair: Any, tmp_path: Path) -> None:
+    before, after, read = pair
+
+    def flipped(sha: str) -> bytes:
+        data = bytearray(read(sha))
+        data[0] ^= 0xFF
+        return bytes(data)
+
+    with pytest.raises(DiffError, match="does not match its hash"):
+        diff_manifests(before, after, flipped)
+
+
+def test_html_rendering_escapes_names_and_content(pair: Any) -> None:
+    before, after, read = pair
+    page = render_diff_html(diff_manifests(before, after, read))
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert "&lt;b&gt;y&lt;/b&gt;" in page
+    assert "notes.txt" in page and "model.bin" in page
+    assert "No file changed" in render_diff_html({"files": [], "variables": []})
+
+
+def test_the_result_notebook_is_not_reported_as_the_users_change(pair: Any, tmp_path: Path) -> None:
+    before, _, read = pair
+    root = tmp_path / "ws"
+    root.mkdir()
+    (root / "result.ipynb").write_text("{}")
+    after = _capture(root, tmp_path / "b3", {"x": 1})
+    own = _reader(tmp_path / "b3")
+
+    def both(sha: str) -> bytes:
+        try:
+            return own(sha)
+        except FileNotFoundError:
+            return read(sha)
+
+    files = diff_manifests(before, after, both)["files"]
+    assert "result.ipynb" not in {f["path"] for f in files}
+    shutil.rmtree(root)
