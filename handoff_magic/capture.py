@@ -594,7 +594,7 @@ def save_state(path: Any, shell: Any = None, *, run: Any = None, files: bool = T
     bundle = Path(path).expanduser().absolute()
     root = Path(root if root is not None else os.getcwd()).absolute()
     bundle.mkdir(parents=True, exist_ok=True)
-    store = ChunkStore(bundle / CHUNKS)
+    store = ChunkStore(bundle / CHUNKS, batch=True)
     previous_files: dict[str, dict[str, Any]] = {}
     previous_chunks: dict[str, dict[str, Any]] = {}
     try:
@@ -652,11 +652,14 @@ def save_state(path: Any, shell: Any = None, *, run: Any = None, files: bool = T
         referenced = _referenced(manifest)
         manifest["chunks"] = {s: store.refs[s].meta() if s in store.refs else
                               _prev_meta(store, s, previous_chunks.get(s)) for s in sorted(referenced)}
+        store.close()                 # every chunk future has finished
+        store.discard_new(referenced)  # trial pickles that ended up in a shared group
+        store.commit()
         store.flush()
         write_manifest(bundle, manifest)
-        store.discard_new(referenced)
     finally:
         store.close()
+        store.abort()
         if gc_was_enabled:
             gc.enable()
     report.bytes_new = store.bytes_new
