@@ -52,11 +52,29 @@ class KernelExecutor:
         self.client = BlockingKernelClient(**info)
         self.client.start_channels()
         try:
-            self.client.wait_for_ready(timeout=ready_timeout)
-        except RuntimeError as exc:
+            self._wait_ready(ready_timeout)
+        except BaseException:
             self.client.stop_channels()
-            raise KernelStartError(f"kernel {kernel_id} did not become ready in {ready_timeout:.0f}s "
-                                   f"({exc}); check the kernel spec and the server log") from exc
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Like ``wait_for_ready``, but liveness comes from the kernel manager (the process),
+        not a heartbeat that can miss a beat on a busy machine."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg_id = self.client.kernel_info()
+            try:
+                while True:
+                    reply = self.client.get_shell_msg(timeout=1)
+                    if reply.get("parent_header", {}).get("msg_id") == msg_id:
+                        return
+            except queue.Empty:
+                pass
+            if not self.is_alive():
+                raise KernelStartError(f"kernel {self.kernel_id} died while starting; check the kernel "
+                                       "spec and the Jupyter Server log")
+        raise KernelStartError(f"kernel {self.kernel_id} did not answer within {timeout:.0f}s; the "
+                               "machine may be overloaded, or the kernel spec is wrong")
 
     # -- kernel-manager calls, run on the server loop ------------------------------------------
     def _on_loop(self, coro_factory: Any, timeout: float = 15.0) -> Any:
