@@ -148,8 +148,12 @@ def child(code: str, path: Path) -> float:
 def bench(name: str, make: Callable[[float], dict[str, Any]], scale: float, work: Path,
           results: list[dict[str, Any]]) -> dict[str, Any]:
     import dill
+    gc.collect()
+    rss0 = psutil.Process().memory_info().rss
     ns = make(scale)
-    size = ns_bytes(ns)
+    gc.collect()
+    # in-memory size: the data's own bytes, or the RSS the namespace added (object graphs)
+    size = max(ns_bytes(ns), psutil.Process().memory_info().rss - rss0)
     ours_dir = work / f"{name}-ours"
     with PeakRSS() as mem:
         t = time.perf_counter()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import builtins
 import gc
+import keyword
 import os
 import reprlib
 import pickle
@@ -612,8 +613,8 @@ def save_state(path: Any, shell: Any = None, *, run: Any = None, files: bool = T
     # 1. sort the namespace: internals out, secrets out, modules/functions as imports
     candidates: list[tuple[str, Any]] = []
     for name, value in list(ns.items()):
-        if not isinstance(name, str):
-            continue
+        if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+            continue  # set through globals()[...]: cannot be rebound by name
         why = _excluded(name, value, hidden)
         if why == "IPython internal":
             continue
