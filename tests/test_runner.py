@@ -17,7 +17,7 @@ import pytest
 from fake_llm import FakeLLM
 from runner_helpers import (all_events, capture_bundle, finish, hand_off, run_python, tool_results,
                             wait_status, write_script)
-from server_process import JupyterServerProcess
+from server_process import JupyterServerProcess, Webhook
 
 SERVER_SECRET = "s3cr3t-value-of-a-service-token"
 
@@ -34,13 +34,33 @@ def llm() -> Iterator[FakeLLM]:
 
 
 @pytest.fixture(scope="module")
-def srv(llm: FakeLLM) -> Iterator[JupyterServerProcess]:
-    env = {**llm.env(), "MY_SERVICE_TOKEN": SERVER_SECRET}
-    server = JupyterServerProcess(extra_args=["--HandoffApp.max_concurrent_runs=2"], env=env).start()
+def webhook() -> Iterator[Webhook]:
+    hook = Webhook().start()
+    yield hook
+    hook.stop()
+
+
+@pytest.fixture(scope="module")
+def srv(llm: FakeLLM, webhook: Webhook) -> Iterator[JupyterServerProcess]:
+    env = {**llm.env(), "MY_SERVICE_TOKEN": SERVER_SECRET,
+           "HANDOFF_MODEL_RETRIES": "1", "HANDOFF_MODEL_BACKOFF": "0.05"}
+    server = JupyterServerProcess(extra_args=["--HandoffApp.max_concurrent_runs=2",
+                                              f"--HandoffApp.notify_urls={webhook.url}"], env=env).start()
     try:
         yield server
     finally:
         server.cleanup()
+
+
+def _notified(webhook: Webhook, goal: str, word: str, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for msg in webhook.received:
+            text = f"{msg.get('title', '')} {msg.get('message', '')}"
+            if goal in text and word in text:
+                return msg
+        time.sleep(0.1)
+    raise AssertionError(f"no {word!r} notification for {goal!r}: {webhook.received}")
 
 
 def _scripted(tmp_path: Path, turns: list[dict[str, Any]]) -> str:
@@ -264,3 +284,20 @@ def test_pull_pauses_at_the_step_boundary_and_returns_the_checkpoint(
     assert types[-1] == "status" and "pull" in types
     _wait_no_kernels(srv)
 
+
+
+def test_model_faults_pause_for_input_with_a_message_and_notify(
+        srv: JupyterServerProcess, llm: FakeLLM, webhook: Webhook, bundle: tuple[Path, dict[str, Any]]) -> None:
+    bdir, manifest = bundle
+    llm.fault_500()
+    llm.fault_500()  # the first call and its one retry both fail
+    run_id = hand_off(srv, bdir, manifest, model="openai:fake-model", goal="flaky model goal")
+    summary = wait_status(srv, run_id, ("waiting_input", "completed", "failed"))
+    assert summary["status"] == "waiting_input"
+    assert "HTTP 500" in summary["question"] and "retry" in summary["question"]
+    _notified(webhook, "flaky model goal", "input")
+    llm.reply(tool_calls=[("finish", {"summary": "worked on the second try"})])
+    assert srv.client.post(f"/handoff/api/runs/{run_id}/answer", json={"answer": "retry"}).status_code == 200
+    summary = wait_status(srv, run_id)
+    assert summary["status"] == "completed" and summary["summary"] == "worked on the second try"
+    _notified(webhook, "flaky model goal", "complete")
