@@ -148,6 +148,25 @@ def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
         raise
 
 
+_AGENT_QUESTION = re.compile(r"^(\s*)%agent\s+(.*\?)\s*$")
+
+
+def protect_agent_questions(lines: list[str]) -> list[str]:
+    """Input transformer: `%agent what drives sales?` is a task, not IPython's `sales?` help.
+
+    IPython turns a line ending in ``?`` into object introspection before any magic runs;
+    rewriting such %agent lines into the explicit call keeps the question mark in the task.
+    """
+    out = []
+    for line in lines:
+        m = _AGENT_QUESTION.match(line)
+        if m:
+            nl = "\n" if line.endswith("\n") else ""
+            line = f"{m.group(1)}get_ipython().run_line_magic('agent', {m.group(2).strip()!r}){nl}"
+        out.append(line)
+    return out
+
+
 def _display(obj: Any) -> None:
     from IPython.display import display
     if obj is not None:
@@ -156,6 +175,12 @@ def _display(obj: Any) -> None:
 
 @magics_class
 class HandoffMagics(Magics):
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        super().__init__(shell, **kwargs)
+        cleanup = getattr(shell, "input_transformers_cleanup", None)
+        if cleanup is not None and protect_agent_questions not in cleanup:
+            cleanup.append(protect_agent_questions)
+
     @line_magic
     def snapshot(self, line: str) -> Any:
         """%snapshot save PATH | %snapshot load PATH | %snapshot verify PATH [--no-files]

@@ -163,6 +163,7 @@ class LocalRun:
     def continue_(self, answer: str | None = None, background: bool = False) -> None:
         """Resume a paused run, answer a waiting one, retry a failed one, or follow up a completed one."""
         self.check_continue(answer)
+        _register(self)   # the run you just resumed is the one %agent continue / %handoff act on
         self._launch(answer.strip() if answer else None, background)
 
     def check_continue(self, answer: str | None = None) -> None:
@@ -194,10 +195,12 @@ class LocalRun:
         self._pause.clear()
         self._cancel_requested = False
         loop = self._ensure_loop()
-        # outputs of background steps cannot appear under a finished cell: the widget mirrors them
-        self.widget.mirror_outputs = background
+        parent = _current_parent(self.shell)
+        # a background run's outputs go to the request that launched it: a cell shows them under
+        # itself, but a widget click (comm message) has no output area, so the widget mirrors them
+        self.widget.mirror_outputs = background and (
+            parent is None or parent.get("header", {}).get("msg_type") != "execute_request")
         if background:
-            parent = _current_parent(self.shell)
             t = threading.Thread(target=self._run_in_thread, args=(loop, answer, parent),
                                  name=f"handoff-agent-{self.id}", daemon=True)
             self._thread = t

@@ -52,11 +52,12 @@ ASK = [
         {"name": "ask_user", "arguments": {"question": "Which region should I report on?"}}]},
     {"text": "Using your answer.", "tool_calls": [
         plan(("Ask which region", "done"), ("Revenue of that region", "active")),
-        py("from handoff_magic.runs import current_run\n"
+        py("import pandas as pd\nfrom handoff_magic.runs import current_run\n"
            "said = [r.content for m in current_run().state.messages if m.role == 'tool'\n"
            "        for r in m.tool_results if r.name == 'ask_user'][-1]\n"
            "chosen = said.rsplit(':', 1)[-1].strip()\n"
-           "chosen_revenue = int(pd.read_csv('sales.csv').groupby('region')['revenue'].sum()[chosen])")]},
+           "chosen_revenue = int(pd.read_csv('sales.csv').groupby('region')['revenue'].sum()[chosen])\n"
+           "print('chosen:', chosen)")]},
     {"text": "", "tool_calls": [
         plan(("Ask which region", "done"), ("Revenue of that region", "done")),
         {"name": "finish", "arguments": {"summary": "chosen_revenue holds it"}}]},
@@ -290,8 +291,6 @@ def test_background_run_keeps_notebook_usable_and_pauses_on_request(kernel: Kern
     assert content["status"] == "ok", errors
     # the background step printed while this cell ran: its output stays with the run, not here
     assert out.split() == ["True", "42", "True"]
-    _, out, _ = kernel.run("print(''.join(o.get('text', '') for o in r.widget.outputs.outputs))")
-    assert out.strip() == "bg step one output"      # mirrored in the widget's Outputs area
     paused = kernel.state(["bg_one", "bg_two"])
     assert paused["status"] == "paused"
     assert paused["vars"] == {"bg_one": "1"}     # the running step finished; the next did not start
@@ -302,6 +301,34 @@ def test_background_run_keeps_notebook_usable_and_pauses_on_request(kernel: Kern
     assert out.strip() == "True"
     done = kernel.state(["bg_one", "bg_two"])
     assert done["status"] == "completed" and done["vars"] == {"bg_one": "1", "bg_two": "2"}
+
+
+def test_answer_sent_from_the_widget_front_end_resumes_and_mirrors_outputs(kernel: Kernel, workdir: Path) -> None:
+    """The front end's side of the answer box: comm messages that set the Text and click Send."""
+    # a task ending in "?" is a task, not IPython's object-help syntax
+    content, _, errors = kernel.run(f"%agent --model scripted:{workdir / 'ask.json'} which region pays most?")
+    assert content["status"] == "ok", errors
+    _, out, _ = kernel.run("from handoff_magic.runs import current_run\nw = current_run().widget\n"
+                           "print(w.answer_text.model_id, w.answer_button.model_id, w.answer_box.layout.display == '')\n"
+                           "print(current_run().state.goal)")
+    ids, goal = out.splitlines()
+    text_id, button_id, visible = ids.split()
+    assert goal == "which region pays most?" and visible == "True"
+    kc = kernel.kc
+    for comm_id, data in ((text_id, {"method": "update", "state": {"value": "south"}, "buffer_paths": []}),
+                          (button_id, {"method": "custom", "content": {"event": "click"}})):
+        kc.shell_channel.send(kc.session.msg("comm_msg", {"comm_id": comm_id, "data": data}))
+    content, out, errors = kernel.run("import time\nt = time.monotonic()\n"
+                                      "while current_run().status != 'completed' and time.monotonic() - t < 20:\n"
+                                      "    time.sleep(0.1)\n"
+                                      "print(current_run().wait_paused(20), current_run().status, chosen_revenue)\n"
+                                      "print(repr(''.join(o.get('text', '') for o in w.outputs.outputs)))")
+    assert content["status"] == "ok", errors
+    lines = out.splitlines()
+    assert lines[0] == "True completed 20"             # "south" reached the agent as the answer
+    assert "chosen: south" in lines[1]                  # its output is in the widget, not lost
+    _, out, _ = kernel.run("print(w.answer_box.layout.display, w.answer_text.value == '')")
+    assert out.split() == ["none", "True"]
 
 
 def test_new_run_refused_while_background_run_busy(kernel: Kernel, workdir: Path) -> None:

@@ -345,7 +345,7 @@ def test_answer_box_send_resumes_run(executed: nbformat.NotebookNode) -> None:
     assert "" in texts                                 # the box was cleared after sending
     html = " ".join(str(m["state"].get("value", "")) for m in models.values() if m["model_name"] == "HTMLModel")
     assert "You answered: metres" in html
-    # the resumed steps ran in a background thread: their output is mirrored into the widget
+    # launched from a cell, the background steps' output belongs to that cell, not mirrored twice
     mirrored = [o for m in models.values() if m["model_name"] == "OutputModel"
                 for o in m["state"].get("outputs", [])]
-    assert {"output_type": "stream", "name": "stdout", "text": "converted to metres\n"} in mirrored
+    assert not [o for o in mirrored if "converted" in str(o)]
