@@ -108,8 +108,8 @@ class HandoffAPIHandler(_Base, APIHandler):  # type: ignore[misc]
             return {}
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise HandoffError(400, f"request body is not valid JSON ({exc})",
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise HandoffError(400, f"request body is not valid JSON ({str(exc)[:200]})",
                                "send a JSON object; the upload may have been cut off, retry it") from None
         if not isinstance(data, dict):
             raise HandoffError(400, "request body must be a JSON object", "wrap the fields in {...}")
@@ -272,7 +272,7 @@ class RunsHandler(HandoffAPIHandler):
 
     @web.authenticated
     @authorized
-    def post(self) -> None:
+    async def post(self) -> None:
         body = self.json_body()
         key = body.get("idempotency_key")
         if key is not None and (not isinstance(key, str) or not IDEMPOTENCY_KEY.match(key)):
@@ -288,6 +288,16 @@ class RunsHandler(HandoffAPIHandler):
         if not isinstance(manifest, dict):
             raise HandoffError(400, "request has no 'manifest' object",
                                'POST {"manifest": {...}, "idempotency_key": "..."} (%handoff does this)')
+        # a manifest may list 100k entries and chunks: check it off the event loop
+        state = await asyncio.to_thread(self.check_manifest, manifest)
+        self.runner()  # 503 before anything is written if runs cannot execute here
+        summary, created = store.create_run(state, manifest, key or None)
+        if created:
+            self.runner().submit(summary["id"])
+        self.send(self.run_summary(summary["id"]), 201 if created else 200)
+
+    def check_manifest(self, manifest: dict[str, Any]) -> RunState:
+        """JSON-only checks, then every chunk present with its declared size; the RunState."""
         size = _bundle_size(manifest)
         limit = self.handoff.max_bundle_bytes
         if size > limit:
@@ -297,7 +307,7 @@ class RunsHandler(HandoffAPIHandler):
         from handoff_magic.bundle import BundleError, validate_manifest
         try:
             shas = validate_manifest(manifest, max_bytes=limit)
-        except (BundleError, StateError, ValueError, TypeError, KeyError) as exc:
+        except (BundleError, StateError, ValueError, TypeError, KeyError, RecursionError) as exc:
             raise HandoffError(400, f"manifest rejected: {exc}",
                                "capture the bundle again with %handoff; hand-made manifests must "
                                "follow docs/internals.md") from None
@@ -310,23 +320,20 @@ class RunsHandler(HandoffAPIHandler):
         except StateError as exc:
             raise HandoffError(400, f"run state rejected: {exc}", "capture the run again with %handoff") from None
         blobs = self.handoff.blobs
-        shas = sorted(set(shas) | set(manifest.get("chunks") or {}))
+        chunks = manifest.get("chunks") or {}
+        shas = sorted(set(shas) | set(chunks))
         missing = blobs.missing(shas)
         if missing:
             raise HandoffError(400, f"manifest references {len(missing)} chunk(s) this server does not have",
                                "upload them with PUT /handoff/api/blobs/<sha> first (%handoff does "
                                "this), then create the run again", missing=missing)
-        chunks = manifest.get("chunks") or {}
         for sha in shas:
             declared = (chunks.get(sha) or {}).get("stored")
-            if isinstance(declared, int) and blobs.size(sha) != declared:
-                raise HandoffError(400, f"chunk {sha} is {blobs.size(sha)} bytes on the server but the "
+            actual = blobs.size(sha)
+            if isinstance(declared, int) and actual != declared:
+                raise HandoffError(400, f"chunk {sha} is {actual} bytes on the server but the "
                                    f"manifest declares {declared}", "capture the bundle again")
-        self.runner()  # 503 before anything is written if runs cannot execute here
-        summary, created = store.create_run(state, manifest, key or None)
-        if created:
-            self.runner().submit(summary["id"])
-        self.send(self.run_summary(summary["id"]), 201 if created else 200)
+        return state
 
 
 class RunHandler(HandoffAPIHandler):
