@@ -65,6 +65,7 @@ def cloud(webhook, mailbox):
     """One server for the module; runs use their own (scripted) model preference."""
     srv = JupyterServerProcess(extra_args=[f"--HandoffApp.notify_urls={webhook.apprise_url}",
                                            f"--HandoffApp.notify_urls={mailbox.url}"]).start()
+    CLOUD_LOG[:] = [srv]
     yield srv
     srv.cleanup()
 
@@ -117,6 +118,9 @@ class Laptop:
         self.kernel.kill()
 
 
+CLOUD_LOG: list[Any] = []   # the module's server, so failures can show its log
+
+
 def wait_status(client: HandoffClient, run_id: str, statuses: set[str], timeout: float = 120) -> dict:
     after, deadline = 0, time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -124,7 +128,8 @@ def wait_status(client: HandoffClient, run_id: str, statuses: set[str], timeout:
         after = page["last_seq"]
         if page["status"] in statuses:
             return client.get_run(run_id)
-    raise AssertionError(f"run {run_id} never reached {statuses}: {client.get_run(run_id)}")
+    log = CLOUD_LOG[0].log()[-4000:] if CLOUD_LOG else ""
+    raise AssertionError(f"run {run_id} never reached {statuses}: {client.get_run(run_id)}\n{log}")
 
 
 @pytest.fixture
@@ -265,7 +270,8 @@ def test_fork_second_handoff_only_changed_chunks_and_answer(cloud, client, webho
             == "completed", "the forked local run was not touched by the pull"
         assert a.value("small") == 2
         a.ok('%agent continue "f1"')
-        assert a.run_state()["steps"] == 3
+        done_here = a.run_state()
+        assert done_here["status"] == "completed" and done_here["steps"] == 4
     finally:
         a.kill()
         proxy.close()
