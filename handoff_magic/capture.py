@@ -674,7 +674,7 @@ def _prev_meta(store: ChunkStore, sha: str, known: dict[str, Any] | None) -> dic
     """Chunk metadata for a chunk reused from the previous save (a file that did not change)."""
     size = store.path(sha).stat().st_size
     if known and known.get("stored") == size:
-        return {"size": known["size"], "stored": size, "codec": known.get("codec")}
+        return {k: known[k] for k in ("size", "stored", "codec", "crc32") if k in known}
     codec = store.codecs.get(sha)
     if codec == "zstd":
         raw = len(store.get(sha, codec))

@@ -66,7 +66,7 @@ def _read_buffers(store: ChunkStore, chunks: dict[str, dict], groups: list[dict]
                                       "— copy or save it again") from None
                 except ValueError:  # empty or shorter file
                     raise BundleError(f"chunk {shas[0]} is truncated; save or copy the bundle again") from None
-                if len(m) != b["size"] or hashlib.sha256(m).hexdigest() != shas[0]:
+                if len(m) != b["size"] or not store.intact(shas[0], m):
                     m.close()
                     raise BundleError(f"chunk {shas[0]} is corrupt (sha256 mismatch), it belongs to "
                                       f"{', '.join(g['names'])}; save or copy the bundle again")
@@ -98,15 +98,7 @@ def _empty_buffer(size: int) -> Any:
 
 def _verify_chunks(store: ChunkStore, shas: list[str]) -> None:
     def check(sha: str) -> None:
-        h = hashlib.sha256()
-        try:
-            with open(store.path(sha), "rb") as f:
-                while block := f.read(1 << 22):
-                    h.update(block)
-        except FileNotFoundError:
-            raise BundleError(f"chunk {sha} is missing from {store.root}; the bundle is incomplete") from None
-        if h.hexdigest() != sha:
-            raise BundleError(f"chunk {sha} is corrupt (sha256 mismatch); save or copy the bundle again")
+        store.read_stored(sha)
     if shas:
         with ThreadPoolExecutor(2, thread_name_prefix="handoff-verify") as pool:
             list(pool.map(check, shas))
