@@ -95,6 +95,11 @@ _LOCK = type(_threading.Lock())
 _RLOCK = type(_threading.RLock())
 
 
+_INTERNAL_MODULES = ("ipykernel.", "handoff_magic.", "jupyter_client.", "zmq.", "IPython.core.interactiveshell",
+                     "IPython.core.history", "IPython.core.autocall", "IPython.core.magic", "IPython.terminal.",
+                     "IPython.core.displayhook", "IPython.core.formatters")
+
+
 def _excluded(name: str, value: Any, hidden: dict[str, Any]) -> str | None:
     """Why a namespace entry is not user state (None: it is)."""
     if name in IPY_NAMES or IPY_RE.match(name) or (name.startswith("__") and name.endswith("__")):
@@ -102,7 +107,7 @@ def _excluded(name: str, value: Any, hidden: dict[str, Any]) -> str | None:
     if name in hidden and hidden[name] is value:
         return "IPython internal"
     mod = type(value).__module__ or ""
-    if mod.startswith(("IPython.", "ipykernel.", "handoff_magic.", "jupyter_client.", "zmq.")):
+    if mod.startswith(_INTERNAL_MODULES):  # the shell, kernel, sockets, our own runs; not IPython.display data
         return "handoff/IPython object"
     if "ipywidgets" in sys.modules:
         try:

@@ -312,7 +312,8 @@ def _run_replays(replays: list[dict[str, Any]], ns: dict[str, Any], root: Path, 
         cwd = os.getcwd()
         err: str | None = None
         try:
-            os.chdir(root)
+            if os.path.realpath(root) != os.path.realpath(cwd):
+                os.chdir(root)  # the cell's relative paths mean the restored working directory
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 exec(compile(r["code"], f"<handoff replay of cell {r['cell']}>", "exec"), scratch)  # noqa: S102
         except BaseException as exc:  # noqa: BLE001 - a failed replay only loses its own names
@@ -320,7 +321,8 @@ def _run_replays(replays: list[dict[str, Any]], ns: dict[str, Any], root: Path, 
                 raise
             err = f"replaying cell {r['cell']} failed: {type(exc).__name__}: {exc}"
         finally:
-            os.chdir(cwd)
+            if os.getcwd() != cwd:
+                os.chdir(cwd)
         spent = (time.perf_counter() - t0) / max(1, len(r["names"]))
         for n in r["names"]:
             meta = by_name.get(n, {})
