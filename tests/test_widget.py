@@ -339,7 +339,9 @@ def test_handoff_click_without_server_says_what_to_set(executed: nbformat.Notebo
 def test_answer_box_send_resumes_run(executed: nbformat.NotebookNode) -> None:
     out = "".join(o.get("text", "") for o in executed.cells[4].outputs if o.get("name") == "stdout")
     # clicked from this cell, so this cell is the request the resumed run's output belongs to
-    assert out.splitlines() == ["converted to metres", "True completed True"]
+    # (whether the thread's buffered stream is flushed before the cell ends is up to ipykernel)
+    assert out.splitlines()[-1] == "True completed True"
+    assert set(out.splitlines()[:-1]) <= {"converted to metres"}
     models = _models(executed)
     texts = [m["state"].get("value") for m in models.values() if m["model_name"] == "TextModel"]
     assert "" in texts                                 # the box was cleared after sending
