@@ -102,7 +102,8 @@ _INTERNAL_MODULES = ("ipykernel.", "handoff_magic.", "jupyter_client.", "zmq.", 
 
 def _excluded(name: str, value: Any, hidden: dict[str, Any]) -> str | None:
     """Why a namespace entry is not user state (None: it is)."""
-    if name in IPY_NAMES or IPY_RE.match(name) or (name.startswith("__") and name.endswith("__")):
+    if name in IPY_NAMES or IPY_RE.match(name) or (name.startswith("__") and name.endswith("__")) \
+            or name.startswith("_handoff"):   # helpers the server defines while it saves or restores
         return "IPython internal"
     if name in hidden and hidden[name] is value:
         return "IPython internal"

@@ -148,6 +148,20 @@ def _write_file(store: ChunkStore, entry: dict[str, Any], target: Path) -> None:
         raise
 
 
+def _current_cell_stored(shell: Any) -> bool:
+    """Whether the request running now goes into In (a silent/store_history=False call does not)."""
+    kernel = getattr(shell, "kernel", None)
+    get_parent = getattr(kernel, "get_parent", None)
+    if get_parent is not None:
+        try:
+            content = (get_parent("shell") or {}).get("content") or {}
+        except Exception:  # noqa: BLE001 - older ipykernel: assume an ordinary cell
+            content = {}
+        if "code" in content:
+            return bool(content.get("store_history", True)) and not content.get("silent", False)
+    return True
+
+
 def _restore_history(shell: Any, ns: dict[str, Any], history: dict[str, Any]) -> None:
     """Put In/Out back so numbering continues after the restored cells."""
     hm = shell.history_manager
@@ -157,10 +171,11 @@ def _restore_history(shell: Any, ns: dict[str, Any], history: dict[str, Any]) ->
         raw = list(ins)
     # IPython 9 bumps execution_count when a cell starts, 8 when it ends: keep whichever offset applies
     offset = int(shell.execution_count) - (len(hm.input_hist_parsed) - 1)
-    current_parsed = hm.input_hist_parsed[-1] if len(hm.input_hist_parsed) > 1 else ""
-    current_raw = hm.input_hist_raw[-1] if len(hm.input_hist_raw) > 1 else ""
-    hm.input_hist_parsed[:] = ins + [current_parsed]
-    hm.input_hist_raw[:] = raw + [current_raw]
+    if _current_cell_stored(shell) and len(hm.input_hist_parsed) > 1:
+        ins = ins + [hm.input_hist_parsed[-1]]   # the cell running this restore keeps its place
+        raw = raw + [hm.input_hist_raw[-1]]
+    hm.input_hist_parsed[:] = ins
+    hm.input_hist_raw[:] = raw
     hm.output_hist.clear()
     for n, bundle in history.get("Out", {}).items():
         try:
@@ -169,7 +184,7 @@ def _restore_history(shell: Any, ns: dict[str, Any], history: dict[str, Any]) ->
             continue
     for i, text in enumerate(ins[1:], start=1):
         ns[f"_i{i}"] = text
-    shell.execution_count = len(ins) + offset
+    shell.execution_count = len(ins) - 1 + offset
 
 
 def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path | None = None,

@@ -105,8 +105,8 @@ class Kernel:
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=60)
 
-    def run(self, code: str, timeout: float = 60) -> dict[str, Any]:
-        msg_id = self.kc.execute(code, store_history=True)
+    def run(self, code: str, timeout: float = 60, store_history: bool = True) -> dict[str, Any]:
+        msg_id = self.kc.execute(code, store_history=store_history, silent=not store_history)
         out: dict[str, Any] = {"stdout": "", "data": [], "error": None}
         while True:
             try:
@@ -332,3 +332,13 @@ def test_snapshot_verify_magic_names_the_damaged_variable(world: Any, tmp_path: 
     p.write_bytes(p.read_bytes()[:-1] + b"\0")
     out = b.run(f"%snapshot verify {bad}")
     assert out["error"] and sha in out["error"] and "pt" in out["error"], out["error"]
+
+
+def test_silent_restore_like_the_server_keeps_numbering(world: Any) -> None:
+    """The server restores with silent=True, store_history=False: In must not gain that call."""
+    b = world["b"]
+    b.run(f"import handoff_magic as _h\n_h.load_state({str(world['bundle'])!r}, files=False)", store_history=False)
+    got = json.loads(b.ok("import json\nprint(json.dumps([len(In), In[-1][:12], counter]))")["stdout"])
+    # the bundle's In had len(CORPUS) + 3 entries ('' + corpus + load_ext + save); this cell is the next
+    assert got == [len(CORPUS) + 4, "import json\n", 42]
+    assert b.ok("2 + 2")["execution_count"] == len(CORPUS) + 4
