@@ -470,13 +470,17 @@ def handoff(run: Any, *, to: str | None = None, token: str | None = None, fork: 
                            f"{run.remote.run_id}: %reattach {run.remote.run_id} follows it")
     if state.is_terminal:
         raise HandoffError(f"run {state.id} is {state.status}; start a new one with %agent TASK")
-    if state.status == "running":
+    paused_here = False
+    if state.status == "running" or getattr(run, "running", False):
         _widget_message(widget, "pausing the run at the next step boundary...")
         run.request_pause()
+        paused_here = True
         if not run.wait_paused(PAUSE_TIMEOUT):
             raise HandoffError(f"run {state.id} did not reach a step boundary within {PAUSE_TIMEOUT:.0f}s: "
                                "interrupt the kernel and run %handoff again")
     timings.pause = time.perf_counter() - t0
+    intact = ("The local run is unchanged" + (" (paused at a step boundary: %agent continue resumes "
+                                              "it here)." if paused_here else "."))
 
     if shell is None:
         shell = _get_shell()
@@ -495,7 +499,7 @@ def handoff(run: Any, *, to: str | None = None, token: str | None = None, fork: 
         report = save_state(bundle_dir, shell, run=sent_state)
     except Exception as exc:
         raise HandoffError(f"capturing the kernel state failed ({type(exc).__name__}: {exc}); "
-                           "nothing was sent and the local run is unchanged") from exc
+                           f"nothing was sent. {intact}") from exc
     manifest = report.manifest
     timings.capture = time.perf_counter() - t
     _widget_message(widget, f"captured {len(manifest.get('variables') or [])} variables, "
@@ -506,7 +510,7 @@ def handoff(run: Any, *, to: str | None = None, token: str | None = None, fork: 
         up = cl.upload_bundle(bundle_dir, progress=_progress(widget, "upload"), manifest=manifest)
     except ClientError as exc:
         _widget_message(widget, f"handoff failed: {exc}", "error")
-        raise HandoffError(f"handoff failed while uploading: {exc}. The local run is unchanged.") from exc
+        raise HandoffError(f"handoff failed while uploading: {exc}. {intact}") from exc
     timings.upload = time.perf_counter() - t
     timings.bytes_total, timings.bytes_sent = up.bytes_total, up.bytes_sent
     timings.chunks_total, timings.chunks_sent = up.chunks_total, up.chunks_sent
@@ -516,16 +520,19 @@ def handoff(run: Any, *, to: str | None = None, token: str | None = None, fork: 
         summary = cl.create_run(manifest, idempotency_key=uuid.uuid4().hex)
     except ClientError as exc:
         _widget_message(widget, f"handoff failed: {exc}", "error")
-        raise HandoffError(f"handoff failed while creating the remote run: {exc}. "
-                           "The local run is unchanged.") from exc
+        raise HandoffError(f"handoff failed while creating the remote run: {exc}. {intact}") from exc
     timings.create = time.perf_counter() - t
     remote_id = str(summary["id"])
     links = summary.get("links") or {}
-    save_record(cl.url, remote_id, {
-        "server": cl.url, "run_id": remote_id, "local_run_id": state.id, "bundle_dir": str(bundle_dir),
-        "root": os.getcwd(), "time": time.time(),
-        "files": {f["path"]: f.get("sha256") for f in manifest.get("files") or []},
-    })
+    try:
+        save_record(cl.url, remote_id, {
+            "server": cl.url, "run_id": remote_id, "local_run_id": state.id, "bundle_dir": str(bundle_dir),
+            "root": os.getcwd(), "time": time.time(),
+            "files": {f["path"]: f.get("sha256") for f in manifest.get("files") or []},
+        })
+    except OSError as exc:  # the run exists remotely now; only pull's conflict check gets stricter
+        _widget_message(widget, f"could not record the handoff locally ({exc}); a later %pull will keep "
+                                "every existing local file and write the run's versions as .remote", "warn")
 
     if fork:
         from_widget = _new_widget(state_from_summary(summary, []), None)
