@@ -351,3 +351,17 @@ def test_answer_box_send_resumes_run(executed: nbformat.NotebookNode) -> None:
     mirrored = [o for m in models.values() if m["model_name"] == "OutputModel"
                 for o in m["state"].get("outputs", [])]
     assert not [o for o in mirrored if "converted" in str(o)]
+
+
+def test_model_key_never_reaches_state_or_widget(monkeypatch: pytest.MonkeyPatch) -> None:
+    from handoff_magic.runs import RUNS, LocalRun
+    key = "sk-test-" + "K3y" * 10
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    run = LocalRun.new("fit a forecast", model="openai:gpt-4o")   # the provider holds the key
+    try:
+        assert run.state.model == "openai:gpt-4o"
+        assert key not in run.state.to_json()
+        html = " ".join(str(getattr(c, "value", "")) for c in run.widget.children) + run.widget._header.value
+        assert key not in html and key not in run.widget.to_text() and key not in repr(run)
+    finally:
+        RUNS.pop(run.id, None)
