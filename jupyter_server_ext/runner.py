@@ -34,6 +34,7 @@ from handoff_magic.state import TERMINAL_STATUSES, Event, Message, PlanStep, Run
 
 from .kernel_executor import KernelExecutor
 from .notebook import write_for_state
+from .transport import KernelGone, TransportError, make_transport
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ class RunManager:
         self.kernel_manager = kernel_manager
         self.root_dir = Path(root_dir)
         self.runs: dict[str, _Run] = {}
+        self.transport = make_transport(app, kernel_manager, self.workspace)  # shared disk or kernel channels
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sem: asyncio.Semaphore | None = None
         self._stopping = False
@@ -189,10 +191,13 @@ class RunManager:
             if run.executor is not None:
                 await asyncio.get_running_loop().run_in_executor(None, run.executor.interrupt)
         tasks = [r.task for r in self.runs.values() if r.task is not None and not r.task.done()]
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=10)
+        if tasks:  # let them reach a boundary (and finish a kernel shutdown already under way:
+            # the server's own shutdown_all must not race it)
+            _, pending = await asyncio.wait(tasks, timeout=10)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def submit(self, run_id: str) -> None:
@@ -494,10 +499,13 @@ class RunManager:
             lambda: KernelExecutor(self.kernel_manager, kid, loop,
                                    default_timeout=float(getattr(self.app, "exec_timeout", 3600.0))))
         run.crashed = False
-        src = ws / ".handoff" / "ckpt"
+        try:  # the kernel may not share our disk (gateways): the transport brings the bundle
+            kb = await self._in_thread(self.transport.send_bundle, run.executor, run.id, manifest, self.blobs)
+        except TransportError as exc:
+            raise RunFailure(f"sending the bundle to the kernel failed: {exc.message}", exc.hint) from exc
         code = _kernel_code(
             "import json, handoff_magic\n"
-            f"r = handoff_magic.load_state({str(src)!r}, root={str(ws)!r})\n"
+            f"r = handoff_magic.load_state({kb.bundle_dir!r}, root={kb.root!r})\n"
             "return json.dumps(r.to_dict(), default=str)", "_handoff_restore_")
         res = await self._in_thread(run.executor.execute, code, 3600.0, silent=True, store_history=False)
         if res.status != "ok":
@@ -665,45 +673,20 @@ class RunManager:
         state = run.state
         ex = run.executor
         assert state is not None and ex is not None
-        ws = self.workspace(run.id)
-        ckpt = ws / ".handoff" / "ckpt"
-        run_json = ws / ".handoff" / "run.json"
         data = state.to_dict()
         if not full:
             data["events"] = []  # the event log lives in SQLite; keep per-step checkpoints small
-        _atomic_json(run_json, data)
-        code = _kernel_code(
-            "import json, handoff_magic\n"
-            "from handoff_magic.state import RunState\n"
-            f"with open({str(run_json)!r}, encoding='utf-8') as f:\n"
-            "    run = RunState.from_json(f.read())\n"
-            f"r = handoff_magic.save_state({str(ckpt)!r}, run=run, root={str(ws)!r})\n"
-            "return json.dumps({'bytes_new': r.bytes_new, 'bytes_total': r.bytes_total})",
-            "_handoff_checkpoint_")
-        res = ex.execute(code, 3600.0, silent=True, store_history=False)
-        if res.status == "dead":
+        try:  # save_state in the kernel; new chunks come back by hash (see transport.py)
+            ck = self.transport.fetch_checkpoint(ex, run.id, data, self.blobs,
+                                                 max_bytes=getattr(self.app, "max_bundle_bytes", None))
+        except KernelGone:
             run.crashed = True
             return None
-        if res.status != "ok":
-            err = res.error or {}
-            self._emit(run, "error", error=f"checkpoint failed: {err.get('ename', res.status)}: "
-                                          f"{err.get('evalue', '')}",
+        except TransportError as exc:
+            self._emit(run, "error", error=f"checkpoint failed: {exc.message}",
                        hint="the run goes on; a crash now would resume from the previous checkpoint")
             return None
-        try:
-            manifest = json.loads((ckpt / "manifest.json").read_text(encoding="utf-8"))
-            shas = validate_manifest(manifest, max_bytes=getattr(self.app, "max_bundle_bytes", None))
-        except (OSError, ValueError, BundleError) as exc:
-            self._emit(run, "error", error=f"checkpoint manifest unreadable: {exc}",
-                       hint="the run goes on; a crash now would resume from the previous checkpoint")
-            return None
-        new_bytes = 0
-        for sha in shas:
-            if self.blobs.has(sha):
-                continue
-            raw = (ckpt / "chunks" / sha[:2] / sha).read_bytes()
-            self.blobs.put(sha, raw)  # verifies the sha256: nothing is decoded, nothing unpickled
-            new_bytes += len(raw)
+        manifest, new_bytes = ck.manifest, ck.bytes_new
         self.store.save_manifest(run.id, "checkpoint", manifest)
         run.ckpt_messages = len(state.messages)
         total = sum(int(m.get("stored", 0)) for m in manifest.get("chunks", {}).values())

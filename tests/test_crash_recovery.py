@@ -69,6 +69,32 @@ def test_sigkill_mid_step_resumes_from_the_checkpoint_and_redoes_the_step(
     assert any("Step interrupted" in c.source for c in nb.cells if c.cell_type == "markdown")
 
 
+def test_graceful_restart_mid_step_resumes_the_run(
+        handoff_server_factory: Callable[..., JupyterServerProcess],
+        bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    bdir, manifest = bundle
+    mark = tmp_path / "slept-once"
+    model = "scripted:" + str(write_script(tmp_path / "script.json", [
+        run_python(f"import os, time\nSLOW_STEP = 1\nfirst = not os.path.exists({str(mark)!r})\n"
+                   f"open({str(mark)!r}, 'w').close()\ntime.sleep(20 if first else 0.1)\nc = 3"),
+        run_python("print('c is', c)"),
+        finish(),
+    ]))
+    srv = handoff_server_factory()
+    run_id = hand_off(srv, bdir, manifest, model=model)
+    _wait_tool_call(srv, run_id, "SLOW_STEP")
+    t0 = time.monotonic()
+    srv.stop()  # SIGTERM: the extension stops without waiting for the 20 s step
+    assert time.monotonic() - t0 < 15
+    srv.restart()
+    assert srv.client.get(f"/handoff/api/runs/{run_id}").json()["status"] != "failed"
+    assert wait_status(srv, run_id, timeout=120)["status"] == "completed"
+    events = all_events(srv, run_id)
+    _check_log(events)
+    assert any(e["type"] == "interrupted" for e in events)
+    assert "c is 3" in tool_results(events)[-1]["content"]
+
+
 def test_kernel_crash_is_recovered_once_and_the_agent_is_told(
         handoff_server_factory: Callable[..., JupyterServerProcess],
         bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
