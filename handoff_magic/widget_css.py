@@ -43,7 +43,7 @@ CSS = """
 .jh-plan { list-style: none; margin: 0; padding: 0; }
 .jh-plan li { display: flex; gap: 7px; align-items: baseline; padding: 1px 0; }
 .jh-ico { display: inline-block; width: 1.1em; text-align: center; flex: none; font-weight: 700; }
-.jh-p-pending .jh-ico { color: var(--jp-ui-font-color3, rgba(0,0,0,.38)); font-weight: 400; }
+.jh-p-pending .jh-ico { color: var(--jp-ui-font-color2, rgba(0,0,0,.54)); font-weight: 400; }
 .jh-p-active .jh-ico { color: var(--jp-brand-color1, #1976d2); }
 .jh-p-active .jh-txt { font-weight: 600; }
 .jh-p-done .jh-ico { color: var(--jp-success-color1, #388e3c); }
@@ -52,12 +52,12 @@ CSS = """
 .jh-spin { animation: jh-spin 1.1s linear infinite; }
 @keyframes jh-spin { to { transform: rotate(360deg); } }
 @media (prefers-reduced-motion: reduce) { .jh-spin { animation: none; } }
-.jh-empty { color: var(--jp-ui-font-color3, rgba(0,0,0,.38)); font-style: italic; }
+.jh-empty { color: var(--jp-ui-font-color2, rgba(0,0,0,.54)); font-style: italic; }
 .jh-log { max-height: 360px; overflow-y: auto; display: flex; flex-direction: column-reverse; }
 .jh-step { border-left: 2px solid var(--jp-border-color2, #e0e0e0); padding: 1px 0 3px 8px; margin: 3px 0; }
 .jh-step.jh-note { border-left-color: var(--jp-brand-color1, #1976d2); }
 .jh-step.jh-note .jh-tool { color: var(--jp-ui-font-color1, rgba(0,0,0,.87)); }
-.jh-step-n { font-size: 11px; color: var(--jp-ui-font-color3, rgba(0,0,0,.38)); }
+.jh-step-n { font-size: 11px; color: var(--jp-ui-font-color2, rgba(0,0,0,.54)); }
 .jh-words { white-space: pre-wrap; overflow-wrap: anywhere; }
 .jh-code {
   font-family: var(--jp-code-font-family, SFMono-Regular, Menlo, Consolas, monospace);
