@@ -44,7 +44,7 @@ class _Heartbeat:
         self._client = client
 
     def is_beating(self) -> bool:
-        return not self._client.closed
+        return not self._client.closed and not self._client.kernel_lost
 
 
 class GatewayKernelChannels:
@@ -61,6 +61,7 @@ class GatewayKernelChannels:
         self._reader: asyncio.Future[None] | None = None
         self.closed = True
         self.close_reason = ""
+        self.kernel_lost = ""      # "restarting" / "dead" once the gateway said so
         self.hb_channel = _Heartbeat(self)
 
     # -- connection (runs on the server loop) ---------------------------------------------------
@@ -92,6 +93,9 @@ class GatewayKernelChannels:
                 msg = json.loads(raw)
                 channel = msg.get("channel") or "iopub"
                 self._queues.get(channel, self._queues["iopub"]).put(msg)
+                if channel == "iopub" and msg.get("msg_type") == "status" and \
+                        (msg.get("content") or {}).get("execution_state") in ("restarting", "dead"):
+                    await self._on_kernel_lost(msg["content"]["execution_state"])
         except Exception as exc:  # the socket broke: say so to whoever waits next
             self.close_reason = f"{type(exc).__name__}: {exc}"
             log.warning("jupyter-handoff: websocket to gateway kernel %s failed: %s", self.kernel_id, exc)
@@ -100,6 +104,22 @@ class GatewayKernelChannels:
             code = getattr(self._ws, "close_code", None)
             if not self.close_reason:
                 self.close_reason = f"closed by the gateway (code {code})"
+
+    async def _on_kernel_lost(self, state: str) -> None:
+        """The gateway restarted (or lost) the kernel: its state is gone. A blank restarted
+        kernel must not run the next step, so shut it down; the kernel manager then reports it
+        dead and the runner restores the last checkpoint into a new kernel."""
+        from jupyter_server.gateway.gateway_client import GatewayClient, gateway_request
+        from jupyter_server.utils import url_escape, url_path_join
+        self.kernel_lost = state
+        log.warning("jupyter-handoff: gateway kernel %s is %s; shutting it down so the run restores "
+                    "its checkpoint in a new kernel", self.kernel_id, state)
+        gc = GatewayClient.instance()
+        try:
+            await gateway_request(url_path_join(gc.url or "", gc.kernels_endpoint, url_escape(self.kernel_id)),
+                                  method="DELETE")
+        except Exception as exc:  # already gone (404) or the gateway is down: either way it is lost
+            log.info("jupyter-handoff: deleting lost gateway kernel %s: %s", self.kernel_id, exc)
 
     def start_channels(self) -> None:
         fut = asyncio.run_coroutine_threadsafe(self._connect(), self.loop)

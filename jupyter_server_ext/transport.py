@@ -193,6 +193,7 @@ else:
     root = os.path.join(cwd, 'handoff-runs', run_id)
 chunks = os.path.join(root, '.handoff', 'ckpt', 'chunks')
 os.makedirs(chunks, exist_ok=True)
+os.chdir(root)  # the agent's relative paths land in the run directory
 have = {}
 for sub in os.listdir(chunks):
     d = os.path.join(chunks, sub)
