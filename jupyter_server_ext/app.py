@@ -5,6 +5,7 @@ Trait names are a contract (DESIGN "Configuration"): users set ``c.HandoffApp.mo
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,9 @@ class HandoffApp(ExtensionAppJinjaMixin, ExtensionApp):
     kernel_name = Unicode("python3", help="Kernel spec for remote runs.").tag(config=True)
     keep_kernel = Bool(False, help="Keep a finished run's kernel alive (for inspection).").tag(config=True)
     max_events_wait = Float(60.0, help="Longest a long-poll for events may wait, in seconds.").tag(config=True)
+    transport = Unicode("auto", help="How bundles reach run kernels: 'shared' (same disk), 'kernel' (over "
+                                     "the kernel's channels, for gateways), 'auto' (kernel when "
+                                     "--gateway-url is set).").tag(config=True)
 
     @default("data_dir")
     def _default_data_dir(self) -> str:
@@ -59,6 +63,8 @@ class HandoffApp(ExtensionAppJinjaMixin, ExtensionApp):
         """Base for links, without a trailing slash (e.g. ``http://host:8888/base``)."""
         if self.public_url:
             return self.public_url.rstrip("/")
+        if os.environ.get("JUPYTERHUB_PUBLIC_URL"):  # a JupyterHub single-user server: hub URL + /user/<name>/
+            return os.environ["JUPYTERHUB_PUBLIC_URL"].rstrip("/")
         assert self.serverapp is not None
         return self.serverapp.connection_url.rstrip("/")
 

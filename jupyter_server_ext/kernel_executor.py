@@ -18,6 +18,8 @@ from jupyter_core.utils import ensure_async
 
 from handoff_magic.agent.executors import ExecResult
 
+from .gateway_client import GatewayKernelChannels, is_gateway_kernel_manager
+
 log = logging.getLogger(__name__)
 
 POLL = 0.5            # seconds between iopub polls while waiting for a reply
@@ -49,7 +51,8 @@ class KernelExecutor:
         for key in ("curve_publickey", "curve_secretkey"):
             if isinstance(info.get(key), str):
                 info[key] = info[key].encode("ascii")
-        self.client = BlockingKernelClient(**info)
+        self.client = BlockingKernelClient(**info) if not is_gateway_kernel_manager(kernel_manager) \
+            else GatewayKernelChannels(kernel_id, loop)  # a gateway kernel is reached by its websocket
         self.client.start_channels()
         try:
             self._wait_ready(ready_timeout)
