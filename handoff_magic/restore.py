@@ -293,7 +293,7 @@ def _unpickle_groups(groups: list[dict], payloads: dict[str, bytes], buffers: di
         t0 = time.perf_counter()
         names = g["names"]
         try:
-            if g["method"] == "dill":
+            if g["method"] == "dill" and g.get("stream") != "pickle":
                 import dill
                 obj = dill.loads(payloads[g["id"]], buffers=buffers[g["id"]])
             else:

@@ -52,6 +52,11 @@ CORPUS = [
     "limit = 5",
     "import socket\nsock = socket.socket()",
     "holder = {'out': wfh}",
+    "class Point3(Point):\n    def __init__(self, x, y, z):\n        super().__init__(x, y)\n        self.z = z\n"
+    "    def norm2(self):\n        return super().norm2() + self.z ** 2\np3 = Point3(1, 2, 2)",
+    "items = [Item(f'i{k}', k) for k in range(1000)]\nops = {'inc': lambda v: v + 1, 'sq': sq}",
+    "def logged(fn):\n    def wrapper(*a):\n        return ('logged', fn(*a))\n    return wrapper\n"
+    "@logged\ndef half(v):\n    return v / 2",
 ]
 
 CHECK = r"""
@@ -91,6 +96,10 @@ _c('nested_lock', lambda: [type(nested_lock['lock']).__name__, nested_lock['n']]
 _c('scratch', lambda: [limit, len(list(squares))])
 _c('socket', lambda: type(sock).__name__)
 _c('holder', lambda: 'holder' in globals())
+_c('subclass', lambda: [issubclass(Point3, Point), type(p3) is Point3, p3.norm2(), isinstance(p3, Point)])
+_c('instances', lambda: [len(items), all(type(i) is Item for i in items), items[7].qty, ops['inc'](1),
+                         ops['sq'] is sq])
+_c('decorated', lambda: half(8))
 print(_json.dumps(_r, default=str))
 """
 
@@ -207,6 +216,9 @@ EXPECTED = {
     "scratch": [5, 100],   # replaying the generator's cell did not clobber the restored `limit`
     "socket": "socket",
     "holder": False,
+    "subclass": [True, True, 9, True],
+    "instances": [1000, True, 7, 2, True],
+    "decorated": ["logged", 4.0],
 }
 
 
