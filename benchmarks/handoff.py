@@ -138,7 +138,7 @@ def bench_size(size: int, base: Path, script: Path, cloud: Cloud) -> dict[str, A
         first = value(k, "__import__('handoff_magic.remote', fromlist=['x']).last_handoff_info()")
         remote = remote_breakdown(client, first["run_id"], wall0)
 
-        run_cell(k, "small['k'] = 2")
+        run_cell(k, f"small['k'] = {time.time_ns()}")  # a value no earlier run uploaded
         t1 = time.perf_counter()
         run_cell(k, "%handoff --fork")
         second_prompt = time.perf_counter() - t1

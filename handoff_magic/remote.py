@@ -424,13 +424,28 @@ class RemoteRun:
 
 
 # -- handoff ---------------------------------------------------------------------------------
+_CLIENTS: dict[tuple[str, str | None], HandoffClient] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
 def _client(to: str | None, token: str | None, client: HandoffClient | None) -> HandoffClient:
+    """One pooled HandoffClient per (server, token) in this kernel: connections and the
+    client's setup (~50 ms) are reused by later handoffs and the follow threads."""
     if client is not None:
         return client
+    from .config import ConfigError, server_settings
     try:
-        return HandoffClient(to, token)
-    except ClientError as exc:
+        url, tok = server_settings(to, token)
+    except ConfigError as exc:
         raise HandoffError(str(exc)) from exc
+    with _CLIENTS_LOCK:
+        cached = _CLIENTS.get((url, tok))
+        if cached is None:
+            try:
+                cached = _CLIENTS[(url, tok)] = HandoffClient(url, tok)
+            except ClientError as exc:
+                raise HandoffError(str(exc)) from exc
+        return cached
 
 
 def _progress(widget: Any, label: str) -> Callable[[int, int], None]:
