@@ -263,3 +263,18 @@ def test_resave_reuses_unchanged_files_and_leaves_no_orphan_chunks(tmp_path: Pat
     load_state(bundle, ns=out, root=dst)
     assert out["a"]["k"] is out["b"] and (dst / "small.txt").read_text() == "v2, longer\n"
     assert (dst / "big.csv").read_bytes() == (work / "big.csv").read_bytes()
+
+
+def test_capture_benchmark_runs_at_tiny_scale(tmp_path: Path) -> None:
+    """`make bench` must not rot: run benchmarks/capture.py at a tiny scale and read its JSON."""
+    import subprocess
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "capture.py"), "--scale", "0.002",
+                           "--json", str(out), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=240, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "re-capture after replacing 1 of 10 arrays" in proc.stdout
+    results = {r["namespace"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(results) == {"numpy", "pandas", "small"}
+    assert results["numpy"]["recapture_new"] <= 0.15 * results["numpy"]["recapture_total"]
