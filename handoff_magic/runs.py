@@ -198,6 +198,7 @@ class LocalRun:
         parent = _current_parent(self.shell)
         # a background run's outputs go to the request that launched it: a cell shows them under
         # itself, but a widget click (comm message) has no output area, so the widget mirrors them
+        self.widget.pausable = background
         self.widget.mirror_outputs = background and (
             parent is None or parent.get("header", {}).get("msg_type") != "execute_request")
         if background:

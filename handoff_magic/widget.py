@@ -71,7 +71,7 @@ REMOTE_ACTIONS = frozenset({"handoff", "reattach", "diff", "pull", "notebook"})
 _HANDOFF_OK = frozenset({"idle", "running", "paused", "waiting_input"})
 
 
-def button_states(status: str, remote: bool) -> dict[str, tuple[bool, str]]:
+def button_states(status: str, remote: bool, pausable: bool = True) -> dict[str, tuple[bool, str]]:
     """Which actions make sense for a run in ``status``; returns key -> (enabled, tooltip).
 
     ``remote`` is True once the run lives on a server (a handed-off local run or a remote run).
@@ -98,8 +98,12 @@ def button_states(status: str, remote: bool) -> dict[str, tuple[bool, str]]:
                         else f"cannot hand off a run that is {STATUS_LABELS.get(status, status)}")
         for key in ("reattach", "diff", "pull", "notebook"):
             s[key] = (False, "only for a run that was handed off to a server")
-        s["pause"] = (status == "running", "pause at the next step boundary" if status == "running"
-                      else "only while the run is running")
+        if status == "running" and not pausable:
+            # the cell is busy, so a click would only arrive after the run ended
+            s["pause"] = (False, "this run is in the cell: interrupt the kernel (■) to pause it")
+        else:
+            s["pause"] = (status == "running", "pause at the next step boundary" if status == "running"
+                          else "only while the run is running")
         cancel_ok = status in ("idle", "running", "paused", "waiting_input")
         s["cancel"] = (cancel_ok, "stop this run" if cancel_ok
                        else f"the run is {STATUS_LABELS.get(status, status)}")
@@ -415,6 +419,7 @@ class RunWidget(W.VBox):
         # remote kernel), mirrored from tool_result events; plain trait updates, so they arrive
         # even after the cell finished
         self.mirror_outputs = False
+        self.pausable = True       # False while a run occupies the cell (its clicks would queue)
         self.outputs = W.Output(layout=W.Layout(max_height="420px", overflow="auto"))
         self._outputs_box = W.Accordion(children=[self.outputs], titles=("Outputs",), selected_index=0,
                                         layout=W.Layout(display="none"))
@@ -539,7 +544,7 @@ class RunWidget(W.VBox):
                                     if waiting else "")
             self.answer_box.layout.display = "" if waiting else "none"
             self.answer_button.disabled = not waiting
-            for key, (enabled, tip) in button_states(v.status, v.remote is not None).items():
+            for key, (enabled, tip) in button_states(v.status, v.remote is not None, self.pausable).items():
                 b = self.buttons[key]
                 b.disabled = not enabled
                 b.tooltip = tip

@@ -151,6 +151,17 @@ def test_local_buttons_enabled_by_status(status: str) -> None:
         assert "handed off" in w.buttons[key].tooltip     # a greyed button says why
 
 
+def test_pause_disabled_for_a_run_occupying_the_cell() -> None:
+    state, w = make("idle")
+    w.pausable = False                        # LocalRun sets this for foreground runs
+    set_status(state, w, "running")
+    assert "pause" not in enabled(w) and "interrupt the kernel" in w.buttons["pause"].tooltip
+    w.pausable = True
+    set_status(state, w, "paused")
+    set_status(state, w, "running")
+    assert "pause" in enabled(w)
+
+
 @pytest.mark.parametrize("status", REMOTE)
 def test_remote_buttons_enabled_by_status(status: str) -> None:
     _, w = make(status)
