@@ -18,6 +18,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 $(TESTSTAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
 	bash scripts/install-system-deps.sh
+	bash scripts/install-cluster-deps.sh
 	touch $@
 
 install: $(STAMP)
