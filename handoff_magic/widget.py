@@ -322,7 +322,10 @@ def _call_html(call: _Call) -> str:
     if call.result is not None and call.name not in ("update_plan", "finish") and (
             call.name == "run_python" or call.is_error):
         cls = "jh-result jh-err" if call.is_error else "jh-result"
-        body += f'<div class="{cls}">{_esc(_short(call.result, MAX_RESULT_CHARS, MAX_RESULT_LINES) or "(no output)")}</div>'
+        result = call.result
+        if result.startswith("[ok]\n") or result == "[ok]":
+            result = result[5:]          # the model's status header; success needs no label here
+        body += f'<div class="{cls}">{_esc(_short(result, MAX_RESULT_CHARS, MAX_RESULT_LINES) or "(no output)")}</div>'
     return body
 
 
