@@ -80,7 +80,22 @@ def run_cell(page: Any, code: str) -> Any:
     expect()(editor).to_contain_text(code.splitlines()[0])
     page.keyboard.press("Shift+Enter")
     expect()(cells).to_have_count(n + 1)      # run-and-advance appended a fresh cell
+    _ensure_sent(page, cell)
     return cell
+
+
+def _ensure_sent(page: Any, cell: Any) -> None:
+    """Right after a kernel (re)start JupyterLab may drop an execute request while its kernel
+    connection settles: the prompt stays ``[ ]`` (never queued, never run). Run it again then."""
+    prompt = cell.locator(".jp-InputPrompt")
+    for _ in range(5):
+        try:
+            expect()(prompt).not_to_have_text("[ ]:", timeout=5_000)
+            return
+        except AssertionError:
+            cell.locator(".jp-InputPrompt").click()      # select the cell (command mode)
+            page.keyboard.press("Control+Enter")       # run it in place
+    expect()(prompt).not_to_have_text("[ ]:")
 
 
 def wait_cell_done(cell: Any) -> None:
@@ -163,6 +178,10 @@ def test_journey_in_jupyterlab(browser: Any, lab: LabProcess, cloud: JupyterServ
         _journey(page, context, lab, cloud, script)
     except Exception:
         shot(page, "failure-journey")
+        runs = cloud.client.get("/handoff/api/runs").json()
+        print("cloud runs:", json.dumps(runs, indent=1)[:4000])
+        print("cloud log tail:\n", cloud.log()[-4000:])
+        print("lab log tail:\n", lab.log()[-4000:])
         raise
     finally:
         context.close()
@@ -220,10 +239,11 @@ def _journey(page: Any, context: Any, lab: LabProcess, cloud: JupyterServerProce
     menu(page, "Kernel", "Shut Down Kernel")
     ex(page.locator(".jp-NotebookPanel:visible .jp-Notebook-ExecutionIndicator")).not_to_have_attribute(
         "data-status", "idle")
-    menu(page, "Kernel", "Restart Kernel…")
+    ex(page.locator(".jp-NotebookPanel:visible .jp-KernelName")).to_have_text("No Kernel")
+    page.locator(".jp-NotebookPanel:visible .jp-KernelName").click()   # "Select Kernel" dialog
     dialog = page.locator(".jp-Dialog")
-    if dialog.count():
-        dialog.locator("button.jp-mod-accept").click()
+    ex(dialog).to_contain_text("Select Kernel")
+    dialog.locator("button.jp-mod-accept").click()
     wait_kernel_idle(page)
     page.locator(".jp-NotebookPanel:visible .jp-Notebook .jp-Cell").last.scroll_into_view_if_needed()
     cell = run_cell(page, f"%load_ext handoff_magic\n%reattach {remote_id}")
@@ -261,7 +281,7 @@ def _journey(page: Any, context: Any, lab: LabProcess, cloud: JupyterServerProce
 
     # 6. pull back: the run's variables arrive in this (new) kernel
     w2.locator(".jh-btn-pull").click()
-    ex(w2.locator(".jh-meta")).to_contain_text("local", timeout=120_000)
+    ex(cell.locator(".jp-OutputArea-output", has_text=f"Pulled run {remote_id}")).to_be_visible(timeout=120_000)
     shot(page, "07-pulled-back-light")
     cell = run_cell(page, "print(total, len(clean), open('report.md').read().splitlines()[-1])")
     wait_cell_done(cell)
