@@ -32,6 +32,7 @@ class ClientError(RuntimeError):
         self.message = message
         self.hint = hint
         self.status = status
+        self.body: dict[str, Any] = {}    # the server's JSON error body (e.g. "missing" chunks)
         super().__init__(f"{message}: {hint}" if hint else message)
 
 
@@ -131,6 +132,15 @@ class HandoffClient:
 
     def _error(self, resp: httpx.Response, what: str) -> ClientError:
         """Turn a non-2xx response into a ClientError, keeping the server's words."""
+        err = self._classify(resp, what)
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        err.body = body if isinstance(body, dict) else {}
+        return err
+
+    def _classify(self, resp: httpx.Response, what: str) -> ClientError:
         error = hint = None
         try:
             body = resp.json()
@@ -203,6 +213,11 @@ class HandoffClient:
             return [s for s in shas if s in lacking]
         except RunNotFound:
             return [s for s in shas if not self.has_blob(s)]
+
+    def check(self) -> None:
+        """A cheap authenticated request: raises ServerUnreachable / AuthError before any
+        expensive work (a capture of a big namespace) is done for nothing."""
+        self.has_blob("0" * 64)
 
     def has_blob(self, sha: str) -> bool:
         try:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .client import ClientError, HandoffClient, _atomic_write
+from .client import ClientError, HandoffClient, UploadReport, _atomic_write
 from .state import TERMINAL_STATUSES, Budgets, Event, PlanStep, RunState, StateError
 
 # statuses after which a remote run needs nothing more from anyone
@@ -497,6 +497,11 @@ def handoff(run: Any, *, to: str | None = None, token: str | None = None, fork: 
     intact = ("The local run is unchanged" + (" (paused at a step boundary: %agent continue resumes "
                                               "it here)." if paused_here else "."))
 
+    try:
+        cl.check()   # a dead server or a wrong token fails now, before capturing anything
+    except ClientError as exc:
+        raise HandoffError(f"handoff failed: {exc}. {intact}") from exc
+
     if shell is None:
         shell = _get_shell()
     key = kernel_key(state.id)
@@ -520,23 +525,31 @@ def handoff(run: Any, *, to: str | None = None, token: str | None = None, fork: 
     _widget_message(widget, f"captured {len(manifest.get('variables') or [])} variables, "
                             f"{len(manifest.get('files') or [])} files")
 
+    # create first: if the server already has every chunk (or refuses the bundle as too large)
+    # we know without uploading a byte; a 400 listing missing chunks means: upload, then create
+    key = uuid.uuid4().hex
+    chunks = manifest.get("chunks") or {}
+    up = UploadReport(chunks_total=len(chunks),
+                      bytes_total=sum(int((m or {}).get("stored") or 0) for m in chunks.values()))
     t = time.perf_counter()
     try:
-        up = cl.upload_bundle(bundle_dir, progress=_progress(widget, "upload"), manifest=manifest)
+        try:
+            summary = cl.create_run(manifest, idempotency_key=key)
+        except ClientError as exc:
+            if exc.status != 400 or not isinstance(exc.body.get("missing"), list):
+                raise
+            timings.create = time.perf_counter() - t
+            t = time.perf_counter()
+            up = cl.upload_bundle(bundle_dir, progress=_progress(widget, "upload"), manifest=manifest)
+            timings.upload = time.perf_counter() - t
+            t = time.perf_counter()
+            summary = cl.create_run(manifest, idempotency_key=key)
     except ClientError as exc:
         _widget_message(widget, f"handoff failed: {exc}", "error")
-        raise HandoffError(f"handoff failed while uploading: {exc}. {intact}") from exc
-    timings.upload = time.perf_counter() - t
+        raise HandoffError(f"handoff failed: {exc}. {intact}") from exc
+    timings.create += time.perf_counter() - t
     timings.bytes_total, timings.bytes_sent = up.bytes_total, up.bytes_sent
     timings.chunks_total, timings.chunks_sent = up.chunks_total, up.chunks_sent
-
-    t = time.perf_counter()
-    try:
-        summary = cl.create_run(manifest, idempotency_key=uuid.uuid4().hex)
-    except ClientError as exc:
-        _widget_message(widget, f"handoff failed: {exc}", "error")
-        raise HandoffError(f"handoff failed while creating the remote run: {exc}. {intact}") from exc
-    timings.create = time.perf_counter() - t
     remote_id = str(summary["id"])
     links = summary.get("links") or {}
     try:

@@ -18,7 +18,7 @@ from aiosmtpd.controller import Controller
 
 from handoff_magic.client import HandoffClient
 from handoff_magic.demo import JOURNEY_SCRIPT, Kernel, WebhookReceiver, output_text
-from server_process import JupyterServerProcess, free_port, handoff_server_factory  # noqa: F401
+from server_process import JupyterServerProcess, free_port
 from test_client import CuttingProxy
 
 pytestmark = pytest.mark.slow
@@ -60,10 +60,14 @@ def mailbox():
     smtp.stop()
 
 
+BUNDLE_LIMIT = 40_000_000   # the module server refuses bundles over 40 MB
+
+
 @pytest.fixture(scope="module")
 def cloud(webhook, mailbox):
     """One server for the module; runs use their own (scripted) model preference."""
-    srv = JupyterServerProcess(extra_args=[f"--HandoffApp.notify_urls={webhook.apprise_url}",
+    srv = JupyterServerProcess(extra_args=[f"--HandoffApp.max_bundle_bytes={BUNDLE_LIMIT}",
+                                           f"--HandoffApp.notify_urls={webhook.apprise_url}",
                                            f"--HandoffApp.notify_urls={mailbox.url}"]).start()
     CLOUD_LOG[:] = [srv]
     yield srv
@@ -298,15 +302,16 @@ def test_background_run_pauses_at_step_boundary_for_handoff(cloud, client, tmp_p
         a.kill()
 
 
-def test_errors_are_clear_and_leave_the_local_run_intact(cloud, handoff_server_factory, tmp_path):  # noqa: F811
-    model = script(tmp_path, [{"text": "x", "tool_calls": [py("import os\npayload = os.urandom(300_000)")]},
+def test_errors_are_clear_and_leave_the_local_run_intact(cloud, client, tmp_path):
+    model = script(tmp_path, [{"text": "x", "tool_calls": [py("import os\npayload = os.urandom(45_000_000)")]},
                               {"text": "done", "tool_calls": [{"name": "finish", "arguments": {"summary": "ok"}}]}])
-    small = handoff_server_factory(extra_args=["--HandoffApp.max_bundle_bytes=50000"])
+    proxy = CuttingProxy(cloud.port, cuts=0)
     a = Laptop(tmp_path / "laptop", cloud, model)
     try:
         a.ok("%load_ext handoff_magic")
         a.ok("%agent --max-steps 1 make a payload")
         before = a.run_state()
+        runs_before = {r["id"] for r in client.list_runs()}
 
         dead = a.fails(f"%handoff --to http://127.0.0.1:{free_port()}")
         assert "cannot reach" in dead and "is the server running" in dead and "HANDOFF_SERVER_URL" in dead
@@ -316,14 +321,15 @@ def test_errors_are_clear_and_leave_the_local_run_intact(cloud, handoff_server_f
         assert "refused the token" in refused and "HANDOFF_TOKEN" in refused
         assert a.run_state() == before
 
-        big = a.fails(f"%handoff --to {small.url} --token {small.token}")
-        assert "limit" in big and "max_bundle_bytes" in big
+        big = a.fails(f"%handoff --to {proxy.url}")  # 45 MB over the 40 MB limit
+        assert "limit" in big and "max_bundle_bytes" in big, big
+        assert proxy.puts == 0, "a bundle the server refuses is not uploaded first"
         assert a.run_state() == before
-        with HandoffClient(small.url, small.token) as c:
-            assert c.list_runs() == []
+        assert {r["id"] for r in client.list_runs()} == runs_before, "no run was created"
 
         # and the run is still usable here
         a.ok("%agent continue")
         assert a.run_state()["status"] == "completed"
     finally:
         a.kill()
+        proxy.close()
