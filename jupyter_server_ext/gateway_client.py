@@ -61,7 +61,8 @@ class GatewayKernelChannels:
         self._reader: asyncio.Future[None] | None = None
         self.closed = True
         self.close_reason = ""
-        self.kernel_lost = ""      # "restarting" / "dead" once the gateway said so
+        self.kernel_lost = ""      # "restarting" / "dead" / "disconnected" once it is lost
+        self._stopping = False
         self.hb_channel = _Heartbeat(self)
 
     # -- connection (runs on the server loop) ---------------------------------------------------
@@ -99,11 +100,17 @@ class GatewayKernelChannels:
         except Exception as exc:  # the socket broke: say so to whoever waits next
             self.close_reason = f"{type(exc).__name__}: {exc}"
             log.warning("jupyter-handoff: websocket to gateway kernel %s failed: %s", self.kernel_id, exc)
-        finally:
+        except asyncio.CancelledError:
             self.closed = True
-            code = getattr(self._ws, "close_code", None)
-            if not self.close_reason:
-                self.close_reason = f"closed by the gateway (code {code})"
+            raise
+        self.closed = True
+        code = getattr(self._ws, "close_code", None)
+        if not self.close_reason:
+            self.close_reason = f"closed by the gateway (code {code})"
+        if not self._stopping and not self.kernel_lost:
+            # no way to tell what the kernel did meanwhile: treat it as lost (the run restores
+            # its last checkpoint and redoes the step) rather than wait for a reply that never comes
+            await self._on_kernel_lost("disconnected")
 
     async def _on_kernel_lost(self, state: str) -> None:
         """The gateway restarted (or lost) the kernel: its state is gone. A blank restarted
@@ -133,10 +140,10 @@ class GatewayKernelChannels:
                 "(GatewayClient.auth_token) and that the gateway is reachable") from exc
 
     def stop_channels(self) -> None:
+        self._stopping = True
         ws = self._ws
         if ws is None:
             return
-        self._ws = None
         try:
             self.loop.call_soon_threadsafe(ws.close)
         except RuntimeError:  # the loop is closed: the socket goes with it
