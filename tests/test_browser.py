@@ -281,7 +281,7 @@ def _journey(page: Any, context: Any, lab: LabProcess, cloud: JupyterServerProce
 
     # 6. pull back: the run's variables arrive in this (new) kernel
     w2.locator(".jh-btn-pull").click()
-    ex(cell.locator(".jp-OutputArea-output", has_text=f"Pulled run {remote_id}")).to_be_visible(timeout=120_000)
+    ex(cell.locator(".jp-OutputArea-output", has_text=f"Pulled run {remote_id}").last).to_be_visible(timeout=120_000)
     shot(page, "07-pulled-back-light")
     cell = run_cell(page, "print(total, len(clean), open('report.md').read().splitlines()[-1])")
     wait_cell_done(cell)
