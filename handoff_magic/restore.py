@@ -7,13 +7,16 @@ unpickled groups, files, replays of defining cells, and the In/Out history.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import hashlib
 import io
 import mmap
 import os
 import pickle
+import sys
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,7 @@ def _read_buffers(store: ChunkStore, chunks: dict[str, dict], groups: list[dict]
     straight into their destination bytearray (no intermediate copies), in parallel."""
     out: dict[str, list[Any]] = {}
     tasks: list[tuple[str, memoryview, str | None]] = []
+    checks: list[tuple[str, memoryview, list[str]]] = []
     for g in groups:
         bufs: list[Any] = []
         for b in g.get("buffers", []):
@@ -72,6 +76,18 @@ def _read_buffers(store: ChunkStore, chunks: dict[str, dict], groups: list[dict]
                                       f"{', '.join(g['names'])}; save or copy the bundle again")
                 bufs.append(m)
                 continue
+            metas = [chunks[s] for s in shas]
+            mapped = None
+            if all(m["codec"] is None for m in metas):
+                mapped = _stitched_map([(store.path(s), m["size"]) for s, m in zip(shas, metas)], b["size"],
+                                       g["names"])
+            if mapped is not None:
+                off = 0
+                for s, m in zip(shas, metas):
+                    checks.append((s, mapped[off: off + m["size"]], g["names"]))
+                    off += m["size"]
+                bufs.append(mapped)
+                continue
             dest = _empty_buffer(b["size"])
             mv = memoryview(dest).cast("B")
             off = 0
@@ -81,10 +97,83 @@ def _read_buffers(store: ChunkStore, chunks: dict[str, dict], groups: list[dict]
                 off += n
             bufs.append(dest)
         out[g["id"]] = bufs
-    if tasks:
+    def check(item: tuple[str, memoryview, list[str]]) -> None:
+        sha, view, names = item
+        if not store.intact(sha, view):
+            raise BundleError(f"chunk {sha} is corrupt (checksum mismatch), it belongs to {', '.join(names)}; "
+                              "save or copy the bundle again")
+
+    if tasks or checks:
         with ThreadPoolExecutor(2, thread_name_prefix="handoff-load") as pool:
             list(pool.map(lambda t: store.read_into(*t), tasks))
+            list(pool.map(check, checks))
     return out
+
+
+# -- stitched mappings: a multi-chunk buffer as one contiguous copy-on-write mapping ----
+_MAP_FIXED = 0x10
+_LIBC: Any = None
+
+
+def _libc() -> Any:
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = False
+        if sys.platform.startswith("linux") and hasattr(mmap, "MAP_ANONYMOUS"):
+            try:
+                lib = ctypes.CDLL(None, use_errno=True)
+                lib.mmap.restype = ctypes.c_void_p
+                lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                     ctypes.c_long]
+                lib.munmap.restype = ctypes.c_int
+                lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+                _LIBC = lib
+            except (OSError, AttributeError):
+                _LIBC = False
+    return _LIBC or None
+
+
+def _stitched_map(parts: list[tuple[Path, int]], total: int, names: list[str]) -> memoryview | None:
+    """Map each chunk file (MAP_PRIVATE, copy-on-write) side by side into one reserved region.
+
+    Loading then costs no copy and no fresh memory: the array's pages are the page cache's
+    until the user writes to them. Chunk files are never modified in place (content-addressed,
+    written by rename), so a private mapping is safe. Returns None where this is not possible
+    (not Linux, chunk sizes not page multiples); the caller then reads into a buffer.
+    """
+    lib = _libc()
+    page = mmap.PAGESIZE
+    if lib is None or total <= 0 or any(n % page for _, n in parts[:-1]):
+        return None
+    length = (total + page - 1) // page * page
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    failed = ctypes.c_void_p(-1).value
+    base = lib.mmap(None, length, prot, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    if base in (None, failed):
+        return None
+    try:
+        off = 0
+        for path, n in parts:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise BundleError(f"chunk {path.name} is missing (it belongs to {', '.join(names)}); the bundle "
+                                  "is incomplete — copy or save it again") from None
+            try:
+                if os.fstat(fd).st_size != n:
+                    raise BundleError(f"chunk {path.name} is truncated or has the wrong size (it belongs to "
+                                      f"{', '.join(names)}); save or copy the bundle again")
+                if n and lib.mmap(base + off, n, prot, mmap.MAP_PRIVATE | _MAP_FIXED, fd, 0) in (None, failed):
+                    raise OSError(ctypes.get_errno(), f"mmap of {path} failed")
+            finally:
+                os.close(fd)
+            off += n
+    except BaseException:
+        lib.munmap(base, length)
+        raise
+    region = (ctypes.c_char * total).from_address(base)
+    weakref.finalize(region, lib.munmap, base, length)  # unmapped when the last array using it is gone
+    return memoryview(region).cast("B")
 
 
 def _empty_buffer(size: int) -> Any:

@@ -278,3 +278,22 @@ def test_capture_benchmark_runs_at_tiny_scale(tmp_path: Path) -> None:
     results = {r["namespace"]: r for r in json.loads(out.read_text())["results"]}
     assert set(results) == {"numpy", "pandas", "small"}
     assert results["numpy"]["recapture_new"] <= 0.15 * results["numpy"]["recapture_total"]
+
+
+def test_mapped_loads_are_private_and_truncated_chunks_refused(tmp_path: Path) -> None:
+    arr = np.random.default_rng(5).random((CHUNK_SIZE * 2 + 4096) // 8)   # three chunks, last one partial
+    rep = _save(tmp_path / "b", {"arr": arr})
+    ns: dict[str, Any] = {}
+    load_state(tmp_path / "b", ns=ns, files=False)
+    ns["arr"][:] = -1.0                      # copy-on-write: the bundle's chunks stay intact
+    verify(tmp_path / "b")
+    again: dict[str, Any] = {}
+    load_state(tmp_path / "b", ns=again, files=False)
+    assert np.array_equal(again["arr"], arr)
+    sha = rep.manifest["groups"][0]["buffers"][0]["chunks"][1]
+    p = tmp_path / "b" / "chunks" / sha[:2] / sha
+    p.write_bytes(p.read_bytes()[:-100])
+    target = {"arr": "untouched"}
+    with pytest.raises(BundleError, match="truncated|corrupt"):
+        load_state(tmp_path / "b", ns=target, files=False)
+    assert target == {"arr": "untouched"}
