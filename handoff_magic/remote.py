@@ -573,6 +573,8 @@ def handoff(run: Any, *, to: str | None = None, token: str | None = None, fork: 
             widget.show_event(ev)
     remote = RemoteRun(cl, remote_id, widget=from_widget, state=state_from_summary(summary, []), shell=shell)
     remote.links = links
+    if not fork:  # the server copied the sent events as seq 1..n; this widget already shows them
+        remote.last_seq = len((manifest.get("run") or {}).get("events") or [])
     if from_widget is not None:
         if hasattr(from_widget, "controller"):
             run._local_controller = from_widget.controller  # restored by pull back
