@@ -105,6 +105,11 @@ class Notifier:
             return []
         summary = self.store.summary(run_id)
         title, body = compose(summary, kind, self._public_url())
+        if any(r["kind"] == kind and r["body"] == body for r in self.store.notifications(run_id)):
+            # a resumed run re-entering the same state (e.g. the same question after a server
+            # restart) must not notify twice
+            self.log.info("jupyter-handoff: run %s %s already notified; not repeated", run_id, kind)
+            return []
         ids = self.store.add_notifications(run_id, kind, title, body, list(self._by_key))
         self.log.info("jupyter-handoff: run %s %s; %d notification(s) queued", run_id, kind, len(ids))
         self.kick()

@@ -142,3 +142,16 @@ def test_pending_notifications_survive_a_killed_server(webhook: Webhook) -> None
         assert rows[0]["delivered"] is not None
     finally:
         srv.cleanup()
+
+
+def test_same_state_twice_notifies_once(tmp_path: Path, webhook: Webhook) -> None:
+    """A run resumed after a restart re-enters waiting_input with the same question: one message."""
+    store = RunStore(tmp_path / "h.sqlite")
+    notifier = Notifier(store, [webhook.url], lambda: PUBLIC)
+    rid = _run(store, "waiting_input", question="Keep the outliers?")
+    assert len(notifier.enqueue(rid, "waiting_input")) == 1
+    assert notifier.enqueue(rid, "waiting_input") == []
+    st = store.get_state(rid)
+    st.question = "And the duplicates?"
+    store.save_state(st)
+    assert len(notifier.enqueue(rid, "waiting_input")) == 1  # a new question is news

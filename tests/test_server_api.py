@@ -506,13 +506,22 @@ def test_long_poll_waits_then_returns_promptly(srv: JupyterServerProcess) -> Non
     _wait(srv, rid, ("completed",))
 
 
-def test_waiting_run_survives_server_sigkill(srv: JupyterServerProcess) -> None:
+def test_waiting_run_survives_server_sigkill(srv: JupyterServerProcess, hook: Webhook) -> None:
     """Runs last here: SIGKILL the module's server; the run, its log and outbox survive."""
     model = _script(srv, "kill", [_ask("Proceed with the full dataset?"), _py("print(6 * 7)"),
                                   _finish("42 computed after restart.")])
     rid = _hand_off(srv, model, uuid.uuid4().hex, "Survive a crash").json()["id"]
     _wait(srv, rid, ("waiting_input",))
     before, _ = _follow(srv, rid, until=("waiting_input",))
+    # kill once the question is checkpointed (a kill before that makes the runner redo the
+    # cut-off step, which re-asks: the runner's tests cover that path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(
+            e["type"] == "checkpoint" and e["seq"] > q for e in before
+            for q in [max(x["seq"] for x in before if x["type"] == "question")]):
+        more = srv.client.get(f"/handoff/api/runs/{rid}/events",
+                              params={"after": before[-1]["seq"], "timeout": 2}).json()["events"]
+        before.extend(more)
     srv.kill()
     srv.restart()
     summary = _wait(srv, rid, ("waiting_input",))
@@ -526,3 +535,10 @@ def test_waiting_run_survives_server_sigkill(srv: JupyterServerProcess) -> None:
     seqs = [e["seq"] for e in events]
     assert seqs == list(range(1, len(seqs) + 1))
     assert any("42" in e["data"].get("content", "") for e in events if e["type"] == "tool_result")
+    deadline = time.monotonic() + 20
+    mine: list[str] = []
+    while not any("finished" in t for t in mine) and time.monotonic() < deadline:
+        mine = [m["title"] for m in hook.received if rid in m["title"]]
+        time.sleep(0.05)
+    # the question was announced once, although the restarted server asked it again
+    assert [("needs your input" in t, "finished" in t) for t in mine] == [(True, False), (False, True)], mine
