@@ -32,9 +32,11 @@ IPY_NAMES = frozenset({"In", "Out", "_", "__", "___", "_i", "_ii", "_iii", "_ih"
 IPY_RE = re.compile(r"^_(i?\d+)$")
 IGNORE_DIRS = frozenset({".git", ".hg", ".svn", "__pycache__", ".ipynb_checkpoints", ".handoff", "handoff-runs",
                          "node_modules", ".venv", "venv", ".tox", ".nox", ".mypy_cache", ".pytest_cache",
-                         ".ruff_cache", ".cache", ".eggs", ".ipython", ".jupyter", ".local"})
-SECRET_FILE_RE = re.compile(r"^(\.env(\..*)?|.*\.pem|id_(rsa|dsa|ecdsa|ed25519)(\.pub)?|\.netrc|\.git-credentials|"
-                            r"\.pypirc|handoff\.json)$")
+                         ".ruff_cache", ".cache", ".eggs", ".ipython", ".jupyter", ".local",
+                         # credential stores: never travel even if the notebook runs in $HOME
+                         ".ssh", ".gnupg", ".aws", ".azure", ".kube", ".docker", ".config", ".password-store"})
+SECRET_FILE_RE = re.compile(r"^(\.env(\..*)?|.*\.pem|.*\.key|.*\.p12|.*\.pfx|id_(rsa|dsa|ecdsa|ed25519)(\.pub)?|"
+                            r"\.netrc|\.git-credentials|\.pypirc|\.pgpass|credentials(\.json)?|handoff\.json)$")
 DEFAULT_MAX_FILE = 100 * 1024 * 1024
 DEFAULT_MAX_TOTAL = 2 * 1024 * 1024 * 1024
 SCAN_BUFFER_LIMIT = 16 * 1024 * 1024   # out-of-band buffers below this are scanned for secrets
