@@ -226,3 +226,30 @@ def test_too_large_bundle_gets_the_servers_hint(handoff_server_factory, tmp_path
     assert err.value.status == 413 and err.value.hint
     with HandoffClient(srv.url, srv.token) as c2:
         assert c2.list_runs() == [], "a refused bundle creates no run"
+
+
+# -- the notebook-side views (no server needed) --------------------------------------------------
+def test_run_list_renders_text_and_html():
+    from handoff_magic.remote import RunList
+    runs = RunList("http://h:1", [{"id": "abc123", "status": "waiting_input", "steps": 3, "updated": 0,
+                                   "goal": "clean <sales> & fit"}])
+    text = str(runs)
+    assert "abc123" in text and "waiting_input" in text and "%reattach ID" in text
+    html = runs._repr_html_()
+    assert "&lt;sales&gt; &amp; fit" in html and "<script" not in html
+    assert "no runs on http://h:1" == str(RunList("http://h:1", []))
+
+
+def test_pull_conflict_map_protects_files_changed_or_created_here():
+    from handoff_magic.remote import ABSENT, _file_conflicts
+    manifest = {"files": [{"path": "a.csv", "sha256": "1" * 64}, {"path": "new.md", "sha256": "2" * 64}]}
+    record = {"files": {"a.csv": "3" * 64}}
+    assert _file_conflicts(manifest, record) == {"a.csv": "3" * 64, "new.md": ABSENT}
+    assert _file_conflicts(manifest, None) == {"a.csv": ABSENT, "new.md": ABSENT}
+
+
+def test_remote_run_links_to_the_result_notebook(handoff_server):  # noqa: F811
+    from handoff_magic.remote import RemoteRun
+    with HandoffClient(handoff_server.url, handoff_server.token) as c:
+        r = RemoteRun(c, "abc123")
+        assert r.notebook_url() == f"{handoff_server.url}/lab/tree/handoff-runs/abc123/result.ipynb"
