@@ -743,7 +743,8 @@ def pull(run_id: str, *, to: str | None = None, token: str | None = None, shell:
         else:
             reply = cl.pull(run_id)
             manifest = reply.get("manifest") or cl.bundle(run_id)
-        downloaded = cl.download_chunks(manifest, _DirStore(bundle_dir), progress=None)
+        downloaded = cl.download_chunks(manifest, _DirStore(bundle_dir),
+                                        progress=_progress(_local_widget(record), "pull"))
     except ClientError as exc:
         raise HandoffError(f"pull back failed: {exc}. Nothing changed in this kernel.") from exc
 
@@ -771,6 +772,13 @@ def pull(run_id: str, *, to: str | None = None, token: str | None = None, shell:
     if display:
         _display(result)
     return local
+
+
+def _local_widget(record: dict[str, Any] | None) -> Any:
+    """The widget of the run this kernel handed off (to show the pull's download progress)."""
+    from . import runs
+    run = runs.RUNS.get((record or {}).get("local_run_id") or "")
+    return getattr(run, "widget", None)
 
 
 def _merge_into_local(remote_state: RunState, record: dict[str, Any] | None, server_url: str,
