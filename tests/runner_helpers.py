@@ -34,10 +34,13 @@ print('CAPTURED', _rep.bytes_total)
 """
 
 
-def capture_bundle(workdir: Path) -> tuple[Path, dict[str, Any]]:
-    """Capture df/arr/notes and sales.csv from a real kernel; returns (bundle dir, manifest)."""
+def capture_bundle(workdir: Path, files: dict[str, str] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Capture df/arr/notes and sales.csv (plus ``files``) from a real kernel; returns
+    (bundle dir, manifest)."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "sales.csv").write_text("region,amount\nnorth,10\nsouth,32\n")
+    for name, text in (files or {}).items():
+        (workdir / name).write_text(text)
     bundle = workdir / "bundle"
     km, kc = start_new_kernel(cwd=str(workdir))
     out: list[str] = []

@@ -24,7 +24,9 @@ SERVER_SECRET = "s3cr3t-value-of-a-service-token"
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    return capture_bundle(tmp_path_factory.mktemp("local"))
+    travelling_script = [run_python("print('rows:', len(df))"), finish("counted")]
+    return capture_bundle(tmp_path_factory.mktemp("local"),
+                          files={"agent_script.json": json.dumps(travelling_script)})
 
 
 @pytest.fixture(scope="module")
@@ -301,3 +303,12 @@ def test_model_faults_pause_for_input_with_a_message_and_notify(
     summary = wait_status(srv, run_id)
     assert summary["status"] == "completed" and summary["summary"] == "worked on the second try"
     _notified(webhook, "flaky model goal", "complete")
+
+
+def test_a_relative_scripted_model_travels_as_a_working_file(
+        srv: JupyterServerProcess, bundle: tuple[Path, dict[str, Any]]) -> None:
+    bdir, manifest = bundle
+    run_id = hand_off(srv, bdir, manifest, model="scripted:agent_script.json")
+    summary = wait_status(srv, run_id)
+    assert summary["status"] == "completed" and summary["summary"] == "counted", summary
+    assert "rows: 2" in tool_results(all_events(srv, run_id))[0]["content"]
