@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from handoff_magic.state import RunState
 from server_process import JupyterServerProcess, Webhook
@@ -301,6 +303,29 @@ def test_hostile_manifests_are_4xx_and_write_nothing(srv: JupyterServerProcess) 
     assert run_ids(srv) == before_runs
     assert _outside_snapshot(srv) == before_files
     assert not (srv.root_dir / "handoff-runs").exists() or not any((srv.root_dir / "handoff-runs").iterdir())
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4),
+    max_leaves=20)
+_FIELDS = ["schema_version", "kind", "chunks", "variables", "groups", "replays", "imports",
+           "history", "files", "run"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(_FIELDS), value=_json, junk=_json)
+def test_fuzzed_manifests_never_500_and_create_nothing(srv: JupyterServerProcess, field: str,
+                                                       value: Any, junk: Any) -> None:
+    """Property: any mutation of a manifest field, or any JSON at all, is a clean 4xx."""
+    m, _ = manifest_for({"x.txt": b"fuzz"})  # its chunk is never uploaded
+    m[field] = value
+    before = len(run_ids(srv))
+    for body in ({"manifest": m}, {"manifest": junk}, junk):
+        r = srv.client.post("/handoff/api/runs", json=body)
+        assert r.status_code in (400, 413), (body, r.status_code, r.text[:300])
+        assert r.json()["error"] and r.json()["hint"]
+    assert len(run_ids(srv)) == before
 
 
 def test_declared_size_must_match_the_stored_chunk(srv: JupyterServerProcess) -> None:
