@@ -10,8 +10,10 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -88,7 +90,7 @@ class HandoffClient:
     """One server. Retries connect errors and 5xx with backoff; maps status codes to clear errors."""
 
     def __init__(self, url: str | None = None, token: str | None = None, *, timeout: float = 30.0,
-                 retries: int = 3, backoff: float = 0.25,
+                 retries: int = 3, backoff: float = 0.25, upload_workers: int = 3,
                  transport: httpx.BaseTransport | None = None) -> None:
         url, token = _resolve_settings(url, token)
         if not url:
@@ -101,6 +103,7 @@ class HandoffClient:
         self.url = url.rstrip("/")
         self.token = token
         self.retries = max(0, retries)
+        self.upload_workers = upload_workers
         self.backoff = backoff
         headers = {"Accept": "application/json"}
         if token:
@@ -290,19 +293,33 @@ class HandoffClient:
         todo = self.missing(shas)
         total = sum(_chunk_path(bundle_dir, s).stat().st_size for s in todo)
         done = 0
+        lock = threading.Lock()
         if progress:
             progress(0, total)
 
         def step(n: int) -> None:
             nonlocal done
-            done += n
-            if progress:
-                progress(max(0, done), total)
+            with lock:  # reported in order, so a progress bar never jumps back
+                done += n
+                if progress:
+                    progress(max(0, done), total)
 
-        for sha in todo:
-            report.bytes_sent += self.put_blob(sha, _chunk_path(bundle_dir, sha), step, report)
-            report.chunks_sent += 1
-            report.sent.append(sha)
+        def send(sha: str) -> None:
+            sent = self.put_blob(sha, _chunk_path(bundle_dir, sha), step, report)
+            with lock:
+                report.bytes_sent += sent
+                report.chunks_sent += 1
+                report.sent.append(sha)
+
+        # a few PUTs in flight overlap reading, sending and the server's hashing; the first
+        # error stops new ones and is raised once the running ones end
+        with ThreadPoolExecutor(max_workers=max(1, min(self.upload_workers, len(todo) or 1))) as pool:
+            futures = [pool.submit(send, sha) for sha in todo]
+            for fut in as_completed(futures):
+                if fut.exception() is not None:
+                    for other in futures:
+                        other.cancel()
+                    raise fut.exception()  # type: ignore[misc]
         report.seconds = time.perf_counter() - t0
         return report
 
