@@ -25,7 +25,8 @@ from typing import Any, Callable
 from .bundle import (CHUNK_SIZE, CHUNKS, ChunkRef, ChunkStore, new_manifest, read_manifest, worth_compressing,
                      write_manifest, BundleError)
 from .reports import CaptureReport, VarReport
-from .secrets import is_secret_name, is_secret_value, redact, redact_obj, secret_values
+from .secrets import (KEY_PATTERNS, bytes_look_like_key, is_secret_name, is_secret_value, looks_like_key, redact,
+                      redact_obj, secret_values)
 
 IPY_NAMES = frozenset({"In", "Out", "_", "__", "___", "_i", "_ii", "_iii", "_ih", "_oh", "_dh",
                        "get_ipython", "exit", "quit"})
@@ -209,6 +210,8 @@ class _PayloadSink:
         for s in self.secrets:
             if s in window:
                 raise SecretFound("it contains the value of a secret")
+        if bytes_look_like_key(window):
+            raise SecretFound("it contains a string shaped like an API key")
         self.tail = chunk[-self._overlap:]
         self.total += len(chunk)
         self.futs.append(self.store.submit(chunk, True, owned=True))
@@ -520,8 +523,8 @@ def capture_history(shell: Any, values: set[str]) -> dict[str, Any]:
     if shell is None:
         return {"In": [], "Out": {}}
     hm = shell.history_manager
-    ins = [redact(str(s), values) for s in hm.input_hist_parsed]
-    raw = [redact(str(s), values) for s in hm.input_hist_raw]
+    ins = [redact(str(s), values, patterns=True) for s in hm.input_hist_parsed]
+    raw = [redact(str(s), values, patterns=True) for s in hm.input_hist_raw]
     out: dict[str, dict[str, Any]] = {}
     for n, obj in list(hm.output_hist.items()):
         try:
@@ -532,9 +535,9 @@ def capture_history(shell: Any, values: set[str]) -> dict[str, Any]:
         for mime, v in data.items():
             text = v if isinstance(v, str) else None
             if mime == "text/plain":
-                keep[mime] = redact(str(v)[:MAX_TEXT_PLAIN], values)
+                keep[mime] = redact(str(v)[:MAX_TEXT_PLAIN], values, patterns=True)
             elif text is not None and len(text) <= MAX_MIME_BYTES:
-                keep[mime] = redact(text, values)
+                keep[mime] = redact(text, values, patterns=True)
         out[str(n)] = keep
     return {"In": ins, "In_raw": raw, "Out": out, "execution_count": int(getattr(shell, "execution_count", 0))}
 
@@ -683,7 +686,7 @@ def save_state(path: Any, shell: Any = None, *, run: Any = None, files: bool = T
         if why:
             report.variables.append(VarReport(name, _type_name(value), "skipped", outcome="skipped", reason=why))
             continue
-        if is_secret_name(name) or is_secret_value(value, secret_vals):
+        if is_secret_name(name) or is_secret_value(value, secret_vals) or looks_like_key(value):
             report.variables.append(VarReport(name, _type_name(value), "skipped", outcome="skipped",
                                               reason="looks like a secret"))
             continue
@@ -703,7 +706,13 @@ def save_state(path: Any, shell: Any = None, *, run: Any = None, files: bool = T
         history = capture_history(shell, secret_vals)
         manifest["history"] = history
         if run is not None:
-            manifest["run"] = redact_obj(run.to_dict(), secret_vals)
+            manifest["run"] = redact_obj(run.to_dict(), secret_vals, patterns=True)
+        for v in manifest["variables"]:  # reasons quote error messages, which may quote values
+            if v.get("reason"):
+                v["reason"] = redact(v["reason"], secret_vals, patterns=True)
+        for r in report.variables:
+            if r.reason:
+                r.reason = redact(r.reason, secret_vals, patterns=True)
         if files:
             entries, skipped, pending = capture_files(root, store, secret_bytes, [bundle], previous_files)
             by_path = {e["path"]: e for e in entries}
@@ -863,7 +872,8 @@ def _capture_vars(candidates: list[tuple[str, Any]], ns: dict[str, Any], shell: 
         secrets=secret_strs)
     for n, (reason, _ok) in failed.items():
         value = values[n]
-        entry = {"name": n, "type": _type_name(value), "size": 0, "summary": redact(summary(value), secret_strs)}
+        entry = {"name": n, "type": _type_name(value), "size": 0,
+                 "summary": redact(summary(value), secret_strs, patterns=True)}
         if n in plan.names:
             cell = plan.names[n]
             manifest["variables"].append(dict(entry, method="replay", group=None,
@@ -890,7 +900,8 @@ def _add_group(manifest: dict[str, Any], report: CaptureReport, group_id: str, n
         v = values[n]
         manifest["variables"].append({"name": n, "type": _type_name(v), "size": share, "method": pk.method,
                                       "group": group_id, "reason": note,
-                                      "summary": redact(summary(v), [s.decode("utf-8", "replace") for s in secrets])})
+                                      "summary": redact(summary(v), [s.decode("utf-8", "replace") for s in secrets],
+                                                        patterns=True)})
         report.variables.append(VarReport(n, _type_name(v), pk.method, share, timing.get(n, 0.0), "ok", note))
 
 
@@ -1042,7 +1053,7 @@ def plan_replays(needed: dict[str, str], shell: Any, restorable: set[str], secre
         assert tree is not None
         code = cells[i]
         why = replay_hazard(tree)
-        if why is None and any(s and s in code for s in secrets):
+        if why is None and (any(s and s in code for s in secrets) or KEY_PATTERNS.search(code)):
             why = "its cell contains a secret"
         if why is None:
             missing = sorted(_free_names(tree) - ok_names - set(names))

@@ -18,6 +18,16 @@ SECRET_NAME_RE = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.I
 # Shorter values would redact ordinary words and numbers everywhere ("1", "true").
 MIN_SECRET_LEN = 6
 
+# Well-known key formats, for keys typed straight into a cell (no secret-named variable holds them).
+KEY_PATTERNS = re.compile(
+    r"\b(sk-(?:proj-|ant-)?[A-Za-z0-9_\-]{20,}"        # OpenAI / Anthropic
+    r"|gh[pousr]_[A-Za-z0-9]{30,}"                       # GitHub
+    r"|github_pat_[A-Za-z0-9_]{30,}"
+    r"|xox[abposr]-[A-Za-z0-9\-]{10,}"                    # Slack
+    r"|AKIA[0-9A-Z]{16}"                                  # AWS access key id
+    r"|AIza[0-9A-Za-z_\-]{35}"                            # Google API key
+    r"|hf_[A-Za-z0-9]{30,})\b")
+
 
 def is_secret_name(name: str) -> bool:
     """True if ``name`` looks like it holds a secret (*KEY*, *TOKEN*, *SECRET*, *PASSWORD*...)."""
@@ -67,25 +77,50 @@ def is_secret_value(value: Any, values: Iterable[str]) -> bool:
     return text in vals or text.strip() in vals
 
 
-def redact(text: str, values: Iterable[str]) -> str:
-    """Replace every occurrence of each secret value in ``text`` with ``<redacted>``."""
+def redact(text: str, values: Iterable[str], *, patterns: bool = False) -> str:
+    """Replace every occurrence of each secret value in ``text`` with ``<redacted>``.
+
+    ``patterns=True`` also redacts strings shaped like well-known API keys (KEY_PATTERNS).
+    """
     if not isinstance(text, str) or not text:
         return text
     for value in sorted(set(values), key=len, reverse=True):
         if value and value in text:
             text = text.replace(value, REDACTED)
+    if patterns:
+        text = KEY_PATTERNS.sub(REDACTED, text)
     return text
 
 
-def redact_obj(obj: Any, values: Iterable[str]) -> Any:
+KEY_PREFIXES = (b"sk-", b"ghp_", b"gho_", b"ghu_", b"ghs_", b"ghr_", b"github_pat_", b"xox", b"AKIA", b"AIza", b"hf_")
+# In a pickle a string follows its length byte, which may itself be a letter: accept the match
+# after a non-word byte or right after a SHORT_BINUNICODE opcode + length ("task-..." stays fine).
+KEY_PATTERNS_BYTES = re.compile(rb"(?:(?<![A-Za-z0-9_\-])|(?<=\x8c.))" +
+                                KEY_PATTERNS.pattern.replace("\\b", "").encode("ascii"), re.DOTALL)
+
+
+def bytes_look_like_key(data: bytes) -> bool:
+    """Fast check of a binary blob (a pickle chunk) for key-shaped strings: literal prefixes first."""
+    if not any(p in data for p in KEY_PREFIXES):
+        return False
+    return bool(KEY_PATTERNS_BYTES.search(data))
+
+
+def looks_like_key(value: Any) -> bool:
+    """True if a str/bytes value contains something shaped like a well-known API key."""
+    text = _as_text(value)
+    return text is not None and len(text) < 10_000 and bool(KEY_PATTERNS.search(text))
+
+
+def redact_obj(obj: Any, values: Iterable[str], *, patterns: bool = False) -> Any:
     """Redact secret values in every string of a JSON-like structure (dicts, lists, str)."""
     vals = sorted({v for v in values if v}, key=len, reverse=True)
-    if not vals:
+    if not vals and not patterns:
         return obj
 
     def walk(o: Any) -> Any:
         if isinstance(o, str):
-            return redact(o, vals)
+            return redact(o, vals, patterns=patterns)
         if isinstance(o, dict):
             return {walk(k) if isinstance(k, str) else k: walk(v) for k, v in o.items()}
         if isinstance(o, (list, tuple)):

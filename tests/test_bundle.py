@@ -297,3 +297,20 @@ def test_mapped_loads_are_private_and_truncated_chunks_refused(tmp_path: Path) -
     with pytest.raises(BundleError, match="truncated|corrupt"):
         load_state(tmp_path / "b", ns=target, files=False)
     assert target == {"arr": "untouched"}
+
+
+def test_key_shaped_strings_never_travel(tmp_path: Path) -> None:
+    key = "sk-proj-" + "A1b2C3d4" * 5
+    work = tmp_path / "w"
+    work.mkdir()
+    state = RunState(goal="g")
+    state.emit("assistant", text=f"found {key} in the config")
+    ns = {"cfg": {"api": key}, "plain": key, "fine": "sk-short"}
+    rep = save_state(tmp_path / "b", ns=ns, root=work, run=state, environ={})
+    for p in (tmp_path / "b").rglob("*"):
+        if p.is_file():
+            assert key.encode() not in p.read_bytes(), p
+    rows = {r.name: r for r in rep.variables}
+    assert rows["plain"].reason == "looks like a secret" and rows["cfg"].outcome == "skipped"
+    assert rows["fine"].outcome == "ok"
+    assert secrets.redact(f"x={key}", [], patterns=True) == "x=<redacted>"
