@@ -11,6 +11,7 @@ import copy
 import hashlib
 import html
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -23,6 +24,8 @@ from typing import Any, Callable
 
 from .client import ClientError, HandoffClient, UploadReport, _atomic_write
 from .state import TERMINAL_STATUSES, Budgets, Event, PlanStep, RunState, StateError
+
+log = logging.getLogger(__name__)
 
 # statuses after which a remote run needs nothing more from anyone
 REMOTE_DONE = frozenset(TERMINAL_STATUSES)
@@ -356,6 +359,12 @@ class RemoteRun:
                     _widget_message(self.widget, f"lost contact with the server, retrying: {exc}", "warn")
                 self._stop.wait(min(30.0, 0.5 * 2 ** min(failures, 6)))
                 continue
+            except Exception as exc:  # a malformed event or a display bug: say so, stop following
+                log.exception("following run %s failed", self.run_id)
+                self.follow_error = f"{type(exc).__name__}: {exc}"
+                _widget_message(self.widget, f"stopped following the run ({self.follow_error}); "
+                                             f"%reattach {self.run_id} starts again", "error")
+                break
             if self.state.status in REMOTE_DONE:
                 if self.widget is not None and hasattr(self.widget, "show_state"):
                     self.widget.show_state(self.state)
@@ -410,14 +419,21 @@ class RemoteRun:
 
     def open_notebook(self) -> None:
         url = self.notebook_url()
+        if self.widget is not None and hasattr(self.widget, "show_message"):
+            self.widget.show_message("The run's notebook:", "info", link=url)
+        else:
+            self._show_link(url)
+        if os.environ.get("DISPLAY") or os.environ.get("BROWSER"):
+            webbrowser.open(url)
+
+    @staticmethod
+    def _show_link(url: str) -> None:
         try:
             from IPython.display import HTML
             _display(HTML(f'<a href="{html.escape(url)}" target="_blank">Open the run\'s notebook: '
                           f'{html.escape(url)}</a>'))
         except ImportError:
             print(url)
-        if os.environ.get("DISPLAY") or os.environ.get("BROWSER"):
-            webbrowser.open(url)
 
     def pull_back(self) -> None:
         pull(self.run_id, client=self.client, shell=self.shell)
