@@ -263,6 +263,9 @@ def _hostile_cases() -> list[tuple[str, Any, int, str]]:
     cases: list[tuple[str, Any, int, str]] = [
         ("truncated JSON", json.dumps({"manifest": ok})[:-20], 400, "JSON"),
         ("not an object", "[1, 2]", 400, "object"),
+        ("non-standard numbers", '{"manifest": {"kind": "handoff-bundle", "schema_version": NaN, '
+                                 '"chunks": {"a": {"stored": Infinity}}}}', 400, "schema_version"),
+        ("deeply nested", '{"manifest": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, "JSON"),
         ("no manifest", {"idempotency_key": "k1"}, 400, "manifest"),
         ("bad idempotency key", {"manifest": ok, "idempotency_key": "../../x"}, 400, "idempotency_key"),
     ]
@@ -306,7 +309,7 @@ def test_hostile_manifests_are_4xx_and_write_nothing(srv: JupyterServerProcess) 
 
 
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4),
     max_leaves=20)
 _FIELDS = ["schema_version", "kind", "chunks", "variables", "groups", "replays", "imports",
