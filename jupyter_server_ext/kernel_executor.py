@@ -18,7 +18,7 @@ from jupyter_core.utils import ensure_async
 
 from handoff_magic.agent.executors import ExecResult
 
-from .gateway_client import GatewayKernelChannels, is_gateway_kernel_manager
+from .gateway_client import GatewayKernelChannels, is_gateway_kernel_manager, send_execute
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class KernelExecutor:
 
     # -- execution -------------------------------------------------------------------------------
     def execute(self, code: str, timeout: float | None = None, *, silent: bool = False,
-                store_history: bool = True) -> ExecResult:
+                store_history: bool = True, extra_content: dict[str, Any] | None = None) -> ExecResult:
         """Run ``code``; collect its outputs as nbformat v4 dicts. Never raises for kernel faults."""
         if self.dead or not self.is_alive():
             self.dead = True
@@ -126,7 +126,8 @@ class KernelExecutor:
             except queue.Empty:
                 break
         msg_id = self.client.execute(code, silent=silent, store_history=store_history,
-                                     allow_stdin=False, stop_on_error=False)
+                                     allow_stdin=False, stop_on_error=False) if extra_content is None \
+            else send_execute(self.client, code, silent, store_history, extra_content)  # bulk data: transport.py
         deadline = None if not timeout else time.monotonic() + timeout
         reply: dict[str, Any] | None = None
         idle = False

@@ -113,6 +113,8 @@ def test_handoff_runs_in_a_gateway_kernel_and_pulls_back(
         while gateway.kernels() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert gateway.kernels() == [], "the run's gateway kernel was shut down"
+        assert "did not see extra execute_request content" not in srv.log(), \
+            "bulk data rode in the request content through the gateway (the fast path)"
 
         diff = srv.client.get(f"/handoff/api/runs/{run_id}/diff").json()
         assert "report.txt" in {f["path"] for f in diff["files"]}

@@ -118,6 +118,17 @@ def test_kernel_channels_round_trip_without_a_shared_disk(
     assert kb2.bytes_sent < 100_000
 
 
+def test_transfer_data_inside_the_code_still_works(
+        executor: KernelExecutor, bundle: tuple[Path, dict[str, Any]], blobs: BlobStore, tmp_path: Path) -> None:
+    """For kernels or gateways that drop extra execute_request content: slower, same result."""
+    _, manifest = bundle
+    t = KernelChannelTransport(workspace_in(tmp_path / "srv"), bulk_in_content=False)
+    kb = t.send_bundle(executor, "run-literal", manifest, blobs)
+    report = kernel_result(run_ok(executor, t.restore_code(kb)))
+    assert {"df", "big"} <= {v["name"] for v in report["variables"]}
+    assert t.bulk_in_content is False
+
+
 def test_damaged_chunks_are_caught_on_both_sides(
         executor: KernelExecutor, bundle: tuple[Path, dict[str, Any]], blobs: BlobStore,
         kernel_dir: Path, tmp_path: Path) -> None:
