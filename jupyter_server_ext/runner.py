@@ -46,6 +46,7 @@ DROP_ENV = frozenset({"JUPYTER_TOKEN", "JPY_API_TOKEN", "JUPYTERHUB_API_TOKEN", 
                       "HANDOFF_TOKEN", "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "JPY_SESSION_NAME"})
 INLINE_MPL = "module://matplotlib_inline.backend_inline"
 MAX_CRASHES_PER_STEP = 2
+MAX_REPORT_VARIABLES = 500  # rows of the restore report kept in its event
 
 
 class RunConflict(ValueError):
@@ -520,6 +521,10 @@ class RunManager:
             raise RunFailure(f"restoring in a fresh kernel printed no report ({exc})",
                              "see the Jupyter Server log") from exc
         report.pop("run", None)  # the run state travels separately; keep the event small
+        variables = report.get("variables")
+        if isinstance(variables, list) and len(variables) > MAX_REPORT_VARIABLES:
+            report["variables"] = variables[:MAX_REPORT_VARIABLES]
+            report["variables_not_listed"] = len(variables) - MAX_REPORT_VARIABLES
         report["reason"] = reason
         report["source"] = kind
         self._emit(run, "restore", report=report)

@@ -42,7 +42,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict
     (root / "big.txt").write_text("sales,amount\n" + "north,10\n" * 19_999 + "south,99\n")
     (root / "new.csv").write_text("a,b\n1,2\n")
     after = _capture(root, root.parent / "b2",
-                     {"x": 2, "rows": [1, 2, 3, 4], "kept": "same", "<b>y</b>": {"fresh": True}})
+                     {"x": 2, "rows": [1, 2, 3, 4], "kept": "same", "y": {"fresh": "<b>bold</b>"}})
     return before, after, _reader(root.parent / "b1", root.parent / "b2")
 
 
@@ -69,7 +69,7 @@ def test_variables_added_changed_removed_without_unpickling(pair: Any) -> None:
     assert variables["x"]["change"] == "changed"
     assert variables["rows"]["change"] == "changed"
     assert variables["gone"]["change"] == "removed" and variables["gone"]["type_before"] == "float"
-    assert variables["<b>y</b>"]["change"] == "added" and variables["<b>y</b>"]["type_after"] == "dict"
+    assert variables["y"]["change"] == "added" and variables["y"]["type_after"] == "dict"
     assert "kept" not in variables
 
 
@@ -89,7 +89,7 @@ def test_html_rendering_escapes_names_and_content(pair: Any) -> None:
     before, after, read = pair
     page = render_diff_html(diff_manifests(before, after, read))
     assert "<script>" not in page and "&lt;script&gt;" in page
-    assert "&lt;b&gt;y&lt;/b&gt;" in page
+    assert "<b>bold</b>" not in page and "&lt;b&gt;bold&lt;/b&gt;" in page  # variable summaries too
     assert "notes.txt" in page and "model.bin" in page
     assert "No file changed" in render_diff_html({"files": [], "variables": []})
 
