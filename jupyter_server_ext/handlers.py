@@ -83,6 +83,10 @@ class _Base(ExtensionHandlerMixin):
         return rm
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 class HandoffAPIHandler(_Base, APIHandler):  # type: ignore[misc]
     """JSON in, JSON out, JSON errors."""
 
@@ -106,8 +110,8 @@ class HandoffAPIHandler(_Base, APIHandler):  # type: ignore[misc]
                                "send less data per request")
         if not body.strip():
             return {}
-        try:
-            data = json.loads(body)
+        try:  # NaN/Infinity are not JSON; stored state must stay readable by SQLite's json1
+            data = json.loads(body, parse_constant=_reject_constant)
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise HandoffError(400, f"request body is not valid JSON ({str(exc)[:200]})",
                                "send a JSON object; the upload may have been cut off, retry it") from None

@@ -264,7 +264,7 @@ def _hostile_cases() -> list[tuple[str, Any, int, str]]:
         ("truncated JSON", json.dumps({"manifest": ok})[:-20], 400, "JSON"),
         ("not an object", "[1, 2]", 400, "object"),
         ("non-standard numbers", '{"manifest": {"kind": "handoff-bundle", "schema_version": NaN, '
-                                 '"chunks": {"a": {"stored": Infinity}}}}', 400, "schema_version"),
+                                 '"chunks": {"a": {"stored": Infinity}}}}', 400, "NaN"),
         ("deeply nested", '{"manifest": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, "JSON"),
         ("no manifest", {"idempotency_key": "k1"}, 400, "manifest"),
         ("bad idempotency key", {"manifest": ok, "idempotency_key": "../../x"}, 400, "idempotency_key"),
