@@ -28,6 +28,24 @@ class BlobError(ValueError):
     """An upload that cannot be stored (bad address, hash mismatch, too large)."""
 
 
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _dumps(value: Any) -> str:
+    """Strict JSON (NaN/Infinity become null) so SQLite's json functions can always read it."""
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(value), ensure_ascii=False, allow_nan=False)
+
+
 def check_sha(sha: str) -> str:
     """Return ``sha`` if it is a lowercase sha256 hex digest; a path can never come out of it."""
     if not isinstance(sha, str) or not SHA_RE.match(sha):
@@ -334,17 +352,17 @@ class RunStore:
             db.execute(
                 "INSERT INTO runs(id, status, goal, state, idempotency_key, created, updated) "
                 "VALUES (?,?,?,?,?,?,?)",
-                (run_id, state.status, state.goal, state.to_json(), idempotency_key, now, now))
+                (run_id, state.status, state.goal, _dumps(state.to_dict()), idempotency_key, now, now))
             seq = 0
             for ev in past:
                 seq += 1  # renumber densely: the server's log has no gaps whatever the client sent
                 db.execute("INSERT INTO events(run_id, seq, type, data, time) VALUES (?,?,?,?,?)",
-                           (run_id, seq, ev.type, json.dumps(ev.data, ensure_ascii=False), ev.time))
+                           (run_id, seq, ev.type, _dumps(ev.data), ev.time))
             db.execute("INSERT INTO events(run_id, seq, type, data, time) VALUES (?,?,?,?,?)",
                        (run_id, seq + 1, "status",
                         json.dumps({"status": "queued", "reason": "handed off to this server"}), now))
             db.execute("INSERT INTO manifests(run_id, kind, created, manifest) VALUES (?,?,?,?)",
-                       (run_id, "handoff", now, json.dumps(manifest, ensure_ascii=False)))
+                       (run_id, "handoff", now, _dumps(manifest)))
         self._wake(run_id)
         return self.summary(run_id), True
 
@@ -390,7 +408,7 @@ class RunStore:
         data["events"] = []
         with self._tx() as db:
             cur = db.execute("UPDATE runs SET status=?, goal=?, state=?, updated=? WHERE id=?",
-                             (state.status, state.goal, json.dumps(data, ensure_ascii=False),
+                             (state.status, state.goal, _dumps(data),
                               time.time(), state.id))
             if cur.rowcount == 0:
                 raise KeyError(state.id)
@@ -411,7 +429,7 @@ class RunStore:
         A ``status`` event also updates the run's status column so summaries never lag.
         """
         now = time.time()
-        payload = json.dumps(data or {}, ensure_ascii=False)
+        payload = _dumps(data or {})
         with self._tx() as db:
             if db.execute("SELECT 1 FROM runs WHERE id=?", (run_id,)).fetchone() is None:
                 raise KeyError(run_id)
@@ -502,7 +520,7 @@ class RunStore:
             raise ValueError(f"manifest kind {kind!r} is not 'handoff' or 'checkpoint'")
         with self._tx() as db:
             db.execute("INSERT INTO manifests(run_id, kind, created, manifest) VALUES (?,?,?,?)",
-                       (run_id, kind, time.time(), json.dumps(manifest, ensure_ascii=False)))
+                       (run_id, kind, time.time(), _dumps(manifest)))
 
     def manifest(self, run_id: str, kind: str) -> dict[str, Any] | None:
         rows = self._q("SELECT manifest FROM manifests WHERE run_id=? AND kind=? ORDER BY id DESC LIMIT 1",

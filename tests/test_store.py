@@ -226,3 +226,14 @@ def test_streamed_writer_caps_size_and_aborts_cleanly(tmp_path: Path) -> None:
     w2.write(b"ab")
     w2.abort()
     assert not list((tmp_path / "blobs").rglob("*")) or all(p.is_dir() for p in (tmp_path / "blobs").rglob("*"))
+
+
+def test_non_finite_numbers_are_stored_as_null(store: RunStore) -> None:
+    st = _state()
+    st.budgets.max_seconds = float("nan")
+    rid = store.create_run(st, {"x": float("inf")}, None)[0]["id"]
+    store.append_event(rid, "tool_result", {"value": float("nan")})
+    store.append_event(rid, "status", {"status": "running"})  # json_set on the state column
+    assert store.summary(rid)["status"] == "running"
+    assert store.events(rid, 3)[0].data == {"value": None}
+    assert store.manifest(rid, "handoff") == {"x": None}
