@@ -109,4 +109,5 @@ class HandoffApp(ExtensionAppJinjaMixin, ExtensionApp):
                 self.log.exception("jupyter-handoff: stopping runs failed; they resume on next start")
         if self.notifier is not None:
             await self.notifier.stop()
-        self.store.close()
+        # the store stays open: a runner thread finishing its last write must not hit a closed
+        # database; SQLite (WAL) needs no close to be consistent
