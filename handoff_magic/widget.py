@@ -285,7 +285,7 @@ def render_header_html(v: _View) -> str:
     steps = f"{v.steps} step{'s' if v.steps != 1 else ''}"
     if v.max_steps:
         steps += f" of max {v.max_steps}"
-    meta.append(steps)
+    meta.append(f'<span class="jh-nw">{steps}</span>')
     return (f"<style>{CSS}</style>"
             f'<div class="jh-header"><span class="jh-goal" title="{_esc(v.goal)}">{_esc(goal)}</span>'
             f'<span class="jh-badge jh-s-{_esc(v.status)}" data-status="{_esc(v.status)}">{_esc(label)}</span>'

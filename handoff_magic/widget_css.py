@@ -90,4 +90,12 @@ CSS = """
 .jh-buttons .jupyter-button, .jh-answer .jupyter-button { margin: 0; }
 .jh-progress-label { font-size: 11px; color: var(--jp-ui-font-color2, rgba(0,0,0,.54)); }
 .jh-run .jh-log-acc { margin-top: 6px; }
+/* looked at in JupyterLab light/dark (tests/test_browser.py screenshots): */
+.jh-nw { white-space: nowrap; }
+.jh-run .jupyter-widget-Collapse-header { padding: 3px 8px; }
+.jh-run .jupyter-widget-Collapse-contents { padding: 4px 10px 6px 10px; }
+body[data-jp-theme-light="false"] .jh-code { background: var(--jp-layout-color2, #424242); }
+.jh-buttons .jh-btn:enabled { color: var(--jp-ui-font-color1, rgba(0,0,0,.87));
+  box-shadow: inset 0 0 0 1px var(--jp-border-color1, #bdbdbd); }
+.jh-buttons .jh-btn:disabled { opacity: .5; }
 """

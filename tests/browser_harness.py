@@ -114,11 +114,14 @@ def browser() -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def cloud() -> Iterator[JupyterServerProcess]:
     """The "cloud": a Jupyter Server with the handoff extension (and JupyterLab, installed in the venv)."""
-    srv = JupyterServerProcess().start()
+    settings = Path(tempfile.mkdtemp(prefix="handoff-cloud-lab-"))
+    lab_settings(settings)
+    srv = JupyterServerProcess(extra_args=[f"--LabApp.user_settings_dir={settings}"]).start()
     try:
         yield srv
     finally:
         srv.cleanup()
+        shutil.rmtree(settings, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

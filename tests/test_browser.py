@@ -171,7 +171,7 @@ def assert_compact(widget: Any, page: Any) -> None:
 def test_journey_in_jupyterlab(browser: Any, lab: LabProcess, cloud: JupyterServerProcess) -> None:  # noqa: F811
     script = lab.root_dir / "journey.json"
     script.write_text(json.dumps(JOURNEY))
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
     context.set_default_timeout(UI_TIMEOUT)
     page = context.new_page()
     try:
@@ -211,6 +211,7 @@ def _journey(page: Any, context: Any, lab: LabProcess, cloud: JupyterServerProce
     ex(w.locator(".jh-plan li").nth(0)).to_have_attribute("data-status", "done")
     shot(page, "01-local-run-light")
     shot(page, "01-widget-running-light", w)
+    (shot(page, "01-local-run-light").parent / "01-widget.html").write_text(w.evaluate("e => e.outerHTML"))
     assert_legible(w)
     assert_compact(w, page)
     run_id_local = re.search(r"run (\w+)", w.locator(".jh-meta").inner_text()).group(1)
@@ -223,6 +224,9 @@ def _journey(page: Any, context: Any, lab: LabProcess, cloud: JupyterServerProce
     assert remote_id != run_id_local or remote_id
     ex(w.locator(".jh-btn-handoff")).to_be_disabled()
     ex(w.locator(".jh-btn-reattach")).to_be_enabled()
+    # the remote run's own events arrive; the steps already shown are not shown twice
+    ex(badge(w)).to_have_attribute("data-status", re.compile("restoring|running|completed"))
+    ex(w.locator(".jh-words", has_text="I'll load the sales first.")).to_have_count(1)
     shot(page, "02-handed-off-light")
     shot(page, "02-widget-remote-light", w)
     assert_legible(w)
@@ -258,10 +262,12 @@ def _journey(page: Any, context: Any, lab: LabProcess, cloud: JupyterServerProce
 
     # 4. review the diff: report.md and the new variables
     w2.locator(".jh-btn-diff").click()
-    diff = cell.locator(".jp-OutputArea-output", has_text="report.md")
+    diff = cell.locator(".jp-OutputArea-output[data-mime-type='text/html']", has_text="report.md").last
     ex(diff).to_be_visible()
     ex(diff).to_contain_text("total")
+    diff.scroll_into_view_if_needed()
     shot(page, "05-diff-light")
+    shot(page, "05-diff-output-light", diff)
 
     # 5. open the result notebook in the cloud's JupyterLab
     w2.locator(".jh-btn-notebook").click()
@@ -275,6 +281,8 @@ def _journey(page: Any, context: Any, lab: LabProcess, cloud: JupyterServerProce
     ex(nb_panel).to_contain_text("Total of clean sales")
     ex(nb_panel).to_contain_text("kept 4 of 5")
     ex(nb_panel).to_contain_text("total 471.75")
+    ex(nb_panel.locator(".jp-RenderedMarkdown", has_text="Dropping the small sales")).to_be_visible()
+    ex(nb_panel.locator(".jp-RenderedMarkdown", has_text="Summary")).to_have_count(1)
     ex(nb.locator(".lm-TabBar-tab.jp-mod-current")).to_contain_text("result.ipynb")
     shot(nb, "06-result-notebook-cloud-light")
     nb.close()
@@ -337,6 +345,10 @@ def test_status_page_on_a_phone(browser: Any, cloud: JupyterServerProcess) -> No
         ex(page.locator("#status")).to_have_text("waiting input")
         ex(page.locator("#question")).to_contain_text("north or south")
         shot(page, "09-status-page-phone-waiting")
+        page.emulate_media(color_scheme="dark")     # the page follows the phone's dark mode
+        ex(page.locator("body")).to_have_css("background-color", "rgb(13, 17, 23)")
+        shot(page, "09-status-page-phone-waiting-dark")
+        page.emulate_media(color_scheme="light")
         # readable on a phone: nothing wider than the screen, body text at least 14px
         assert page.evaluate("document.documentElement.scrollWidth") <= 390
         size = float(page.evaluate("parseFloat(getComputedStyle(document.body).fontSize)"))
@@ -355,7 +367,7 @@ def test_status_page_on_a_phone(browser: Any, cloud: JupyterServerProcess) -> No
         ex(page.locator("#status")).to_have_text("completed")
         ex(page.locator("body")).to_contain_text("north")
         ex(page.locator("body")).to_contain_text("Forecast done for the chosen region.")
-        shot(page, "10-status-page-phone-completed")
+        page.screenshot(path=str(shot(page, "10-status-page-phone-completed")), full_page=True)
         assert page.evaluate("document.documentElement.scrollWidth") <= 390
     except Exception:
         shot(page, "failure-phone")
