@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .bundle import CHUNKS, BundleError, ChunkStore, check_relpath, read_manifest, validate_manifest
+from .bundle import CHUNKS, BundleError, ChunkStore, check_relpath, fsync_dir, read_manifest, validate_manifest
 from .reports import RestoreReport, VarReport
 from .state import RunState, StateError
 
@@ -344,6 +344,7 @@ def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path |
             gc.enable()
     ns.update(staged)
 
+    touched_dirs: set[Path] = set()
     for entry, target in file_plan:
         rel = entry["path"]
         try:
@@ -359,8 +360,11 @@ def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path |
                     continue
             _write_file(store, entry, target)
             report.files.append(rel)
+            touched_dirs.add(target.parent)
         except (OSError, BundleError) as exc:
             report.conflicts.append({"path": rel, "written_as": "", "error": f"not written: {exc}"})
+    for d in touched_dirs:
+        fsync_dir(d)  # the renames themselves survive a crash too
 
     _run_replays(manifest.get("replays", []), ns, root, by_name, results)
     for name, meta in by_name.items():
