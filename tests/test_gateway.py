@@ -155,3 +155,31 @@ def test_a_gateway_kernel_that_dies_is_replaced_from_the_checkpoint(
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     from runner_helpers import capture_bundle
     return capture_bundle(tmp_path_factory.mktemp("captured"))
+
+
+def test_a_server_restart_resumes_the_run_in_a_new_gateway_kernel(
+        gateway: EnterpriseGateway, tmp_path: Path, bundle: tuple[Path, dict[str, Any]]) -> None:
+    bdir, manifest = bundle
+    model = "scripted:" + str(write_script(tmp_path / "restart.json", [
+        run_python("first = df['amount'].sum()"),
+        run_python("import os, time\nif not os.path.exists('slept'):\n    open('slept', 'w').close()\n"
+                   "    time.sleep(60)\nsecond = first * 2"),
+        finish("resumed"),
+    ]))
+    server = gateway_server(gateway).start()
+    try:
+        run_id = hand_off(server, bdir, manifest, model=model)
+        deadline = time.monotonic() + 60  # wait until the slow step runs in the gateway kernel
+        while not (gateway.kernels_dir / "handoff-runs" / run_id / "slept").exists():
+            assert time.monotonic() < deadline, server.log()[-3000:]
+            time.sleep(0.2)
+        server.kill()            # the server dies; its gateway kernel is orphaned mid-step
+        server.restart()
+        done = wait_status(server, run_id, timeout=90)
+        assert done["status"] == "completed", (done, server.log()[-3000:])
+        events = all_events(server, run_id)
+        assert "server restart" in [e["data"]["report"]["reason"] for e in events if e["type"] == "restore"]
+        ck = server.client.get(f"/handoff/api/runs/{run_id}/bundle").json()
+        assert {"first", "second"} <= {v["name"] for v in ck["variables"]}
+    finally:
+        server.cleanup()
