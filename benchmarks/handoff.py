@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -55,13 +56,13 @@ SCRIPT = [
 ]
 
 
-def namespace_code(size: int) -> str:
+def namespace_code(size: int, seed: int) -> str:
     """About ``size`` bytes of realistic data: a DataFrame (half) and a float array (half),
     random so compression does not flatter the numbers, plus a few small objects."""
     rows = max(1, size // 2 // 8 // 4)
     return f"""
 import numpy as np, pandas as pd
-_rng = np.random.default_rng(0)
+_rng = np.random.default_rng({seed})  # new data each run: the server dedups chunks it has
 df = pd.DataFrame(_rng.random(({rows}, 4)), columns=list("abcd"))
 arr = _rng.random({max(1, size // 2 // 8)})
 small = {{"name": "bench", "k": 1}}
@@ -127,7 +128,7 @@ def bench_size(size: int, base: Path, script: Path, cloud: Cloud) -> dict[str, A
     k = laptop_kernel(cloud, base / f"laptop-{size}", script)
     try:
         t = time.perf_counter()
-        run_cell(k, namespace_code(size))
+        run_cell(k, namespace_code(size, time.time_ns()))
         build = time.perf_counter() - t
         run_cell(k, "%load_ext handoff_magic")
         run_cell(k, "%agent --max-steps 1 benchmark")
@@ -179,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="10MB,1GB", help="comma-separated namespace sizes (default 10MB,1GB)")
     p.add_argument("--json", help="also write the raw numbers here")
+    p.add_argument("--repeat", type=int, default=3, help="runs per size up to 100 MB (median reported)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = p.parse_args(argv)
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
@@ -195,9 +197,19 @@ def main(argv: list[str] | None = None) -> int:
         cloud.start()
         print(f"server ready in {time.perf_counter() - t:.2f}s at {cloud.url}")
         for size in sizes:
-            r = bench_size(size, base, script, cloud)
-            results.append(r)
-            print(report(r), flush=True)
+            reps = args.repeat if size <= 100 * UNITS["MB"] else 1
+            mine = []
+            for i in range(reps):
+                r = bench_size(size, base / f"rep{i}", script, cloud)
+                mine.append(r)
+                print(report(r), flush=True)
+            results.extend(mine)
+            if reps > 1:
+                pb = statistics.median(r["prompt_back_s"] for r in mine)
+                fs = statistics.median(r["remote"]["first_remote_step"] for r in mine)
+                print(f"  median of {reps} for {fmt_bytes(size)}: prompt back {pb:.3f} s, "
+                      f"first remote step {fs:.3f} s", flush=True)
+        print(f"(load average now: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs)")
     finally:
         cloud.stop()
         if not args.keep:
