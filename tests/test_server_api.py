@@ -436,6 +436,8 @@ def test_run_with_question_answer_and_completion(srv: JupyterServerProcess, hook
     assert "&lt;b&gt;Reading&lt;/b&gt;" in page and "<script>alert(1)" not in page
     assert "Summarise the notes &amp; pick a statistic" in page
     assert 'http-equiv="refresh"' not in page  # no refresh while the user may be typing
+    listing = srv.client.get("/handoff/runs").text
+    assert f'href="/handoff/runs/{rid}"' in listing and "Summarise the notes &amp; pick" in listing
 
     assert_error(srv.client.post(f"/handoff/api/runs/{rid}/answer", json={"answer": ""}), 400, "answer")
     assert srv.client.post(f"/handoff/api/runs/{rid}/answer", json={"answer": "median"}).status_code == 200
