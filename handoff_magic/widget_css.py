@@ -98,4 +98,6 @@ body[data-jp-theme-light="false"] .jh-code { background: var(--jp-layout-color2,
 .jh-buttons .jh-btn:enabled { color: var(--jp-ui-font-color1, rgba(0,0,0,.87));
   box-shadow: inset 0 0 0 1px var(--jp-border-color1, #bdbdbd); }
 .jh-buttons .jh-btn:disabled { opacity: .5; }
+.jh-run .widget-hprogress { height: auto; align-self: center; }
+.jh-run .widget-hprogress .progress { height: 6px; border-radius: 3px; }
 """

@@ -259,6 +259,11 @@ def _journey(page: Any, context: Any, lab: LabProcess, cloud: JupyterServerProce
     shot(page, "04-widget-completed-light", w2)
     assert_legible(w2)
     assert_compact(w2, page)
+    set_theme(page, DARK)
+    w2.scroll_into_view_if_needed()
+    shot(page, "04-widget-completed-dark", w2)
+    assert_legible(w2)
+    set_theme(page, LIGHT)
 
     # 4. review the diff: report.md and the new variables
     w2.locator(".jh-btn-diff").click()
