@@ -240,7 +240,7 @@ for it in a['items']:
             got = f.read()
         if len(got) != it['size'] or hashlib.sha256(got).hexdigest() != it['sha']:
             os.unlink(part)
-            raise ValueError('%s arrived damaged (%d bytes, sha256 %s); it will be sent again'
+            raise ValueError('%s arrived damaged in the kernel (%d bytes, sha256 %s)'
                              % (it['path'], len(got), hashlib.sha256(got).hexdigest()))
         with open(part, 'rb+') as f:
             os.fsync(f.fileno())
