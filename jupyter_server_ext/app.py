@@ -63,9 +63,10 @@ class HandoffApp(ExtensionAppJinjaMixin, ExtensionApp):
         """Base for links, without a trailing slash (e.g. ``http://host:8888/base``)."""
         if self.public_url:
             return self.public_url.rstrip("/")
-        if os.environ.get("JUPYTERHUB_PUBLIC_URL"):  # a JupyterHub single-user server: hub URL + /user/<name>/
-            return os.environ["JUPYTERHUB_PUBLIC_URL"].rstrip("/")
         assert self.serverapp is not None
+        hub_url = os.environ.get("JUPYTERHUB_PUBLIC_URL", "")  # hub single-user server: hub URL + /user/<name>/
+        if hub_url and os.environ.get("JUPYTERHUB_SERVICE_PREFIX") == self.serverapp.base_url:
+            return hub_url.rstrip("/")  # (the prefix check ignores variables inherited from a hub session)
         return self.serverapp.connection_url.rstrip("/")
 
     def initialize_templates(self) -> None:
