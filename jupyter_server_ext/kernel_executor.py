@@ -92,11 +92,14 @@ class KernelExecutor:
             km = self.kernel_manager.get_kernel(self.kernel_id)
         except KeyError:
             return False
+        proc = getattr(getattr(km, "provisioner", None), "process", None)
+        if proc is not None and hasattr(proc, "poll"):  # a local kernel: ask the OS, no round trip
+            return proc.poll() is None
         try:
             return bool(self._on_loop(lambda: ensure_async(km.is_alive())))
-        except Exception as exc:  # loop gone (server stopping) or provisioner error
+        except Exception as exc:  # loop busy or gone (server stopping): not evidence of death
             log.warning("jupyter-handoff: liveness check of kernel %s failed: %s", self.kernel_id, exc)
-            return bool(self.client.hb_channel.is_beating())
+            return True
 
     def interrupt(self) -> None:
         """Interrupt the running code (SIGINT or an interrupt_request, per the kernel spec)."""
