@@ -19,7 +19,9 @@ from handoff_magic.bundle import ChunkStore, new_manifest, write_manifest
 from handoff_magic.client import (AuthError, BundleTooLarge, ClientError, HandoffClient, RunNotFound,
                                   ServerUnreachable)
 from handoff_magic.state import RunState
-from server_process import free_port, handoff_server, handoff_server_factory  # noqa: F401  (fixtures)
+from server_process import JupyterServerProcess, free_port
+
+BUNDLE_LIMIT = 5_000_000   # this module's server refuses bundles over 5 MB
 
 
 def make_bundle(dir: Path, payloads: dict[str, bytes], goal: str = "noop", model: str = "") -> dict:
@@ -107,7 +109,15 @@ class CuttingProxy:
 
 
 @pytest.fixture(scope="module")
-def client(handoff_server):  # noqa: F811
+def handoff_server():
+    """One real server for the module, with a small bundle limit for the 413 case."""
+    srv = JupyterServerProcess(extra_args=[f"--HandoffApp.max_bundle_bytes={BUNDLE_LIMIT}"]).start()
+    yield srv
+    srv.cleanup()
+
+
+@pytest.fixture(scope="module")
+def client(handoff_server):
     with HandoffClient(handoff_server.url, handoff_server.token, retries=2, backoff=0.05) as c:
         yield c
 
@@ -130,7 +140,7 @@ def test_upload_sends_only_missing_chunks_with_progress(client, tmp_path):
     assert second.bytes_total == len(a) + len(c)
 
 
-def test_connection_cut_mid_upload_is_retried(handoff_server, tmp_path):  # noqa: F811
+def test_connection_cut_mid_upload_is_retried(handoff_server, tmp_path):
     proxy = CuttingProxy(handoff_server.port, cuts=1, after=400_000)
     try:
         data = os.urandom(2_000_000)
@@ -196,7 +206,7 @@ def test_dead_server_says_start_it(tmp_path):
     assert f"127.0.0.1:{port}" in msg and "is the server running" in msg and "HANDOFF_SERVER_URL" in msg
 
 
-def test_wrong_token_and_unknown_run(handoff_server):  # noqa: F811
+def test_wrong_token_and_unknown_run(handoff_server):
     with HandoffClient(handoff_server.url, "not-the-token", retries=0) as bad:
         with pytest.raises(AuthError) as err:
             bad.list_runs()
@@ -216,16 +226,14 @@ def test_no_server_configured_says_what_to_set(monkeypatch):
     assert "HANDOFF_SERVER_URL" in str(err.value)
 
 
-def test_too_large_bundle_gets_the_servers_hint(handoff_server_factory, tmp_path):  # noqa: F811
-    srv = handoff_server_factory(extra_args=["--HandoffApp.max_bundle_bytes=100000"])
-    manifest = make_bundle(tmp_path / "b", {"big.bin": os.urandom(200_000)})
-    with HandoffClient(srv.url, srv.token, retries=0) as c:
-        with pytest.raises(BundleTooLarge) as err:
-            c.upload_bundle(tmp_path / "b")
-            c.create_run(manifest)
-    assert err.value.status == 413 and err.value.hint
-    with HandoffClient(srv.url, srv.token) as c2:
-        assert c2.list_runs() == [], "a refused bundle creates no run"
+def test_too_large_bundle_gets_the_servers_hint(client, tmp_path):
+    manifest = make_bundle(tmp_path / "b", {"big.bin": os.urandom(BUNDLE_LIMIT + 1000)})
+    runs_before = client.list_runs()
+    with pytest.raises(BundleTooLarge) as err:
+        client.create_run(manifest)   # refused on size before the server looks for chunks
+    assert err.value.status == 413 and "limit" in err.value.message
+    assert "max_bundle_bytes" in err.value.hint
+    assert client.list_runs() == runs_before, "a refused bundle creates no run"
 
 
 # -- the notebook-side views (no server needed) --------------------------------------------------
@@ -248,7 +256,7 @@ def test_pull_conflict_map_protects_files_changed_or_created_here():
     assert _file_conflicts(manifest, None) == {"a.csv": ABSENT, "new.md": ABSENT}
 
 
-def test_remote_run_links_to_the_result_notebook(handoff_server):  # noqa: F811
+def test_remote_run_links_to_the_result_notebook(handoff_server):
     from handoff_magic.remote import RemoteRun
     with HandoffClient(handoff_server.url, handoff_server.token) as c:
         r = RemoteRun(c, "abc123")
