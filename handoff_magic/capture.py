@@ -405,28 +405,12 @@ class Packed:
     """One pickle stream (a group of one or more variables) on its way into chunks."""
 
     def __init__(self, method: str, payload: list[Future[ChunkRef]], buffers: list[tuple[int, list]],
-                 nbytes: int, memo_ids: set[int] | None) -> None:
-        self.method, self.payload, self.buffers, self.nbytes, self.memo_ids = (
-            method, payload, buffers, nbytes, memo_ids)
-        self.keepalive: Any = None
+                 nbytes: int) -> None:
+        self.method, self.payload, self.buffers, self.nbytes = method, payload, buffers, nbytes
         self.stream: str | None = None
 
     def refs(self) -> tuple[list[ChunkRef], list[tuple[int, list[ChunkRef]]]]:
         return [f.result() for f in self.payload], [(n, [f.result() for f in fs]) for n, fs in self.buffers]
-
-
-def _identity_matters(o: Any) -> bool:
-    """Mutable containers, arrays, instances, notebook classes/functions: objects whose sharing
-    must survive. Singletons (interned strings, dtypes, library classes) are not: they would
-    glue unrelated variables into one group."""
-    t = type(o)
-    if t in _CONTAINERS:
-        return True
-    if isinstance(o, _ATOMIC) or isinstance(o, (types.ModuleType, types.BuiltinFunctionType)):
-        return False
-    if isinstance(o, (type, types.FunctionType)):
-        return getattr(o, "__module__", None) == "__main__"
-    return t.__module__ == "__main__" or t.__name__ == "ndarray" or hasattr(o, "__dict__")
 
 
 _CONTAINERS = (list, dict, set, bytearray, types.CellType)
@@ -442,9 +426,89 @@ def _singleton_ids(ns: dict[str, Any]) -> set[int]:
     return ids
 
 
-def pack(obj: Any, store: ChunkStore, secrets: list[bytes], *, use_dill: bool, want_memo: bool,
-         view_roots: dict[int, Any] | None = None, skip_ids: set[int] | None = None,
-         top_defs: dict[int, Any] | None = None) -> Packed:
+_LEAVES = frozenset({str, bytes, int, float, complex, bool, type(None), range, slice})
+_PLAIN_CONTAINERS = frozenset({dict, list, tuple, set, frozenset})
+_MUTABLE = frozenset({dict, list, set, bytearray})
+_RC_SINGLETON = 5_000
+_NO_DESCEND = (types.ModuleType, types.BuiltinFunctionType, types.MethodType, types.CodeType, types.FrameType,
+               types.GetSetDescriptorType, types.MemberDescriptorType, types.WrapperDescriptorType)
+
+
+def _rc_single() -> int:
+    """sys.getrefcount of an object with one referrer, seen from inside _share_ids' loop."""
+    parent: list[Any] = [[]]
+    frontier = [parent]
+    refs = gc.get_referents(*frontier)
+    frontier = []
+    for o in refs:
+        return sys.getrefcount(o)
+    return 4
+
+
+_RC_SINGLE = _rc_single()
+
+
+def _share_ids(root: Any, skip: set[int]) -> set[int]:
+    """Ids of objects under ``root`` that another variable could also reach.
+
+    Walks the live object graph with gc.get_referents (C speed, level by level) and records
+    only objects referenced more than once (refcount) plus notebook classes/functions: an
+    object with a single referrer cannot be shared, so the result stays tiny even for 200k
+    small objects, and no pickle memo has to be copied. Cycles always pass through a
+    multi-referenced object, which is recorded once and not walked again.
+    """
+    ids = {id(root)}
+    if type(root) in _LEAVES or isinstance(root, _NO_DESCEND):
+        return ids
+    if isinstance(root, (type, types.FunctionType)) and getattr(root, "__module__", None) != "__main__":
+        return ids
+    getrc = sys.getrefcount
+    single = _RC_SINGLE
+    numpy = sys.modules.get("numpy")
+    ndarray = numpy.ndarray if numpy is not None else None
+    leaves = _LEAVES
+    plain = _PLAIN_CONTAINERS
+    frontier = [root]
+    while frontier:
+        refs = gc.get_referents(*frontier)
+        frontier = []
+        push = frontier.append
+        for o in refs:
+            t = type(o)
+            if t in leaves:
+                continue
+            if t not in plain:   # the common containers skip these checks
+                if isinstance(o, (type, types.FunctionType)):
+                    # notebook classes/functions travel by value: their bases, methods, closures and
+                    # defaults tie variables together; library ones travel by name and tie nothing
+                    if getattr(o, "__module__", None) != "__main__" or id(o) in ids:
+                        continue
+                    ids.add(id(o))
+                    push(o)
+                    continue
+                if isinstance(o, _NO_DESCEND):
+                    continue
+                if t is ndarray and o.dtype.kind == "O" and 0 < o.size <= 100_000:
+                    push(o.ravel().tolist())     # object arrays do not report their items to gc
+            i = id(o)
+            if i in skip:
+                continue
+            if t is not tuple and t is not frozenset:   # immutable: their identity never matters
+                rc = getrc(o)
+                if rc > single:
+                    if i in ids:
+                        continue
+                    # library singletons (cached dtypes, enum members) are referenced from everywhere;
+                    # they would glue unrelated variables together
+                    if rc < _RC_SINGLETON or t in _MUTABLE or t.__module__ == "__main__":
+                        ids.add(i)
+            push(o)
+    return ids
+
+
+
+def pack(obj: Any, store: ChunkStore, secrets: list[bytes], *, use_dill: bool,
+         view_roots: dict[int, Any] | None = None, top_defs: dict[int, Any] | None = None) -> Packed:
     """Pickle ``obj`` into chunks; raises on failure (the caller tries the next method)."""
     global _DILL
     sink = _PayloadSink(store, secrets)
@@ -473,30 +537,21 @@ def pack(obj: Any, store: ChunkStore, secrets: list[bytes], *, use_dill: bool, w
                          reduce_array=_array_reducer(view_roots) if "numpy" in sys.modules else None)
     p.dump(obj)
     futs = sink.close()
-    memo_ids = None
-    memo: dict[int, Any] | None = None
-    if want_memo:
-        memo = p.memo if isinstance(p.memo, dict) else p.memo.copy()
-        memo_ids = set(memo)
     nbytes = sink.total + sum(n for n, _ in buffers)
     by_value = getattr(p, "by_value", 0)
-    packed = Packed("dill" if use_dill or by_value else "pickle5", futs, buffers, nbytes, memo_ids)
+    packed = Packed("dill" if use_dill or by_value else "pickle5", futs, buffers, nbytes)
     packed.stream = "pickle" if by_value and not use_dill else None  # C stream with embedded dill parts
-    # the memo keeps temporaries made while pickling alive, so their ids stay unique until grouping is done
-    packed.keepalive = memo
     return packed
 
 
-def _pickle_var(obj: Any, store: ChunkStore, secrets: list[bytes], want_memo: bool,
+def _pickle_var(obj: Any, store: ChunkStore, secrets: list[bytes],
                 view_roots: dict[int, Any] | None = None, force_dill: bool = False,
-                skip_ids: set[int] | None = None, top_defs: dict[int, Any] | None = None
-                ) -> tuple[Packed | None, str | None, bool]:
+                top_defs: dict[int, Any] | None = None) -> tuple[Packed | None, str | None, bool]:
     """Try pickle5 then dill. Returns (packed, reason-if-failed, replayable)."""
     first: BaseException | None = None
     if not force_dill:
         try:
-            return pack(obj, store, secrets, use_dill=False, want_memo=want_memo, view_roots=view_roots,
-                        skip_ids=skip_ids, top_defs=top_defs), None, False
+            return pack(obj, store, secrets, use_dill=False, view_roots=view_roots, top_defs=top_defs), None, False
         except SecretFound as exc:
             return None, f"not saved: {exc}", False
         except RecursionError as exc:
@@ -504,8 +559,7 @@ def _pickle_var(obj: Any, store: ChunkStore, secrets: list[bytes], want_memo: bo
         except Exception as exc:  # noqa: BLE001 - any pickling error means "try the next method"
             first = exc
     try:
-        return pack(obj, store, secrets, use_dill=True, want_memo=want_memo, view_roots=view_roots,
-                    skip_ids=skip_ids), None, False
+        return pack(obj, store, secrets, use_dill=True, view_roots=view_roots), None, False
     except SecretFound as exc:
         return None, f"not saved: {exc}", False
     except Blocked as exc:
@@ -783,61 +837,41 @@ class _UnionFind:
 def _capture_vars(candidates: list[tuple[str, Any]], ns: dict[str, Any], shell: Any, store: ChunkStore,
                   secrets: list[bytes], manifest: dict[str, Any], report: CaptureReport) -> None:
     """Pickle each variable, find sharing, re-pickle shared groups together, plan replays."""
-    want_memo = len(candidates) > 1
     packs: dict[str, Packed] = {}
     failed: dict[str, tuple[str, bool]] = {}
     timing: dict[str, float] = {}
     values = dict(candidates)
-    skip_ids = _singleton_ids(ns) if want_memo else set()
+    skip_ids = _singleton_ids(ns) if len(candidates) > 1 else set()
     top_defs = {id(v): v for _, v in candidates if isinstance(v, (type, types.FunctionType)) and _needs_by_value(v)}
     for name, value in candidates:
         t0 = time.perf_counter()
-        packed, reason, replayable = _pickle_var(value, store, secrets, want_memo, skip_ids=skip_ids,
-                                                 top_defs=top_defs)
+        packed, reason, replayable = _pickle_var(value, store, secrets, top_defs=top_defs)
         timing[name] = time.perf_counter() - t0
         if packed is not None:
             packs[name] = packed
         else:
             failed[name] = (reason or "cannot be pickled", replayable)
 
-    # sharing: same memoised object in two variables, or numpy arrays over the same base.
-    # Set intersections run in C; only the (few) shared ids are looked at in Python.
+    # sharing: an object reachable from two variables, or numpy arrays over the same base
     uf = _UnionFind(list(packs))
     np_roots: dict[int, Any] = {}
     numpy = sys.modules.get("numpy")
-    seen: set[int] = set()
-    id_sets: list[tuple[str, set[int]]] = []
-    for name, pk in packs.items():
-        ids = pk.memo_ids if pk.memo_ids is not None else set()
+    owner: dict[int, str] = {}
+    for name in packs:
         v = values[name]
-        extra: dict[int, Any] = {}
-        if not isinstance(v, _ATOMIC):
-            extra[id(v)] = v
+        ids = _share_ids(v, skip_ids)
         if numpy is not None and isinstance(v, numpy.ndarray):
             root = _np_root(v)
-            extra[id(root)] = root
+            ids.add(id(root))
             np_roots[id(root)] = root
-        ids.update(extra)
-        shared = ids & seen
-        if shared:
-            memo = pk.keepalive or {}
-            real = set()
-            for i in shared:
-                o = extra[i] if i in extra else memo[i][1] if i in memo else None
-                if i not in skip_ids and o is not None and (i in extra or _identity_matters(o)):
-                    real.add(i)
-            if real:
-                for other, other_ids in id_sets:
-                    if not real.isdisjoint(other_ids):
-                        uf.union(other, name)
-        seen |= ids
-        id_sets.append((name, ids))
+        for i in ids:
+            other = owner.setdefault(i, name)
+            if other != name:
+                uf.union(other, name)
+    del owner
     groups: dict[str, list[str]] = {}
     for name in packs:
         groups.setdefault(uf.find(name), []).append(name)
-        packs[name].keepalive = None
-        packs[name].memo_ids = None
-    del seen, id_sets
 
     gid = 0
     for _root, names in groups.items():
@@ -851,7 +885,7 @@ def _capture_vars(candidates: list[tuple[str, Any]], ns: dict[str, Any], shell: 
             objs = tuple(values[n] for n in names)
             roots = {i: r for i, r in np_roots.items() if any(r is values[n] for n in names)}
             force_dill = any(packs[n].method == "dill" and packs[n].stream is None for n in names)
-            pk2, reason, _ = _pickle_var(objs, store, secrets, False, view_roots=roots or None,
+            pk2, reason, _ = _pickle_var(objs, store, secrets, view_roots=roots or None,
                                          force_dill=force_dill, top_defs=top_defs)
             spent = (time.perf_counter() - t0) / len(names)
             for n in names:
