@@ -125,6 +125,11 @@ class HandoffClient:
     def __repr__(self) -> str:  # never show the token
         return f"HandoffClient({self.url!r})"
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # a snapshot of the kernel must never carry the server token
+        raise TypeError("a HandoffClient holds the server token and is never captured; "
+                        "it is recreated from HANDOFF_SERVER_URL/HANDOFF_TOKEN where needed")
+
     def _sleep(self, attempt: int) -> None:
         time.sleep(self.backoff * (2 ** attempt))
 

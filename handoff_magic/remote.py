@@ -304,6 +304,10 @@ class RemoteRun:
     def __repr__(self) -> str:
         return f"<RemoteRun {self.run_id} on {self.server_url}: {self.state.status}>"
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(f"a RemoteRun holds a server connection and token and is never captured; "
+                        f"reattach with %reattach {self.run_id}")
+
     @property
     def status(self) -> str:
         return self.state.status

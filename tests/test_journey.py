@@ -260,6 +260,12 @@ def test_fork_second_handoff_only_changed_chunks_and_answer(cloud, client, webho
         a.ok(f"from handoff_magic.remote import reattach\nrr = reattach({r1!r}, display=False)\nrr.answer('mae')\n"
              "rr.wait({'completed', 'failed'}, timeout=90)")
         assert a.value("rr.status") == "completed"
+        # `rr` holds a client with the token: a snapshot skips it and carries no token
+        a.ok("from handoff_magic import save_state\nrep = save_state('snap-with-rr')\n"
+             "print([v.outcome for v in rep.variables if v.name == 'rr'])")
+        snap = tmp_path / "laptop" / "snap-with-rr"
+        assert all(cloud.token.encode() not in f.read_bytes() for f in snap.rglob("*") if f.is_file())
+        assert a.value("[v.outcome for v in rep.variables if v.name == 'rr']") == ["skipped"]
         assert client.get_run(r1)["status"] == "completed"
         events = client.events(r1, after=0, timeout=0)["events"]
         assert any(e["type"] == "answer" and e["data"].get("answer") == "mae" for e in events)
