@@ -599,9 +599,7 @@ def handoff(run: Any, *, to: str | None = None, token: str | None = None, fork: 
         if hasattr(from_widget, "controller"):
             run._local_controller = from_widget.controller  # restored by pull back
             from_widget.controller = remote
-        from_widget.set_remote(cl.url, remote_id, links)
-        if fork:
-            _display(from_widget)
+        from_widget.set_remote(cl.url, remote_id, links)   # %handoff displays remote.widget
     timings.total = time.perf_counter() - t0
     remote.timings = timings  # type: ignore[attr-defined]
     remote.upload = up        # type: ignore[attr-defined]
