@@ -469,6 +469,8 @@ def _share_ids(root: Any, skip: set[int]) -> set[int]:
     leaves = _LEAVES
     plain = _PLAIN_CONTAINERS
     frontier = [root]
+    if ndarray is not None and type(root) is ndarray and root.dtype.kind == "O" and 0 < root.size <= 100_000:
+        frontier.append(root.ravel().tolist())
     while frontier:
         refs = gc.get_referents(*frontier)
         frontier = []

@@ -314,3 +314,25 @@ def test_key_shaped_strings_never_travel(tmp_path: Path) -> None:
     assert rows["plain"].reason == "looks like a secret" and rows["cfg"].outcome == "skipped"
     assert rows["fine"].outcome == "ok"
     assert secrets.redact(f"x={key}", [], patterns=True) == "x=<redacted>"
+
+
+def test_deep_sharing_is_kept_and_unrelated_variables_stay_apart(tmp_path: Path) -> None:
+    leaf = [1, 2]
+    records = [{"id": i, "tags": ["a"]} for i in range(50_000)]
+    ns = {
+        "deep": {"a": {"b": (leaf,)}},          # reached through a tuple
+        "leaf": leaf,
+        "objs": np.array([leaf, None], dtype=object),   # object arrays hide items from gc
+        "records": records,
+        "index": {r["id"]: r for r in records[:10]},
+        "alone": [{"x": 1}] * 3,                # shared only inside itself
+        "other": {"y": ()},
+    }
+    rep = _save(tmp_path / "b", ns)
+    groups = sorted(sorted(g["names"]) for g in rep.manifest["groups"])
+    assert ["deep", "leaf", "objs"] in groups and ["index", "records"] in groups
+    assert ["alone"] in groups and ["other"] in groups
+    out: dict[str, Any] = {}
+    load_state(tmp_path / "b", ns=out, files=False)
+    assert out["deep"]["a"]["b"][0] is out["leaf"] and out["objs"][0] is out["leaf"]
+    assert out["index"][3] is out["records"][3] and out["alone"][0] is out["alone"][2]
