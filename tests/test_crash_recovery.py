@@ -95,8 +95,16 @@ def test_graceful_restart_mid_step_resumes_the_run(
     assert "c is 3" in tool_results(events)[-1]["content"]
 
 
+@pytest.fixture(scope="module")
+def shared_srv() -> Any:
+    """One server for the kernel-crash tests: they kill kernels, never the server."""
+    srv = JupyterServerProcess().start()
+    yield srv
+    srv.cleanup()
+
+
 def test_kernel_crash_is_recovered_once_and_the_agent_is_told(
-        handoff_server_factory: Callable[..., JupyterServerProcess],
+        shared_srv: JupyterServerProcess,
         bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     bdir, manifest = bundle
     marker = tmp_path / f"crashed-{uuid.uuid4().hex}"
@@ -107,7 +115,7 @@ def test_kernel_crash_is_recovered_once_and_the_agent_is_told(
         run_python("print('b =', b)"),
         finish(),
     ]))
-    srv = handoff_server_factory()
+    srv = shared_srv
     run_id = hand_off(srv, bdir, manifest, model=model)
     summary = wait_status(srv, run_id, timeout=120)
     assert summary["status"] == "completed", summary
@@ -121,12 +129,12 @@ def test_kernel_crash_is_recovered_once_and_the_agent_is_told(
 
 
 def test_second_crash_in_the_same_step_fails_the_run_with_the_reason(
-        handoff_server_factory: Callable[..., JupyterServerProcess],
+        shared_srv: JupyterServerProcess,
         bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     bdir, manifest = bundle
     model = "scripted:" + str(write_script(tmp_path / "script.json", [
         run_python("import os\nos._exit(1)"), finish()]))
-    srv = handoff_server_factory()
+    srv = shared_srv
     run_id = hand_off(srv, bdir, manifest, model=model)
     summary = wait_status(srv, run_id, timeout=120)
     assert summary["status"] == "failed"
