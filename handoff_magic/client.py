@@ -163,6 +163,10 @@ class HandoffClient:
             return AuthError(f"the server refused the token (HTTP {code} on {what}{said})",
                              "set HANDOFF_TOKEN to a valid Jupyter Server token "
                              "(`jupyter server list` shows it) or pass --token", code)
+        if code == 404 and not error:  # tornado's own 404 page: nobody serves /handoff/api here
+            return ClientError(f"{self.url} has no jupyter-handoff API ({what} got HTTP 404)",
+                               "is this the right server, with jupyter-handoff installed and enabled? "
+                               "(`jupyter server extension list` on it shows jupyter_server_ext)", code)
         if code == 404:
             return RunNotFound(error or f"not found on {self.url}: {what}",
                                hint or "check the run id: %reattach lists the runs on this server", code)
@@ -223,9 +227,9 @@ class HandoffClient:
             return [s for s in shas if not self.has_blob(s)]
 
     def check(self) -> None:
-        """A cheap authenticated request: raises ServerUnreachable / AuthError before any
-        expensive work (a capture of a big namespace) is done for nothing."""
-        self.has_blob("0" * 64)
+        """A cheap authenticated request: raises ServerUnreachable / AuthError / "no
+        jupyter-handoff API" before any expensive work (capturing a big namespace) is wasted."""
+        self._request("POST", "/blobs/missing", json={"shas": ["0" * 64]}, what="checking the server")
 
     def has_blob(self, sha: str) -> bool:
         try:

@@ -261,3 +261,37 @@ def test_remote_run_links_to_the_result_notebook(handoff_server):
     with HandoffClient(handoff_server.url, handoff_server.token) as c:
         r = RemoteRun(c, "abc123")
         assert r.notebook_url() == f"{handoff_server.url}/lab/tree/handoff-runs/abc123/result.ipynb"
+
+
+def test_a_server_without_the_extension_is_named():
+    """Something else answers at the URL (a plain web server, a Jupyter without the extension):
+    tornado-style HTML 404s everywhere. The error says the API is missing, not "unknown run"."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class NotFound(BaseHTTPRequestHandler):
+        def _404(self) -> None:
+            body = b"<html><title>404: Not Found</title></html>"
+            self.send_response(404)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_HEAD = _404
+
+        def log_message(self, *args) -> None:
+            return
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with HandoffClient(f"http://127.0.0.1:{httpd.server_address[1]}", "t", retries=0) as c:
+            with pytest.raises(ClientError) as err:
+                c.check()
+            with pytest.raises(ClientError) as err2:
+                c.get_run("abc")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    for e in (err, err2):
+        assert "no jupyter-handoff API" in str(e.value) and "installed and enabled" in str(e.value)
