@@ -223,8 +223,10 @@ class HandoffClient:
                                   "upgrade jupyter-handoff on the server")
             lacking = set(missing)
             return [s for s in shas if s in lacking]
-        except RunNotFound:
-            return [s for s in shas if not self.has_blob(s)]
+        except ClientError as exc:
+            if exc.status != 404:
+                raise
+            return [s for s in shas if not self.has_blob(s)]   # no batch route: HEAD each
 
     def check(self) -> None:
         """A cheap authenticated request: raises ServerUnreachable / AuthError / "no
@@ -235,7 +237,9 @@ class HandoffClient:
         try:
             self._request("HEAD", f"/blobs/{sha}", what=f"checking chunk {sha[:12]}")
             return True
-        except RunNotFound:
+        except ClientError as exc:  # HEAD replies have no body, so a 404 is never "classified"
+            if exc.status != 404:
+                raise
             return False
 
     def put_blob(self, sha: str, path: Path, progress: Callable[[int], None] | None = None,
