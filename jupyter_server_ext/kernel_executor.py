@@ -144,19 +144,20 @@ class KernelExecutor:
             elif timed_out and deadline is not None and time.monotonic() > deadline:
                 break  # the kernel ignores interrupts; report what we have
             got = False
-            try:
-                msg = self.client.get_iopub_msg(timeout=POLL)
-                got = True
-                if msg.get("parent_header", {}).get("msg_id") == msg_id:
-                    if msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle":
-                        idle = True
-                    else:
-                        collector.add(msg)
-            except queue.Empty:
-                pass
-            if reply is None:
+            if not idle:
                 try:
-                    r = self.client.get_shell_msg(timeout=0 if got else 0.01)
+                    msg = self.client.get_iopub_msg(timeout=POLL)
+                    got = True
+                    if msg.get("parent_header", {}).get("msg_id") == msg_id:
+                        if msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle":
+                            idle = True
+                        else:
+                            collector.add(msg)
+                except queue.Empty:
+                    pass
+            if reply is None:
+                try:  # after idle only the reply is missing: wait on the shell channel itself
+                    r = self.client.get_shell_msg(timeout=POLL if idle else (0 if got else 0.01))
                     if r.get("parent_header", {}).get("msg_id") == msg_id:
                         reply = r
                         got = True
