@@ -838,30 +838,22 @@ class _UnionFind:
 
 def _capture_vars(candidates: list[tuple[str, Any]], ns: dict[str, Any], shell: Any, store: ChunkStore,
                   secrets: list[bytes], manifest: dict[str, Any], report: CaptureReport) -> None:
-    """Pickle each variable, find sharing, re-pickle shared groups together, plan replays."""
-    packs: dict[str, Packed] = {}
+    """Find sharing, pickle each group once (members alone if the group fails), plan replays."""
     failed: dict[str, tuple[str, bool]] = {}
     timing: dict[str, float] = {}
+    saved: set[str] = set()
     values = dict(candidates)
     skip_ids = _singleton_ids(ns) if len(candidates) > 1 else set()
     top_defs = {id(v): v for _, v in candidates if isinstance(v, (type, types.FunctionType)) and _needs_by_value(v)}
-    for name, value in candidates:
-        t0 = time.perf_counter()
-        packed, reason, replayable = _pickle_var(value, store, secrets, top_defs=top_defs)
-        timing[name] = time.perf_counter() - t0
-        if packed is not None:
-            packs[name] = packed
-        else:
-            failed[name] = (reason or "cannot be pickled", replayable)
 
-    # sharing: an object reachable from two variables, or numpy arrays over the same base
-    uf = _UnionFind(list(packs))
+    # 1. sharing, found before pickling so every variable is pickled once: an object reachable
+    #    from two variables, or numpy arrays over the same base, puts them in one group
+    uf = _UnionFind(list(values))
     np_roots: dict[int, Any] = {}
     numpy = sys.modules.get("numpy")
     owner: dict[int, str] = {}
-    for name in packs:
-        v = values[name]
-        ids = _share_ids(v, skip_ids)
+    for name, v in candidates:
+        ids = _share_ids(v, skip_ids) if len(candidates) > 1 else set()
         if numpy is not None and isinstance(v, numpy.ndarray):
             root = _np_root(v)
             ids.add(id(root))
@@ -872,39 +864,44 @@ def _capture_vars(candidates: list[tuple[str, Any]], ns: dict[str, Any], shell: 
                 uf.union(other, name)
     del owner
     groups: dict[str, list[str]] = {}
-    for name in packs:
+    for name in values:
         groups.setdefault(uf.find(name), []).append(name)
 
+    # 2. one pickle stream per group; a group that cannot be pickled as a whole falls back to
+    #    its members one by one (identity between them is then lost, and the report says so)
     gid = 0
-    for _root, names in groups.items():
+    for names in groups.values():
         gid += 1
-        group_id = f"g{gid}"
         note = None
-        if len(names) == 1:
-            pk = packs[names[0]]
-        else:
-            t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        if len(names) > 1:
             objs = tuple(values[n] for n in names)
             roots = {i: r for i, r in np_roots.items() if any(r is values[n] for n in names)}
-            force_dill = any(packs[n].method == "dill" and packs[n].stream is None for n in names)
-            pk2, reason, _ = _pickle_var(objs, store, secrets, view_roots=roots or None,
-                                         force_dill=force_dill, top_defs=top_defs)
+            pk, reason, _ = _pickle_var(objs, store, secrets, view_roots=roots or None, top_defs=top_defs)
             spent = (time.perf_counter() - t0) / len(names)
             for n in names:
-                timing[n] += spent
-            if pk2 is None:   # keep them separately; identity between them is lost
-                note = f"shares objects with {', '.join(names)} but could not be saved together ({reason})"
-                for n in names:
-                    _add_group(manifest, report, f"{group_id}_{n}", [n], packs[n], values, timing, note, secrets)
+                timing[n] = spent
+            if pk is not None:
+                _add_group(manifest, report, f"g{gid}", names, pk, values, timing, None, secrets)
+                saved.update(names)
                 continue
-            pk = pk2
-        _add_group(manifest, report, group_id, names, pk, values, timing, note, secrets)
+            note = f"shares objects with {', '.join(n for n in names)} but could not be saved together ({reason})"
+        for n in names:
+            t1 = time.perf_counter()
+            pk, reason, replayable = _pickle_var(values[n], store, secrets, top_defs=top_defs)
+            timing[n] = timing.get(n, 0.0) + time.perf_counter() - t1
+            if pk is None:
+                failed[n] = (reason or "cannot be pickled", replayable)
+                continue
+            _add_group(manifest, report, f"g{gid}" if len(names) == 1 else f"g{gid}_{n}", [n], pk, values,
+                       timing, note, secrets)
+            saved.add(n)
 
     # replays for live resources
     secret_strs = [s.decode("utf-8", "replace") for s in secrets]
     plan = plan_replays(
         {n: r for n, (r, ok) in failed.items() if ok}, shell,
-        restorable=set(packs) | {v["name"] for v in manifest["variables"] if v["method"] == "import"},
+        restorable=saved | {v["name"] for v in manifest["variables"] if v["method"] == "import"},
         secrets=secret_strs)
     for n, (reason, _ok) in failed.items():
         value = values[n]
