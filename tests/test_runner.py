@@ -312,3 +312,17 @@ def test_a_relative_scripted_model_travels_as_a_working_file(
     summary = wait_status(srv, run_id)
     assert summary["status"] == "completed" and summary["summary"] == "counted", summary
     assert "rows: 2" in tool_results(all_events(srv, run_id))[0]["content"]
+
+
+def test_a_queued_run_can_be_cancelled_before_it_starts(
+        srv: JupyterServerProcess, bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    bdir, manifest = bundle
+    model = _scripted(tmp_path, [run_python("import time\ntime.sleep(3)"), finish()])
+    busy = [hand_off(srv, bdir, manifest, model=model) for _ in range(2)]
+    queued = hand_off(srv, bdir, manifest, model=model)
+    assert srv.client.get(f"/handoff/api/runs/{queued}").json()["status"] == "queued"
+    assert srv.client.post(f"/handoff/api/runs/{queued}/cancel").status_code == 200
+    assert wait_status(srv, queued, timeout=20)["status"] == "cancelled"
+    assert [e["data"]["status"] for e in all_events(srv, queued) if e["type"] == "status"] == ["queued", "cancelled"]
+    assert not (srv.root_dir / "handoff-runs" / queued / "result.ipynb").exists()  # it never ran
+    assert all(wait_status(srv, i)["status"] == "completed" for i in busy)
