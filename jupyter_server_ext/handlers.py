@@ -557,7 +557,10 @@ class RunPage(PageHandler):
         events = self.handoff.store.events(run_id, 0, limit=None)
         base = self.base_url.rstrip("/")
         self.render("run.html", run=run, steps=_steps(events),
-                    refresh=run["status"] in ("queued", "restoring", "running"),
+                    # also right after an answer: the run is still "waiting_input" until the
+                    # runner takes it, and the page must not look stuck (or invite a 2nd answer)
+                    refresh=run["status"] in ("queued", "restoring", "running") or (
+                        run["status"] == "waiting_input" and self.get_argument("message", "") == "Answer sent"),
                     message=self.get_argument("message", ""),
                     local={"notebook": f"{base}/lab/tree/handoff-runs/{run_id}/result.ipynb",
                            "diff_json": f"{base}/handoff/api/runs/{run_id}/diff",

@@ -90,17 +90,21 @@ def cloud_lab_url(cloud: JupyterServerProcess, path: str = "lab") -> str:
     return f"{cloud.url}/{path.lstrip('/')}{sep}token={cloud.token}"
 
 
-def shot(page: Any, name: str, locator: Any = None) -> Path:
+def shot(page: Any, name: str, locator: Any = None, *, full_page: bool = False) -> Path:
     """Save a screenshot of the page (or one element) as tests/artifacts/<name>.png."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
-    (locator or page).screenshot(path=str(path))
+    if locator is not None:
+        locator.screenshot(path=str(path))
+    else:
+        page.screenshot(path=str(path), full_page=full_page)
     return path
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """One chromium for the module, with a fresh user-data dir (a persistent context per test)."""
+    """One Debian chromium for the module; ``launch`` gives it a fresh temporary user-data dir and
+    each test opens its own context (no cookies or storage shared between tests)."""
     exe = require_chromium()
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:

@@ -154,7 +154,7 @@ def assert_legible(widget: Any) -> None:
     assert worst["ratio"] >= 3.0, f"low contrast text in the widget: {worst}"
 
 
-def assert_compact(widget: Any, page: Any) -> None:
+def assert_compact(widget: Any) -> None:
     """No horizontal overflow and the buttons sit on few rows, aligned at one height."""
     box = widget.bounding_box()
     assert box is not None
@@ -213,15 +213,12 @@ def _journey(page: Any, context: Any, lab: LabProcess, cloud: JupyterServerProce
     shot(page, "01-widget-running-light", w)
     (shot(page, "01-local-run-light").parent / "01-widget.html").write_text(w.evaluate("e => e.outerHTML"))
     assert_legible(w)
-    assert_compact(w, page)
-    run_id_local = re.search(r"run (\w+)", w.locator(".jh-meta").inner_text()).group(1)
+    assert_compact(w)
 
     # 2. hand off mid-task: the run pauses at the step boundary and continues on the cloud
     w.locator(".jh-btn-handoff").click()
     ex(w.locator(".jh-meta")).to_contain_text("remote", timeout=120_000)
-    meta = w.locator(".jh-meta").inner_text()
-    remote_id = re.search(r"remote · .* · run (\w+)", meta).group(1)
-    assert remote_id != run_id_local or remote_id
+    remote_id = re.search(r"remote · .* · run (\w+)", w.locator(".jh-meta").inner_text()).group(1)
     ex(w.locator(".jh-btn-handoff")).to_be_disabled()
     ex(w.locator(".jh-btn-reattach")).to_be_enabled()
     # the remote run's own events arrive; the steps already shown are not shown twice
@@ -258,7 +255,7 @@ def _journey(page: Any, context: Any, lab: LabProcess, cloud: JupyterServerProce
     shot(page, "04-reattached-completed-light")
     shot(page, "04-widget-completed-light", w2)
     assert_legible(w2)
-    assert_compact(w2, page)
+    assert_compact(w2)
     set_theme(page, DARK)
     w2.scroll_into_view_if_needed()
     shot(page, "04-widget-completed-dark", w2)
@@ -363,19 +360,24 @@ def test_status_page_on_a_phone(browser: Any, cloud: JupyterServerProcess) -> No
 
         page.locator("#answer").fill("north")
         button.click()
-        ex(page.locator(".flash, #status")).not_to_have_count(0)
-        deadline = time.monotonic() + 120
-        while cloud.client.get(f"/handoff/api/runs/{rid}").json()["status"] != "completed":
-            assert time.monotonic() < deadline, cloud.log()[-3000:]
-            time.sleep(0.2)
-        page.goto(f"{cloud.url}/handoff/runs/{rid}")
-        ex(page.locator("#status")).to_have_text("completed")
+        ex(page.locator(".flash")).to_have_text("Answer sent")
+        shot(page, "09-status-page-phone-answer-sent")
+        # the page refreshes itself while the run is live: the user just watches it finish
+        ex(page.locator("#status")).to_have_text("completed", timeout=120_000)
         ex(page.locator("body")).to_contain_text("north")
         ex(page.locator("body")).to_contain_text("Forecast done for the chosen region.")
-        page.screenshot(path=str(shot(page, "10-status-page-phone-completed")), full_page=True)
+        shot(page, "10-status-page-phone-completed", full_page=True)
         assert page.evaluate("document.documentElement.scrollWidth") <= 390
     except Exception:
         shot(page, "failure-phone")
         raise
     finally:
         context.close()
+
+
+def test_missing_chromium_fails_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without chromium the browser tests FAIL (never skip) and say how to install it."""
+    import browser_harness
+    monkeypatch.setattr(browser_harness, "CHROMIUM", "/nonexistent/chromium")
+    with pytest.raises(pytest.fail.Exception, match="scripts/install-system-deps.sh"):
+        browser_harness.require_chromium()
