@@ -469,6 +469,7 @@ def _share_ids(root: Any, skip: set[int]) -> set[int]:
     leaves = _LEAVES
     plain = _PLAIN_CONTAINERS
     frontier = [root]
+    walked = {id(root)}   # multi-referenced objects walked but not recorded as shareable
     if ndarray is not None and type(root) is ndarray and root.dtype.kind == "O" and 0 < root.size <= 100_000:
         frontier.append(root.ravel().tolist())
     while frontier:
@@ -495,15 +496,18 @@ def _share_ids(root: Any, skip: set[int]) -> set[int]:
             i = id(o)
             if i in skip:
                 continue
-            if t is not tuple and t is not frozenset:   # immutable: their identity never matters
-                rc = getrc(o)
-                if rc > single:
-                    if i in ids:
-                        continue
-                    # library singletons (cached dtypes, enum members) are referenced from everywhere;
-                    # they would glue unrelated variables together
-                    if rc < _RC_SINGLETON or t in _MUTABLE or t.__module__ == "__main__":
-                        ids.add(i)
+            rc = getrc(o)
+            if rc > single:
+                if i in ids or i in walked:
+                    continue
+                if t is tuple or t is frozenset:
+                    walked.add(i)      # immutable: identity never matters, but walk it only once
+                # library singletons (cached dtypes, enum members) are referenced from everywhere;
+                # they would glue unrelated variables together
+                elif rc < _RC_SINGLETON or t in _MUTABLE or t.__module__ == "__main__":
+                    ids.add(i)
+                else:
+                    walked.add(i)
             push(o)
     return ids
 

@@ -327,7 +327,11 @@ def test_deep_sharing_is_kept_and_unrelated_variables_stay_apart(tmp_path: Path)
         "index": {r["id"]: r for r in records[:10]},
         "alone": [{"x": 1}] * 3,                # shared only inside itself
         "other": {"y": ()},
+        "cyc": None,
     }
+    loop: list[Any] = []
+    ns["cyc"] = (loop,)
+    loop.append(ns["cyc"])                      # a cycle through a tuple must not hang the walk
     rep = _save(tmp_path / "b", ns)
     groups = sorted(sorted(g["names"]) for g in rep.manifest["groups"])
     assert ["deep", "leaf", "objs"] in groups and ["index", "records"] in groups
@@ -336,3 +340,4 @@ def test_deep_sharing_is_kept_and_unrelated_variables_stay_apart(tmp_path: Path)
     load_state(tmp_path / "b", ns=out, files=False)
     assert out["deep"]["a"]["b"][0] is out["leaf"] and out["objs"][0] is out["leaf"]
     assert out["index"][3] is out["records"][3] and out["alone"][0] is out["alone"][2]
+    assert out["cyc"][0][0] is out["cyc"]
