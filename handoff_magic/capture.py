@@ -611,8 +611,10 @@ def _env_int(name: str, default: int) -> int:
 
 
 def _ignored_dir(path: str, name: str, skip_real: set[str]) -> bool:
+    """Version control, venvs, caches, checkpoints, our own bundles (this one or any other)."""
     return (name in IGNORE_DIRS or os.path.islink(path) or os.path.exists(os.path.join(path, "pyvenv.cfg"))
-            or os.path.realpath(path) in skip_real)
+            or os.path.realpath(path) in skip_real
+            or (os.path.isdir(os.path.join(path, CHUNKS)) and os.path.isfile(os.path.join(path, "manifest.json"))))
 
 
 def capture_files(root: Path, store: ChunkStore, secrets: list[bytes], skip: list[Path],

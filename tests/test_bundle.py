@@ -341,3 +341,12 @@ def test_deep_sharing_is_kept_and_unrelated_variables_stay_apart(tmp_path: Path)
     assert out["deep"]["a"]["b"][0] is out["leaf"] and out["objs"][0] is out["leaf"]
     assert out["index"][3] is out["records"][3] and out["alone"][0] is out["alone"][2]
     assert out["cyc"][0][0] is out["cyc"]
+
+
+def test_other_bundles_under_the_root_are_not_captured_as_files(tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "data.txt").write_text("x\n")
+    save_state(work / "snap1", ns={"a": 1}, root=work, environ={})
+    rep = save_state(work / "snap2", ns={"a": 2}, root=work, environ={})
+    assert [f["path"] for f in rep.manifest["files"]] == ["data.txt"]
