@@ -46,6 +46,7 @@ DROP_ENV = frozenset({"JUPYTER_TOKEN", "JPY_API_TOKEN", "JUPYTERHUB_API_TOKEN", 
                       "HANDOFF_TOKEN", "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "JPY_SESSION_NAME"})
 INLINE_MPL = "module://matplotlib_inline.backend_inline"
 MAX_CRASHES_PER_STEP = 2
+GC_INTERVAL = 6 * 3600.0    # seconds between scheduled blob GCs
 MAX_REPORT_VARIABLES = 500  # rows of the restore report kept in its event
 
 
@@ -169,6 +170,7 @@ class RunManager:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sem: asyncio.Semaphore | None = None
         self._stopping = False
+        self._gc_task: asyncio.Task[None] | None = None
         workers = max(4, 2 * int(getattr(app, "max_concurrent_runs", 2)) + 2)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="handoff-run")
 
@@ -178,14 +180,29 @@ class RunManager:
 
     async def start(self) -> None:
         """Resume every unfinished run (after a restart or crash) from its last checkpoint."""
-        self._ensure_loop()
+        loop = self._ensure_loop()
         for run_id in self.store.unfinished_runs():
             log.info("jupyter-handoff: resuming run %s", run_id)
             self.submit(run_id)
+        interval = float(getattr(self.app, "gc_interval", GC_INTERVAL))
+        if interval > 0:
+            self._gc_task = loop.create_task(self._gc_every(interval), name="handoff-blob-gc")
+
+    async def _gc_every(self, interval: float) -> None:
+        """Scheduled blob GC (app attribute ``gc_interval`` seconds; 0 disables it)."""
+        while not self._stopping:
+            await asyncio.sleep(interval)
+            try:
+                result = await self._in_thread(self.gc)
+                log.info("jupyter-handoff: blob gc %s", result)
+            except Exception:
+                log.exception("jupyter-handoff: blob gc failed; it runs again in %.0fs", interval)
 
     async def stop(self) -> None:
         """Stop driving runs; they stay unfinished in the store and resume on the next start."""
         self._stopping = True
+        if self._gc_task is not None:
+            self._gc_task.cancel()
         for run in list(self.runs.values()):
             run.pause.set()
             run.wake.set()

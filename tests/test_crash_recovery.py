@@ -175,3 +175,32 @@ def test_gc_deletes_only_unreferenced_old_chunks(tmp_path: Path, bundle: tuple[P
     store.close()
     assert main(["gc", "--data-dir", str(tmp_path), "--min-age", "0"]) == 0
     assert not blobs.has(sha_new) and all(blobs.has(s) for s in manifest["chunks"])
+
+
+async def test_scheduled_gc_removes_old_orphans(tmp_path: Path) -> None:
+    import asyncio
+    import hashlib
+    from types import SimpleNamespace
+
+    from jupyter_server_ext.runner import RunManager
+    from jupyter_server_ext.store import BlobStore, RunStore
+
+    store = RunStore(tmp_path / "handoff.sqlite")
+    blobs = BlobStore(tmp_path / "blobs")
+    data = b"an upload nobody will ever reference"
+    sha = hashlib.sha256(data).hexdigest()
+    blobs.put(sha, data)
+    past = time.time() - 7200
+    os.utime(blobs.path(sha), (past, past))
+    app = SimpleNamespace(gc_interval=0.2, max_concurrent_runs=1, transport="shared")
+    rm = RunManager(app, store, blobs, None, tmp_path / "root")
+    await rm.start()
+    try:
+        for _ in range(50):
+            if not blobs.has(sha):
+                break
+            await asyncio.sleep(0.1)
+        assert not blobs.has(sha)
+    finally:
+        await rm.stop()
+        store.close()
