@@ -95,6 +95,31 @@ def test_graceful_restart_mid_step_resumes_the_run(
     assert "c is 3" in tool_results(events)[-1]["content"]
 
 
+def test_a_run_waiting_for_input_survives_a_server_kill(
+        handoff_server_factory: Callable[..., JupyterServerProcess],
+        bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    bdir, manifest = bundle
+    model = "scripted:" + str(write_script(tmp_path / "script.json", [
+        run_python("k = len(df)"),
+        {"text": "", "tool_calls": [{"name": "ask_user", "arguments": {"question": "Scale by?"}}]},
+        run_python("print('scaled', k * 10)"),
+        finish(),
+    ]))
+    srv = handoff_server_factory()
+    run_id = hand_off(srv, bdir, manifest, model=model)
+    assert wait_status(srv, run_id, ("waiting_input", "completed", "failed"))["status"] == "waiting_input"
+    srv.kill()
+    srv.restart()
+    summary = srv.client.get(f"/handoff/api/runs/{run_id}").json()
+    assert summary["status"] == "waiting_input" and summary["question"] == "Scale by?"
+    assert srv.client.post(f"/handoff/api/runs/{run_id}/answer", json={"answer": "10"}).status_code == 200
+    assert wait_status(srv, run_id, timeout=120)["status"] == "completed"
+    events = all_events(srv, run_id)
+    _check_log(events)
+    assert not any(e["type"] == "interrupted" for e in events)  # nothing was cut off
+    assert "scaled 20" in tool_results(events)[-1]["content"]  # k came back from the checkpoint
+
+
 @pytest.fixture(scope="module")
 def shared_srv() -> Any:
     """One server for the kernel-crash tests: they kill kernels, never the server."""
