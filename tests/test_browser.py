@@ -44,7 +44,7 @@ JOURNEY = [
      "tool_calls": [_plan(0), _py("import time\nsales = [120.5, 98.0, 143.25, 87.0, 110.0]\n"
                                   "print(f'loaded {len(sales)} sales')")]},
     {"text": "Dropping the small sales; this takes a moment.",
-     "tool_calls": [_plan(1), _py("time.sleep(4)\nclean = [s for s in sales if s > 90]\n"
+     "tool_calls": [_plan(1), _py("time.sleep(6)\nclean = [s for s in sales if s > 90]\n"
                                   "print(f'kept {len(clean)} of {len(sales)}')")]},
     {"text": "Totalling and writing the report.",
      "tool_calls": [_plan(2), _py("from pathlib import Path\ntime.sleep(1)\ntotal = round(sum(clean), 2)\n"
@@ -206,17 +206,17 @@ def _journey(page: Any, context: Any, lab: LabProcess, cloud: JupyterServerProce
     agent_cell = run_cell(page, f"%agent --background --model scripted:{script} total the clean sales")
     w = widget_in(agent_cell)
     ex(w.locator(".jh-plan li")).to_have_count(len(PLAN))
-    ex(w.locator(".jh-log")).to_contain_text("time.sleep(4)")   # the slow second step is running
+    ex(w.locator(".jh-log")).to_contain_text("time.sleep(6)")   # the slow second step is running
     ex(badge(w)).to_have_attribute("data-status", "running")
     ex(w.locator(".jh-plan li").nth(0)).to_have_attribute("data-status", "done")
     shot(page, "01-local-run-light")
     shot(page, "01-widget-running-light", w)
-    (shot(page, "01-local-run-light").parent / "01-widget.html").write_text(w.evaluate("e => e.outerHTML"))
+
+    # 2. hand off mid-task (within the slow step): the run pauses at the step boundary and
+    # continues on the cloud
+    w.locator(".jh-btn-handoff").click()
     assert_legible(w)
     assert_compact(w)
-
-    # 2. hand off mid-task: the run pauses at the step boundary and continues on the cloud
-    w.locator(".jh-btn-handoff").click()
     ex(w.locator(".jh-meta")).to_contain_text("remote", timeout=120_000)
     remote_id = re.search(r"remote · .* · run (\w+)", w.locator(".jh-meta").inner_text()).group(1)
     ex(w.locator(".jh-btn-handoff")).to_be_disabled()
