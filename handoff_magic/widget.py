@@ -13,6 +13,7 @@ import html
 import json
 import logging
 import threading
+import traceback
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, runtime_checkable
@@ -68,6 +69,35 @@ BUTTONS: tuple[tuple[str, str, str], ...] = (
     ("cancel", "Cancel", "cancel"),
 )
 REMOTE_ACTIONS = frozenset({"handoff", "reattach", "diff", "pull", "notebook"})
+# actions whose controller may display something (a diff, a pull report, a link): shown in the
+# widget's action area; the others (answer, pause, cancel) only change the run
+DISPLAY_ACTIONS = frozenset({"handoff", "reattach", "diff", "pull", "notebook"})
+_ACTION_LABELS: dict[str, str] = {k: label for k, label, _ in BUTTONS}
+_ACTION_LABELS["answer"] = "Sending the answer"
+# exception classes (by name, to keep this module free of client/runner imports) whose messages
+# are written for users: they say what happened and what to do, so no traceback is shown
+USER_ERRORS = frozenset({"ClientError", "HandoffError", "RunError", "ConfigError", "BundleError",
+                         "ProviderError", "StateError"})
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """True for our own errors (and any carrying a ``hint``): their message is the whole story."""
+    return hasattr(exc, "hint") or any(c.__name__ in USER_ERRORS for c in type(exc).__mro__)
+
+
+def action_error_text(label: str, exc: BaseException) -> str:
+    """``"<label> failed: <what happened and what to do>"`` without doubling a prefix the
+    message already has (``"Hand off failed: handoff failed: …"``)."""
+    msg = str(exc).strip() or type(exc).__name__
+    head, sep, rest = msg.partition(":")
+    norm = lambda t: "".join(t.lower().split()).replace("-", "")  # noqa: E731
+    if sep and norm(head).endswith("failed") and (
+            norm(head).startswith(norm(label)[:4]) or norm(label).startswith(norm(head)[:4])):
+        msg = rest.strip()
+    hint = getattr(exc, "hint", None)
+    if hint and str(hint) not in msg:
+        msg += f" {hint}"
+    return f"{label} failed: {msg}"
 _HANDOFF_OK = frozenset({"idle", "running", "paused", "waiting_input"})
 
 
@@ -157,7 +187,7 @@ class _View:
     entries: list[_Entry] = field(default_factory=list)
     question: str | None = None
     summary: str | None = None
-    message: tuple[str, str, str | None] | None = None   # (text, level, link)
+    message: tuple[str, ...] | None = None   # (text, level, link[, details]): details = a traceback
     remote: tuple[str, str, dict[str, Any]] | None = None  # (server_url, run_id, links)
     progress: tuple[str, int, int] | None = None
     transient: bool = False      # the message is a passing notice (a retry) cleared by progress
@@ -222,6 +252,7 @@ class _View:
         elif t == "interrupted":
             self.message = (f"Interrupted: {d.get('reason', '')}. Resume with %agent continue.", "warn", None)
         elif t == "handoff":
+            self.progress = None   # the upload it measured is over
             if d.get("server") and d.get("remote_id") and (
                     self.remote is None or self.remote[1] != str(d["remote_id"])):
                 self.remote = (str(d["server"]), str(d["remote_id"]), {})
@@ -229,8 +260,9 @@ class _View:
                             "info", None)
         elif t == "pull":
             self.remote = None   # the run lives here again
-            self.message = (f"Pulled back from {d.get('server', '?')} (run {d.get('remote_id', '?')}).",
-                            "info", None)
+            self.progress = None  # the download it measured is over
+            self.message = (f"Pulled back into this kernel from {d.get('server', '?')} "
+                            f"(run {d.get('remote_id', '?')}).", "info", None)
         elif t == "checkpoint":
             pass  # progress is shown by set_progress; a checkpoint is not news for the user
 
@@ -354,15 +386,19 @@ def render_log_html(entries: list[_Entry]) -> str:
     return f'<div class="jh-log"><div>{"".join(parts)}</div></div>'
 
 
-def render_message_html(message: tuple[str, str, str | None] | None) -> str:
+def render_message_html(message: tuple[str, ...] | None) -> str:
     if not message or not message[0]:
         return ""
-    text, level, link = message
+    text, level, link, *rest = message
+    details = rest[0] if rest else None
     level = {"warning": "warn", "danger": "error"}.get(level, level)
     level = level if level in ("info", "success", "warn", "error") else "info"
     body = _esc(text)
     if link:
         body += f' <a href="{_esc(link)}" target="_blank" rel="noopener">{_esc(link)}</a>'
+    if details:   # a traceback for a bug report: collapsed, never red noise under the widget
+        body += (f'<details class="jh-details"><summary>Technical details</summary>'
+                 f'<pre>{_esc(details)}</pre></details>')
     return f'<div class="jh-msg jh-m-{level}" data-level="{level}">{body}</div>'
 
 
@@ -387,7 +423,7 @@ def render_text(v: _View) -> str:
         pct = f" ({100 * done_b / total_b:.0f}%)" if total_b else ""
         lines.append(f"  {label_p}: {_fmt_bytes(done_b)}" + (f" of {_fmt_bytes(total_b)}" if total_b else "") + pct)
     if v.message and v.message[0]:
-        text, level, link = v.message
+        text, level, link, *_ = v.message
         prefix = {"error": "Error: ", "warn": "Note: "}.get(level, "")
         lines.append("  " + prefix + text.replace("\n", "\n  ") + (f" {link}" if link else ""))
     if v.status == "waiting_input" and v.question:
@@ -514,10 +550,13 @@ class RunWidget(W.VBox):
             self._view.progress = (label, int(done), int(total)) if label else None
             self._render_progress()
 
-    def show_message(self, text: str, level: str = "info", *, link: str | None = None) -> None:
-        """A one-line notice under the log (errors should say what to do); empty text clears it."""
+    def show_message(self, text: str, level: str = "info", *, link: str | None = None,
+                     details: str | None = None) -> None:
+        """A one-line notice under the log (errors should say what to do); empty text clears it.
+        ``details`` (e.g. a traceback) is shown collapsed under the line."""
         with self._lock:
-            self._view.message = (text, level, link) if text else None
+            self._view.message = ((text, level, link, details) if details else (text, level, link)) \
+                if text else None
             self._message.value = render_message_html(self._view.message)
 
     def to_text(self) -> str:
@@ -552,7 +591,7 @@ class RunWidget(W.VBox):
                 b.disabled = not enabled
                 b.tooltip = tip
             self.buttons["pause"].layout.display = "none" if v.remote else ""
-        if what is None:
+        if what in (None, "handoff", "pull"):   # a handoff/pull event ends its transfer's bar
             self._render_progress()
 
     def _render_progress(self) -> None:
@@ -591,15 +630,34 @@ class RunWidget(W.VBox):
             else:
                 self.show_message("This view is not attached to a run any more; use %runs to find it.", "warn")
             return
-        self.action_output.outputs = ()
-        with self.action_output:          # a diff view, a link, a report: shown in the widget
+        label = _ACTION_LABELS.get(key, key)
+
+        def call() -> Exception | None:
+            # caught here, inside any Output context: Output.__exit__ would print a red traceback
             try:
                 fn(*args)
-            except Exception as exc:  # shown to the user in the widget and logged with its traceback
-                log.exception("RunWidget: %s failed", method)
-                hint = getattr(exc, "hint", None)
-                self.show_message(f"{dict((k, l) for k, l, _ in BUTTONS).get(key, key)} failed: {exc}"
-                                  + (f"\n{hint}" if hint else ""), "error")
+            except Exception as exc:  # shown in the widget just below
+                return exc
+            return None
+
+        if key in DISPLAY_ACTIONS:
+            self.action_output.outputs = ()
+            with self.action_output:      # a diff view, a link, a report: shown in the widget
+                exc = call()
+        else:
+            # answer/pause/cancel display nothing; a background run they start must not have
+            # its first outputs caught by the action area while the click is handled
+            exc = call()
+        if exc is not None:   # one clear line; a (collapsed) traceback only for bugs
+            if is_user_error(exc):
+                log.debug("RunWidget: %s failed: %s", method, exc, exc_info=True)
+                self.show_message(action_error_text(label, exc), "error")
+            else:
+                tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+                log.debug("RunWidget: %s failed unexpectedly", method, exc_info=True)
+                self.show_message(f"{label} failed unexpectedly ({type(exc).__name__}: {_short(str(exc), 300)}). "
+                                  "Nothing was lost: try again, and if it keeps failing report it with "
+                                  "the details below.", "error", details=tb)
 
     def _on_send(self, _button: W.Button) -> None:
         text = self.answer_text.value.strip()

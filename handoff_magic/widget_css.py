@@ -85,6 +85,10 @@ CSS = """
   background: color-mix(in srgb, var(--jp-warn-color1, #f57c00) 14%, transparent); }
 .jh-m-error { border-color: var(--jp-error-color1, #d32f2f);
   background: color-mix(in srgb, var(--jp-error-color1, #d32f2f) 12%, transparent); }
+.jh-details { margin-top: 4px; white-space: normal; }
+.jh-details summary { cursor: pointer; font-size: 11px; color: var(--jp-ui-font-color2, rgba(0,0,0,.54)); }
+.jh-details pre { font-size: 11px; max-height: 14em; overflow: auto; margin: 4px 0 0 0;
+  color: var(--jp-ui-font-color1, rgba(0,0,0,.87)); white-space: pre; }
 .jh-question { font-weight: 600; margin: 6px 0 2px 0; overflow-wrap: anywhere; white-space: pre-wrap; }
 .jh-buttons { flex-wrap: wrap; gap: 4px; margin-top: 6px; }
 .jh-buttons .jupyter-button, .jh-answer .jupyter-button { margin: 0; }

@@ -210,6 +210,54 @@ def test_buttons_without_controller_say_not_connected() -> None:
     assert "Type an answer first" in w._message.value
 
 
+class _Failing:
+    """A controller whose actions fail the ways real ones do."""
+
+    def handoff(self) -> None:
+        from handoff_magic.remote import HandoffError
+        raise HandoffError("handoff failed: no server configured: set HANDOFF_SERVER_URL and "
+                           "HANDOFF_TOKEN. The local run is unchanged.")
+
+    def review_diff(self) -> None:
+        from handoff_magic.client import ServerUnreachable
+        raise ServerUnreachable("cannot reach http://srv:1", "start the server or fix the URL")
+
+    def pull_back(self) -> None:
+        return {}["missing"]   # a bug: KeyError
+
+
+def test_failed_action_shows_one_clear_line_and_a_traceback_only_for_bugs() -> None:
+    _, w = make("paused")
+    w.controller = _Failing()
+    w.buttons["handoff"].click()
+    msg = w._message.value
+    assert 'data-level="error"' in msg and "Hand off failed: no server configured" in msg
+    assert "failed: handoff failed" not in msg.lower() and "<details" not in msg
+    w.set_remote("http://srv:1", "abc")
+    w.buttons["diff"].click()
+    msg = w._message.value
+    assert "Review diff failed: cannot reach http://srv:1: start the server or fix the URL" in msg
+    assert msg.count("start the server") == 1 and "<details" not in msg
+    w.buttons["pull"].click()        # unexpected: one line, the traceback collapsed under it
+    msg = w._message.value
+    assert "Pull back failed unexpectedly (KeyError: &#x27;missing&#x27;)" in msg
+    assert '<details class="jh-details"><summary>' in msg and "Traceback (most recent call last)" in msg
+    assert "<details open" not in msg
+    assert w.action_output.outputs == ()      # nothing red printed below the widget
+
+
+def test_progress_bar_hides_once_its_transfer_is_done() -> None:
+    state, w = make("paused")
+    w.set_progress("upload", 6_000_000, 6_000_000)
+    assert w._progress.layout.display == ""
+    emit(state, w, "handoff", server="http://srv:1", remote_id="abc")
+    assert w._progress.layout.display == "none"
+    w.set_progress("pull", 10, 10)
+    w.show_state(state)
+    emit(state, w, "pull", server="http://srv:1", remote_id="abc")
+    assert w._progress.layout.display == "none" and "Pulled back into this kernel" in w._message.value
+
+
 # -- progress and messages ------------------------------------------------------------------
 
 def test_progress_bar_and_messages() -> None:
@@ -345,6 +393,12 @@ def test_handoff_click_without_server_says_what_to_set(executed: nbformat.Notebo
     out = "".join(o.get("text", "") for o in executed.cells[2].outputs if o.get("name") == "stdout")
     assert 'data-level="error"' in out and "Hand off failed" in out
     assert "HANDOFF_SERVER_URL" in out
+    # one clear line: no doubled prefix, no traceback in the cell or in the widget's action area
+    assert "failed: handoff failed" not in out.lower() and "<details" not in out
+    assert not [o for o in executed.cells[2].outputs if o["output_type"] == "error" or o.get("name") == "stderr"]
+    shown = [o for m in _models(executed).values() if m["model_name"] == "OutputModel"
+             for o in m["state"].get("outputs", [])]
+    assert not [o for o in shown if o.get("output_type") == "error" or o.get("name") == "stderr"], shown
 
 
 def test_answer_box_send_resumes_run(executed: nbformat.NotebookNode) -> None:
