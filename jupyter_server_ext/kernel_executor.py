@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 POLL = 0.5            # seconds between iopub polls while waiting for a reply
 ALIVE_EVERY = 1.0     # seconds between liveness checks while the kernel is quiet
 INTERRUPT_GRACE = 10  # seconds a kernel gets to become idle after an interrupt
+IOPUB_GRACE = 10      # seconds to wait for the idle status once the reply is in
 
 
 class KernelStartError(RuntimeError):
@@ -62,17 +63,30 @@ class KernelExecutor:
 
     def _wait_ready(self, timeout: float) -> None:
         """Like ``wait_for_ready``, but liveness comes from the kernel manager (the process),
-        not a heartbeat that can miss a beat on a busy machine."""
+        not a heartbeat that can miss a beat on a busy machine; and ready means the shell
+        answered *and* our iopub subscription receives (ZMQ drops what is published before a
+        subscriber has joined, which would lose the first execution's outputs and idle)."""
         deadline = time.monotonic() + timeout
+        sent: set[str] = set()
+        shell_ok = iopub_ok = False
         while time.monotonic() < deadline:
-            msg_id = self.client.kernel_info()
-            try:
-                while True:
-                    reply = self.client.get_shell_msg(timeout=1)
-                    if reply.get("parent_header", {}).get("msg_id") == msg_id:
-                        return
-            except queue.Empty:
-                pass
+            sent.add(self.client.kernel_info())
+            round_end = time.monotonic() + 1.0
+            while time.monotonic() < round_end and not (shell_ok and iopub_ok):
+                for get, which in ((self.client.get_shell_msg, "shell"), (self.client.get_iopub_msg, "iopub")):
+                    if (which == "shell" and shell_ok) or (which == "iopub" and iopub_ok):
+                        continue
+                    try:
+                        msg = get(timeout=0.05)
+                    except queue.Empty:
+                        continue
+                    if msg.get("parent_header", {}).get("msg_id") in sent:
+                        if which == "shell":
+                            shell_ok = True
+                        else:
+                            iopub_ok = True
+            if shell_ok and iopub_ok:
+                return
             if not self.is_alive():
                 raise KernelStartError(f"kernel {self.kernel_id} died while starting; check the kernel "
                                        "spec and the Jupyter Server log")
@@ -136,7 +150,12 @@ class KernelExecutor:
         idle = False
         last_alive = time.monotonic()
         timed_out = False
+        reply_at = 0.0
         while not (idle and reply is not None):
+            if reply is not None and time.monotonic() - reply_at > IOPUB_GRACE:
+                log.warning("jupyter-handoff: kernel %s replied but its idle status never came on iopub; "
+                            "outputs of this execution may be incomplete", self.kernel_id)
+                break  # like nbclient's iopub_timeout: never hang on a lost iopub message
             if deadline is not None and time.monotonic() > deadline and not timed_out:
                 timed_out = True
                 self.interrupt()
@@ -160,6 +179,7 @@ class KernelExecutor:
                     r = self.client.get_shell_msg(timeout=POLL if idle else (0 if got else 0.01))
                     if r.get("parent_header", {}).get("msg_id") == msg_id:
                         reply = r
+                        reply_at = time.monotonic()
                         got = True
                 except queue.Empty:
                     pass
