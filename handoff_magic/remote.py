@@ -439,8 +439,20 @@ class RemoteRun:
         except ImportError:
             print(url)
 
-    def pull_back(self) -> None:
-        pull(self.run_id, client=self.client, shell=self.shell)
+    def pull_back(self) -> Any:
+        """The Pull back button: the run comes into this kernel and this view shows it from then
+        on as a local run (local status and buttons, the pull report in its action area)."""
+        view = self.widget
+        following = bool(self._thread and self._thread.is_alive())
+        self.stop()   # the remote's own "pulled" status must not land on the view after the switch
+        try:
+            local = pull(self.run_id, client=self.client, shell=self.shell, widget=view)
+        except Exception:
+            if following:
+                self.follow()
+            raise
+        self.widget = None   # this RemoteRun no longer drives any view
+        return local
 
 
 # -- handoff ---------------------------------------------------------------------------------
@@ -466,6 +478,12 @@ def _client(to: str | None, token: str | None, client: HandoffClient | None) -> 
             except ClientError as exc:
                 raise HandoffError(str(exc)) from exc
         return cached
+
+
+def _progress_done(widget: Any) -> None:
+    """Hide the bar once the transfer it measured is over (it must not linger for the whole run)."""
+    if widget is not None and hasattr(widget, "set_progress"):
+        widget.set_progress("", 0, 0)
 
 
 def _progress(widget: Any, label: str) -> Callable[[int, int], None]:
@@ -560,7 +578,10 @@ def handoff(run: Any, *, to: str | None = None, token: str | None = None, fork: 
                 raise
             timings.create = time.perf_counter() - t
             t = time.perf_counter()
-            up = cl.upload_bundle(bundle_dir, progress=_progress(widget, "upload"), manifest=manifest)
+            try:
+                up = cl.upload_bundle(bundle_dir, progress=_progress(widget, "upload"), manifest=manifest)
+            finally:
+                _progress_done(widget)
             timings.upload = time.perf_counter() - t
             t = time.perf_counter()
             summary = cl.create_run(manifest, idempotency_key=key)
@@ -745,8 +766,11 @@ def _file_conflicts(manifest: dict[str, Any], record: dict[str, Any] | None) -> 
 
 
 def pull(run_id: str, *, to: str | None = None, token: str | None = None, shell: Any = None,
-         client: HandoffClient | None = None, display: bool = True) -> Any:
-    """Pause + checkpoint the remote run, restore its state here and make it a LocalRun."""
+         client: HandoffClient | None = None, display: bool = True, widget: Any = None) -> Any:
+    """Pause + checkpoint the remote run, restore its state here and make it a LocalRun.
+
+    ``widget``: the view whose Pull back button was clicked (a %reattach view, a fork's view); it
+    shows the download and then becomes the pulled-back LocalRun's view."""
     t0 = time.perf_counter()
     cl = _client(to, token, client)
     shell = shell if shell is not None else _get_shell()
@@ -754,6 +778,7 @@ def pull(run_id: str, *, to: str | None = None, token: str | None = None, shell:
     bundle_dir = Path(record["bundle_dir"]) if record and record.get("bundle_dir") else \
         bundle_cache(f"pull-{run_id}")
     bundle_dir.mkdir(parents=True, exist_ok=True)
+    progress_view = widget if widget is not None else _local_widget(record)
     try:
         summary = cl.get_run(run_id)
         if summary.get("status") in ("completed", "failed", "cancelled"):
@@ -761,10 +786,11 @@ def pull(run_id: str, *, to: str | None = None, token: str | None = None, shell:
         else:
             reply = cl.pull(run_id)
             manifest = reply.get("manifest") or cl.bundle(run_id)
-        downloaded = cl.download_chunks(manifest, _DirStore(bundle_dir),
-                                        progress=_progress(_local_widget(record), "pull"))
+        downloaded = cl.download_chunks(manifest, _DirStore(bundle_dir), progress=_progress(progress_view, "pull"))
     except ClientError as exc:
         raise HandoffError(f"pull back failed: {exc}. Nothing changed in this kernel.") from exc
+    finally:
+        _progress_done(progress_view)
 
     from .bundle import write_manifest
     write_manifest(bundle_dir, manifest)
@@ -784,12 +810,23 @@ def pull(run_id: str, *, to: str | None = None, token: str | None = None, shell:
         raise HandoffError(f"run {run_id}'s checkpoint carries no run state; the variables were "
                            "restored but the agent cannot continue: start a new %agent run")
     local = _merge_into_local(remote_state, record, cl.url, run_id, shell)
+    if widget is not None and getattr(local, "widget", None) is not widget:
+        _adopt_view(local, widget)
     result = PullReport(run_id, cl.url, downloaded, report, list(getattr(report, "conflicts", []) or []),
                         time.perf_counter() - t0)
     local.pull_report = result  # type: ignore[attr-defined]
     if display:
         _display(result)
     return local
+
+
+def _adopt_view(local: Any, widget: Any) -> None:
+    """``widget`` (a remote view) becomes the view and controls of the pulled-back ``local`` run."""
+    local.widget = widget
+    if hasattr(widget, "controller"):
+        widget.controller = local
+    if hasattr(widget, "show_state"):
+        widget.show_state(local.state)
 
 
 def _local_widget(record: dict[str, Any] | None) -> Any:

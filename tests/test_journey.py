@@ -157,6 +157,9 @@ def test_full_journey_handoff_kill_notify_reattach_diff_pull_continue(cloud, cli
         run_id = after["remote"]
         assert after["status"] == "handed_off" and run_id, out
         assert run_id in out, out
+        # the upload bar went away once the upload was done (it must not sit there for the whole run)
+        assert a.value("__import__('handoff_magic.runs', fromlist=['x']).current_run()"
+                       ".widget._progress.layout.display") == "none"
     finally:
         a.kill()  # the laptop closes right after the prompt came back
     assert prompt_back < 30
@@ -192,8 +195,19 @@ def test_full_journey_handoff_kill_notify_reattach_diff_pull_continue(cloud, cli
         shown = b.ok(f"from handoff_magic.remote import review_diff\nprint(review_diff({run_id!r}))")
         assert "report.md" in shown and "r2" in shown
 
-        pulled = b.ok(f"%pull {run_id}")
+        # Pull back from the reattached view: it becomes the view of the run now living here
+        pulled = b.ok("from handoff_magic.remote import LAST_REATTACH\nw = LAST_REATTACH.widget\n"
+                      "w.buttons['pull'].click()\nprint(w._message.value)")
+        assert f"pulled run {run_id}" in pulled.lower(), pulled   # the report, shown in the widget
         assert "report.md" in pulled and ".remote" in pulled, pulled
+        assert "Pulled back into this kernel" in pulled and 'data-level="error"' not in pulled, pulled
+        view_after = b.value("(lambda r: {'controller_is_run': w.controller is r, 'status': w.status, "
+                             "'header': w._header.value, 'pull': w.buttons['pull'].disabled, "
+                             "'reattach': w.buttons['reattach'].disabled, 'run_widget': r.widget is w})"
+                             "(__import__('handoff_magic.runs', fromlist=['x']).current_run())")
+        assert view_after["controller_is_run"] and view_after["run_widget"], view_after
+        assert view_after["status"] == "completed" and "local · run" in view_after["header"], view_after
+        assert view_after["pull"] and view_after["reattach"], "Pull back/Reattach are done once pulled"
         assert (laptop_dir / "report.md").read_text() == "my own notes\n"
         assert "Sales model" in (laptop_dir / "report.md.remote").read_text()
         r2 = b.value("r2")
