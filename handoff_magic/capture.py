@@ -164,7 +164,10 @@ def summary(value: Any) -> str:
             return f"{type(value).__name__} {dims}" + (f" {dtype}" if dtype is not None and
                                                          not hasattr(value, "columns") else "")
         head = _REPR.repr(value) if isinstance(value, (list, dict, set, tuple, frozenset, str, bytes)) \
-            else repr(value)
+            else repr(value)[:400]
+        # "<Point object at 0x7f…>", "Generator(PCG64) at 0x7F…": an address changes with every
+        # process, so a diff would flag an unchanged variable as changed
+        head = _ADDRESS.sub("", head)
         if len(head) > 80:
             head = head[:77] + "..."
         if hasattr(value, "__len__") and not isinstance(value, (str, bytes)):
@@ -175,6 +178,7 @@ def summary(value: Any) -> str:
 
 
 # -- pickling ----------------------------------------------------------------------
+_ADDRESS = re.compile(r"\s+at 0x[0-9a-fA-F]+|\b0x[0-9a-fA-F]{8,}\b")   # memory addresses in reprs
 _REPR = reprlib.Repr()
 _REPR.maxlist = _REPR.maxdict = _REPR.maxset = _REPR.maxtuple = 4
 _REPR.maxstring = _REPR.maxother = 60

@@ -11,6 +11,7 @@ import ctypes
 import gc
 import hashlib
 import io
+import logging
 import mmap
 import os
 import pickle
@@ -24,6 +25,8 @@ from typing import Any
 from .bundle import CHUNKS, BundleError, ChunkStore, check_relpath, fsync_dir, read_manifest, validate_manifest
 from .reports import RestoreReport, VarReport
 from .state import RunState, StateError
+
+log = logging.getLogger(__name__)
 
 
 class HistoryOutput:
@@ -273,7 +276,24 @@ def _restore_history(shell: Any, ns: dict[str, Any], history: dict[str, Any]) ->
             continue
     for i, text in enumerate(ins[1:], start=1):
         ns[f"_i{i}"] = text
-    shell.execution_count = len(ins) - 1 + offset
+    count = len(ins) - 1 + offset
+    if count <= int(shell.execution_count):
+        _continue_in_new_history_session(hm)
+    shell.execution_count = count
+
+
+def _continue_in_new_history_session(hm: Any) -> None:
+    """The restored numbering reuses cell numbers this kernel's history database already holds
+    for its session: go on in a new history session (as ``%reset`` does), so the next cells
+    never collide with stored (session, line) rows ("ERROR! Session/line number was not unique")."""
+    if not getattr(hm, "enabled", False) or not hasattr(hm, "new_session"):
+        return   # no history database (e.g. HistoryManager.enabled = False)
+    try:
+        hm.writeout_cache()   # this session's pending lines keep their numbers
+        hm.new_session()
+    except Exception as exc:  # noqa: BLE001 - In/Out are restored either way; only SQLite logging is at stake
+        log.warning("could not start a new history session after restoring In/Out (%s); "
+                    "IPython may report a duplicate line number once", exc)
 
 
 def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path | None = None,

@@ -266,6 +266,17 @@ def test_imports_are_import_lines(world: Any) -> None:
     assert "from math import sqrt as s" in manifest["imports"]
 
 
+def test_summaries_carry_no_memory_addresses(world: Any) -> None:
+    """An address changes in every process: a diff would flag unchanged variables as changed."""
+    import re
+    manifest = json.loads((world["bundle"] / "manifest.json").read_text())
+    summaries = {v["name"]: v.get("summary") or "" for v in manifest["variables"]}
+    assert summaries["pt"].startswith("Point: <__main__.Point object>"), summaries["pt"]
+    assert summaries["twice"] == "function: <function twice>", summaries["twice"]
+    with_address = {n: s for n, s in summaries.items() if re.search(r"0x[0-9a-fA-F]{6,}", s)}
+    assert not with_address
+
+
 def test_secret_never_in_bundle_bytes(world: Any) -> None:
     needle = SECRET.encode()
     for path in world["bundle"].rglob("*"):
@@ -353,4 +364,28 @@ def test_silent_restore_like_the_server_keeps_numbering(world: Any) -> None:
     got = json.loads(b.ok("import json\nprint(json.dumps([len(In), In[-1][:12], counter]))")["stdout"])
     # the bundle's In had len(CORPUS) + 3 entries ('' + corpus + load_ext + save); this cell is the next
     assert got == [len(CORPUS) + 4, "import json\n", 42]
-    assert b.ok("2 + 2")["execution_count"] == len(CORPUS) + 4
+    nxt = b.ok("2 + 2")
+    assert nxt["execution_count"] == len(CORPUS) + 4
+    # kernel B had already logged more cells than that: the reused numbers must not collide with
+    # its SQLite history ("ERROR! Session/line number was not unique in database ...")
+    assert nxt["stdout"] == "" and got_stdout(b, "3 + 3") == "ok\n"
+
+
+def got_stdout(k: Any, code: str) -> str:
+    return k.ok(f"{code}\nimport time as _t; _t.sleep(0.1); print('ok')")["stdout"]
+
+
+def test_pull_into_a_kernel_with_its_own_history_keeps_history_logging(world: Any, tmp_path: Path) -> None:
+    """%snapshot load of a bundle with a short history into a kernel that ran many cells: In/Out are
+    the bundle's, numbering continues from it, and IPython's history database never complains."""
+    a = world["a"]
+    small = tmp_path / "small"
+    a.ok(f"import handoff_magic as _h\n_h.save_state({str(small)!r}, ns={{'pulled_value': 41}})")
+    out = a.ok(f"%snapshot load {small}")
+    assert "not unique" not in out["stdout"]
+    later = [a.ok(f"pulled_value + {i}") for i in range(3)]
+    assert [r["data"][0]["text/plain"] for r in later] == ["41", "42", "43"]
+    assert all("not unique" not in r["stdout"] for r in later), [r["stdout"] for r in later]
+    assert got_stdout(a, "pass") == "ok\n"
+    info = json.loads(a.ok("import json\nprint(json.dumps([len(In), In[-1][:11]]))")["stdout"])
+    assert info == [7, "import json"]   # '' + the load cell + 3 cells + the check + this one
