@@ -370,7 +370,7 @@ def read_manifest(dir: Path) -> dict[str, Any]:
                           "%snapshot save PATH)") from None
     try:
         manifest = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise BundleError(f"{path} is not valid JSON ({exc}); the bundle is truncated or damaged — "
                           "copy or save it again") from exc
     check_header(manifest)
@@ -479,11 +479,14 @@ def validate_manifest(manifest: dict[str, Any], *, max_bytes: int | None = None,
                 problems.append(f"group {g['id']}: buffer entries need an integer size")
                 continue
             refs(b.get("chunks"), f"group {g['id']} buffer")
-            if all(isinstance(s, str) and s in chunks for s in b.get("chunks") or []):
+            if isinstance(b.get("chunks"), list) and all(  # sizes only when every chunk entry is sound
+                    isinstance(s, str) and isinstance(chunks.get(s), dict) and _is_int(chunks[s].get("size"))
+                    for s in b["chunks"]):
                 if sum(chunks[s]["size"] for s in b["chunks"]) != b["size"]:
                     problems.append(f"group {g['id']}: buffer size does not match its chunks")
     for v in variables:
-        if isinstance(v, dict) and v.get("method") in ("pickle5", "dill") and v.get("group") not in group_ids:
+        if isinstance(v, dict) and v.get("method") in ("pickle5", "dill") and \
+                not (isinstance(v.get("group"), str) and v["group"] in group_ids):
             problems.append(f"variable {v.get('name')}: group {v.get('group')!r} is not in 'groups'")
     for r in replays:
         if (not isinstance(r, dict) or not isinstance(r.get("code"), str) or not isinstance(r.get("names"), list)

@@ -244,6 +244,6 @@ class RunState:
     def from_json(cls, text: str | bytes) -> "RunState":
         try:
             data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
             raise StateError(f"run state is not valid JSON ({exc}); the file may be truncated") from exc
         return cls.from_dict(data)
