@@ -5,17 +5,55 @@ Trait names are a contract (DESIGN "Configuration"): users set ``c.HandoffApp.mo
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp, ExtensionAppJinjaMixin
-from traitlets import Bool, Float, Integer, List, Unicode, default
+from traitlets import Bool, Float, Integer, List, TraitError, Unicode, default
 
 from .store import BlobStore, RunStore
 
 TEMPLATES = Path(__file__).parent / "templates"
+
+# a separator before the next URL: whitespace, or a comma followed by "scheme://" (a comma inside
+# a URL, e.g. mailto://...?to=a@x.org,b@x.org, stays part of that URL)
+_URL_SEP = re.compile(r"\s+|,\s*(?=[A-Za-z][A-Za-z0-9+.\-]*://)")
+
+
+def split_urls(value: object) -> list[str]:
+    """Notification targets from a list, a JSON list string, or comma/whitespace-separated URLs.
+
+    ``--HandoffApp.notify_urls='["a://x", "b://y"]'`` or ``=a://x,b://y`` given once on the command
+    line arrives as one string; read naively, every target but one would be lost without a word.
+    """
+    items = [value] if isinstance(value, str) else list(value or [])   # type: ignore[call-overload]
+    urls: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise TraitError(f"HandoffApp.notify_urls: {item!r} is not a URL string")
+        text = item.strip()
+        if text.startswith("["):
+            try:
+                parsed = json.loads(text)
+            except ValueError as exc:
+                raise TraitError(f"HandoffApp.notify_urls: {text[:80]!r} looks like a JSON list but is "
+                                 f"not valid JSON ({exc}); write it as '[\"json://host/hook\", "
+                                 f"\"mailto://...\"]' or as comma-separated URLs") from None
+            urls.extend(split_urls(parsed))
+            continue
+        urls.extend(u for u in _URL_SEP.split(text) if u)
+    return urls
+
+
+class UrlList(List):
+    """A List of URL strings that also accepts one string holding several URLs (see split_urls)."""
+
+    def validate(self, obj: object, value: object) -> object:
+        return super().validate(obj, split_urls(value) if isinstance(value, (str, list, tuple)) else value)
 
 
 class HandoffApp(ExtensionAppJinjaMixin, ExtensionApp):
@@ -36,8 +74,9 @@ class HandoffApp(ExtensionAppJinjaMixin, ExtensionApp):
                                       "*_BASE_URL env var).").tag(config=True)
     model_api_key_env = Unicode("", help="Name of the environment variable holding the model key "
                                          "(else the SDK convention, e.g. OPENAI_API_KEY).").tag(config=True)
-    notify_urls = List(Unicode(), help="apprise URLs notified when a run completes, fails, is "
-                                       "cancelled or needs input.").tag(config=True)
+    notify_urls = UrlList(Unicode(), help="apprise URLs notified when a run completes, fails, is "
+                                          "cancelled or needs input: a list, a JSON list string, or "
+                                          "comma/whitespace-separated URLs.").tag(config=True)
     notify_retry_seconds = Float(2.0, help="First retry delay for a failed notification; doubles "
                                            "per attempt up to 5 minutes.").tag(config=True)
     public_url = Unicode("", help="Base URL used in links (notifications, status pages). "
@@ -89,8 +128,23 @@ class HandoffApp(ExtensionAppJinjaMixin, ExtensionApp):
             assert self.serverapp is not None
             self.run_manager = RunManager(self, self.store, self.blobs, self.serverapp.kernel_manager,
                                           Path(self.serverapp.root_dir))
+        self._log_notify_targets()
         self.settings.update({"handoff_app": self})
         self.log.info("jupyter-handoff: data in %s", data)
+
+    def _log_notify_targets(self) -> None:
+        """Say which targets will be notified (schemes only: a URL may hold a password)."""
+        urls = list(self.notify_urls)
+        if not urls:
+            self.log.info("jupyter-handoff: no notification targets (set c.HandoffApp.notify_urls)")
+            return
+        for i, url in enumerate(urls, 1):
+            scheme, sep, _ = url.partition("://")
+            if sep and scheme:
+                self.log.info("jupyter-handoff: notification target %d of %d: %s://…", i, len(urls), scheme)
+            else:
+                self.log.warning("jupyter-handoff: notification target %d of %d is not a URL (no "
+                                 "scheme://); fix c.HandoffApp.notify_urls", i, len(urls))
 
     def initialize_handlers(self) -> None:
         from .handlers import handlers

@@ -155,3 +155,37 @@ def test_same_state_twice_notifies_once(tmp_path: Path, webhook: Webhook) -> Non
     st.question = "And the duplicates?"
     store.save_state(st)
     assert len(notifier.enqueue(rid, "waiting_input")) == 1  # a new question is news
+
+
+@pytest.mark.parametrize("argv", [
+    ['--HandoffApp.notify_urls=["json://127.0.0.1:9/a", "mailto://u:pw@127.0.0.1?to=a@x.org,b@x.org"]'],
+    ["--HandoffApp.notify_urls=json://127.0.0.1:9/a,mailto://u:pw@127.0.0.1?to=a@x.org,b@x.org"],
+    ["--HandoffApp.notify_urls=json://127.0.0.1:9/a  mailto://u:pw@127.0.0.1?to=a@x.org,b@x.org"],
+    ["--HandoffApp.notify_urls=json://127.0.0.1:9/a", "--HandoffApp.notify_urls=mailto://u:pw@127.0.0.1?to=a@x.org,b@x.org"],
+])
+def test_notify_urls_given_once_on_the_command_line_keep_every_target(argv: list[str], caplog: Any) -> None:
+    """One --HandoffApp.notify_urls holding a JSON list or several URLs is not read as one URL;
+    a comma inside a URL (several mail recipients) stays; each target's scheme is logged."""
+    import logging
+
+    from traitlets.config.loader import KVArgParseConfigLoader
+
+    from jupyter_server_ext.app import HandoffApp
+    app = HandoffApp(config=KVArgParseConfigLoader(argv).load_config())
+    assert app.notify_urls == ["json://127.0.0.1:9/a", "mailto://u:pw@127.0.0.1?to=a@x.org,b@x.org"]
+    app.log = logging.getLogger("handoff-test")
+    with caplog.at_level(logging.INFO, logger="handoff-test"):
+        app._log_notify_targets()
+    assert "target 1 of 2: json://" in caplog.text and "target 2 of 2: mailto://" in caplog.text
+    assert "pw" not in caplog.text     # schemes only: a URL may hold a password
+
+
+def test_notify_urls_bad_json_says_how_to_write_it() -> None:
+    from traitlets import TraitError
+
+    from jupyter_server_ext.app import HandoffApp
+    app = HandoffApp()
+    with pytest.raises(TraitError, match="not valid JSON.*comma-separated"):
+        app.notify_urls = '["json://a",'
+    app.notify_urls = "json://a, json://b"          # a plain string in a config file works too
+    assert app.notify_urls == ["json://a", "json://b"]
