@@ -22,9 +22,13 @@ INLINE = "module://matplotlib_inline.backend_inline"
 
 @pytest.fixture
 async def kernel(tmp_path: Path) -> AsyncIterator[tuple[AsyncMultiKernelManager, str]]:
-    mkm = AsyncMultiKernelManager()
+    # connection_dir: by default a MultiKernelManager writes kernel-<id>.json into the cwd (the repo)
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    mkm = AsyncMultiKernelManager(connection_dir=str(runtime))
     kid = await mkm.start_kernel(kernel_name="python3", cwd=str(tmp_path),
                                  env={**os.environ, "MPLBACKEND": INLINE})
+    assert Path(mkm.get_kernel(kid).connection_file).parent == runtime
     try:
         yield mkm, kid
     finally:

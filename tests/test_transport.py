@@ -60,8 +60,10 @@ def kernel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def executor(kernel_dir: Path) -> Iterator[KernelExecutor]:
     lt = LoopThread()
-    mkm = AsyncMultiKernelManager()
+    # connection_dir: by default a MultiKernelManager writes kernel-<id>.json into the cwd (the repo)
+    mkm = AsyncMultiKernelManager(connection_dir=str(kernel_dir.parent))
     kid = lt.run(mkm.start_kernel(kernel_name="python3", cwd=str(kernel_dir)))
+    assert Path(mkm.get_kernel(kid).connection_file).parent == kernel_dir.parent
     ex = KernelExecutor(mkm, kid, lt.loop, default_timeout=120)
     try:
         yield ex
