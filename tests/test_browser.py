@@ -381,3 +381,46 @@ def test_missing_chromium_fails_with_the_fix(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(browser_harness, "CHROMIUM", "/nonexistent/chromium")
     with pytest.raises(pytest.fail.Exception, match="scripts/install-system-deps.sh"):
         browser_harness.require_chromium()
+
+
+# -- Notebook 7 -----------------------------------------------------------------------------------
+class NotebookProcess(LabProcess):
+    """``python -m notebook`` (Notebook 7) with the same settings as the local JupyterLab."""
+
+    def command(self) -> list[str]:
+        cmd = super().command()
+        cmd[2] = "notebook"
+        return cmd
+
+
+def test_widget_renders_in_notebook_7(browser: Any, tmp_path: Path) -> None:  # noqa: F811
+    """The same widget in Notebook 7's single-document UI: plan, status badge and one row of buttons."""
+    import nbformat
+    srv = NotebookProcess(startup_timeout=120, env={"HANDOFF_CACHE_DIR": str(tmp_path / "cache")})
+    (srv.root_dir / "nb7.ipynb").write_text(nbformat.writes(nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_code_cell("")],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})))
+    srv.start()
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    context.set_default_timeout(UI_TIMEOUT)
+    page = context.new_page()
+    ex = expect()
+    try:
+        page.goto(srv.lab_url("notebooks/nb7.ipynb"))
+        ex(page.locator(".jp-NotebookPanel:visible .jp-Cell")).to_have_count(1)
+        cell = run_cell(page, "%load_ext handoff_magic\n%agent --model scripted:default summarise the sales")
+        w = widget_in(cell)
+        ex(badge(w)).to_have_attribute("data-status", "completed", timeout=120_000)
+        ex(w.locator(".jh-plan li[data-status='done']")).to_have_count(4)
+        ex(w.locator(".jh-meta")).to_contain_text("local · run")
+        assert_legible(w)
+        assert_compact(w)
+        shot(page, "11-notebook7-light")
+        shot(page, "11-notebook7-widget-light", w)
+    except Exception:
+        shot(page, "failure-notebook7")
+        print("notebook log tail:\n", srv.log()[-4000:])
+        raise
+    finally:
+        context.close()
+        srv.cleanup()
