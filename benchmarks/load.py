@@ -84,12 +84,15 @@ def hand_off(url: str, token: str, bundle: Path) -> tuple[str, float]:
 
 
 # -- the probe (its own process: the pollers' event loop must not skew its clock) ----------------
-def probe_main(url: str, token: str, run_ids: list[str], interval: float, cap: float, out: Any) -> None:
+def probe_main(url: str, token: str, inbox: Any, ready: Any, interval: float, cap: float, out: Any) -> None:
     """Round-robin over the runs: GET /runs/{id} and GET /runs/{id}/events?timeout=0, timed.
 
-    Every ~0.5 s also lists runs to know how many are executing at that moment. Stops when all
-    runs are finished (or at ``cap``); sends the samples back through ``out``.
+    Started (and imported) before the runs exist; it says ``ready`` and then takes the run ids
+    from ``inbox``. Every ~0.5 s also lists runs to know how many are executing at that moment.
+    Stops when all runs are finished (or at ``cap``); sends the samples back through ``out``.
     """
+    ready.put("probe")
+    run_ids: list[str] = inbox.get()
     samples: list[tuple[str, float, float, int]] = []   # (kind, wall time, seconds, runs active)
     active_timeline: list[tuple[float, int]] = []
     seen: dict[str, int] = {r: 0 for r in run_ids}
@@ -198,9 +201,11 @@ async def run_followers(url: str, token: str, followers: list[Follower], poll_ti
     return lags
 
 
-def poller_main(url: str, token: str, run_ids: list[str], poll_timeout: float, cap: float,
+def poller_main(url: str, token: str, inbox: Any, ready: Any, poll_timeout: float, cap: float,
                 max_calls: int, out: Any) -> None:
     """One follower process (several share the pollers so one client loop does not saturate)."""
+    ready.put("poller")
+    run_ids: list[str] = inbox.get()
     followers = [Follower(rid) for rid in run_ids]
     cpu0 = time.process_time()
     lags = asyncio.run(run_followers(url, token, followers, poll_timeout, time.monotonic() + cap, max_calls))
@@ -217,6 +222,37 @@ def server_log(client: httpx.Client, run_id: str) -> list[tuple[int, str]]:
         if not page["events"]:
             return out
         out += [(int(e["seq"]), str(e["type"])) for e in page["events"]]
+
+
+def server_histogram(client: httpx.Client, handler: str) -> list[tuple[float, int]]:
+    """Jupyter Server's own ``http_request_duration_seconds`` buckets for one handler (GET 200):
+    time inside the server, from the request's headers being read to its response finishing."""
+    text = client.get("/metrics").text
+    out: dict[float, int] = {}
+    for line in text.splitlines():
+        if line.startswith("http_request_duration_seconds_bucket{") and f'handler="{handler}"' in line \
+                and 'method="GET"' in line and 'status_code="200"' in line:
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float("inf") if le == "+Inf" else float(le)] = int(float(line.rsplit(" ", 1)[1]))
+    return sorted(out.items())
+
+
+def hist_pct(buckets: list[tuple[float, int]], q: float) -> float:
+    """Upper bound of the bucket holding the q-th percentile."""
+    total = buckets[-1][1] if buckets else 0
+    for le, n in buckets:
+        if total and n >= q / 100 * total:
+            return le
+    return float("nan")
+
+
+def hist_line(buckets: list[tuple[float, int]], target_s: float) -> str:
+    if not buckets or not buckets[-1][1]:
+        return "no samples"
+    total = buckets[-1][1]
+    under = max((n for le, n in buckets if le <= target_s), default=0)
+    return (f"p50 <= {hist_pct(buckets, 50) * 1000:g} ms  p99 <= {hist_pct(buckets, 99) * 1000:g} ms  "
+            f"{under / total * 100:.1f}% within {target_s * 1000:g} ms  (n={total})")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -266,6 +302,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"server ready in {time.perf_counter() - t:.2f}s at {cloud.url} "
               f"({args.runs} runs x {args.steps} steps of {args.sleep:g}s sleep, {args.pollers} pollers)", flush=True)
 
+        # the probe and the poller processes start (and import) first, then wait for run ids
+        ctx = mp.get_context("spawn")
+        out, pout, ready = ctx.Queue(), ctx.Queue(), ctx.Queue()
+        max_calls = int(args.time_cap * 50) + 100   # bounded even if the server answered instantly forever
+        procs = max(1, min(args.poller_procs, args.pollers))
+        inboxes = [ctx.Queue() for _ in range(procs + 1)]
+        probe = ctx.Process(target=probe_main, daemon=True, args=(
+            cloud.url, cloud.token, inboxes[-1], ready, args.probe_interval, args.time_cap, out))
+        pollers = [ctx.Process(target=poller_main, daemon=True, args=(
+            cloud.url, cloud.token, inboxes[k], ready, args.poll_timeout, args.time_cap, max_calls, pout))
+            for k in range(procs)]
+        for pr in [probe, *pollers]:
+            pr.start()
+        for _ in range(procs + 1):
+            ready.get(timeout=120)
+
         t = time.perf_counter()
         bundles = [make_bundle(base, i, script) for i in range(args.runs)]
         capture_s = time.perf_counter() - t
@@ -277,20 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"captured {args.runs} bundles in {capture_s:.2f}s; handed off concurrently in "
               f"{time.time() - t_create0:.2f}s (upload+create per run: {ms(create_s)})", flush=True)
 
-        ctx = mp.get_context("spawn")
-        out = ctx.Queue()
-        probe = ctx.Process(target=probe_main, args=(cloud.url, cloud.token, run_ids, args.probe_interval,
-                                                     args.time_cap, out), daemon=True)
-        probe.start()
-        max_calls = int(args.time_cap * 50) + 100   # bounded even if the server answered instantly forever
         targets = [run_ids[i % len(run_ids)] for i in range(args.pollers)]
-        procs = max(1, min(args.poller_procs, args.pollers))
-        pout = ctx.Queue()
-        pollers = [ctx.Process(target=poller_main, daemon=True,
-                               args=(cloud.url, cloud.token, targets[k::procs], args.poll_timeout,
-                                     args.time_cap, max_calls, pout)) for k in range(procs)]
-        for pr in pollers:
-            pr.start()
+        for k in range(procs):
+            inboxes[k].put(targets[k::procs])
+        inboxes[-1].put(run_ids)
         results = [pout.get(timeout=args.time_cap + 120) for _ in pollers]
         for pr in pollers:
             pr.join(30)
@@ -301,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         probe.join(30)
 
         with httpx.Client(base_url=cloud.url, headers={"Authorization": f"token {cloud.token}"}, timeout=60) as c:
+            status_hist = server_histogram(c, "jupyter_server_ext.handlers.RunHandler")
             summaries = {rid: c.get(f"{API}/runs/{rid}").json() for rid in run_ids}
             logs = {rid: server_log(c, rid) for rid in run_ids}
         wall = time.perf_counter() - wall0
@@ -360,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"followers here settle {SETTLE_S:g}s to get them, RemoteRun.follow() stops at the status")
         print(f"status  GET /runs/{{id}} while >= {busy} runs execute:          {ms(status_busy)}")
         print(f"events  GET /runs/{{id}}/events?timeout=0 while >= {busy} execute: {ms(events_busy)}")
+        print(f"status  GET inside the server (its own histogram):      "
+              f"{hist_line(status_hist, args.target_ms / 1000)}")
         print(f"status  GET (whole benchmark):                           {ms(status_all)}")
         print(f"events  GET (whole benchmark):                           {ms(events_all)}")
         print(f"long-poll answered from the log at once ({args.pollers} pollers): {ms(immediate)}")
