@@ -48,6 +48,7 @@ INLINE_MPL = "module://matplotlib_inline.backend_inline"
 MAX_CRASHES_PER_STEP = 2
 GC_INTERVAL = 6 * 3600.0    # seconds between scheduled blob GCs
 MAX_REPORT_VARIABLES = 500  # rows of the restore report kept in its event
+KEEP_CHECKPOINTS = 3        # checkpoint manifests kept per unfinished run (a finished run keeps 1)
 
 
 class RunConflict(ValueError):
@@ -343,8 +344,12 @@ class RunManager:
                        "see the Jupyter Server log; the last checkpoint is kept and can be pulled back")
         finally:
             self._release_slot(run)
+            if run.state is not None and run.state.is_terminal:
+                self._prune_checkpoints(run.id, finished=True)
             if not self._stopping:
                 await self._cleanup_kernel(run)
+                if run.state is not None and run.state.is_terminal:
+                    self._drop_ckpt_links(run.id)
                 if run.pull_result is not None and not run.pull_result.done():
                     run.pull_result.set_exception(RunConflict(
                         f"run {run.id} ended as {run.state.status if run.state else 'unknown'} before it "
@@ -372,7 +377,14 @@ class RunManager:
         ws.mkdir(parents=True, exist_ok=True)
         resumed = state.status != "queued"
         was_waiting = state.status == "waiting_input"
-        if not was_waiting:
+        if was_waiting and self._has_cut_off_step(run):
+            # waiting on a question whose step no checkpoint holds: that step is redone, so
+            # the wait is stale; answers are refused (409) until the question is asked again
+            was_waiting = False
+            state.question = None
+            self._status(run, "restoring", reason="the server stopped before the question's step was "
+                         "saved; redoing that step, it asks again")
+        elif not was_waiting:
             self._status(run, "restoring", reason="resuming after a server restart" if resumed
                          else "restoring the handed-off state in a fresh kernel")
         await self._new_kernel(run, reason="server restart" if resumed else "handoff")
@@ -613,6 +625,15 @@ class RunManager:
                    len(state.messages))
         return sum(1 for m in state.messages[:idx] if m.role == "assistant")
 
+    def _has_cut_off_step(self, run: _Run) -> bool:
+        """True if the state holds a model turn after the latest checkpoint (it will be redone)."""
+        state = run.state
+        assert state is not None
+        manifest, _ = self.latest_manifest(run.id)
+        base_run = manifest.get("run") if isinstance(manifest.get("run"), dict) else None
+        base_len = len(base_run.get("messages") or []) if base_run else 0
+        return any(m.role == "assistant" for m in state.messages[base_len:])
+
     def _rollback_cut_off(self, run: _Run, why: str) -> None:
         """Drop a step the restored kernel never saw (after the last checkpoint) and tell the
         agent, so it redoes the step; a scripted model replays the same turn."""
@@ -692,6 +713,20 @@ class RunManager:
     def _checkpoint(self, run: _Run, full: bool) -> dict[str, Any] | None:
         """``save_state`` inside the kernel into .handoff/ckpt (only new chunks are written),
         then ingest the new chunks into the BlobStore by hash and record the manifest."""
+        try:
+            taken = self._take_checkpoint(run, full)
+        except TransportError as exc:
+            self._emit(run, "error", error=f"checkpoint failed: {exc.message}",
+                       hint="the run goes on; a crash now would resume from the previous checkpoint")
+            return None
+        if taken is None:
+            return None
+        manifest, new_bytes, total = taken
+        self._emit(run, "checkpoint", bytes_new=new_bytes, bytes_total=total)
+        return manifest
+
+    def _take_checkpoint(self, run: _Run, full: bool) -> tuple[dict[str, Any], int, int] | None:
+        """The checkpoint itself, stored but not yet announced: (manifest, bytes_new, bytes_total)."""
         state = run.state
         ex = run.executor
         assert state is not None and ex is not None
@@ -700,20 +735,50 @@ class RunManager:
             data["events"] = []  # the event log lives in SQLite; keep per-step checkpoints small
         try:  # save_state in the kernel; new chunks come back by hash (see transport.py)
             ck = self.transport.fetch_checkpoint(ex, run.id, data, self.blobs,
-                                                 max_bytes=getattr(self.app, "max_bundle_bytes", None))
+                                                 max_bytes=getattr(self.app, "max_bundle_bytes", None),
+                                                 base=self.store.manifest(run.id, "handoff"))
         except KernelGone:
             run.crashed = True
-            return None
-        except TransportError as exc:
-            self._emit(run, "error", error=f"checkpoint failed: {exc.message}",
-                       hint="the run goes on; a crash now would resume from the previous checkpoint")
             return None
         manifest, new_bytes = ck.manifest, ck.bytes_new
         self.store.save_manifest(run.id, "checkpoint", manifest)
         run.ckpt_messages = len(state.messages)
+        self._prune_checkpoints(run.id)
         total = sum(int(m.get("stored", 0)) for m in manifest.get("chunks", {}).values())
-        self._emit(run, "checkpoint", bytes_new=new_bytes, bytes_total=total)
-        return manifest
+        return manifest, new_bytes, total
+
+    def _prune_checkpoints(self, run_id: str, finished: bool = False) -> None:
+        """Old checkpoint manifests go (the handoff one stays), so blob GC frees their chunks."""
+        keep = 1 if finished else int(getattr(self.app, "keep_checkpoints", KEEP_CHECKPOINTS))
+        try:
+            self.store.prune_checkpoints(run_id, keep)
+        except Exception:  # space is reclaimed on the next try; the run must not stop for it
+            log.exception("jupyter-handoff: pruning old checkpoints of run %s failed", run_id)
+
+    def _drop_ckpt_links(self, run_id: str) -> None:
+        """A finished run's kernel-side checkpoint dir holds hard links to every chunk it ever
+        saved; while they exist GC frees no disk. Its manifests live in the store."""
+        ckpt = self.workspace(run_id) / ".handoff" / "ckpt"
+        try:
+            shutil.rmtree(ckpt)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("jupyter-handoff: could not remove %s (its chunks stay on disk): %s", ckpt, exc)
+
+    def _checkpoint_before_question(self, run: _Run) -> tuple[dict[str, Any], int, int] | str | None:
+        """The step that asks a question is checkpointed before ``waiting_input`` is announced:
+        a server killed while the run waits then resumes waiting on the SAME question (the
+        answer continues it) instead of redoing the step behind a stale wait."""
+        state = run.state
+        if (state is None or run.executor is None or run.executor.dead or run.crashed
+                or len(state.messages) == run.ckpt_messages or _has_running_loop()):
+            return None  # nothing new since the last checkpoint (or on the event loop: no blocking)
+        try:
+            return self._take_checkpoint(run, False)
+        except Exception as exc:  # the question still gets asked; a restart would redo the step
+            log.exception("jupyter-handoff: checkpoint of run %s before its question failed", run.id)
+            return getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"  # told after the question
 
     def _write_notebook(self, run: _Run) -> None:
         state = run.state
@@ -743,6 +808,7 @@ class RunManager:
                 and run.last_exec_count is not None:
             event.data["execution_count"] = run.last_exec_count
             run.last_exec_count = None
+        asked = self._checkpoint_before_question(run) if event.type == "question" else None
         stored = self.store.append_event(run.id, event.type, event.data)
         if stored.seq != event.seq:
             log.debug("jupyter-handoff: run %s event renumbered %d -> %d", run.id, event.seq, stored.seq)
@@ -756,6 +822,11 @@ class RunManager:
                     notifier.enqueue(run.id, event.data["status"])
                 except Exception:
                     log.exception("jupyter-handoff: queueing a notification for %s failed", run.id)
+        if isinstance(asked, tuple):  # announced right after the question it made safe
+            self._emit(run, "checkpoint", bytes_new=asked[1], bytes_total=asked[2])
+        elif isinstance(asked, str):
+            self._emit(run, "error", error=f"checkpoint failed: {asked}",
+                       hint="the run goes on; a server restart now would redo the question's step")
 
     def _emit(self, run: _Run, type: str, **data: Any) -> Event:
         assert run.state is not None
@@ -813,6 +884,11 @@ def _has_running_loop() -> bool:
 def gc_blobs(store: Any, blobs: Any, *, min_age: float = 3600.0) -> dict[str, int]:
     """Remove chunks no manifest references (and stale upload temp files), sparing anything
     younger than ``min_age`` seconds: an upload in progress is not referenced yet."""
+    prune = getattr(store, "prune_checkpoints", None)
+    if prune is not None:  # runs from before checkpoints were pruned as they went
+        for r in store.list_runs():
+            finished = r.get("status") in TERMINAL_STATUSES
+            prune(r["id"], 1 if finished else KEEP_CHECKPOINTS)
     referenced = store.referenced_chunks()
     now = time.time()
     deleted = kept = freed = 0

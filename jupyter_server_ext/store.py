@@ -527,6 +527,17 @@ class RunStore:
                        (run_id, kind))
         return json.loads(rows[0]["manifest"]) if rows else None
 
+    def prune_checkpoints(self, run_id: str, keep: int) -> int:
+        """Delete all but the newest ``keep`` (>= 1) checkpoint manifests of a run (the handoff
+        manifest always stays), so blob GC can free chunks only old checkpoints named.
+        Returns how many were deleted."""
+        keep = max(1, int(keep))
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM manifests WHERE run_id=? AND kind='checkpoint' AND id NOT IN "
+                             "(SELECT id FROM manifests WHERE run_id=? AND kind='checkpoint' "
+                             "ORDER BY id DESC LIMIT ?)", (run_id, run_id, keep))
+            return int(cur.rowcount or 0)
+
     def referenced_chunks(self) -> set[str]:
         """Every chunk sha named by any stored manifest (for blob garbage collection)."""
         shas: set[str] = set()

@@ -119,6 +119,37 @@ def _stored_total(manifest: dict[str, Any]) -> int:
     return sum(int(m.get("stored", 0)) for m in (manifest.get("chunks") or {}).values())
 
 
+SERVER_FILES = frozenset({"result.ipynb"})   # written by the server into the run's workspace
+
+
+def drop_server_files(manifest: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]:
+    """Keep what the server itself writes into the workspace (``result.ipynb``) out of a
+    checkpoint: pulling back must not drop the server's report into the user's folder, nor a
+    diff list it. A file of that name the user handed off keeps its handoff entry."""
+    files = manifest.get("files")
+    if not isinstance(files, list) or not any(isinstance(f, dict) and f.get("path") in SERVER_FILES
+                                              for f in files):
+        return manifest
+    base_files = {f.get("path"): f for f in (base or {}).get("files") or [] if isinstance(f, dict)}
+    base_chunks = (base or {}).get("chunks") or {}
+    chunks = dict(manifest.get("chunks") or {})
+    kept: list[Any] = []
+    for f in files:
+        if isinstance(f, dict) and f.get("path") in SERVER_FILES:
+            orig = base_files.get(f["path"])
+            if orig is None or not all(c in base_chunks for c in orig.get("chunks") or []):
+                continue
+            kept.append(orig)
+            chunks.update({c: base_chunks[c] for c in orig.get("chunks") or []})
+        else:
+            kept.append(f)
+    out = dict(manifest, files=kept)
+    out["chunks"] = chunks
+    used = set(validate_manifest(out))  # raises on a broken manifest, as the caller's check would
+    out["chunks"] = {sha: meta for sha, meta in chunks.items() if sha in used}
+    return out
+
+
 def _check(res: Any, what: str) -> None:
     if res.status == "dead":
         raise KernelGone(f"the kernel died while {what}", "the run restores its last checkpoint in a new kernel")
@@ -144,9 +175,11 @@ class BundleTransport(ABC):
 
     @abstractmethod
     def fetch_checkpoint(self, executor: Executor, run_id: str, run_state: dict[str, Any],
-                         blobs: Blobs, *, max_bytes: int | None = None) -> Checkpoint:
+                         blobs: Blobs, *, max_bytes: int | None = None,
+                         base: dict[str, Any] | None = None) -> Checkpoint:
         """``save_state`` inside the kernel (only new chunks are written), then bring the
-        manifest and the chunks ``blobs`` lacks back here, verified by hash."""
+        manifest and the chunks ``blobs`` lacks back here, verified by hash. Files the server
+        writes itself are left out (``drop_server_files``; ``base`` is the handoff manifest)."""
 
     # shared by both: the restore call, with kernel-side paths
     @staticmethod
@@ -296,7 +329,8 @@ class SharedDiskTransport(BundleTransport):
         return KernelBundle(bundle_dir=str(ckpt), root=str(ws))
 
     def fetch_checkpoint(self, executor: Executor, run_id: str, run_state: dict[str, Any],
-                         blobs: Blobs, *, max_bytes: int | None = None) -> Checkpoint:
+                         blobs: Blobs, *, max_bytes: int | None = None,
+                         base: dict[str, Any] | None = None) -> Checkpoint:
         ws = self.workspace(run_id)
         ckpt = ws / ".handoff" / "ckpt"
         _atomic_write(ws / ".handoff" / "run.json", json.dumps(run_state).encode("utf-8"))
@@ -305,6 +339,7 @@ class SharedDiskTransport(BundleTransport):
         _check(res, "saving a checkpoint")
         try:
             manifest = json.loads((ckpt / "manifest.json").read_text(encoding="utf-8"))
+            manifest = drop_server_files(manifest, base)
             shas = validate_manifest(manifest, max_bytes=max_bytes)
         except (OSError, ValueError, BundleError) as exc:
             raise TransportError(f"checkpoint manifest unreadable: {exc}",
@@ -449,7 +484,8 @@ class KernelChannelTransport(BundleTransport):
         return KernelBundle(bundle_dir=f"{root}/.handoff/ckpt", root=root, bytes_sent=sent)
 
     def fetch_checkpoint(self, executor: Executor, run_id: str, run_state: dict[str, Any],
-                         blobs: Blobs, *, max_bytes: int | None = None) -> Checkpoint:
+                         blobs: Blobs, *, max_bytes: int | None = None,
+                         base: dict[str, Any] | None = None) -> Checkpoint:
         root = self._root(executor, run_id)
         raw = json.dumps(run_state).encode("utf-8")
         self._put_files(executor, root, [(".handoff/run.json", hashlib.sha256(raw).hexdigest(), len(raw),
@@ -464,7 +500,7 @@ class KernelChannelTransport(BundleTransport):
         if hashlib.sha256(mbytes).hexdigest() != saved["manifest_sha"]:
             raise TransportError("the checkpoint manifest arrived damaged", "the run goes on; the next step retries")
         try:
-            manifest = json.loads(mbytes.decode("utf-8"))
+            manifest = drop_server_files(json.loads(mbytes.decode("utf-8")), base)
             shas = validate_manifest(manifest, max_bytes=max_bytes)
         except (ValueError, BundleError) as exc:
             raise TransportError(f"checkpoint manifest unreadable: {exc}",
@@ -494,6 +530,8 @@ class KernelChannelTransport(BundleTransport):
         written: list[str] = []
         for f in manifest.get("files") or []:
             rel = f.get("path")
+            if rel in SERVER_FILES:
+                continue  # the server's own (result.ipynb) is never overwritten by a checkpoint's
             if check_relpath(rel) is not None or str(rel).split("/")[0] == ".handoff":
                 log.warning("jupyter-handoff: run %s: not mirroring unsafe path %r", run_id, rel)
                 continue

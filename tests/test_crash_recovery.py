@@ -107,8 +107,8 @@ def test_a_run_waiting_for_input_survives_a_server_kill(
     ]))
     srv = handoff_server_factory()
     run_id = hand_off(srv, bdir, manifest, model=model)
-    assert wait_status(srv, run_id, ("waiting_input", "completed", "failed"))["status"] == "waiting_input"
-    srv.kill()
+    _wait_event(srv, run_id, lambda e: e["type"] == "status" and e["data"]["status"] == "waiting_input")
+    srv.kill()  # the instant waiting_input is announced (this used to beat the question's checkpoint)
     srv.restart()
     summary = srv.client.get(f"/handoff/api/runs/{run_id}").json()
     assert summary["status"] == "waiting_input" and summary["question"] == "Scale by?"
@@ -117,7 +117,60 @@ def test_a_run_waiting_for_input_survives_a_server_kill(
     events = all_events(srv, run_id)
     _check_log(events)
     assert not any(e["type"] == "interrupted" for e in events)  # nothing was cut off
+    assert [e["data"]["question"] for e in events if e["type"] == "question"] == ["Scale by?"]  # asked once
+    assert [e["data"]["answer"] for e in events if e["type"] == "answer"] == ["10"]
     assert "scaled 20" in tool_results(events)[-1]["content"]  # k came back from the checkpoint
+
+
+def _wait_event(srv: JupyterServerProcess, run_id: str, pred: Callable[[dict[str, Any]], bool],
+                timeout: float = 90) -> None:
+    """Long-poll the events until one matches (reacts within milliseconds, unlike polling)."""
+    after, deadline = 0, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = srv.client.get(f"/handoff/api/runs/{run_id}/events", params={"after": after, "timeout": 5}).json()
+        for e in r["events"]:
+            if pred(e):
+                return
+            after = e["seq"]
+    raise AssertionError(f"no matching event in {timeout}s: {all_events(srv, run_id)[-4:]}")
+
+
+def test_a_kill_while_the_question_step_is_saved_redoes_it_and_refuses_early_answers(
+        handoff_server_factory: Callable[..., JupyterServerProcess],
+        bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    bdir, manifest = bundle
+    slow = tmp_path / "slow-checkpoints"
+    model = "scripted:" + str(write_script(tmp_path / "script.json", [
+        run_python(f"import os, time\nclass Slow:\n    def __reduce__(self):\n"
+                   f"        time.sleep(4 if os.path.exists({str(slow)!r}) else 0)\n        return (Slow, ())\n"
+                   "s = Slow()\nk = 7"),
+        {"text": "", "tool_calls": [{"name": "ask_user", "arguments": {"question": "Scale by?"}}]},
+        run_python("print('scaled', k * 10)"),
+        finish(),
+    ]))
+    srv = handoff_server_factory()
+    run_id = hand_off(srv, bdir, manifest, model=model)
+    _wait_event(srv, run_id, lambda e: e["type"] == "checkpoint")  # step 1 saved (fast)
+    slow.touch()  # from now on a checkpoint takes 4 s
+    _wait_event(srv, run_id, lambda e: e["type"] == "tool_call" and e["data"]["name"] == "ask_user")
+    time.sleep(1)  # inside the question step's checkpoint
+    before = all_events(srv, run_id)
+    assert not any(e["type"] == "question" for e in before), "the question was announced before its checkpoint"
+    srv.kill()
+    slow.unlink()
+    srv.restart()
+    r = srv.client.post(f"/handoff/api/runs/{run_id}/answer", json={"answer": "too early"})
+    if r.status_code != 200:  # redoing the step: refused, with a hint, and not kept
+        assert r.status_code == 409 and r.json()["hint"], r.text
+    assert wait_status(srv, run_id, ("waiting_input", "completed", "failed"))["status"] == "waiting_input"
+    assert srv.client.post(f"/handoff/api/runs/{run_id}/answer", json={"answer": "10"}).status_code == 200
+    assert wait_status(srv, run_id, timeout=120)["status"] == "completed"
+    events = all_events(srv, run_id)
+    _check_log(events)
+    assert events[:len(before)] == before
+    assert [e["data"]["question"] for e in events if e["type"] == "question"] == ["Scale by?"]
+    assert [e["data"]["answer"] for e in events if e["type"] == "answer"] == ["10"]
+    assert "scaled 70" in tool_results(events)[-1]["content"]
 
 
 @pytest.fixture(scope="module")
