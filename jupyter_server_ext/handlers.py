@@ -202,14 +202,14 @@ class BlobHandler(HandoffAPIHandler):
 
     @web.authenticated
     @authorized
-    def put(self, sha: str) -> None:
+    async def put(self, sha: str) -> None:
         if self._deferred is not None:
             raise self._deferred
         writer, self._writer = self._writer, None
         if writer is None:
             raise HandoffError(400, "upload was not received", "retry the PUT")
-        try:
-            created = writer.commit()
+        try:  # fsyncs: off the event loop, or 20 concurrent uploads stall every status call
+            created = await asyncio.to_thread(writer.commit)
         except BlobError as exc:
             raise HandoffError(400, str(exc), "upload the chunk again; nothing was stored") from None
         self.send({"sha256": sha, "size": writer.size, "created": created}, 201 if created else 200)
