@@ -326,3 +326,37 @@ def test_a_queued_run_can_be_cancelled_before_it_starts(
     assert [e["data"]["status"] for e in all_events(srv, queued) if e["type"] == "status"] == ["queued", "cancelled"]
     assert not (srv.root_dir / "handoff-runs" / queued / "result.ipynb").exists()  # it never ran
     assert all(wait_status(srv, i)["status"] == "completed" for i in busy)
+
+
+def _blob_bytes(srv: JupyterServerProcess) -> int:
+    return sum(f.stat().st_size for f in (srv.data_dir / "blobs").rglob("*") if f.is_file())
+
+
+def test_gc_frees_old_checkpoints_but_keeps_handoff_and_latest_and_no_server_files_travel(
+        srv: JupyterServerProcess, bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    from jupyter_server_ext.runner import main as runner_main
+    bdir, manifest = bundle
+    step = "import numpy as np\nx = np.random.default_rng().random(100_000)  # 800 kB, new every step"
+    model = _scripted(tmp_path, [run_python(step)] * 5 + [finish("made x five times")])
+    run_id = hand_off(srv, bdir, manifest, model=model)
+    assert wait_status(srv, run_id)["status"] == "completed"
+    ws = srv.root_dir / "handoff-runs" / run_id
+    assert (ws / "result.ipynb").exists()
+
+    latest = srv.client.get(f"/handoff/api/runs/{run_id}/bundle").json()
+    assert "result.ipynb" not in {f["path"] for f in latest["files"]}  # the server's report stays here
+    diff = srv.client.get(f"/handoff/api/runs/{run_id}/diff").json()
+    assert "result.ipynb" not in {f["path"] for f in diff["files"]}
+    deadline = time.monotonic() + 20  # removed right after the kernel is shut down
+    while (ws / ".handoff" / "ckpt").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not (ws / ".handoff" / "ckpt").exists()  # a finished run's checkpoint links are gone
+
+    before = _blob_bytes(srv)
+    assert runner_main(["gc", "--data-dir", str(srv.data_dir), "--min-age", "0"]) == 0
+    freed = before - _blob_bytes(srv)
+    assert freed >= 3 * 700_000, f"gc freed only {freed} bytes of the four superseded x arrays"
+    for m in (latest, manifest):  # the latest checkpoint and the handoff bundle stay whole
+        missing = srv.client.post("/handoff/api/blobs/missing", json={"shas": list(m["chunks"])}).json()
+        assert missing["missing"] == []
+    assert srv.client.get(f"/handoff/api/runs/{run_id}/diff").status_code == 200
