@@ -123,7 +123,7 @@ def probe_main(url: str, token: str, inbox: Any, ready: Any, interval: float, ca
             r.raise_for_status()
             seen[rid] = max(seen[rid], int(r.json()["last_seq"]))
             time.sleep(interval)
-    out.put({"samples": samples, "active": active_timeline})
+    out.put({"samples": samples, "active": active_timeline, "cpu_s": time.process_time()})
 
 
 # -- the followers -------------------------------------------------------------------------------
@@ -255,6 +255,45 @@ def hist_line(buckets: list[tuple[float, int]], target_s: float) -> str:
             f"{under / total * 100:.1f}% within {target_s * 1000:g} ms  (n={total})")
 
 
+def box_busy_seconds() -> float:
+    """CPU seconds all processes on this machine have used (from /proc/stat; 0 elsewhere)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return 0.0
+    ticks = [int(x) for x in fields]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)   # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int) -> tuple[float, float]:
+    """(own CPU s, CPU s of its reaped children) of a live process, from /proc/<pid>/stat."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0, 0.0
+    f = stat.rsplit(")", 1)[1].split()
+    tck = os.sysconf("SC_CLK_TCK")
+    return (int(f[11]) + int(f[12])) / tck, (int(f[13]) + int(f[14])) / tck
+
+
+def print_slow_callbacks(log_path: Path, top: int = 12) -> None:
+    """Summarise asyncio's 'Executing <Handle ...> took N seconds' warnings from the server log."""
+    import re
+    from collections import defaultdict
+    total: dict[str, list[float]] = defaultdict(list)
+    for line in log_path.read_text(errors="replace").splitlines():
+        m = re.search(r"Executing (.*) took (\d+\.\d+) seconds", line)
+        if m:
+            where = re.sub(r" at 0x[0-9a-f]+| created at .*|name='[^']+' ", "", m.group(1))[:200]
+            total[where].append(float(m.group(2)))
+    rows = sorted(total.items(), key=lambda kv: -sum(kv[1]))
+    print(f"event-loop callbacks over 100 ms in the server: {sum(len(v) for v in total.values())}, "
+          f"{sum(sum(v) for v in total.values()):.1f}s in all")
+    for where, secs in rows[:top]:
+        print(f"  {len(secs):4d} x, {sum(secs):6.2f}s total, max {max(secs) * 1000:6.0f} ms  {where}")
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -280,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-interval", type=float, default=0.02, help="pause between probe rounds (s)")
     p.add_argument("--time-cap", type=float, default=900.0, help="give up after this many seconds")
     p.add_argument("--target-ms", type=float, default=100.0, help="p99 target for status/event calls")
+    p.add_argument("--asyncio-debug", action="store_true",
+                   help="run the server with PYTHONASYNCIODEBUG=1 and list what blocked its event loop "
+                        "for over 100 ms (slows the server: diagnosis only, not for the figures)")
     p.add_argument("--json", help="also write the raw numbers here")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (server log, bundles)")
     args = p.parse_args(argv)
@@ -294,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     script.write_text(json.dumps(model_script(args.steps, args.sleep)))
     cloud = Cloud(base, extra_args=[f"--HandoffApp.max_concurrent_runs={args.runs}",
                                     f"--HandoffApp.max_events_wait={max(args.poll_timeout, 1.0)}"])
+    if args.asyncio_debug:
+        cloud.extra_env["PYTHONASYNCIODEBUG"] = "1"
     ok = True
     wall0 = time.perf_counter()
     try:
@@ -318,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(procs + 1):
             ready.get(timeout=120)
 
+        busy0, server0, self0 = box_busy_seconds(), process_cpu(cloud.proc.pid), time.process_time()
         t = time.perf_counter()
         bundles = [make_bundle(base, i, script) for i in range(args.runs)]
         capture_s = time.perf_counter() - t
@@ -341,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         client_cpu = sum(r["cpu_s"] for r in results)
         probe_data = out.get(timeout=args.time_cap + 60)
         probe.join(30)
+        server1, busy1 = process_cpu(cloud.proc.pid), box_busy_seconds()
+        t_end = time.time()
 
         with httpx.Client(base_url=cloud.url, headers={"Authorization": f"token {cloud.token}"}, timeout=60) as c:
             status_hist = server_histogram(c, "jupyter_server_ext.handlers.RunHandler")
@@ -415,6 +462,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{'MET' if meets else 'MISSED'} (status {p99_status * 1000:.1f} ms, events {p99_events * 1000:.1f} ms)")
         print(f"wall time {wall:.1f}s (load average now: {', '.join(f'{x:.1f}' for x in os.getloadavg())} "
               f"on {os.cpu_count()} CPUs)")
+        # where the CPU went between the first capture and the last follower finishing
+        span_cpu = t_end - t_create0
+        server_cpu, kernels_cpu = server1[0] - server0[0], server1[1] - server0[1]
+        clients_cpu = client_cpu + probe_data.get("cpu_s", 0.0) + (time.process_time() - self0)
+        others = max(0.0, (busy1 - busy0) - server_cpu - kernels_cpu - clients_cpu)
+        print(f"CPU over those {span_cpu:.1f}s ({os.cpu_count()} CPUs = {span_cpu * (os.cpu_count() or 1):.0f} "
+              f"CPU-s): server {server_cpu:.1f}s, its kernels {kernels_cpu:.1f}s, benchmark clients "
+              f"{clients_cpu:.1f}s, everything else on the machine {others:.1f}s")
+        if args.asyncio_debug:
+            print_slow_callbacks(cloud.log_path)
         if problems:
             ok = False
             print(f"PROBLEMS ({len(problems)}):")
