@@ -224,6 +224,7 @@ def _journey(page: Any, context: Any, lab: LabProcess, cloud: JupyterServerProce
     # the remote run's own events arrive; the steps already shown are not shown twice
     ex(badge(w)).to_have_attribute("data-status", re.compile("restoring|running|completed"))
     ex(w.locator(".jh-words", has_text="I'll load the sales first.")).to_have_count(1)
+    ex(w.locator(".widget-hprogress:visible")).to_have_count(0)   # the upload bar went with the upload
     shot(page, "02-handed-off-light")
     shot(page, "02-widget-remote-light", w)
     assert_legible(w)
@@ -292,6 +293,13 @@ def _journey(page: Any, context: Any, lab: LabProcess, cloud: JupyterServerProce
     # 6. pull back: the run's variables arrive in this (new) kernel
     w2.locator(".jh-btn-pull").click()
     ex(cell.locator(".jp-OutputArea-output", has_text=f"Pulled run {remote_id}").last).to_be_visible(timeout=120_000)
+    # the reattached view now shows the run as pulled back into this kernel, with local buttons
+    ex(w2.locator(".jh-meta")).to_contain_text("local · run")
+    ex(w2.locator(".jh-msg")).to_contain_text("Pulled back into this kernel")
+    ex(w2.locator(".jh-btn-pull")).to_be_disabled()
+    ex(w2.locator(".jh-btn-reattach")).to_be_disabled()
+    ex(w2.locator(".widget-hprogress:visible")).to_have_count(0)
+    ex(cell.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")).to_have_count(0)
     shot(page, "07-pulled-back-light")
     cell = run_cell(page, "print(total, len(clean), open('report.md').read().splitlines()[-1])")
     wait_cell_done(cell)
