@@ -1,8 +1,8 @@
 """What a remote run changed: files and variables between two bundle manifests.
 
 Runs on the server, so it reads only JSON manifests and raw chunk bytes (zstd-decompressed for
-text files); variables are compared by their recorded type, summary and chunk hashes — nothing
-is ever unpickled. ``render_diff_html`` gives the one HTML view the client and the status page
+text files); variables are compared by their own recorded type, summary and method, plus their group's
+chunk hashes when that group kept the same members — nothing is ever unpickled. ``render_diff_html`` gives the one HTML view the client and the status page
 both show.
 """
 from __future__ import annotations
@@ -102,19 +102,45 @@ def _file_entry(path: str, change: str, b: dict[str, Any] | None, a: dict[str, A
     return out
 
 
-def _var_fingerprint(var: dict[str, Any], manifest: dict[str, Any]) -> tuple[Any, ...]:
-    groups = {g.get("id"): g for g in manifest.get("groups") or [] if isinstance(g, dict)}
-    g = groups.get(var.get("group")) or {}
-    buffers = tuple(tuple(buf.get("chunks") or []) for buf in g.get("buffers") or [] if isinstance(buf, dict))
+def _groups(manifest: dict[str, Any]) -> dict[Any, dict[str, Any]]:
+    return {g.get("id"): g for g in manifest.get("groups") or [] if isinstance(g, dict)}
+
+
+def _var_evidence(var: dict[str, Any], manifest: dict[str, Any]) -> tuple[Any, ...]:
+    """What is known about one variable by itself: type, method, summary, replay code."""
     replay = next((r.get("code") for r in manifest.get("replays") or []
                    if isinstance(r, dict) and var.get("name") in (r.get("names") or [])), None)
-    return (var.get("type"), var.get("method"), var.get("summary"), tuple(g.get("payload") or []),
-            buffers, replay)
+    return (var.get("type"), var.get("method"), var.get("summary"), replay)
+
+
+def _group_bytes(var: dict[str, Any], groups: dict[Any, dict[str, Any]]) -> tuple[frozenset[str], tuple[Any, ...]] | None:
+    g = groups.get(var.get("group")) if var.get("group") is not None else None
+    if g is None:
+        return None
+    buffers = tuple(tuple(b.get("chunks") or []) for b in g.get("buffers") or [] if isinstance(b, dict))
+    return frozenset(str(n) for n in g.get("names") or []), (tuple(g.get("payload") or []), buffers)
+
+
+def _var_changed(b: dict[str, Any], before: dict[str, Any], bgroups: dict[Any, dict[str, Any]],
+                 a: dict[str, Any], after: dict[str, Any], agroups: dict[Any, dict[str, Any]]) -> bool:
+    """Per-variable evidence decides. A group's stored bytes are evidence only when the group
+    has the same members on both sides (for a variable alone in its group they are exact); a
+    group whose membership changed (``model`` joining ``X``) re-pickles everyone in it, which
+    says nothing about ``X`` itself, so then type, summary and method decide."""
+    if _var_evidence(b, before) != _var_evidence(a, after):
+        return True
+    gb, ga = _group_bytes(b, bgroups), _group_bytes(a, agroups)
+    if gb is None or ga is None:
+        return (gb is None) != (ga is None) or b.get("size") != a.get("size")
+    if gb[0] != ga[0]:
+        return False  # membership changed: its payload is not this variable's evidence
+    return gb[1] != ga[1] or (len(ga[0]) == 1 and b.get("size") != a.get("size"))
 
 
 def _variables(before: dict[str, Any], after: dict[str, Any]) -> list[dict[str, Any]]:
     bv = {v["name"]: v for v in before.get("variables") or [] if isinstance(v, dict) and "name" in v}
     av = {v["name"]: v for v in after.get("variables") or [] if isinstance(v, dict) and "name" in v}
+    bgroups, agroups = _groups(before), _groups(after)
     out: list[dict[str, Any]] = []
     for name in sorted(set(bv) | set(av)):
         b, a = bv.get(name), av.get(name)
@@ -122,7 +148,7 @@ def _variables(before: dict[str, Any], after: dict[str, Any]) -> list[dict[str, 
             change = "added"
         elif a is None:
             change = "removed"
-        elif _var_fingerprint(b, before) != _var_fingerprint(a, after):
+        elif _var_changed(b, before, bgroups, a, after, agroups):
             change = "changed"
         else:
             continue
@@ -160,6 +186,8 @@ def diff_manifests(before: dict[str, Any], after: dict[str, Any],
             "counts": {"files": len(files), "variables": len(variables)}}
 
 
+_TABLE = "border-collapse:collapse;margin:0;table-layout:auto"
+_CELL = "text-align:left;vertical-align:top;padding:2px 8px;white-space:pre-wrap"
 _CHANGE_COLOR = {"added": "#1a7f37", "removed": "#cf222e", "modified": "#9a6700", "changed": "#9a6700"}
 
 
@@ -183,20 +211,22 @@ def render_diff_html(diff: dict[str, Any]) -> str:
     parts.append("<h4 style='margin:4px 0'>Variables</h4>")
     variables = diff.get("variables") or []
     if variables:
-        parts.append('<table style="border-collapse:collapse"><tr>'
-                     + "".join(f'<th style="text-align:left;padding:2px 8px">{h}</th>'
-                               for h in ("name", "change", "type", "before", "after")) + "</tr>")
+        # explicit left alignment: JupyterLab's .jp-RenderedHTMLCommon right-aligns td/th
+        parts.append(f'<table style="{_TABLE}"><thead><tr>'
+                     + "".join(f'<th style="{_CELL};border-bottom:1px solid #d0d7de">{h}</th>'
+                               for h in ("name", "change", "type", "before", "after")) + "</tr></thead><tbody>")
         for v in variables:
             color = _CHANGE_COLOR.get(v.get("change"), "inherit")
             typ = v.get("type_after") or v.get("type_before")
             if v.get("type_before") and v.get("type_after") and v["type_before"] != v["type_after"]:
                 typ = f"{v['type_before']} → {v['type_after']}"
             parts.append(
-                "<tr>" + f'<td style="padding:2px 8px"><code>{_esc(v.get("name"))}</code></td>'
-                + f'<td style="padding:2px 8px;color:{color}">{_esc(v.get("change"))}</td>'
-                + f'<td style="padding:2px 8px">{_esc(typ)}</td>'
-                + f'<td style="padding:2px 8px">{_esc(v.get("summary_before"))}</td>'
-                + f'<td style="padding:2px 8px">{_esc(v.get("summary_after"))}</td></tr>')
+                "<tr>" + f'<td style="{_CELL}"><code>{_esc(v.get("name"))}</code></td>'
+                + f'<td style="{_CELL};color:{color}">{_esc(v.get("change"))}</td>'
+                + f'<td style="{_CELL}">{_esc(typ)}</td>'
+                + f'<td style="{_CELL}">{_esc(v.get("summary_before"))}</td>'
+                + f'<td style="{_CELL}">{_esc(v.get("summary_after"))}</td></tr>')
+        parts.append("</tbody>")
         parts.append("</table>")
     else:
         parts.append("<p><i>No variable changed.</i></p>")

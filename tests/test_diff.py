@@ -111,3 +111,33 @@ def test_the_result_notebook_is_not_reported_as_the_users_change(pair: Any, tmp_
     files = diff_manifests(before, after, both)["files"]
     assert "result.ipynb" not in {f["path"] for f in files}
     shutil.rmtree(root)
+
+
+def test_a_variable_joining_a_shared_group_is_not_changed(tmp_path: Path) -> None:
+    """``model`` holding a reference to ``X`` puts both in one pickle group; X itself did not
+    change, so it must not be flagged (the group's payload changed, not X)."""
+    import numpy as np
+    root = tmp_path / "ws"
+    root.mkdir()
+    X = np.arange(50_000, dtype="float64")
+    y = [1, 2, 3]
+    before = _capture(root, tmp_path / "b1", {"X": X, "y": y})
+    after = _capture(root, tmp_path / "b2", {"X": X, "y": y, "model": {"coef": X, "fitted": True}})
+    group_of = {v["name"]: v["group"] for v in after["variables"]}
+    assert group_of["X"] == group_of["model"], "precondition: X and model share a group"
+    variables = {v["name"]: v for v in diff_manifests(before, after, _reader(tmp_path / "b1"))["variables"]}
+    assert set(variables) == {"model"} and variables["model"]["change"] == "added"
+
+    X2 = X.copy()
+    X2[0] = -1.0  # now X really changes (its summary shows the new first value)
+    later = _capture(root, tmp_path / "b3", {"X": X2, "y": y, "model": {"coef": X2, "fitted": True}})
+    changed = {v["name"]: v["change"] for v in diff_manifests(after, later, _reader(tmp_path / "b2"))["variables"]}
+    assert changed.get("X") == "changed"
+
+
+def test_diff_table_cells_are_left_aligned_whatever_the_page_css(pair: Any) -> None:
+    before, after, read = pair
+    page = render_diff_html(diff_manifests(before, after, read))
+    import re
+    cells = re.findall(r"<t[dh]\b[^>]*>", page)
+    assert cells and all("text-align:left" in c for c in cells), cells[:3]
