@@ -20,6 +20,8 @@ from nbformat import v4
 
 from handoff_magic.state import Event, RunState
 
+_STATUS_MARK = {"completed": "✅", "failed": "❌", "cancelled": "⏹", "pulled": "↩️", "waiting_input": "❓",
+                "running": "▶", "restoring": "⏳", "queued": "⏳", "paused": "⏸"}
 _PLAN_MARK = {"pending": "☐", "active": "▶", "done": "☑", "failed": "☒"}
 _OUTPUT_KEYS = {
     "stream": ("name", "text"),
@@ -80,13 +82,17 @@ def _header(state: RunState, model: str | None) -> str:
         "",
         f"**Goal:** {_md_escape(state.goal)}",
         "",
-        f"**Status:** {state.status}" + (f" — {_md_escape(state.error)}" if state.error else ""),
+        f"**Status:** {_STATUS_MARK.get(state.status, '')} {state.status.replace('_', ' ')}".replace(":**  ", ":** ")
+        + (f" — {_md_escape(state.error)}" if state.error else "")
+        + (f"\n\n**Waiting for your answer:** {_md_escape(state.question)}" if state.status == "waiting_input"
+           and state.question else ""),
         "",
         "| | |",
         "|---|---|",
         f"| Origin notebook | {_md_escape(origin.notebook_path or 'unknown')} |",
         f"| Origin host | {_md_escape(origin.host or 'unknown')} |",
         f"| Handed off | {_when(handoff.time if handoff else origin.time)} |",
+        f"| Last update | {_when(state.updated)} |",
         f"| Model | {_md_escape(model or state.model or 'unknown')} |",
         f"| Steps | {state.steps} |",
         "",
@@ -101,32 +107,74 @@ def _header(state: RunState, model: str | None) -> str:
     return "\n".join(lines)
 
 
+def fmt_seconds(value: Any) -> str:
+    """0.01753 -> '0.02 s', 83.4 -> '1 min 23 s': what a reader wants, not float noise."""
+    try:
+        sec = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if sec < 10:
+        return f"{sec:.2f} s"
+    if sec < 60:
+        return f"{sec:.1f} s"
+    minutes, rest = divmod(round(sec), 60)
+    return f"{minutes} min {rest} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+
+
+def _names(items: list[Any], limit: int = 50) -> str:
+    shown = [str(i.get("path") or i.get("name") or json.dumps(i, ensure_ascii=False)) if isinstance(i, dict)
+             else str(i) for i in items]
+    text = ", ".join(f"`{_md_escape(x)}`" for x in shown[:limit])
+    return text + (f" … ({len(shown) - limit} more)" if len(shown) > limit else "")
+
+
+_SOURCE = {"handoff": "the handed-off bundle", "checkpoint": "the last checkpoint"}
+
+
 def restore_table(report: dict[str, Any] | None) -> str:
-    """Markdown table of a RestoreReport.to_dict(): what came back, how, and what did not."""
+    """Markdown of a RestoreReport.to_dict(): one sentence first (what came back, how long),
+    then the restored variables, then what did not come back and why."""
     if not report:
         return "## Restore\n\n*(no restore report)*"
-    lines = ["## Restore report", ""]
-    variables = report.get("variables") or []
-    if variables:
-        lines += ["| variable | type | method | outcome | note |", "|---|---|---|---|---|"]
-        for v in variables:
-            if not isinstance(v, dict):
-                continue
+    variables = [v for v in report.get("variables") or [] if isinstance(v, dict)]
+    imports = [v for v in variables if v.get("method") == "import"]
+    skipped = [v for v in variables if v.get("outcome") == "skipped" or v.get("method") == "skipped"]
+    rows = [v for v in variables if v not in imports and v not in skipped]
+    files = report.get("files") or []
+    sentence = (f"Restored **{len(rows) + len(imports)} variable{'s' if len(rows) + len(imports) != 1 else ''}**"
+                + (f" ({len(imports)} as imports)" if imports else "")
+                + f" and **{len(files)} file{'s' if len(files) != 1 else ''}**")
+    if "seconds" in report:
+        sentence += f" in {fmt_seconds(report['seconds'])}"
+    source = _SOURCE.get(str(report.get("source") or ""))
+    if source:
+        sentence += f", from {source}"
+    if report.get("reason") and report.get("reason") != report.get("source"):
+        sentence += f" ({_md_escape(report['reason'])})"
+    lines = ["## Restore report", "", sentence + "."]
+    if skipped:
+        lines[-1] += f" **{len(skipped)} not restored** (below)."
+    if rows:
+        lines += ["", "| variable | type | method | outcome | note |", "|---|---|---|---|---|"]
+        for v in rows:
             lines.append("| {} | {} | {} | {} | {} |".format(*(
                 _md_escape(v.get(k) if v.get(k) is not None else "")
                 for k in ("name", "type", "method", "outcome", "reason"))))
-    else:
-        lines.append("*(no variables)*")
-    for key, title in (("files", "Files"), ("imports", "Imports"), ("conflicts", "File conflicts"),
-                       ("skipped", "Skipped")):
-        items = report.get(key)
-        if items:
-            shown = [i if isinstance(i, str) else json.dumps(i, ensure_ascii=False) for i in items]
-            lines += ["", f"**{title}:** " + ", ".join(_md_escape(s) for s in shown[:50])
-                      + (f" … ({len(shown) - 50} more)" if len(shown) > 50 else "")]
-    for key in ("seconds", "bytes"):
-        if key in report:
-            lines.append(f"\n**{key}:** {report[key]}")
+    if report.get("variables_not_listed"):
+        lines += ["", f"*…and {int(report['variables_not_listed'])} more variables not listed.*"]
+    if imports:
+        lines += ["", "**Imports:** " + _names([v.get("name") for v in imports])]
+    if files:
+        lines += ["", "**Files written:** " + _names(files)]
+    if skipped:
+        lines += ["", "**Not restored:**", ""]
+        lines += [f"- `{_md_escape(v.get('name', '?'))}` ({_md_escape(v.get('type') or '')}): "
+                  f"{_md_escape(v.get('reason') or 'skipped')}" for v in skipped[:50]]
+    conflicts = [c for c in report.get("conflicts") or [] if isinstance(c, dict)]
+    if conflicts:
+        lines += ["", "**File conflicts** (your newer file was kept; the incoming one is beside it):", ""]
+        lines += [f"- `{_md_escape(c.get('path', '?'))}` → `{_md_escape(c.get('written_as') or c.get('error') or '')}`"
+                  for c in conflicts[:50]]
     return "\n".join(lines)
 
 

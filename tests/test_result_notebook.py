@@ -143,3 +143,20 @@ def test_write_is_atomic_and_never_leaves_an_invalid_file(tmp_path: Path) -> Non
         write_result_notebook(path, bad)
     assert path.read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["result.ipynb"]  # no temp file left behind
+
+
+def test_restore_report_reads_well_rounded_seconds_imports_and_what_did_not_come_back() -> None:
+    from jupyter_server_ext.notebook import restore_table
+    text = restore_table({
+        "variables": [{"name": "np", "type": "module", "method": "import", "outcome": "ok"},
+                      {"name": "df", "type": "pandas.DataFrame", "method": "pickle5", "outcome": "ok"},
+                      {"name": "conn", "type": "sqlite3.Connection", "method": "skipped", "outcome": "skipped",
+                       "reason": "cannot be pickled"}],
+        "files": ["sales.csv"], "seconds": 0.01753152899982524, "source": "checkpoint",
+        "reason": "server restart", "conflicts": [{"path": "a.txt", "written_as": "a.txt.remote"}]})
+    assert "0.0175" not in text and "0.02 s" in text
+    assert "Restored **2 variables** (1 as imports) and **1 file** in 0.02 s, from the last checkpoint" in text
+    assert "| np |" not in text and "**Imports:** `np`" in text  # imports on one line, not table rows
+    assert "| df | pandas.DataFrame | pickle5 | ok |" in text
+    assert "- `conn` (sqlite3.Connection): cannot be pickled" in text
+    assert "`a.txt` → `a.txt.remote`" in text and "{" not in text  # no raw JSON dumped
