@@ -7,6 +7,7 @@ locking and the "committed before return" guarantees live in one place.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
@@ -404,8 +405,8 @@ class RunStore:
 
     def save_state(self, state: RunState) -> None:
         """Persist status, plan, messages... (events live in their own table)."""
-        data = state.to_dict()
-        data["events"] = []
+        # without deep-copying the event log (asdict would, then drop it): O(events) per event
+        data = dataclasses.replace(state, events=[]).to_dict()
         with self._tx() as db:
             cur = db.execute("UPDATE runs SET status=?, goal=?, state=?, updated=? WHERE id=?",
                              (state.status, state.goal, _dumps(data),
