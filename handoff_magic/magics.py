@@ -167,10 +167,19 @@ def protect_agent_questions(lines: list[str]) -> list[str]:
     return out
 
 
-def _display(obj: Any) -> None:
+def _display(obj: Any) -> Any:
+    """Display ``obj`` and return its display handle (None when there is nothing to show)."""
     from IPython.display import display
-    if obj is not None:
-        display(obj)
+    if obj is None:
+        return None
+    return display(obj, display_id=True)
+
+
+def _refresh(handle: Any, obj: Any) -> None:
+    """Re-publish a finished foreground run's widget so its text/plain form (nbconvert, terminals,
+    saved notebooks without widget state) shows the final status rather than the starting one."""
+    if handle is not None:
+        handle.update(obj)
 
 
 @magics_class
@@ -252,8 +261,10 @@ class HandoffMagics(Magics):
             run = LocalRun.new(task, shell=self.shell, model=spec, max_steps=opts["max_steps"])
         except (ProviderError, ConfigError, RunError) as exc:
             raise UsageError(str(exc)) from exc
-        _display(run.widget)
+        handle = _display(run.widget)
         run.start(background=opts["background"])
+        if not opts["background"]:
+            _refresh(handle, run.widget)
 
     def _continue(self, tail: str) -> None:
         from .agent.providers import ProviderError
@@ -275,8 +286,10 @@ class HandoffMagics(Magics):
             run.check_continue(answer)
             if opts["model"]:
                 run.use_model(opts["model"])
-            _display(run.widget)
+            handle = _display(run.widget)
             run.continue_(answer, background=opts["background"])
+            if not opts["background"]:
+                _refresh(handle, run.widget)
         except (RunError, ProviderError) as exc:
             raise UsageError(str(exc)) from exc
 
