@@ -203,6 +203,28 @@ async def run_followers(url: str, token: str, followers: list[Follower], poll_ti
     return lags
 
 
+def sentinel_main(url: str, token: str, inbox: Any, ready: Any, poll_timeout: float, cap: float,
+                  out: Any) -> None:
+    """One lone long-poll follower in its own quiet process (sync httpx, one connection): its
+    wake-up lag is the server's, without the client-side queueing of 200 pollers in a few processes."""
+    ready.put("sentinel")
+    run_ids: list[str] = inbox.get()
+    lags: list[float] = []
+    deadline = time.monotonic() + cap
+    with httpx.Client(base_url=url, headers={"Authorization": f"token {token}"}, timeout=poll_timeout + 30) as c:
+        for rid in run_ids[:3]:
+            after = 0
+            while time.monotonic() < deadline:
+                w0 = time.time()
+                page = c.get(f"{API}/runs/{rid}/events", params={"after": after, "timeout": poll_timeout}).json()
+                now = time.time()
+                lags += [max(0.0, now - e["time"]) for e in page["events"] if e["time"] >= w0]
+                after = page["last_seq"]
+                if page["status"] in TERMINAL_STATUSES:
+                    break
+    out.put({"sentinel_lags": lags})
+
+
 def poller_main(url: str, token: str, inbox: Any, ready: Any, poll_timeout: float, cap: float,
                 max_calls: int, out: Any) -> None:
     """One follower process (several share the pollers so one client loop does not saturate)."""
@@ -355,15 +377,17 @@ def main(argv: list[str] | None = None) -> int:
         out, pout, ready = ctx.Queue(), ctx.Queue(), ctx.Queue()
         max_calls = int(args.time_cap * 50) + 100   # bounded even if the server answered instantly forever
         procs = max(1, min(args.poller_procs, args.pollers))
-        inboxes = [ctx.Queue() for _ in range(procs + 1)]
+        inboxes = [ctx.Queue() for _ in range(procs + 2)]
         probe = ctx.Process(target=probe_main, daemon=True, args=(
             cloud.url, cloud.token, inboxes[-1], ready, args.probe_interval, args.time_cap, out))
         pollers = [ctx.Process(target=poller_main, daemon=True, args=(
             cloud.url, cloud.token, inboxes[k], ready, args.poll_timeout, args.time_cap, max_calls, pout))
             for k in range(procs)]
-        for pr in [probe, *pollers]:
+        sentinel = ctx.Process(target=sentinel_main, daemon=True, args=(
+            cloud.url, cloud.token, inboxes[-2], ready, args.poll_timeout, args.time_cap, pout))
+        for pr in [probe, sentinel, *pollers]:
             pr.start()
-        for _ in range(procs + 1):
+        for _ in range(procs + 2):
             ready.get(timeout=120)
 
         busy0, server0, self0 = box_busy_seconds(), process_cpu(cloud.proc.pid), time.process_time()
@@ -382,8 +406,11 @@ def main(argv: list[str] | None = None) -> int:
         for k in range(procs):
             inboxes[k].put(targets[k::procs])
         inboxes[-1].put(run_ids)
-        results = [pout.get(timeout=args.time_cap + 120) for _ in pollers]
-        for pr in pollers:
+        inboxes[-2].put(run_ids)
+        results = [pout.get(timeout=args.time_cap + 120) for _ in range(procs + 1)]
+        sentinel_lags = next(r["sentinel_lags"] for r in results if "sentinel_lags" in r)
+        results = [r for r in results if "followers" in r]
+        for pr in [sentinel, *pollers]:
             pr.join(30)
         followers = [Follower(**d) for r in results for d in r["followers"]]
         client_lag = [x for r in results for x in r["loop_lag"]]
@@ -460,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"events  GET (whole benchmark):                           {ms(events_all)}")
         print(f"long-poll answered from the log at once ({args.pollers} pollers): {ms(immediate)}")
         print(f"long-poll wake-up: event committed -> follower has it:    {ms(lags)}")
+        print(f"long-poll wake-up, one lone follower in a quiet process: {ms(sentinel_lags)}")
         print(f"follower processes' event-loop lag (client saturation):  {ms(client_lag)}; "
               f"client CPU {client_cpu:.1f}s")
         print(f"target p99 < {args.target_ms:g} ms for status and event calls: "
