@@ -204,7 +204,7 @@ class Kernel:
             self.shutdown()
             raise
 
-    def run(self, code: str, timeout: float = 300.0) -> tuple[str, list[dict[str, Any]]]:
+    def run(self, code: str, timeout: float = 300.0, *, store_history: bool = True) -> tuple[str, list[dict[str, Any]]]:
         """Execute; returns (status, outputs) with outputs as nbformat v4 dicts."""
         from nbformat.v4 import output_from_msg
         outputs: list[dict[str, Any]] = []
@@ -217,7 +217,7 @@ class Kernel:
                 outputs.clear()
 
         reply = self.kc.execute_interactive(code, timeout=timeout, output_hook=hook, allow_stdin=False,
-                                            store_history=True)
+                                            store_history=store_history)
         return reply["content"]["status"], outputs
 
     def kill(self) -> None:
@@ -317,7 +317,9 @@ class Journey:
 
     def probe(self, kernel: Kernel, code: str) -> Any:
         """Ask a kernel for a JSON value (not part of the notebook)."""
-        status, outputs = kernel.run(f"import json as _j\nprint(_j.dumps({code}))", timeout=60)
+        # No names and no history left behind: a probe must not end up in the user's snapshot.
+        status, outputs = kernel.run(f"print(__import__('json').dumps({code}))", timeout=60,
+                                     store_history=False)
         text = output_text(outputs)
         if status != "ok":
             raise DemoError(f"probing the kernel failed: {text}")
