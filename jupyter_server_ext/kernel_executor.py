@@ -47,6 +47,7 @@ class KernelExecutor:
         self.default_timeout = default_timeout
         self._interrupted = False
         self.dead = False
+        self.kernel_info: dict[str, Any] | None = None  # the kernel_info_reply content seen at start
         km = kernel_manager.get_kernel(kernel_id)
         info: dict[str, Any] = dict(km.get_connection_info(session=True))
         for key in ("curve_publickey", "curve_secretkey"):
@@ -83,6 +84,8 @@ class KernelExecutor:
                     if msg.get("parent_header", {}).get("msg_id") in sent:
                         if which == "shell":
                             shell_ok = True
+                            if msg.get("msg_type") == "kernel_info_reply":
+                                self.kernel_info = msg.get("content")
                         else:
                             iopub_ok = True
             if shell_ok and iopub_ok:

@@ -529,6 +529,7 @@ class RunManager:
             lambda: KernelExecutor(self.kernel_manager, kid, loop,
                                    default_timeout=float(getattr(self.app, "exec_timeout", 3600.0))))
         run.crashed = False
+        self._seed_kernel_info(kid, run.executor.kernel_info)
         try:  # the kernel may not share our disk (gateways): the transport brings the bundle
             kb = await self._in_thread(self.transport.send_bundle, run.executor, run.id, manifest, self.blobs)
         except TransportError as exc:
@@ -560,6 +561,27 @@ class RunManager:
         run.ckpt_messages = len(manifest.get("run", {}).get("messages", []) if isinstance(
             manifest.get("run"), dict) else [])
         self._write_notebook(run)
+
+    def _seed_kernel_info(self, kid: str, info: dict[str, Any] | None) -> None:
+        """Let browsers attach to a run's kernel while it is busy with a step.
+
+        Jupyter Server's websocket handshake first asks the kernel for ``kernel_info`` on the
+        shell channel; a kernel busy with an agent step answers only after the step, and a
+        browser (JupyterLab's kernel list, a reload) that gives up meanwhile makes the server log
+        a 500 ``'NoneType' object has no attribute 'kernel_ws_protocol'`` (jupyter_server
+        #1265). The server caches that reply per kernel (``_kernel_info_future``); we got it
+        when the kernel became ready, so we seed the cache and the handshake never waits."""
+        if not info or "protocol_version" not in info:
+            return
+        try:
+            km = self.kernel_manager.get_kernel(kid)
+            if getattr(km, "_kernel_info_future", None) is None:
+                from concurrent.futures import Future
+                fut: Future[dict[str, Any]] = Future()
+                fut.set_result(info)
+                km._kernel_info_future = fut
+        except Exception as exc:  # only an optimisation of other clients' handshakes
+            log.warning("jupyter-handoff: could not cache kernel_info of kernel %s: %s", kid, exc)
 
     def _materialise(self, run_id: str, manifest: dict[str, Any]) -> None:
         """Write the manifest and hard-link its chunks into .handoff/bundle and .handoff/ckpt

@@ -360,3 +360,42 @@ def test_gc_frees_old_checkpoints_but_keeps_handoff_and_latest_and_no_server_fil
         missing = srv.client.post("/handoff/api/blobs/missing", json={"shas": list(m["chunks"])}).json()
         assert missing["missing"] == []
     assert srv.client.get(f"/handoff/api/runs/{run_id}/diff").status_code == 200
+
+
+def test_a_browser_can_attach_to_a_busy_run_kernel_and_open_the_result_notebook(
+        srv: JupyterServerProcess, bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    """JupyterLab's kernel list lets a user attach to the run's kernel. While an agent step
+    runs, the kernel cannot answer the websocket handshake's kernel_info, and a client that
+    gave up made the server log a 500 ('NoneType' object has no attribute 'kernel_ws_protocol')."""
+    import asyncio
+    from tornado.httpclient import HTTPRequest
+    from tornado.websocket import websocket_connect
+    bdir, manifest = bundle
+    model = _scripted(tmp_path, [run_python("import time\nBUSY = 1\ntime.sleep(6)"), finish("slept")])
+    run_id = hand_off(srv, bdir, manifest, model=model)
+    _wait_event(srv, run_id, lambda e: e["type"] == "tool_call")
+    time.sleep(0.5)
+    ours = {k["id"] for k in _kernels(srv)}
+    assert ours
+
+    async def attach(kid: str) -> str:
+        url = srv.url.replace("http", "ws", 1) + f"/api/kernels/{kid}/channels?session_id=lab-{kid[:8]}"
+        req = HTTPRequest(url, headers={"Authorization": f"token {srv.token}"}, request_timeout=3)
+        ws = await websocket_connect(req)
+        ws.close()
+        return "attached"
+
+    for kid in ours:  # the handshake completes at once although the kernel is busy
+        assert asyncio.run(attach(kid)) == "attached"
+    # and the result notebook opens as Lab opens it: a session of its own with a fresh kernel
+    path = f"handoff-runs/{run_id}/result.ipynb"
+    r = srv.client.post("/api/sessions", json={"path": path, "name": "result.ipynb", "type": "notebook",
+                                               "kernel": {"name": "python3"}})
+    assert r.status_code == 201, r.text
+    session = r.json()
+    assert session["kernel"]["id"] not in ours
+    assert asyncio.run(attach(session["kernel"]["id"])) == "attached"
+    assert wait_status(srv, run_id)["status"] == "completed"
+    srv.client.delete(f"/api/sessions/{session['id']}")
+    assert "kernel_ws_protocol" not in srv.log() and "Uncaught exception GET /api/kernels" not in srv.log()
+    _wait_no_kernels(srv)
