@@ -20,8 +20,8 @@ from nbformat import v4
 
 from handoff_magic.state import Event, RunState
 
-_STATUS_MARK = {"completed": "✅", "failed": "❌", "cancelled": "⏹", "pulled": "↩️", "waiting_input": "❓",
-                "running": "▶", "restoring": "⏳", "queued": "⏳", "paused": "⏸"}
+_STATUS_MARK = {"completed": "✔", "failed": "✘", "cancelled": "■", "pulled": "↩", "waiting_input": "?",
+                "running": "▶", "restoring": "…", "queued": "…", "paused": "‖"}  # text glyphs, no emoji font needed
 _PLAN_MARK = {"pending": "☐", "active": "▶", "done": "☑", "failed": "☒"}
 _OUTPUT_KEYS = {
     "stream": ("name", "text"),
