@@ -399,3 +399,64 @@ def test_a_browser_can_attach_to_a_busy_run_kernel_and_open_the_result_notebook(
     srv.client.delete(f"/api/sessions/{session['id']}")
     assert "kernel_ws_protocol" not in srv.log() and "Uncaught exception GET /api/kernels" not in srv.log()
     _wait_no_kernels(srv)
+
+
+def _ws_run(srv: JupyterServerProcess, kid: str, code: str, timeout: float = 30) -> str:
+    """Execute ``code`` in a server kernel over its websocket (as a browser does); its stdout."""
+    import asyncio
+    import uuid as _uuid
+    from tornado.httpclient import HTTPRequest
+    from tornado.websocket import websocket_connect
+
+    async def go() -> str:
+        url = srv.url.replace("http", "ws", 1) + f"/api/kernels/{kid}/channels?session_id=test"
+        ws = await websocket_connect(HTTPRequest(url, headers={"Authorization": f"token {srv.token}"}))
+        msg_id = _uuid.uuid4().hex
+        await ws.write_message(json.dumps({
+            "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "t", "session": "test",
+                       "version": "5.3", "date": ""},
+            "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+            "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {},
+                        "allow_stdin": False, "stop_on_error": True}}))
+        out = []
+        while True:
+            raw = await asyncio.wait_for(ws.read_message(), timeout)
+            assert raw is not None, "the kernel websocket closed"
+            msg = json.loads(raw)
+            if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "stream":
+                out.append(msg["content"]["text"])
+            elif msg["msg_type"] == "error":
+                out.append(f"{msg['content']['ename']}: {msg['content']['evalue']}")
+            elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                ws.close()
+                return "".join(out)
+    return asyncio.run(go())
+
+
+def test_server_model_overrides_the_runs_own_and_keep_kernel_keeps_the_finished_kernel(
+        llm: FakeLLM, bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    bdir, manifest = bundle
+    env = {**llm.env(), "HANDOFF_MODEL_RETRIES": "1", "HANDOFF_MODEL_BACKOFF": "0.05"}
+    with JupyterServerProcess(extra_args=["--HandoffApp.model=openai:fake-model",
+                                          "--HandoffApp.keep_kernel=True"], env=env) as server:
+        llm.reply("Using the server's model.", tool_calls=[("run_python", {"code": "made_remotely = len(df) * 21"})])
+        llm.reply(tool_calls=[("finish", {"summary": "the server model did it"})])
+        n_before = len(llm.requests)
+        own = _scripted(tmp_path, [finish("the run's own scripted model did it")])  # must NOT be used
+        run_id = hand_off(server, bdir, manifest, model=own)
+        summary = wait_status(server, run_id)
+        assert summary["status"] == "completed", (summary, all_events(server, run_id)[-4:])
+        assert summary["summary"] == "the server model did it"
+        requests = llm.requests[n_before:]
+        assert len(requests) == 2 and all(r.headers.get("authorization") == f"Bearer {llm.api_key}"
+                                          for r in requests)
+        nb = nbformat.read(server.root_dir / "handoff-runs" / run_id / "result.ipynb", as_version=4)
+        assert "| Model | openai:fake-model |" in nb.cells[0].source
+
+        # keep_kernel: the finished run's kernel stays, with the agent's variables in it
+        time.sleep(1.5)  # past the run's cleanup
+        kernels = _kernels(server)
+        assert len(kernels) == 1, kernels
+        assert _ws_run(server, kernels[0]["id"], "print(made_remotely)").strip() == "42"
