@@ -511,13 +511,18 @@ class RunManager:
     async def _new_kernel(self, run: _Run, reason: str) -> None:
         """Start a fresh kernel in the workspace and restore the latest manifest into it."""
         await self._cleanup_kernel(run)
+        t0 = time.perf_counter()
         manifest, kind = self.latest_manifest(run.id)
-        ws = self.workspace(run.id)
-        await self._in_thread(self._materialise, run.id, manifest)
-        api_path = f"handoff-runs/{run.id}"
-        kid = await ensure_async(self.kernel_manager.start_kernel(
-            path=api_path, kernel_name=self.app.kernel_name, env=self.kernel_env()))
+        # the kernel boots (~0.5 s) while the bundle is checked and linked into the workspace
+        materialised = asyncio.ensure_future(self._in_thread(self._materialise, run.id, manifest))
+        try:
+            kid = await ensure_async(self.kernel_manager.start_kernel(
+                path=f"handoff-runs/{run.id}", kernel_name=self.app.kernel_name, env=self.kernel_env()))
+        except BaseException:
+            await asyncio.gather(materialised, return_exceptions=True)  # no orphaned task
+            raise
         run.kernel_id = kid
+        t_started = time.perf_counter()
         km = self.kernel_manager.get_kernel(kid)
         try:  # we recover crashed kernels ourselves (from the checkpoint), not by a blank restart
             km.stop_restarter()
@@ -525,9 +530,17 @@ class RunManager:
         except Exception as exc:
             log.warning("jupyter-handoff: could not disable autorestart of kernel %s: %s", kid, exc)
         loop = asyncio.get_running_loop()
-        run.executor = await self._in_thread(
+        ready = asyncio.ensure_future(self._in_thread(
             lambda: KernelExecutor(self.kernel_manager, kid, loop,
-                                   default_timeout=float(getattr(self.app, "exec_timeout", 3600.0))))
+                                   default_timeout=float(getattr(self.app, "exec_timeout", 3600.0)))))
+        done = await asyncio.gather(materialised, ready, return_exceptions=True)
+        if isinstance(done[1], KernelExecutor):
+            run.executor = done[1]
+        for outcome in done:  # a missing chunk (RunFailure) before a kernel error
+            if isinstance(outcome, BaseException):
+                raise outcome
+        assert run.executor is not None
+        t_ready = time.perf_counter()
         run.crashed = False
         self._seed_kernel_info(kid, run.executor.kernel_info)
         try:  # the kernel may not share our disk (gateways): the transport brings the bundle
@@ -550,6 +563,8 @@ class RunManager:
         except ValueError as exc:
             raise RunFailure(f"restoring in a fresh kernel printed no report ({exc})",
                              "see the Jupyter Server log") from exc
+        log.info("jupyter-handoff: run %s: kernel started in %.2fs, ready in %.2fs, bundle sent and restored "
+                 "in %.2fs (%s)", run.id, t_started - t0, t_ready - t0, time.perf_counter() - t_ready, reason)
         report.pop("run", None)  # the run state travels separately; keep the event small
         variables = report.get("variables")
         if isinstance(variables, list) and len(variables) > MAX_REPORT_VARIABLES:
@@ -584,8 +599,9 @@ class RunManager:
             log.warning("jupyter-handoff: could not cache kernel_info of kernel %s: %s", kid, exc)
 
     def _materialise(self, run_id: str, manifest: dict[str, Any]) -> None:
-        """Write the manifest and hard-link its chunks into .handoff/bundle and .handoff/ckpt
-        (the checkpoint dir starts with every chunk, so checkpoints write only new ones)."""
+        """Check that every chunk is here; the first time, keep the handoff bundle as it arrived
+        in .handoff/bundle (manifest + hard links). The kernel's checkpoint dir is the
+        transport's job (``send_bundle``)."""
         try:
             shas = validate_manifest(manifest)
         except BundleError as exc:
@@ -595,14 +611,12 @@ class RunManager:
         if missing:
             raise RunFailure(f"{len(missing)} chunk(s) of run {run_id} are missing on this server "
                              f"(first: {missing[0]})", "hand the run off again to re-upload them")
-        ws = self.workspace(run_id)
-        for name in ("bundle", "ckpt"):
-            d = ws / ".handoff" / name
-            for sha in shas:
-                _link_or_copy(self.blobs.path(sha), d / "chunks" / sha[:2] / sha)
-            if name == "bundle" and (d / "manifest.json").exists():
-                continue  # the handoff bundle as it arrived stays as it was
-            _atomic_json(d / "manifest.json", manifest)
+        d = self.workspace(run_id) / ".handoff" / "bundle"
+        if (d / "manifest.json").exists():
+            return  # the handoff bundle as it arrived stays as it was
+        for sha in shas:
+            _link_or_copy(self.blobs.path(sha), d / "chunks" / sha[:2] / sha)
+        _atomic_json(d / "manifest.json", manifest)
 
     async def _cleanup_kernel(self, run: _Run) -> None:
         ex, kid = run.executor, run.kernel_id
