@@ -83,6 +83,8 @@ class HandoffApp(ExtensionAppJinjaMixin, ExtensionApp):
                                   "Default: this server's URL + base_url.").tag(config=True)
     kernel_name = Unicode("python3", help="Kernel spec for remote runs.").tag(config=True)
     keep_kernel = Bool(False, help="Keep a finished run's kernel alive (for inspection).").tag(config=True)
+    warm_kernels = Integer(0, help="Keep this many (0 or 1) spare kernels booted so a handoff skips "
+                                   "kernel start-up (same-disk kernels only).").tag(config=True)
     max_events_wait = Float(60.0, help="Longest a long-poll for events may wait, in seconds.").tag(config=True)
     transport = Unicode("auto", help="How bundles reach run kernels: 'shared' (same disk), 'kernel' (over "
                                      "the kernel's channels, for gateways), 'auto' (kernel when "

@@ -172,6 +172,7 @@ class RunManager:
         self._sem: asyncio.Semaphore | None = None
         self._stopping = False
         self._gc_task: asyncio.Task[None] | None = None
+        self._warm: asyncio.Future[tuple[str, KernelExecutor]] | None = None  # spare kernel (opt-in)
         workers = max(4, 2 * int(getattr(app, "max_concurrent_runs", 2)) + 2)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="handoff-run")
 
@@ -188,6 +189,7 @@ class RunManager:
         interval = float(getattr(self.app, "gc_interval", GC_INTERVAL))
         if interval > 0:
             self._gc_task = loop.create_task(self._gc_every(interval), name="handoff-blob-gc")
+        self._refill_warm()
 
     async def _gc_every(self, interval: float) -> None:
         """Scheduled blob GC (app attribute ``gc_interval`` seconds; 0 disables it)."""
@@ -217,6 +219,14 @@ class RunManager:
                 t.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
+        warm, self._warm = self._warm, None
+        if warm is not None:
+            if warm.done() and not warm.cancelled() and warm.exception() is None:
+                kid, ex = warm.result()
+                ex.close()
+                await self._shutdown_quietly(kid)
+            else:
+                warm.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def submit(self, run_id: str) -> None:
@@ -515,31 +525,16 @@ class RunManager:
         manifest, kind = self.latest_manifest(run.id)
         # the kernel boots (~0.5 s) while the bundle is checked and linked into the workspace
         materialised = asyncio.ensure_future(self._in_thread(self._materialise, run.id, manifest))
-        try:
-            kid = await ensure_async(self.kernel_manager.start_kernel(
-                path=f"handoff-runs/{run.id}", kernel_name=self.app.kernel_name, env=self.kernel_env()))
-        except BaseException:
-            await asyncio.gather(materialised, return_exceptions=True)  # no orphaned task
-            raise
-        run.kernel_id = kid
-        t_started = time.perf_counter()
-        km = self.kernel_manager.get_kernel(kid)
-        try:  # we recover crashed kernels ourselves (from the checkpoint), not by a blank restart
-            km.stop_restarter()
-            km.autorestart = False
-        except Exception as exc:
-            log.warning("jupyter-handoff: could not disable autorestart of kernel %s: %s", kid, exc)
-        loop = asyncio.get_running_loop()
-        ready = asyncio.ensure_future(self._in_thread(
-            lambda: KernelExecutor(self.kernel_manager, kid, loop,
-                                   default_timeout=float(getattr(self.app, "exec_timeout", 3600.0)))))
-        done = await asyncio.gather(materialised, ready, return_exceptions=True)
-        if isinstance(done[1], KernelExecutor):
-            run.executor = done[1]
-        for outcome in done:  # a missing chunk (RunFailure) before a kernel error
-            if isinstance(outcome, BaseException):
-                raise outcome
-        assert run.executor is not None
+        warm = await self._take_warm()
+        if warm is not None:  # a kernel booted ahead of time (c.HandoffApp.warm_kernels)
+            run.kernel_id, run.executor = warm
+            t_started = time.perf_counter()
+            await materialised
+        else:
+            await self._start_kernel(run, materialised)
+            t_started = time.perf_counter()
+        assert run.executor is not None and run.kernel_id is not None
+        kid = run.kernel_id
         t_ready = time.perf_counter()
         run.crashed = False
         self._seed_kernel_info(kid, run.executor.kernel_info)
@@ -548,7 +543,8 @@ class RunManager:
         except TransportError as exc:
             raise RunFailure(f"sending the bundle to the kernel failed: {exc.message}", exc.hint) from exc
         code = _kernel_code(
-            "import json, handoff_magic\n"
+            "import json, os, handoff_magic\n"
+            f"os.chdir({kb.root!r})  # a warm kernel booted elsewhere; the agent's paths are relative\n"
             f"r = handoff_magic.load_state({kb.bundle_dir!r}, root={kb.root!r})\n"
             "return json.dumps(r.to_dict(), default=str)", "_handoff_restore_")
         res = await self._in_thread(run.executor.execute, code, 3600.0, silent=True, store_history=False)
@@ -576,6 +572,87 @@ class RunManager:
         run.ckpt_messages = len(manifest.get("run", {}).get("messages", []) if isinstance(
             manifest.get("run"), dict) else [])
         self._write_notebook(run)
+
+    async def _start_kernel(self, run: _Run, materialised: "asyncio.Future[Any]") -> None:
+        """A fresh kernel in the run's workspace (its executor ready), while ``materialised``
+        finishes; a missing chunk is reported before a kernel error."""
+        try:
+            kid, ready = await self._boot_kernel(f"handoff-runs/{run.id}")
+        except BaseException:
+            await asyncio.gather(materialised, return_exceptions=True)  # no orphaned task
+            raise
+        run.kernel_id = kid
+        done = await asyncio.gather(materialised, ready, return_exceptions=True)
+        if isinstance(done[1], KernelExecutor):
+            run.executor = done[1]
+        for outcome in done:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    async def _boot_kernel(self, api_path: str) -> tuple[str, "asyncio.Future[KernelExecutor]"]:
+        """Start a kernel with the scrubbed env, no autorestart; returns its id and a future of
+        its ready ``KernelExecutor``."""
+        kid = await ensure_async(self.kernel_manager.start_kernel(
+            path=api_path, kernel_name=self.app.kernel_name, env=self.kernel_env()))
+        km = self.kernel_manager.get_kernel(kid)
+        try:  # we recover crashed kernels ourselves (from the checkpoint), not by a blank restart
+            km.stop_restarter()
+            km.autorestart = False
+        except Exception as exc:
+            log.warning("jupyter-handoff: could not disable autorestart of kernel %s: %s", kid, exc)
+        loop = asyncio.get_running_loop()
+        ready = asyncio.ensure_future(self._in_thread(
+            lambda: KernelExecutor(self.kernel_manager, kid, loop,
+                                   default_timeout=float(getattr(self.app, "exec_timeout", 3600.0)))))
+        return kid, ready
+
+    # -- warm kernel (opt-in: c.HandoffApp.warm_kernels = 1) ----------------------------------
+    def _warm_enabled(self) -> bool:
+        """Only on a shared disk: the restore chdirs the booted kernel into the run's workspace."""
+        return int(getattr(self.app, "warm_kernels", 0) or 0) > 0 and self.transport.name == "shared" \
+            and not self._stopping
+
+    def _refill_warm(self) -> None:
+        if self._warm_enabled() and self._warm is None:
+            self._warm = asyncio.ensure_future(self._boot_warm())
+
+    async def _boot_warm(self) -> tuple[str, KernelExecutor]:
+        """Boot a spare kernel so the next handoff skips kernel start-up (~0.5 s, far more on
+        a loaded machine); handoff_magic is imported in it already."""
+        (self.root_dir / "handoff-runs").mkdir(parents=True, exist_ok=True)
+        kid, ready = await self._boot_kernel("handoff-runs")
+        try:
+            ex = await ready
+            await self._in_thread(ex.execute, "import handoff_magic", 120.0, silent=True, store_history=False)
+        except BaseException:
+            await self._shutdown_quietly(kid)
+            raise
+        return kid, ex
+
+    async def _take_warm(self) -> tuple[str, KernelExecutor] | None:
+        """The spare kernel if there is a live one (waiting for it if it is still booting),
+        and start booting the next."""
+        task, self._warm = self._warm, None
+        if task is None:
+            return None
+        try:
+            kid, ex = await task
+        except Exception as exc:
+            log.warning("jupyter-handoff: the warm kernel failed to start (%s); starting one for the run", exc)
+            self._refill_warm()
+            return None
+        self._refill_warm()
+        if ex.dead or not await ensure_async(self.kernel_manager.get_kernel(kid).is_alive()):
+            ex.close()
+            await self._shutdown_quietly(kid)
+            return None
+        return kid, ex
+
+    async def _shutdown_quietly(self, kid: str) -> None:
+        try:
+            await ensure_async(self.kernel_manager.shutdown_kernel(kid, now=True))
+        except Exception as exc:
+            log.warning("jupyter-handoff: shutting down kernel %s failed: %s", kid, exc)
 
     def _seed_kernel_info(self, kid: str, info: dict[str, Any] | None) -> None:
         """Let browsers attach to a run's kernel while it is busy with a step.

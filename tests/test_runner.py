@@ -460,3 +460,29 @@ def test_server_model_overrides_the_runs_own_and_keep_kernel_keeps_the_finished_
         kernels = _kernels(server)
         assert len(kernels) == 1, kernels
         assert _ws_run(server, kernels[0]["id"], "print(made_remotely)").strip() == "42"
+
+
+def test_a_warm_kernel_takes_the_handoff_and_a_new_one_is_booted(
+        bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    """c.HandoffApp.warm_kernels=1: a spare kernel booted ahead of time takes the next run (in
+    the run's own directory, with the restored state), and another spare is booted for the next."""
+    bdir, manifest = bundle
+    model = _scripted(tmp_path, [run_python("import os\nprint(os.getcwd(), len(df))"), finish()])
+    with JupyterServerProcess(extra_args=["--HandoffApp.warm_kernels=1"]) as server:
+        deadline = time.monotonic() + 60
+        while not _kernels(server) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        spare = {k["id"] for k in _kernels(server)}
+        assert len(spare) == 1, "no spare kernel was booted"
+        for _ in range(2):
+            run_id = hand_off(server, bdir, manifest, model=model)
+            assert wait_status(server, run_id)["status"] == "completed"
+            out = tool_results(all_events(server, run_id))[0]["outputs"][0]["text"]
+            assert out.strip() == f"{server.root_dir / 'handoff-runs' / run_id} 2", out
+            deadline = time.monotonic() + 30  # the run's (formerly spare) kernel is shut down
+            while spare & {k["id"] for k in _kernels(server)} and time.monotonic() < deadline:
+                time.sleep(0.1)
+            now = {k["id"] for k in _kernels(server)}
+            assert not spare & now, "the spare kernel was not the one the run used"
+            assert len(now) == 1, now  # the next spare
+            spare = now
