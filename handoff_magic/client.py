@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import threading
 import time
 import uuid
@@ -19,6 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import httpx
+
+from .atomic import atomic_write_bytes
 
 API_PREFIX = "/handoff/api"
 STREAM_PIECE = 256 * 1024          # bytes per progress update while streaming a chunk
@@ -357,7 +357,7 @@ class HandoffClient:
             if hashlib.sha256(data).hexdigest() != sha:
                 raise ClientError(f"chunk {sha[:12]} arrived corrupted (hash mismatch)",
                                   "run %pull again; nothing was changed locally")
-            _atomic_write(Path(store.path(sha)), data)
+            atomic_write_bytes(store.path(sha), data)
             done += len(data)
             if progress:
                 progress(done, max(total, done))
@@ -425,20 +425,3 @@ def read_manifest_file(bundle_dir: Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise ClientError(f"cannot read {bundle_dir}/manifest.json ({exc})",
                           "take the snapshot again") from exc
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise

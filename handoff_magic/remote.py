@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .client import ClientError, HandoffClient, UploadReport, _atomic_write
+from .atomic import atomic_write_bytes
+from .client import ClientError, HandoffClient, UploadReport
 from .state import TERMINAL_STATUSES, Budgets, Event, PlanStep, RunState, StateError
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def _record_path(server_url: str, run_id: str) -> Path:
 
 def save_record(server_url: str, run_id: str, record: dict[str, Any]) -> None:
     """What pull needs from the handoff moment: file hashes (conflict detection) and the cache dir."""
-    _atomic_write(_record_path(server_url, run_id), json.dumps(record).encode())
+    atomic_write_bytes(_record_path(server_url, run_id), json.dumps(record).encode())
 
 
 def load_record(server_url: str, run_id: str) -> dict[str, Any] | None:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import nbformat
 from nbformat import v4
 
+from handoff_magic.atomic import atomic_write_text
 from handoff_magic.state import Event, RunState
 
 _STATUS_MARK = {"completed": "✔", "failed": "✘", "cancelled": "■", "pulled": "↩", "waiting_input": "?",
@@ -276,23 +275,7 @@ def write_result_notebook(path: Path, nb: nbformat.NotebookNode) -> None:
     except nbformat.ValidationError:
         _fallback_outputs(nb)
         nbformat.validate(nb)
-    text = nbformat.writes(nb, version=4)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".result-", suffix=".ipynb.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write_text(path, nbformat.writes(nb, version=4), mode=0o644)
 
 
 def write_for_state(path: Path, state: RunState, *, model: str | None = None) -> None:

@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ from typing import Any, Callable
 
 from jupyter_core.utils import ensure_async
 
+from handoff_magic.atomic import atomic_write_json, link_or_copy
 from handoff_magic.bundle import BundleError, validate_manifest
 from handoff_magic.secrets import is_secret_name
 from handoff_magic.state import TERMINAL_STATUSES, Event, Message, PlanStep, RunState, StateError
@@ -68,35 +68,6 @@ def check_run_id(run_id: str) -> str:
     if not isinstance(run_id, str) or not RUN_ID_RE.match(run_id):
         raise ValueError(f"{run_id!r} is not a valid run id (letters, digits, '-', '_')")
     return run_id
-
-
-def _atomic_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, ensure_ascii=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    if dst.exists():
-        return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}-{threading.get_ident()}")
-    try:
-        os.link(src, tmp)
-    except OSError:  # other filesystem, or links not allowed: copy instead
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def _kernel_code(func_body: str, name: str) -> str:
@@ -692,8 +663,8 @@ class RunManager:
         if (d / "manifest.json").exists():
             return  # the handoff bundle as it arrived stays as it was
         for sha in shas:
-            _link_or_copy(self.blobs.path(sha), d / "chunks" / sha[:2] / sha)
-        _atomic_json(d / "manifest.json", manifest)
+            link_or_copy(self.blobs.path(sha), d / "chunks" / sha[:2] / sha)
+        atomic_write_json(d / "manifest.json", manifest)
 
     async def _cleanup_kernel(self, run: _Run) -> None:
         ex, kid = run.executor, run.kernel_id

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from handoff_magic.atomic import fsync_dir
 from handoff_magic.state import TERMINAL_STATUSES, Event, RunState, new_run_id
 
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -52,19 +53,6 @@ def check_sha(sha: str) -> str:
     if not isinstance(sha, str) or not SHA_RE.match(sha):
         raise BlobError(f"{sha!r} is not a sha256 address (64 lowercase hex digits)")
     return sha
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems refuse opening directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,7 +102,7 @@ class BlobWriter:
         final = self.store.path(self.sha)
         existed = final.exists()
         os.replace(self._tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return not existed
 
     def abort(self) -> None:

@@ -22,12 +22,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from handoff_magic.atomic import atomic_write_bytes, link_or_copy
 from handoff_magic.bundle import BundleError, check_relpath, validate_manifest
 
 log = logging.getLogger(__name__)
@@ -83,36 +83,6 @@ class Checkpoint:
     bytes_new: int
     bytes_total: int
     files_mirrored: list[str] = field(default_factory=list)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    if dst.exists():
-        return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    try:
-        os.link(src, tmp)
-    except OSError:  # another filesystem, or no hard links: copy
-        import shutil
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def _stored_total(manifest: dict[str, Any]) -> int:
@@ -324,8 +294,8 @@ class SharedDiskTransport(BundleTransport):
         ws = self.workspace(run_id)
         ckpt = ws / ".handoff" / "ckpt"
         for sha in validate_manifest(manifest):
-            _link_or_copy(blobs.path(sha), ckpt / "chunks" / sha[:2] / sha)
-        _atomic_write(ckpt / "manifest.json", json.dumps(manifest).encode("utf-8"))
+            link_or_copy(blobs.path(sha), ckpt / "chunks" / sha[:2] / sha)
+        atomic_write_bytes(ckpt / "manifest.json", json.dumps(manifest).encode("utf-8"))
         return KernelBundle(bundle_dir=str(ckpt), root=str(ws))
 
     def fetch_checkpoint(self, executor: Executor, run_id: str, run_state: dict[str, Any],
@@ -333,7 +303,7 @@ class SharedDiskTransport(BundleTransport):
                          base: dict[str, Any] | None = None) -> Checkpoint:
         ws = self.workspace(run_id)
         ckpt = ws / ".handoff" / "ckpt"
-        _atomic_write(ws / ".handoff" / "run.json", json.dumps(run_state).encode("utf-8"))
+        atomic_write_bytes(ws / ".handoff" / "run.json", json.dumps(run_state).encode("utf-8"))
         res = executor.execute(_kernel_call(_SAVE, {"root": str(ws)}), CALL_TIMEOUT,
                                silent=True, store_history=False)
         _check(res, "saving a checkpoint")
@@ -552,7 +522,7 @@ class KernelChannelTransport(BundleTransport):
             if hashlib.sha256(data).hexdigest() != want:
                 log.warning("jupyter-handoff: run %s: %s does not match its hash; not mirrored", run_id, rel)
                 continue
-            _atomic_write(dest, data)
+            atomic_write_bytes(dest, data)
             try:
                 os.chmod(dest, int(f.get("mode", 0o644)) & 0o777)
             except OSError:
