@@ -282,8 +282,62 @@ def _rebuild_from_buffer(buf: Any, dtype: str, shape: tuple, order: str, writeab
     return arr
 
 
+STR_DEDUP_MIN = 1 << 16       # text columns at least this long are checked for repeated values
+STR_DEDUP_SAMPLE = 20_000
+
+
+def _repeats_a_lot(flat: Any) -> bool:
+    """Whether a text column holds far fewer distinct values than items (city, status, label...),
+    judged from a random sample: with s of n items drawn and k distinct values, about s²/2k
+    of the drawn items repeat, so a column of unique strings shows none and costs nothing more."""
+    import numpy as np
+    n = flat.size
+    s = min(n, STR_DEDUP_SAMPLE)
+    idx = np.random.default_rng(0).choice(n, size=s, replace=False)
+    repeats = s - len(set(flat[idx].tolist()))
+    return repeats > 0 and s * s / (2 * repeats) * 4 <= n   # estimated distinct values <= n/4
+
+
+def _reduce_str_codes(arr: Any, flat: Any) -> Any:
+    """A text column with repeated values as its distinct strings (one UTF-8 blob) plus integer codes:
+    the load then builds only the distinct str objects and one take, not millions of strs."""
+    import pandas as pd
+    import numpy as np
+    codes, uniques = pd.factorize(flat, use_na_sentinel=True)
+    items = uniques.tolist() if hasattr(uniques, "tolist") else list(uniques)
+    if not items or set(map(type, items)) != {str} or (codes.size and int(codes.min()) < 0):
+        return None
+    text = "\0".join(items)
+    if text.count("\0") != len(items) - 1:
+        return None
+    k = len(items)
+    small = np.uint8 if k <= 1 << 8 else np.uint16 if k <= 1 << 16 else np.int32 if k < 1 << 31 else np.int64
+    return (_rebuild_str_codes, (arr.shape, k, text.encode("utf-8", "surrogatepass"), codes.astype(small),
+                                 bool(arr.flags.writeable)))
+
+
+def _rebuild_str_codes(shape: tuple, k: int, blob: bytes, codes: Any, writeable: bool = True) -> Any:
+    import numpy as np
+    items = blob.decode("utf-8", "surrogatepass").split("\0")
+    if len(items) != k:
+        raise pickle.UnpicklingError(f"string table holds {len(items)} items, expected {k}")
+    uniques = np.empty(k, dtype=object)
+    uniques[:] = items
+    out = uniques[np.asarray(codes)].reshape(shape)
+    if not writeable:
+        out.flags.writeable = False
+    return out
+
+
 def _reduce_str_array(arr: Any) -> Any:
     flat = arr.reshape(-1) if arr.flags.c_contiguous else arr.ravel()
+    if flat.size >= STR_DEDUP_MIN and "pandas" in sys.modules and _repeats_a_lot(flat):
+        try:
+            reduced = _reduce_str_codes(arr, flat)
+        except (TypeError, ValueError):   # unhashable or odd items: the plain path decides
+            reduced = None
+        if reduced is not None:
+            return reduced
     parts: list[bytes] = []
     for i in range(0, flat.size, STR_SLICE):
         items = flat[i: i + STR_SLICE].tolist()

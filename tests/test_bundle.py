@@ -350,3 +350,33 @@ def test_other_bundles_under_the_root_are_not_captured_as_files(tmp_path: Path) 
     save_state(work / "snap1", ns={"a": 1}, root=work, environ={})
     rep = save_state(work / "snap2", ns={"a": 2}, root=work, environ={})
     assert [f["path"] for f in rep.manifest["files"]] == ["data.txt"]
+
+
+def test_repetitive_text_columns_round_trip_as_a_string_table(tmp_path: Path) -> None:
+    """Text columns with repeated values load as few shared strs, every value and flag intact;
+    columns with a missing value, a str subclass or all-unique values take the plain path."""
+    pd = pytest.importorskip("pandas")
+    n = 100_000
+    labels = np.array([f"item-{i % 500}" for i in range(n)], dtype=object)
+    grid = np.array([f"é{i % 7}" for i in range(n)], dtype=object).reshape(250, 400, order="F")
+    frozen = labels.copy()
+    frozen.flags.writeable = False
+    with_nan = labels.copy()
+    with_nan[5] = np.nan
+    subclass = labels.copy()
+    subclass[7] = np.str_("item-7")
+    unique = np.array([f"u{i}" for i in range(n)], dtype=object)
+    df = pd.DataFrame({"label": labels, "n": np.arange(n)})
+    ns: dict[str, Any] = {"labels": labels, "grid": grid, "frozen": frozen, "with_nan": with_nan,
+                          "subclass": subclass, "unique": unique, "df": df}
+    save_state(tmp_path / "b", ns=ns, files=False, environ={})
+    back: dict[str, Any] = {}
+    load_state(tmp_path / "b", ns=back, files=False)
+    for name in ("labels", "grid", "frozen", "unique"):
+        assert back[name].dtype == object and back[name].shape == ns[name].shape
+        assert back[name].tolist() == ns[name].tolist(), name
+    assert len({id(s) for s in back["labels"].tolist()}) == 500   # one str per distinct value
+    assert back["frozen"].flags.writeable is False and back["labels"].flags.writeable is True
+    assert back["with_nan"][5] != back["with_nan"][5] and back["with_nan"][6] == "item-6"
+    assert type(back["subclass"][7]) is np.str_
+    pd.testing.assert_frame_equal(back["df"], df)
