@@ -320,12 +320,12 @@ class RemoteRun:
         return summary
 
     def poll(self, timeout: float = 0.0) -> list[Event]:
-        """One long-poll: fetch events after the last seen one and feed them to the widget."""
+        """One long-poll: fetch events after the last seen one and feed them to the widget.
+        Returns the events new to this view."""
         data = self.client.events(self.run_id, after=self.last_seq, timeout=timeout)
         events = [Event.from_dict(e) for e in data.get("events") or []]
+        events = [ev for ev in events if ev.seq > self.last_seq]  # never show an event twice
         for ev in events:
-            if ev.seq <= self.last_seq:
-                continue  # never show an event twice
             self.state.events.append(ev)
             _apply(self.state, ev)
             self.last_seq = ev.seq
@@ -354,7 +354,10 @@ class RemoteRun:
         failures = 0
         while not self._stop.is_set():
             try:
-                self.poll(timeout=20.0)
+                # once the run has ended only drain what is already committed (a reattach may
+                # need several pages of events); stop at the first empty page
+                done = self.state.status in REMOTE_DONE
+                events = self.poll(timeout=0.0 if done else 20.0)
                 failures = 0
                 self.follow_error = None
             except ClientError as exc:
@@ -370,7 +373,7 @@ class RemoteRun:
                 _widget_message(self.widget, f"stopped following the run ({self.follow_error}); "
                                              f"%reattach {self.run_id} starts again", "error")
                 break
-            if self.state.status in REMOTE_DONE:
+            if self.state.status in REMOTE_DONE and not events:
                 if self.widget is not None and hasattr(self.widget, "show_state"):
                     self.widget.show_state(self.state)
                 break
@@ -393,6 +396,9 @@ class RemoteRun:
                     self._changed.wait(min(left, 1.0))
             else:
                 self.poll(timeout=min(left, 10.0))
+        if self.state.status in REMOTE_DONE and not (self._thread and self._thread.is_alive()):
+            while self.poll(timeout=0.0):  # events committed with the end that the last page left out
+                pass
         return self.state.status
 
     # -- RunController -------------------------------------------------------------------

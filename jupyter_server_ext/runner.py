@@ -13,6 +13,8 @@ The server never unpickles: it moves chunk bytes and reads JSON manifests; only 
 from __future__ import annotations
 
 import asyncio
+import copy
+import functools
 import json
 import logging
 import os
@@ -20,7 +22,7 @@ import re
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -105,6 +107,10 @@ class _Run:
     last_exec_count: int | None = None
     pull_result: asyncio.Future[dict[str, Any]] | None = None
     holds_slot: bool = False
+    nb_lock: threading.Lock = field(default_factory=threading.Lock)  # result.ipynb: one writer
+    nb_gen: int = 0                       # snapshots of result.ipynb asked for, in order
+    nb_written: int = 0                   # the newest snapshot on disk
+    nb_key: tuple[int, str] = (0, "")     # (last_seq, status) of that snapshot
 
 
 class _RunExecutor:
@@ -318,10 +324,10 @@ class RunManager:
             if not self._stopping:
                 raise
         except RunFailure as exc:
-            self._fail(run, exc.message, exc.hint)
+            await self._fail(run, exc.message, exc.hint)
         except Exception as exc:
             log.exception("jupyter-handoff: run %s failed", run.id)
-            self._fail(run, f"the server-side runner failed: {type(exc).__name__}: {exc}",
+            await self._fail(run, f"the server-side runner failed: {type(exc).__name__}: {exc}",
                        "see the Jupyter Server log; the last checkpoint is kept and can be pulled back")
         finally:
             self._release_slot(run)
@@ -446,14 +452,23 @@ class RunManager:
             if manifest is None:
                 manifest = self.latest_manifest(run.id)[0]
             self._emit(run, "pull", server=self._public_url(), remote_id=run.id)
-            self._status(run, "pulled", reason="pulled back to a local kernel")
-            self._write_notebook(run)
+            await self._end(run, "pulled", reason="pulled back to a local kernel")
             if run.pull_result is not None and not run.pull_result.done():
                 run.pull_result.set_result(manifest)
         elif run.cancel_requested:
             state.question = None
-            self._status(run, "cancelled", reason="cancelled by the user")
-            self._write_notebook(run)
+            await self._end(run, "cancelled", reason="cancelled by the user")
+
+    async def _end(self, run: _Run, status: str, **data: Any) -> None:
+        """End the run from the event loop: result.ipynb shows the end (written in a worker
+        thread) before the terminal status is committed and anyone is told."""
+        assert run.state is not None
+        event = run.state.set_status(status, **data)
+        pending = self._write_notebook(run)
+        if pending is not None:
+            await asyncio.wrap_future(pending)
+        if event is not None:
+            self._persist(run, event)
 
     # -- kernels --------------------------------------------------------------------------------
     def kernel_env(self) -> dict[str, str]:
@@ -788,7 +803,8 @@ class RunManager:
     def _after_step(self, run: _Run, final: bool) -> None:
         state = run.state
         assert state is not None
-        self._write_notebook(run)
+        if not (final and run.nb_key == (state.last_seq, state.status)):  # else: written at the end
+            self._write_notebook(run)
         if run.executor is None or run.executor.dead:
             return
         if len(state.messages) != run.ckpt_messages:
@@ -850,10 +866,14 @@ class RunManager:
         except OSError as exc:
             log.warning("jupyter-handoff: could not remove %s (its chunks stay on disk): %s", ckpt, exc)
 
-    def _checkpoint_before_question(self, run: _Run) -> tuple[dict[str, Any], int, int] | str | None:
-        """The step that asks a question is checkpointed before ``waiting_input`` is announced:
-        a server killed while the run waits then resumes waiting on the SAME question (the
-        answer continues it) instead of redoing the step behind a stale wait."""
+    def _checkpoint_first(self, run: _Run) -> tuple[dict[str, Any], int, int] | str | None:
+        """Checkpoint (stored, not yet announced) before a question or a terminal status goes out.
+
+        Before ``waiting_input``: a server killed while the run waits then resumes waiting on
+        the SAME question (the answer continues it) instead of redoing the step behind a stale
+        wait. Before ``completed``/``failed``: the terminal status stays the run's last event,
+        so a client that stops following there misses nothing. Returns the checkpoint, an
+        error message, or None (nothing new, or called on the event loop where it must not block)."""
         state = run.state
         if (state is None or run.executor is None or run.executor.dead or run.crashed
                 or len(state.messages) == run.ckpt_messages or _has_running_loop()):
@@ -861,20 +881,84 @@ class RunManager:
         try:
             return self._take_checkpoint(run, False)
         except Exception as exc:  # the question still gets asked; a restart would redo the step
-            log.exception("jupyter-handoff: checkpoint of run %s before its question failed", run.id)
-            return getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"  # told after the question
+            log.exception("jupyter-handoff: checkpoint of run %s failed", run.id)
+            return getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
 
-    def _write_notebook(self, run: _Run) -> None:
+    def _announce_checkpoint(self, run: _Run, taken: tuple[dict[str, Any], int, int] | str | None,
+                             hint: str) -> None:
+        if isinstance(taken, tuple):
+            self._emit(run, "checkpoint", bytes_new=taken[1], bytes_total=taken[2])
+        elif isinstance(taken, str):
+            self._emit(run, "error", error=f"checkpoint failed: {taken}", hint=hint)
+
+    def _checkpoint_before_end(self, run: _Run, event: Event) -> None:
+        """The final checkpoint is announced BEFORE the terminal status ``event`` (not yet
+        committed): the status is renumbered after it. Meanwhile the store still shows the
+        previous status, so a crash in between resumes the run rather than ending it short."""
+        state = run.state
+        assert state is not None
+        taken = self._checkpoint_first(run)
+        if taken is None:
+            return
+        if not state.events or state.events[-1] is not event:  # not ours to reorder: announce after
+            log.warning("jupyter-handoff: run %s: terminal status is not the newest event", run.id)
+            return
+        state.events.pop()
+        final = state.status
+        state.status = next((e.data.get("status") for e in reversed(state.events)
+                             if e.type == "status" and e.data.get("status")), "running")
+        try:
+            self._announce_checkpoint(run, taken, "the run ended; pulling it back restores the "
+                                      "previous checkpoint")
+        finally:
+            state.status = final
+            event.seq = state.last_seq + 1
+            state.events.append(event)
+
+    def _write_notebook(self, run: _Run) -> "Future[None] | None":
+        """Rewrite result.ipynb from a snapshot of the run's state.
+
+        Building and validating the notebook costs milliseconds per step, so on the event loop
+        it goes to a worker thread (the returned future; errors are reported, never raised).
+        Snapshots are numbered when asked for and written under the run's lock, so an older
+        notebook never overwrites a newer one."""
         state = run.state
         if state is None:
-            return
+            return None
+        snap = copy.copy(state)  # the lists are copied, the loop may go on appending to them
+        snap.events, snap.messages, snap.plan = list(state.events), list(state.messages), list(state.plan)
+        model = run.model or getattr(self.app, "model", "") or state.model
+        with run.nb_lock:
+            run.nb_gen += 1
+            gen = run.nb_gen
         try:
-            write_for_state(self.workspace(run.id) / "result.ipynb", state,
-                            model=run.model or getattr(self.app, "model", "") or state.model)
-        except Exception as exc:  # the notebook is a report: never let it stop the run, but say so
-            log.exception("jupyter-handoff: writing result.ipynb of %s failed", run.id)
-            self._emit(run, "error", error=f"result.ipynb could not be written: {exc}",
-                       hint="the run goes on; its events are complete in the status page")
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None:
+            self._write_snapshot(run, snap, model, gen, None)
+            return None
+        return self._pool.submit(self._write_snapshot, run, snap, model, gen, loop)
+
+    def _write_snapshot(self, run: _Run, snap: RunState, model: str, gen: int,
+                        loop: asyncio.AbstractEventLoop | None) -> None:
+        with run.nb_lock:
+            if gen <= run.nb_written:
+                return  # a newer snapshot is already on disk
+            try:
+                write_for_state(self.workspace(run.id) / "result.ipynb", snap, model=model)
+            except Exception as exc:  # the notebook is a report: never let it stop the run, but say so
+                log.exception("jupyter-handoff: writing result.ipynb of %s failed", run.id)
+                report = functools.partial(
+                    self._emit, run, "error", error=f"result.ipynb could not be written: {exc}",
+                    hint="the run goes on; its events are complete in the status page")
+                if loop is None:
+                    report()
+                else:  # the event log is the loop's: tell it there
+                    loop.call_soon_threadsafe(report)
+                return
+            run.nb_written = gen
+            run.nb_key = (snap.last_seq, snap.status)
 
     # -- events -----------------------------------------------------------------------------------
     def _on_event_cb(self, run: _Run) -> Callable[[RunState, Event], None]:
@@ -892,7 +976,11 @@ class RunManager:
                 and run.last_exec_count is not None:
             event.data["execution_count"] = run.last_exec_count
             run.last_exec_count = None
-        asked = self._checkpoint_before_question(run) if event.type == "question" else None
+        asked = self._checkpoint_first(run) if event.type == "question" else None
+        if event.type == "status" and event.data.get("status") in TERMINAL_STATUSES \
+                and not _has_running_loop():  # the loop's own ends go through _end
+            self._checkpoint_before_end(run, event)
+            self._write_notebook(run)  # the end is in result.ipynb before anyone is told
         stored = self.store.append_event(run.id, event.type, event.data)
         if stored.seq != event.seq:
             log.debug("jupyter-handoff: run %s event renumbered %d -> %d", run.id, event.seq, stored.seq)
@@ -906,11 +994,9 @@ class RunManager:
                     notifier.enqueue(run.id, event.data["status"])
                 except Exception:
                     log.exception("jupyter-handoff: queueing a notification for %s failed", run.id)
-        if isinstance(asked, tuple):  # announced right after the question it made safe
-            self._emit(run, "checkpoint", bytes_new=asked[1], bytes_total=asked[2])
-        elif isinstance(asked, str):
-            self._emit(run, "error", error=f"checkpoint failed: {asked}",
-                       hint="the run goes on; a server restart now would redo the question's step")
+        # announced right after the question it made safe
+        self._announce_checkpoint(run, asked, "the run goes on; a server restart now would redo "
+                                  "the question's step")
 
     def _emit(self, run: _Run, type: str, **data: Any) -> Event:
         assert run.state is not None
@@ -930,7 +1016,7 @@ class RunManager:
         state.question = None
         self._status(run, status, reason=reason)
 
-    def _fail(self, run: _Run, message: str, hint: str) -> None:
+    async def _fail(self, run: _Run, message: str, hint: str) -> None:
         if self._stopping:
             return
         state = run.state
@@ -943,8 +1029,7 @@ class RunManager:
             return
         state.error = message
         self._emit(run, "error", error=message, hint=hint)
-        self._status(run, "failed", reason=message)
-        self._write_notebook(run)
+        await self._end(run, "failed", reason=message)
 
     def _public_url(self) -> str:
         try:

@@ -175,15 +175,33 @@ def test_create_run_is_idempotent_and_events_long_poll(client, tmp_path):
         page = client.events(one["id"], after=after, timeout=5)
         after, status = page["last_seq"], page["status"]
     assert status == "completed", client.get_run(one["id"])
-    # once nothing new comes (a final checkpoint event may still follow the status), the
-    # long-poll waits about `timeout`, then returns empty
-    for _ in range(5):
-        t0 = time.monotonic()
-        page = client.events(one["id"], after=after, timeout=1)
-        if not page["events"]:
-            break
-        after = page["last_seq"]
+    # the terminal status is the run's last event (its final checkpoint came before it): the
+    # next long-poll has nothing new, waits about `timeout`, then returns empty
+    t0 = time.monotonic()
+    page = client.events(one["id"], after=after, timeout=1)
     assert page["events"] == [] and 0.8 < time.monotonic() - t0 < 10
+
+    # a notebook following the run (as after %reattach) ends with every event the server has
+    from handoff_magic.remote import RemoteRun
+
+    class Shown:
+        def __init__(self) -> None:
+            self.events: list = []
+            self.final = None
+
+        def show_event(self, ev) -> None:
+            self.events.append(ev)
+
+        def show_state(self, state) -> None:
+            self.final = state.status
+
+    view = Shown()
+    follower = RemoteRun(client, one["id"], widget=view).follow()
+    assert follower.wait(timeout=30) == "completed"
+    follower._thread.join(10)
+    assert not follower._thread.is_alive() and view.final == "completed"
+    assert [e.seq for e in view.events] == list(range(1, after + 1))
+    assert view.events[-1].type == "status" and view.events[-1].data["status"] == "completed"
 
 
 def test_download_chunks_into_local_store(client, tmp_path):

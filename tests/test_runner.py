@@ -123,6 +123,10 @@ def test_handed_off_run_uses_restored_state_and_writes_the_result_notebook(
     assert results[2]["is_error"] and "ZeroDivisionError" in results[2]["content"]
     statuses = [e["data"]["status"] for e in events if e["type"] == "status"]
     assert statuses[-4:] == ["queued", "restoring", "running", "completed"]
+    # the final checkpoint is announced before the terminal status, which is the last event: a
+    # client that stops following at "completed" has seen everything
+    assert events[-1]["type"] == "status" and events[-1]["data"]["status"] == "completed", events[-3:]
+    assert events[-2]["type"] == "checkpoint", events[-3:]
 
     # checkpoints after every step are incremental: the 1.6 MB array is never sent again
     ckpts = [e["data"] for e in events if e["type"] == "checkpoint"]
