@@ -225,14 +225,22 @@ for sub in os.listdir(chunks):
 return {'root': os.path.abspath(root), 'have': have}
 """
 
-_PUT = """
-import base64, hashlib, os
+# kernel side: resolve a path of the run directory, refusing anything outside it (also via links)
+_INSIDE = """
+import os
 root = os.path.realpath(a['root'])
+def inside(rel, verb):
+    path = os.path.realpath(os.path.join(root, rel))
+    if not path.startswith(root + os.sep):
+        raise ValueError('refusing to %s outside the run directory: %r' % (verb, rel))
+    return path
+"""
+
+_PUT = _INSIDE + """
+import base64, hashlib
 done = []
 for it in a['items']:
-    path = os.path.realpath(os.path.join(root, it['path']))
-    if not path.startswith(root + os.sep):
-        raise ValueError('refusing to write outside the run directory: %r' % it['path'])
+    path = inside(it['path'], 'write')
     part = path + '.part'
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(part, 'r+b' if it['offset'] else 'wb') as f:
@@ -252,14 +260,11 @@ for it in a['items']:
 return {'done': done}
 """
 
-_GET = """
-import base64, os
-root = os.path.realpath(a['root'])
+_GET = _INSIDE + """
+import base64
 out = []
 for it in a['items']:
-    path = os.path.realpath(os.path.join(root, it['path']))
-    if not path.startswith(root + os.sep):
-        raise ValueError('refusing to read outside the run directory: %r' % it['path'])
+    path = inside(it['path'], 'read')
     with open(path, 'rb') as f:
         f.seek(it['offset'])
         out.append(base64.b64encode(f.read(it['length'])).decode('ascii'))
