@@ -140,6 +140,9 @@ def test_handed_off_run_uses_restored_state_and_writes_the_result_notebook(
 
     nb = nbformat.read(ws / "result.ipynb", as_version=4)
     nbformat.validate(nb)
+    # written before the end was announced: the notebook a "completed" notification links to is final
+    assert nb.metadata["handoff"]["status"] == "completed"
+    assert nb.metadata["handoff"]["last_seq"] == events[-1]["seq"]
     header = nb.cells[0].source
     assert "analyse the sales" in header and "laptop-1" in header and "analysis.ipynb" in header
     assert "☑" in header or "▶" in header or "☐" in header
@@ -260,6 +263,9 @@ def test_cancel_interrupts_the_kernel_and_ends_cancelled(
     assert r.status_code == 200, r.text
     assert wait_status(srv, run_id, timeout=30)["status"] == "cancelled"
     assert time.monotonic() - t0 < 15
+    # result.ipynb (written off the server's event loop) already shows the end when it is visible
+    nb = nbformat.read(srv.root_dir / "handoff-runs" / run_id / "result.ipynb", as_version=4)
+    assert nb.metadata["handoff"]["status"] == "cancelled"
     result = tool_results(all_events(srv, run_id))[0]
     assert result["is_error"] and "KeyboardInterrupt" in result["content"]
     _wait_no_kernels(srv)
