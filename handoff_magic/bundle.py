@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 
 import zstandard
 
+from .atomic import atomic_write_bytes, fsync_dir
 from .state import SchemaVersionError, StateError
 
 SCHEMA_VERSION = 1
@@ -77,39 +78,9 @@ class ChunkRef:
         return m
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: Path, data: bytes | memoryview, mode: int | None = None) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same dir, fsync, rename."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644 if mode is None else mode)
-    try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    if mode is not None:
-        os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    """Chunks and manifests are readable like any file the user writes (0o644 unless told)."""
+    atomic_write_bytes(path, data, mode=0o644 if mode is None else mode)
 
 
 def worth_compressing(sample: bytes | memoryview, ratio: float = 0.9) -> bool:
