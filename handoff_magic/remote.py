@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from .atomic import atomic_write_bytes
 from .client import ClientError, HandoffClient, UploadReport
+from .reports import fmt_bytes
 from .state import TERMINAL_STATUSES, Budgets, Event, PlanStep, RunState, StateError
 
 log = logging.getLogger(__name__)
@@ -124,14 +125,6 @@ def _display(obj: Any) -> None:
 def _widget_message(widget: Any, text: str, level: str = "info") -> None:
     if widget is not None and hasattr(widget, "show_message"):
         widget.show_message(text, level)
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def _ago(ts: float | None) -> str:
@@ -631,8 +624,8 @@ def handoff(run: Any, *, to: str | None = None, token: str | None = None, fork: 
     timings.total = time.perf_counter() - t0
     remote.timings = timings  # type: ignore[attr-defined]
     remote.upload = up        # type: ignore[attr-defined]
-    _widget_message(from_widget, f"handed off as {remote_id}: sent {_fmt_bytes(up.bytes_sent)} of "
-                                 f"{_fmt_bytes(up.bytes_total)} in {timings.total:.2f}s; "
+    _widget_message(from_widget, f"handed off as {remote_id}: sent {fmt_bytes(up.bytes_sent)} of "
+                                 f"{fmt_bytes(up.bytes_total)} in {timings.total:.2f}s; "
                                  "you can close this notebook now")
     remote.follow()
     global LAST_HANDOFF
@@ -733,7 +726,7 @@ class PullReport:
 
     def __str__(self) -> str:
         lines = [f"pulled run {self.run_id} from {self.server_url}: downloaded "
-                 f"{_fmt_bytes(self.bytes_downloaded)} in {self.seconds:.2f}s"]
+                 f"{fmt_bytes(self.bytes_downloaded)} in {self.seconds:.2f}s"]
         if self.restore is not None:
             lines.append(str(self.restore))
         for c in self.conflicts:
@@ -747,7 +740,7 @@ class PullReport:
         body = self.restore._repr_html_() if hasattr(self.restore, "_repr_html_") else ""
         conflicts = "".join(f"<li>{html.escape(_conflict_text(c))}</li>" for c in self.conflicts)
         return (f"<p>Pulled run <b>{html.escape(self.run_id)}</b> from {html.escape(self.server_url)} "
-                f"({_fmt_bytes(self.bytes_downloaded)} downloaded in {self.seconds:.2f}s). "
+                f"({fmt_bytes(self.bytes_downloaded)} downloaded in {self.seconds:.2f}s). "
                 f"<code>%agent continue</code> goes on here.</p>{body}"
                 + (f"<p>Conflicts:</p><ul>{conflicts}</ul>" if conflicts else ""))
 

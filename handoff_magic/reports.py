@@ -17,19 +17,20 @@ class VarReport:
     reason: str | None = None
 
 
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
+def fmt_bytes(n: float) -> str:
+    """Sizes as people read them in progress bars and reports (decimal units: 1.5 MB)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
+        n /= 1000
+    return f"{n:.1f} GB"
 
 
 def _table_text(rows: list[VarReport]) -> str:
     lines = [f"{'name':<20} {'type':<24} {'method':<8} {'bytes':>10} {'secs':>7}  outcome"]
     for r in rows:
         extra = f" ({r.reason})" if r.reason else ""
-        lines.append(f"{r.name[:20]:<20} {r.type[:24]:<24} {r.method:<8} {_fmt_bytes(r.bytes):>10} "
+        lines.append(f"{r.name[:20]:<20} {r.type[:24]:<24} {r.method:<8} {fmt_bytes(r.bytes):>10} "
                      f"{r.seconds:7.3f}  {r.outcome}{extra}")
     return "\n".join(lines)
 
@@ -39,7 +40,7 @@ def _table_html(title: str, rows: list[VarReport], foot: str) -> str:
     body = "".join(
         "<tr>" + "".join(f"<td style='text-align:left'>{html.escape(str(c))}</td>" for c in (
             r.name, r.type, r.method)) +
-        f"<td style='text-align:right'>{_fmt_bytes(r.bytes)}</td><td style='text-align:right'>{r.seconds:.3f}</td>"
+        f"<td style='text-align:right'>{fmt_bytes(r.bytes)}</td><td style='text-align:right'>{r.seconds:.3f}</td>"
         f"<td style='text-align:left;color:{colour.get(r.outcome, '#000')}'>{html.escape(r.outcome)}</td>"
         f"<td style='text-align:left'>{html.escape(r.reason or '')}</td></tr>" for r in rows)
     return (f"<div><b>{html.escape(title)}</b><table><thead><tr><th>name</th><th>type</th><th>method</th>"
@@ -73,7 +74,7 @@ class CaptureReport:
     def _foot(self) -> str:
         return (f"{len(self.variables) - len(self.skipped)} variables saved, {len(self.skipped)} skipped, "
                 f"{len(self.files)} files ({len(self.skipped_files)} left out); "
-                f"{_fmt_bytes(self.bytes_new)} new of {_fmt_bytes(self.bytes_total)} in {self.seconds:.2f}s")
+                f"{fmt_bytes(self.bytes_new)} new of {fmt_bytes(self.bytes_total)} in {self.seconds:.2f}s")
 
     def __str__(self) -> str:
         return f"Snapshot saved to {self.path}\n{_table_text(self.variables)}\n{self._foot()}"

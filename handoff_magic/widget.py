@@ -20,6 +20,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 import ipywidgets as W
 
+from .reports import fmt_bytes
 from .state import Event, RunState, TERMINAL_STATUSES
 from .widget_css import CSS
 
@@ -149,14 +150,6 @@ def _short(text: str, chars: int, lines: int | None = None) -> str:
     if len(text) > chars:
         text = text[:chars] + f"… ({len(text) - chars} more characters)"
     return text
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
 
 
 @dataclass
@@ -421,7 +414,7 @@ def render_text(v: _View) -> str:
     if v.progress:
         label_p, done_b, total_b = v.progress
         pct = f" ({100 * done_b / total_b:.0f}%)" if total_b else ""
-        lines.append(f"  {label_p}: {_fmt_bytes(done_b)}" + (f" of {_fmt_bytes(total_b)}" if total_b else "") + pct)
+        lines.append(f"  {label_p}: {fmt_bytes(done_b)}" + (f" of {fmt_bytes(total_b)}" if total_b else "") + pct)
     if v.message and v.message[0]:
         text, level, link, *_ = v.message
         prefix = {"error": "Error: ", "warn": "Note: "}.get(level, "")
@@ -600,10 +593,10 @@ class RunWidget(W.VBox):
             self._progress.layout.display = "none"
             return
         label, done, total = p
-        text = f"{_esc(label)}: {_fmt_bytes(done)}"
+        text = f"{_esc(label)}: {fmt_bytes(done)}"
         if total > 0:
             frac = min(max(done / total, 0.0), 1.0)
-            text += f" of {_fmt_bytes(total)} ({frac * 100:.0f}%)"
+            text += f" of {fmt_bytes(total)} ({frac * 100:.0f}%)"
         else:
             frac = 0.0
         with self._progress_label.hold_sync(), self._progress_bar.hold_sync():
