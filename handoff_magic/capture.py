@@ -771,7 +771,8 @@ def capture_files(root: Path, store: ChunkStore, secrets: list[bytes], skip: lis
 
 
 # -- the whole capture -------------------------------------------------------------
-def _shell(shell: Any) -> Any:
+def resolve_shell(shell: Any) -> Any:
+    """The shell to act on: the one given, else the running IPython (None outside IPython)."""
     if shell is not None:
         return shell
     try:
@@ -789,7 +790,7 @@ def save_state(path: Any, shell: Any = None, *, run: Any = None, files: bool = T
     """
     t_start = time.perf_counter()
     if ns is None:
-        shell = _shell(shell)
+        shell = resolve_shell(shell)
         if shell is None:
             raise BundleError("save_state needs an IPython kernel (or pass ns=dict); run it inside Jupyter")
         ns = shell.user_ns

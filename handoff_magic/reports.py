@@ -48,8 +48,20 @@ def _table_html(title: str, rows: list[VarReport], foot: str) -> str:
             f"</table><div>{html.escape(foot)}</div></div>")
 
 
+class _VariableRows:
+    """What both reports answer about their per-variable rows."""
+    variables: list[VarReport]
+
+    @property
+    def skipped(self) -> list[VarReport]:
+        return [v for v in self.variables if v.outcome != "ok"]
+
+    def var(self, name: str) -> VarReport | None:
+        return next((v for v in self.variables if v.name == name), None)
+
+
 @dataclass
-class CaptureReport:
+class CaptureReport(_VariableRows):
     path: str
     variables: list[VarReport] = field(default_factory=list)
     files: list[dict[str, Any]] = field(default_factory=list)          # {path, size, outcome}
@@ -58,13 +70,6 @@ class CaptureReport:
     bytes_total: int = 0
     seconds: float = 0.0
     manifest: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @property
-    def skipped(self) -> list[VarReport]:
-        return [v for v in self.variables if v.outcome != "ok"]
-
-    def var(self, name: str) -> VarReport | None:
-        return next((v for v in self.variables if v.name == name), None)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -86,20 +91,13 @@ class CaptureReport:
 
 
 @dataclass
-class RestoreReport:
+class RestoreReport(_VariableRows):
     path: str
     variables: list[VarReport] = field(default_factory=list)
     files: list[str] = field(default_factory=list)                     # written
     conflicts: list[dict[str, str]] = field(default_factory=list)      # {path, written_as}
     seconds: float = 0.0
     run: Any = field(default=None, repr=False)                         # RunState | None
-
-    @property
-    def skipped(self) -> list[VarReport]:
-        return [v for v in self.variables if v.outcome != "ok"]
-
-    def var(self, name: str) -> VarReport | None:
-        return next((v for v in self.variables if v.name == name), None)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .bundle import CHUNKS, BundleError, ChunkStore, check_relpath, fsync_dir, read_manifest, validate_manifest
+from .capture import resolve_shell
 from .reports import RestoreReport, VarReport
 from .state import RunState, StateError
 
@@ -40,16 +41,6 @@ class HistoryOutput:
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         return dict(self.bundle)
-
-
-def _shell(shell: Any) -> Any:
-    if shell is not None:
-        return shell
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return None
-    return get_ipython()
 
 
 # -- phase 1: read and verify ------------------------------------------------------
@@ -305,7 +296,7 @@ def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path |
     """
     t_start = time.perf_counter()
     if ns is None:
-        shell = _shell(shell)
+        shell = resolve_shell(shell)
         if shell is None:
             raise BundleError("load_state needs an IPython kernel (or pass ns=dict); run it inside Jupyter")
         ns = shell.user_ns
