@@ -25,8 +25,14 @@ if ! "$ROOT/gateway/bin/jupyter-enterprisegateway" --version >/dev/null 2>&1; th
 fi
 
 if ! [ -x "$ROOT/node/node_modules/.bin/configurable-http-proxy" ]; then
+  if ! command -v npm >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    echo "installing Debian nodejs + npm (JupyterHub's proxy is an npm package)" >&2
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >/dev/null
+  fi
   if ! command -v npm >/dev/null 2>&1; then
-    echo "npm is missing: install Node.js (Debian: apt-get install nodejs npm) to run the JupyterHub test" >&2
+    echo "npm is missing: install Node.js and npm (Debian: apt-get install nodejs npm) to run the JupyterHub test" >&2
     exit 1
   fi
   echo "installing configurable-http-proxy into $ROOT/node" >&2
