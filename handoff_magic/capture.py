@@ -771,15 +771,19 @@ def capture_files(root: Path, store: ChunkStore, secrets: list[bytes], skip: lis
 
 
 # -- the whole capture -------------------------------------------------------------
-def resolve_shell(shell: Any) -> Any:
-    """The shell to act on: the one given, else the running IPython (None outside IPython)."""
-    if shell is not None:
-        return shell
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return None
-    return get_ipython()
+def target_namespace(shell: Any, ns: dict[str, Any] | None, action: str) -> tuple[Any, dict[str, Any]]:
+    """``ns`` when given, else the user namespace of ``shell`` or of the running IPython."""
+    if ns is not None:
+        return shell, ns
+    if shell is None:
+        try:
+            from IPython import get_ipython
+            shell = get_ipython()
+        except ImportError:
+            shell = None
+    if shell is None:
+        raise BundleError(f"{action} needs an IPython kernel (or pass ns=dict); run it inside Jupyter")
+    return shell, shell.user_ns
 
 
 def save_state(path: Any, shell: Any = None, *, run: Any = None, files: bool = True, root: Path | None = None,
@@ -789,11 +793,7 @@ def save_state(path: Any, shell: Any = None, *, run: Any = None, files: bool = T
     ``ns`` (optional) captures a plain dict instead of the shell's user namespace (scripts, benchmarks).
     """
     t_start = time.perf_counter()
-    if ns is None:
-        shell = resolve_shell(shell)
-        if shell is None:
-            raise BundleError("save_state needs an IPython kernel (or pass ns=dict); run it inside Jupyter")
-        ns = shell.user_ns
+    shell, ns = target_namespace(shell, ns, "save_state")
     hidden = getattr(shell, "user_ns_hidden", {}) if shell is not None else {}
     bundle = Path(path).expanduser().absolute()
     root = Path(root if root is not None else os.getcwd()).absolute()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .bundle import CHUNKS, BundleError, ChunkStore, check_relpath, fsync_dir, read_manifest, validate_manifest
-from .capture import resolve_shell
+from .capture import target_namespace
 from .reports import RestoreReport, VarReport
 from .state import RunState, StateError
 
@@ -295,11 +295,7 @@ def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path |
     corrupt or from a newer version; then the namespace and files are untouched.
     """
     t_start = time.perf_counter()
-    if ns is None:
-        shell = resolve_shell(shell)
-        if shell is None:
-            raise BundleError("load_state needs an IPython kernel (or pass ns=dict); run it inside Jupyter")
-        ns = shell.user_ns
+    shell, ns = target_namespace(shell, ns, "load_state")
     bundle = Path(path).expanduser().absolute()
     root = Path(root if root is not None else os.getcwd()).absolute()
     manifest = read_manifest(bundle)
