@@ -175,6 +175,12 @@ def _display(obj: Any) -> Any:
     return display(obj, display_id=True)
 
 
+def _show_remote_result(result: Any) -> None:
+    """A remote action returns a run (shown as its live widget) or a report/list (shown as is)."""
+    widget = getattr(result, "widget", None)
+    _display(widget if widget is not None else result)
+
+
 def _refresh(handle: Any, obj: Any) -> None:
     """Re-publish a finished foreground run's widget so its text/plain form (nbconvert, terminals,
     saved notebooks without widget state) shows the final status rather than the starting one."""
@@ -351,8 +357,7 @@ class HandoffMagics(Magics):
         run = self._resolve_run(a.run_id, HANDOFF_USAGE)
         remote = _remote_module()
         result = _call(remote.handoff, run, to=a.to, token=a.token, fork=a.fork, shell=self.shell)
-        widget = getattr(result, "widget", None)
-        _display(widget if widget is not None else result)
+        _show_remote_result(result)
 
     @line_magic
     def reattach(self, line: str) -> None:
@@ -364,8 +369,7 @@ class HandoffMagics(Magics):
         a = p.parse_args(_split(line, REATTACH_USAGE))
         remote = _remote_module()
         result = _call(remote.reattach, a.run_id, to=a.to, token=a.token, display=False)
-        widget = getattr(result, "widget", None)
-        _display(widget if widget is not None else result)
+        _show_remote_result(result)
 
     @line_magic
     def pull(self, line: str) -> None:
@@ -379,5 +383,4 @@ class HandoffMagics(Magics):
         result = _call(remote.pull, a.run_id, to=a.to, token=a.token, shell=self.shell, display=False)
         report = getattr(result, "pull_report", None)
         _display(report)
-        widget = getattr(result, "widget", None)
-        _display(widget if widget is not None else result)
+        _show_remote_result(result)
