@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,19 +63,13 @@ class LabProcess(JupyterServerProcess):
         self.workspaces_dir.mkdir(parents=True, exist_ok=True)
         lab_settings(self.settings_dir, theme)
 
-    def command(self) -> list[str]:
+    module = "jupyterlab"
+
+    def app_args(self) -> list[str]:
         return [
-            sys.executable, "-m", "jupyterlab",
-            "--allow-root", "--no-browser",
-            f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
-            "--ServerApp.ip=127.0.0.1",
-            f"--IdentityProvider.token={self.token}",
-            f"--ServerApp.root_dir={self.root_dir}",
-            f"--HandoffApp.data_dir={self.data_dir}",
             f"--LabApp.user_settings_dir={self.settings_dir}",
             f"--LabApp.workspaces_dir={self.workspaces_dir}",
             "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-            *self.extra_args,
         ]
 
     def lab_url(self, path: str = "lab") -> str:

@@ -94,15 +94,22 @@ class JupyterServerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     # -- lifecycle -----------------------------------------------------------------------
+    module = "jupyter_server"  # the app `python -m` starts; subclasses may start jupyterlab
+
+    def app_args(self) -> list[str]:
+        """Options only a subclass's app understands (none for a plain Jupyter Server)."""
+        return []
+
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "jupyter_server",
+            sys.executable, "-m", self.module,
             "--allow-root", "--no-browser",
             f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
             "--ServerApp.ip=127.0.0.1",
             f"--IdentityProvider.token={self.token}",
             f"--ServerApp.root_dir={self.root_dir}",
             f"--HandoffApp.data_dir={self.data_dir}",
+            *self.app_args(),
             *self.extra_args,
         ]
 
@@ -204,6 +211,17 @@ class JupyterServerProcess:
 
     def __exit__(self, *exc: Any) -> None:
         self.cleanup()
+
+
+class Mailbox:
+    """An aiosmtpd handler that keeps every message it is sent (a loopback SMTP receiver)."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        self.messages.append(envelope)
+        return "250 OK"
 
 
 class Webhook:

@@ -18,19 +18,10 @@ from aiosmtpd.controller import Controller
 
 from handoff_magic.client import HandoffClient
 from handoff_magic.demo import JOURNEY_SCRIPT, Kernel, WebhookReceiver, output_text
-from server_process import JupyterServerProcess, free_port
+from server_process import JupyterServerProcess, Mailbox, free_port
 from test_client import CuttingProxy
 
 pytestmark = pytest.mark.slow
-
-
-class Mailbox:
-    def __init__(self) -> None:
-        self.messages: list[Any] = []
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
-        self.messages.append(envelope)
-        return "250 OK"
 
 
 def mail_text(envelope: Any) -> str:
@@ -184,7 +175,7 @@ def test_full_journey_handoff_kill_notify_reattach_diff_pull_continue(cloud, cli
         assert run_id in listing and "completed" in listing
         view = b.ok(f"%reattach {run_id}")
         assert "completed" in view.lower() and "5/5" in view, view
-        assert b.value(f"len(__import__('handoff_magic.remote', fromlist=['x']).LAST_REATTACH.state.events)") \
+        assert b.value("len(__import__('handoff_magic.remote', fromlist=['x']).LAST_REATTACH.state.events)") \
             == client.get_run(run_id)["last_seq"], "the widget was rebuilt from the whole event log"
 
         diff = client.diff(run_id)

@@ -16,18 +16,9 @@ from aiosmtpd.controller import Controller
 from handoff_magic.state import RunState
 from jupyter_server_ext.notify import Notifier, compose, target_key
 from jupyter_server_ext.store import RunStore
-from server_process import JupyterServerProcess, Webhook, free_port
+from server_process import JupyterServerProcess, Mailbox, Webhook, free_port
 
 PUBLIC = "https://jupyter.example.org/user/ada"
-
-
-class Mailbox:
-    def __init__(self) -> None:
-        self.messages: list[Any] = []
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
-        self.messages.append(envelope)
-        return "250 OK"
 
 
 @pytest.fixture

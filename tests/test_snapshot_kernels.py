@@ -180,7 +180,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Any:
             a.ok(cell)
         a.ok("%load_ext handoff_magic")
         saved = a.ok(f"%snapshot save {bundle}")
-        report = json.loads(a.ok(f"import json; print(json.dumps(_.to_dict()))")["stdout"])
+        report = json.loads(a.ok("import json; print(json.dumps(_.to_dict()))")["stdout"])
         b.ok("%load_ext handoff_magic")
         loaded = b.ok(f"%snapshot load {bundle}")
         checks = json.loads(b.ok(CHECK)["stdout"])
