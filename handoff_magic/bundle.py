@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable
 import zstandard
 
 from .atomic import atomic_write_bytes, fsync_dir
-from .state import SchemaVersionError, StateError
+from .errors import BundleError, BundleSchemaError, StateError
 
 SCHEMA_VERSION = 1
 KIND = "handoff-bundle"
@@ -52,14 +52,6 @@ def _dctx() -> zstandard.ZstdDecompressor:
     if d is None:
         d = _local.dctx = zstandard.ZstdDecompressor()
     return d
-
-
-class BundleError(StateError):
-    """A bundle that cannot be written, read or trusted; the message says what to do."""
-
-
-class BundleSchemaError(BundleError, SchemaVersionError):
-    """The bundle was written by a newer jupyter-handoff."""
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import Blocked, SecretFound
+
 from .bundle import (CHUNK_SIZE, CHUNKS, ChunkRef, ChunkStore, new_manifest, read_manifest, worth_compressing,
                      write_manifest, BundleError)
 from .reports import CaptureReport, VarReport
@@ -44,18 +46,6 @@ SCAN_BUFFER_LIMIT = 16 * 1024 * 1024   # out-of-band buffers below this are scan
 MAX_MIME_BYTES = 100_000
 MAX_TEXT_PLAIN = 20_000
 _ATOMIC = (str, bytes, int, float, complex, bool, type(None), tuple, frozenset, range, slice)
-
-
-class SecretFound(Exception):
-    """A pickle stream or file would carry a secret value."""
-
-
-class Blocked(pickle.PicklingError):
-    """dill would 'restore' this live resource wrongly (a new lock, a truncated file)."""
-
-    def __init__(self, reason: str, replayable: bool) -> None:
-        super().__init__(reason)
-        self.reason, self.replayable = reason, replayable
 
 
 # -- classification ----------------------------------------------------------------

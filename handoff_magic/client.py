@@ -19,39 +19,13 @@ from typing import Any, Callable, Iterable, Iterator
 import httpx
 
 from .atomic import atomic_write_bytes
+from .errors import AuthError, BundleTooLarge, ClientError, RunNotFound, ServerUnreachable
 
 API_PREFIX = "/handoff/api"
 STREAM_PIECE = 256 * 1024          # bytes per progress update while streaming a chunk
 Progress = Callable[[int, int], None]   # (bytes done, bytes total)
 
 _RETRY_STATUS = frozenset({500, 502, 503, 504})
-
-
-class ClientError(RuntimeError):
-    """A request to the handoff server failed; ``str()`` says what happened and what to do."""
-
-    def __init__(self, message: str, hint: str | None = None, status: int | None = None) -> None:
-        self.message = message
-        self.hint = hint
-        self.status = status
-        self.body: dict[str, Any] = {}    # the server's JSON error body (e.g. "missing" chunks)
-        super().__init__(f"{message}: {hint}" if hint else message)
-
-
-class ServerUnreachable(ClientError):
-    """No connection could be made (server down, wrong URL, network gone)."""
-
-
-class AuthError(ClientError):
-    """The server refused the token (403/401)."""
-
-
-class RunNotFound(ClientError):
-    """The server has no run (or blob) with that id (404)."""
-
-
-class BundleTooLarge(ClientError):
-    """The server refused the bundle because of its size limit (413)."""
 
 
 @dataclass

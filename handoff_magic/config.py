@@ -10,11 +10,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 DEFAULT_SCRIPT = Path(__file__).parent / "demo_scripts" / "default.json"
-
-
-class ConfigError(ValueError):
-    """Configuration that is missing or unreadable; the message says what to set."""
 
 
 def config_path() -> Path:

@@ -26,13 +26,11 @@ from typing import Any, Callable
 
 import httpx
 
+from .errors import DemoError
+
 PACKAGE = Path(__file__).resolve().parent
 JOURNEY_SCRIPT = PACKAGE / "demo_scripts" / "journey.json"
 NOTEBOOK_CANDIDATES = (PACKAGE.parent / "notebooks" / "demo.ipynb",)
-
-
-class DemoError(RuntimeError):
-    """A stage of the demo failed; the message names the stage and where to look."""
 
 
 def free_port() -> int:

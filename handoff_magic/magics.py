@@ -7,13 +7,14 @@ a run that cannot do what was asked says why and what to type instead.
 from __future__ import annotations
 
 import argparse
-import inspect
 import re
 import shlex
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+
+from .errors import HandoffError
 
 __all__ = ["HandoffMagics", "UsageError", "parse_agent_line"]
 
@@ -122,30 +123,11 @@ def _remote_module() -> Any:
 
 
 def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Call a remote action; its errors become one clean line (they already say what to do)."""
-    try:
-        params = inspect.signature(fn).parameters
-        kwargs = {k: v for k, v in kwargs.items()
-                  if k in params or any(p.kind is p.VAR_KEYWORD for p in params.values())}
-    except (TypeError, ValueError):
-        pass
+    """Call an action; our own errors become one clean line (they already say what to do)."""
     try:
         return fn(*args, **kwargs)
-    except UsageError:
-        raise
-    except Exception as exc:
-        from .config import ConfigError
-        from .runs import RunError
-        remote = _remote_module()
-        known = (ConfigError, RunError, getattr(remote, "HandoffError", RunError))
-        try:
-            from .client import ClientError
-            known = known + (ClientError,)
-        except ImportError:
-            pass
-        if isinstance(exc, known):
-            raise UsageError(str(exc)) from exc
-        raise
+    except HandoffError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 _AGENT_QUESTION = re.compile(r"^(\s*)%agent\s+(.*\?)\s*$")
@@ -252,9 +234,8 @@ class HandoffMagics(Magics):
         self._start(task, opts)
 
     def _start(self, task: str, opts: dict[str, Any]) -> None:
-        from .agent.providers import ProviderError
-        from .config import ConfigError, resolve_model_spec
-        from .runs import RUNS, LocalRun, RunError
+        from .config import resolve_model_spec
+        from .runs import RUNS, LocalRun
 
         if not task:
             raise UsageError(f"no task given: say what the agent should do\n{AGENT_USAGE}")
@@ -265,7 +246,7 @@ class HandoffMagics(Magics):
         try:
             spec = resolve_model_spec(opts["model"])
             run = LocalRun.new(task, shell=self.shell, model=spec, max_steps=opts["max_steps"])
-        except (ProviderError, ConfigError, RunError) as exc:
+        except HandoffError as exc:
             raise UsageError(str(exc)) from exc
         handle = _display(run.widget)
         run.start(background=opts["background"])
@@ -273,8 +254,7 @@ class HandoffMagics(Magics):
             _refresh(handle, run.widget)
 
     def _continue(self, tail: str) -> None:
-        from .agent.providers import ProviderError
-        from .runs import RUNS, RunError, current_run
+        from .runs import RUNS, current_run
 
         usage = AGENT_USAGE
         opts, rest = parse_agent_line(tail, usage)
@@ -296,7 +276,7 @@ class HandoffMagics(Magics):
             run.continue_(answer, background=opts["background"])
             if not opts["background"]:
                 _refresh(handle, run.widget)
-        except (RunError, ProviderError) as exc:
+        except HandoffError as exc:
             raise UsageError(str(exc)) from exc
 
     def _pause_or_cancel(self, what: str) -> None:

@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 from .atomic import atomic_write_bytes
 from .client import ClientError, HandoffClient, UploadReport
+from .errors import HandoffError as HandoffError  # re-exported: callers catch remote.HandoffError
+from .errors import JourneyError
 from .reports import fmt_bytes
 from .state import TERMINAL_STATUSES, Budgets, Event, PlanStep, RunState, StateError
 
@@ -32,10 +34,6 @@ log = logging.getLogger(__name__)
 # statuses after which a remote run needs nothing more from anyone
 REMOTE_DONE = frozenset(TERMINAL_STATUSES)
 PAUSE_TIMEOUT = 120.0
-
-
-class HandoffError(RuntimeError):
-    """A handoff/reattach/pull step failed; the message says what to do and the local run is intact."""
 
 
 @dataclass
@@ -95,7 +93,7 @@ def load_record(server_url: str, run_id: str) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise HandoffError(f"the handoff record {path} is unreadable ({exc}): delete it and "
+        raise JourneyError(f"the handoff record {path} is unreadable ({exc}): delete it and "
                            "run %pull again (local files will then be kept, remote ones saved as .remote)")
 
 
@@ -469,14 +467,14 @@ def _client(to: str | None, token: str | None, client: HandoffClient | None) -> 
     try:
         url, tok = server_settings(to, token)
     except ConfigError as exc:
-        raise HandoffError(str(exc)) from exc
+        raise JourneyError(str(exc)) from exc
     with _CLIENTS_LOCK:
         cached = _CLIENTS.get((url, tok))
         if cached is None:
             try:
                 cached = _CLIENTS[(url, tok)] = HandoffClient(url, tok)
             except ClientError as exc:
-                raise HandoffError(str(exc)) from exc
+                raise JourneyError(str(exc)) from exc
         return cached
 
 
@@ -519,17 +517,17 @@ def handoff(run: Any, *, to: str | None = None, token: str | None = None, fork: 
     widget = getattr(run, "widget", None)
     state: RunState = run.state
     if state.status == "handed_off" and getattr(run, "remote", None) is not None and not fork:
-        raise HandoffError(f"run {state.id} was already handed off to {run.remote.server_url} as "
+        raise JourneyError(f"run {state.id} was already handed off to {run.remote.server_url} as "
                            f"{run.remote.run_id}: %reattach {run.remote.run_id} follows it")
     if state.is_terminal:
-        raise HandoffError(f"run {state.id} is {state.status}; start a new one with %agent TASK")
+        raise JourneyError(f"run {state.id} is {state.status}; start a new one with %agent TASK")
     paused_here = False
     if state.status == "running" or getattr(run, "running", False):
         _widget_message(widget, "pausing the run at the next step boundary...")
         run.request_pause()
         paused_here = True
         if not run.wait_paused(PAUSE_TIMEOUT):
-            raise HandoffError(f"run {state.id} did not reach a step boundary within {PAUSE_TIMEOUT:.0f}s: "
+            raise JourneyError(f"run {state.id} did not reach a step boundary within {PAUSE_TIMEOUT:.0f}s: "
                                "interrupt the kernel and run %handoff again")
     timings.pause = time.perf_counter() - t0
     intact = ("The local run is unchanged" + (" (paused at a step boundary: %agent continue resumes "
@@ -538,7 +536,7 @@ def handoff(run: Any, *, to: str | None = None, token: str | None = None, fork: 
     try:
         cl.check()   # a dead server or a wrong token fails now, before capturing anything
     except ClientError as exc:
-        raise HandoffError(f"handoff failed: {exc}. {intact}") from exc
+        raise JourneyError(f"handoff failed: {exc}. {intact}") from exc
 
     if shell is None:
         shell = _get_shell()
@@ -556,7 +554,7 @@ def handoff(run: Any, *, to: str | None = None, token: str | None = None, fork: 
     try:
         report = save_state(bundle_dir, shell, run=sent_state)
     except Exception as exc:
-        raise HandoffError(f"capturing the kernel state failed ({type(exc).__name__}: {exc}); "
+        raise JourneyError(f"capturing the kernel state failed ({type(exc).__name__}: {exc}); "
                            f"nothing was sent. {intact}") from exc
     manifest = report.manifest
     timings.capture = time.perf_counter() - t
@@ -587,7 +585,7 @@ def handoff(run: Any, *, to: str | None = None, token: str | None = None, fork: 
             summary = cl.create_run(manifest, idempotency_key=key)
     except ClientError as exc:
         _widget_message(widget, f"handoff failed: {exc}", "error")
-        raise HandoffError(f"handoff failed: {exc}. {intact}") from exc
+        raise JourneyError(f"handoff failed: {exc}. {intact}") from exc
     timings.create += time.perf_counter() - t
     timings.bytes_total, timings.bytes_sent = up.bytes_total, up.bytes_sent
     timings.chunks_total, timings.chunks_sent = up.chunks_total, up.chunks_sent
@@ -685,7 +683,7 @@ def reattach(run_id: str | None = None, *, to: str | None = None, token: str | N
             if after >= int(data.get("last_seq") or 0):
                 break
     except ClientError as exc:
-        raise HandoffError(f"cannot reattach: {exc}") from exc
+        raise JourneyError(f"cannot reattach: {exc}") from exc
     state = state_from_summary(summary, events)
     remote = RemoteRun(cl, run_id, state=state)
     remote.links = summary.get("links") or {}
@@ -711,7 +709,7 @@ def review_diff(run_id: str, *, to: str | None = None, token: str | None = None,
     try:
         return DiffView(cl.diff(run_id))
     except ClientError as exc:
-        raise HandoffError(f"cannot get the diff of {run_id}: {exc}") from exc
+        raise JourneyError(f"cannot get the diff of {run_id}: {exc}") from exc
 
 
 # -- pull back -------------------------------------------------------------------------------
@@ -788,7 +786,7 @@ def pull(run_id: str, *, to: str | None = None, token: str | None = None, shell:
             manifest = reply.get("manifest") or cl.bundle(run_id)
         downloaded = cl.download_chunks(manifest, _DirStore(bundle_dir), progress=_progress(progress_view, "pull"))
     except ClientError as exc:
-        raise HandoffError(f"pull back failed: {exc}. Nothing changed in this kernel.") from exc
+        raise JourneyError(f"pull back failed: {exc}. Nothing changed in this kernel.") from exc
     finally:
         _progress_done(progress_view)
 
@@ -799,7 +797,7 @@ def pull(run_id: str, *, to: str | None = None, token: str | None = None, shell:
     try:
         report = load_state(bundle_dir, shell, file_conflicts=conflicts)
     except Exception as exc:
-        raise HandoffError(f"restoring the pulled state failed ({type(exc).__name__}: {exc}); "
+        raise JourneyError(f"restoring the pulled state failed ({type(exc).__name__}: {exc}); "
                            f"nothing changed in this kernel. The checkpoint stays on the server "
                            f"(run {run_id}).") from exc
 
@@ -807,7 +805,7 @@ def pull(run_id: str, *, to: str | None = None, token: str | None = None, shell:
     if remote_state is None and manifest.get("run"):
         remote_state = RunState.from_dict(manifest["run"])
     if remote_state is None:
-        raise HandoffError(f"run {run_id}'s checkpoint carries no run state; the variables were "
+        raise JourneyError(f"run {run_id}'s checkpoint carries no run state; the variables were "
                            "restored but the agent cannot continue: start a new %agent run")
     local = _merge_into_local(remote_state, record, cl.url, run_id, shell)
     if widget is not None and getattr(local, "widget", None) is not widget:

@@ -18,6 +18,8 @@ import threading
 from importlib import metadata
 from typing import Any
 
+from .errors import RunError
+
 from .state import Budgets, Event, Origin, RunState, TERMINAL_STATUSES
 from .widget import STATUS_LABELS, RunWidget
 
@@ -31,10 +33,6 @@ _registry_lock = threading.Lock()
 
 # statuses from which the loop can be (re)started
 RESUMABLE = frozenset({"idle", "paused", "waiting_input", "failed"})
-
-
-class RunError(RuntimeError):
-    """A run cannot do what was asked; the message says why and what to do instead."""
 
 
 def current_run() -> "LocalRun | None":

@@ -11,6 +11,8 @@ import uuid
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from .errors import SchemaVersionError, StateError
+
 SCHEMA_VERSION = 1
 
 PlanStatus = Literal["pending", "active", "done", "failed"]
@@ -23,14 +25,6 @@ RUN_STATUSES: tuple[str, ...] = (
     "completed", "failed", "cancelled", "handed_off", "pulled",
 )
 TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled", "pulled"})
-
-
-class StateError(ValueError):
-    """A run state or manifest that cannot be read; the message says what to do."""
-
-
-class SchemaVersionError(StateError):
-    """Written by a newer jupyter-handoff than the one reading it."""
 
 
 def check_schema_version(data: dict[str, Any], what: str = "run state") -> None:

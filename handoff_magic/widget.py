@@ -20,6 +20,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 import ipywidgets as W
 
+from .errors import HandoffError
 from .reports import fmt_bytes
 from .state import Event, RunState, TERMINAL_STATUSES
 from .widget_css import CSS
@@ -75,17 +76,6 @@ REMOTE_ACTIONS = frozenset({"handoff", "reattach", "diff", "pull", "notebook"})
 DISPLAY_ACTIONS = frozenset({"handoff", "reattach", "diff", "pull", "notebook"})
 _ACTION_LABELS: dict[str, str] = {k: label for k, label, _ in BUTTONS}
 _ACTION_LABELS["answer"] = "Sending the answer"
-# exception classes (by name, to keep this module free of client/runner imports) whose messages
-# are written for users: they say what happened and what to do, so no traceback is shown
-USER_ERRORS = frozenset({"ClientError", "HandoffError", "RunError", "ConfigError", "BundleError",
-                         "ProviderError", "StateError"})
-
-
-def is_user_error(exc: BaseException) -> bool:
-    """True for our own errors (and any carrying a ``hint``): their message is the whole story."""
-    return hasattr(exc, "hint") or any(c.__name__ in USER_ERRORS for c in type(exc).__mro__)
-
-
 def action_error_text(label: str, exc: BaseException) -> str:
     """``"<label> failed: <what happened and what to do>"`` without doubling a prefix the
     message already has (``"Hand off failed: handoff failed: …"``)."""
@@ -642,7 +632,7 @@ class RunWidget(W.VBox):
             # its first outputs caught by the action area while the click is handled
             exc = call()
         if exc is not None:   # one clear line; a (collapsed) traceback only for bugs
-            if is_user_error(exc):
+            if isinstance(exc, HandoffError):   # says what happened and what to do
                 log.debug("RunWidget: %s failed: %s", method, exc, exc_info=True)
                 self.show_message(action_error_text(label, exc), "error")
             else:

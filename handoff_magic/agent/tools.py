@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import ToolArgumentError
+
 RUN_PYTHON: dict[str, Any] = {
     "name": "run_python",
     "description": (
@@ -72,10 +74,6 @@ FINISH: dict[str, Any] = {
 
 TOOLS: list[dict[str, Any]] = [RUN_PYTHON, UPDATE_PLAN, ASK_USER, FINISH]
 TOOL_NAMES: frozenset[str] = frozenset(t["name"] for t in TOOLS)
-
-
-class ToolArgumentError(ValueError):
-    """Arguments that do not fit a tool's schema; the message is shown to the model."""
 
 
 def validate_arguments(name: str, arguments: Any) -> dict[str, Any]:

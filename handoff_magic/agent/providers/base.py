@@ -13,16 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
 from ...state import Message
-
-
-class ProviderError(RuntimeError):
-    """A model call that failed; ``message`` says what happened, ``hint`` what to do next."""
-
-    def __init__(self, message: str, hint: str = "", *, retryable: bool = False) -> None:
-        super().__init__(message if not hint else f"{message} ({hint})")
-        self.message = message
-        self.hint = hint
-        self.retryable = retryable
+from ...errors import ProviderError
 
 
 @runtime_checkable
