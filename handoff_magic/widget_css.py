@@ -94,7 +94,7 @@ CSS = """
 .jh-buttons .jupyter-button, .jh-answer .jupyter-button { margin: 0; }
 .jh-progress-label { font-size: 11px; color: var(--jp-ui-font-color2, rgba(0,0,0,.54)); }
 .jh-run .jh-log-acc { margin-top: 6px; }
-/* looked at in JupyterLab light/dark (tests/test_browser.py screenshots): */
+/* looked at in JupyterLab light/dark (tests/e2e/test_browser.py screenshots): */
 .jh-nw { white-space: nowrap; }
 .jh-run .jupyter-widget-Collapse-header { padding: 3px 8px; }
 .jh-run .jupyter-widget-Collapse-contents { padding: 4px 10px 6px 10px; }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Test-only engines for the "Scaling out" tests (tests/test_gateway.py, tests/test_jupyterhub.py).
+# Test-only engines for the "Scaling out" tests (tests/e2e/test_gateway.py, tests/e2e/test_jupyterhub.py).
 #
 # * Jupyter Enterprise Gateway pins jupyter_client<7 and jupyter_server<2, which cannot share
 #   the project's venv (jupyter_server 2.x), so it gets its own venv: .venv/cluster/gateway.

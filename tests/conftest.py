@@ -1,10 +1,16 @@
-"""Test-session isolation: no test reads or writes the developer's real Jupyter config."""
+"""Test-session isolation (no test reads or writes the developer's real Jupyter config) and the
+fixtures shared by every test folder: real Jupyter servers with the extension."""
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness.server_process import JupyterServerProcess
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="handoff-tests-"))
 for _name in ("JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR"):
@@ -16,4 +22,29 @@ for _name in ("HANDOFF_MODEL", "HANDOFF_SERVER_URL", "HANDOFF_TOKEN", "OPENAI_AP
     os.environ.pop(_name, None)
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-sys.path.insert(0, str(Path(__file__).parent))
+
+@pytest.fixture(scope="module")
+def handoff_server() -> Iterator[JupyterServerProcess]:
+    """One server shared by a test module (default settings)."""
+    srv = JupyterServerProcess().start()
+    try:
+        yield srv
+    finally:
+        srv.cleanup()
+
+
+@pytest.fixture
+def handoff_server_factory() -> Iterator[Callable[..., JupyterServerProcess]]:
+    """``make(extra_args=[...], env={...})`` → a started server, cleaned up after the test."""
+    made: list[JupyterServerProcess] = []
+
+    def make(**kwargs: Any) -> JupyterServerProcess:
+        srv = JupyterServerProcess(**kwargs)
+        made.append(srv)
+        return srv.start()
+
+    try:
+        yield make
+    finally:
+        for srv in made:
+            srv.cleanup()

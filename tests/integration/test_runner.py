@@ -14,10 +14,10 @@ from typing import Any, Iterator
 import nbformat
 import pytest
 
-from fake_llm import FakeLLM
-from runner_helpers import (all_events, capture_bundle, finish, hand_off, run_python, tool_results,
-                            wait_status, write_script)
-from server_process import JupyterServerProcess, Webhook
+from tests.harness.fake_llm import FakeLLM
+from tests.harness.runner_helpers import (all_events, capture_bundle, finish, hand_off, run_python,
+                                          tool_results, wait_status, write_script)
+from tests.harness.server_process import JupyterServerProcess, Webhook
 
 SERVER_SECRET = "s3cr3t-value-of-a-service-token"
 

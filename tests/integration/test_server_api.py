@@ -1,4 +1,4 @@
-"""The server extension over real HTTP: a real ``jupyter server`` subprocess (tests/server_process.py).
+"""The server extension over real HTTP: a real ``jupyter server`` subprocess (tests/harness/server_process.py).
 
 Auth on every route, JSON errors, blob uploads (hash, size caps), manifest validation (hostile
 input creates nothing and writes nothing outside the data dir), idempotent creates, long-poll
@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from handoff_magic.state import RunState
-from server_process import JupyterServerProcess, Webhook
+from tests.harness.server_process import JupyterServerProcess, Webhook
 
 MiB = 1024 * 1024
 SHA0 = "0" * 64

@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from server_process import REPO, JupyterServerProcess, free_port
+from tests.harness.server_process import REPO, JupyterServerProcess, free_port
 
 CLUSTER = REPO / ".venv" / "cluster"
 EG_BIN = CLUSTER / "gateway" / "bin" / "jupyter-enterprisegateway"

@@ -19,7 +19,7 @@ from jupyter_server_ext.kernel_executor import KernelExecutor
 from jupyter_server_ext.store import BlobStore
 from jupyter_server_ext.transport import (KernelChannelTransport, SharedDiskTransport, TransportError,
                                           kernel_result, make_transport)
-from runner_helpers import capture_bundle
+from tests.harness.runner_helpers import capture_bundle
 
 
 class LoopThread:

@@ -18,8 +18,8 @@ from aiosmtpd.controller import Controller
 
 from handoff_magic.client import HandoffClient
 from handoff_magic.demo import JOURNEY_SCRIPT, Kernel, WebhookReceiver, output_text
-from server_process import JupyterServerProcess, Mailbox, free_port
-from test_client import CuttingProxy
+from tests.harness.server_process import JupyterServerProcess, Mailbox, free_port
+from tests.harness.cutting_proxy import CuttingProxy
 
 pytestmark = pytest.mark.slow
 

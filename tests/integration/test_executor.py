@@ -134,7 +134,7 @@ def test_interrupt_when_idle_is_harmless(ex):
 def kernel():
     from jupyter_client.manager import start_new_kernel
     env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}   # the kernel's default: inline plots
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     km, kc = start_new_kernel(kernel_name="python3", env=env)
     yield km, kc
     kc.stop_channels()

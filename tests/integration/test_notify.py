@@ -16,7 +16,7 @@ from aiosmtpd.controller import Controller
 from handoff_magic.state import RunState
 from jupyter_server_ext.notify import Notifier, compose, target_key
 from jupyter_server_ext.store import RunStore
-from server_process import JupyterServerProcess, Mailbox, Webhook, free_port
+from tests.harness.server_process import JupyterServerProcess, Mailbox, Webhook, free_port
 
 PUBLIC = "https://jupyter.example.org/user/ada"
 

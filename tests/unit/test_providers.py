@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
-from fake_llm import FakeLLM
+from tests.harness.fake_llm import FakeLLM
 from handoff_magic.agent import SYSTEM_PROMPT, TOOLS, AgentLoop, InProcessExecutor, make_provider
 from handoff_magic.agent.providers.base import ProviderError, parse_retry_after
 from handoff_magic.agent.providers.scripted import ScriptedProvider

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
-from fake_llm import FakeLLM
+from tests.harness.fake_llm import FakeLLM
 from handoff_magic.agent import AgentLoop, InProcessExecutor, make_provider
 from handoff_magic.config import DEFAULT_SCRIPT, resolve_model_spec
 from handoff_magic.state import Budgets, RunState

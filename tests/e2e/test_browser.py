@@ -18,9 +18,8 @@ from typing import Any
 
 import pytest
 
-from browser_harness import (DARK, LIGHT, LabProcess, browser, cloud, cloud_lab_url, lab,  # noqa: F401
-                             shot)
-from server_process import JupyterServerProcess
+from tests.harness.browser_harness import DARK, LIGHT, LabProcess, cloud_lab_url, shot
+from tests.harness.server_process import JupyterServerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -168,7 +167,7 @@ def assert_compact(widget: Any) -> None:
 
 
 # -- the journey -------------------------------------------------------------------------------
-def test_journey_in_jupyterlab(browser: Any, lab: LabProcess, cloud: JupyterServerProcess) -> None:  # noqa: F811
+def test_journey_in_jupyterlab(browser: Any, lab: LabProcess, cloud: JupyterServerProcess) -> None:
     script = lab.root_dir / "journey.json"
     script.write_text(json.dumps(JOURNEY))
     context = browser.new_context(viewport={"width": 1280, "height": 1000})
@@ -343,7 +342,7 @@ def _waiting_run(cloud: JupyterServerProcess) -> str:
     raise AssertionError(f"run {rid} never asked its question:\n{cloud.log()[-3000:]}")
 
 
-def test_status_page_on_a_phone(browser: Any, cloud: JupyterServerProcess) -> None:  # noqa: F811
+def test_status_page_on_a_phone(browser: Any, cloud: JupyterServerProcess) -> None:
     rid = _waiting_run(cloud)
     context = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2,
                                   is_mobile=True, has_touch=True)
@@ -385,7 +384,7 @@ def test_status_page_on_a_phone(browser: Any, cloud: JupyterServerProcess) -> No
 
 def test_missing_chromium_fails_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without chromium the browser tests FAIL (never skip) and say how to install it."""
-    import browser_harness
+    from tests.harness import browser_harness
     monkeypatch.setattr(browser_harness, "CHROMIUM", "/nonexistent/chromium")
     with pytest.raises(pytest.fail.Exception, match="scripts/install-system-deps.sh"):
         browser_harness.require_chromium()
@@ -401,7 +400,7 @@ class NotebookProcess(LabProcess):
         return cmd
 
 
-def test_widget_renders_in_notebook_7(browser: Any, tmp_path: Path) -> None:  # noqa: F811
+def test_widget_renders_in_notebook_7(browser: Any, tmp_path: Path) -> None:
     """The same widget in Notebook 7's single-document UI: plan, status badge and one row of buttons."""
     import nbformat
     srv = NotebookProcess(startup_timeout=120, env={"HANDOFF_CACHE_DIR": str(tmp_path / "cache")})

@@ -16,10 +16,10 @@ from typing import Any, Iterator
 
 import pytest
 
-from cluster_harness import EnterpriseGateway, cleanup_dir, gateway_server, tmpdir
+from tests.harness.cluster_harness import EnterpriseGateway, cleanup_dir, gateway_server, tmpdir
 from handoff_magic.demo import Kernel, output_text
-from runner_helpers import all_events, finish, hand_off, run_python, tool_results, wait_status, write_script
-from server_process import JupyterServerProcess
+from tests.harness.runner_helpers import all_events, finish, hand_off, run_python, tool_results, wait_status, write_script
+from tests.harness.server_process import JupyterServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -153,7 +153,7 @@ def test_a_gateway_kernel_that_dies_is_replaced_from_the_checkpoint(
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    from runner_helpers import capture_bundle
+    from tests.harness.runner_helpers import capture_bundle
     return capture_bundle(tmp_path_factory.mktemp("captured"))
 
 

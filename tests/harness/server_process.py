@@ -3,13 +3,12 @@
 Why a subprocess (not pytest-jupyter's in-process app): tests must be able to SIGKILL the server
 mid-run and start it again on the same data, and the runner's kernels must outlive nothing.
 
-    from server_process import JupyterServerProcess, handoff_server
+    from tests.harness.server_process import JupyterServerProcess
     srv = JupyterServerProcess(extra_args=["--HandoffApp.max_concurrent_runs=1"]).start()
     srv.client.get("/handoff/api/runs").json()
     srv.kill(); srv.restart(); srv.stop()
 
-Fixtures: ``handoff_server`` (module scope, shared) and ``handoff_server_factory`` (function scope:
-call it with extra args/env, every server it made is stopped afterwards).
+Its fixtures (``handoff_server``, ``handoff_server_factory``) live in tests/conftest.py.
 """
 from __future__ import annotations
 
@@ -24,15 +23,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
-import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -263,33 +260,3 @@ class Webhook:
         while len(self.received) < n and time.monotonic() < deadline:
             time.sleep(0.05)
         return self.received
-
-
-# ---------------------------------------------------------------------------------------------
-# pytest fixtures
-# ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def handoff_server() -> Iterator[JupyterServerProcess]:
-    """One server shared by a test module (default settings)."""
-    srv = JupyterServerProcess().start()
-    try:
-        yield srv
-    finally:
-        srv.cleanup()
-
-
-@pytest.fixture
-def handoff_server_factory() -> Iterator[Callable[..., JupyterServerProcess]]:
-    """``make(extra_args=[...], env={...})`` → a started server, cleaned up after the test."""
-    made: list[JupyterServerProcess] = []
-
-    def make(**kwargs: Any) -> JupyterServerProcess:
-        srv = JupyterServerProcess(**kwargs)
-        made.append(srv)
-        return srv.start()
-
-    try:
-        yield make
-    finally:
-        for srv in made:
-            srv.cleanup()

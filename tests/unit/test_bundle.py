@@ -268,7 +268,7 @@ def test_resave_reuses_unchanged_files_and_leaves_no_orphan_chunks(tmp_path: Pat
 def test_capture_benchmark_runs_at_tiny_scale(tmp_path: Path) -> None:
     """`make bench` must not rot: run benchmarks/capture.py at a tiny scale and read its JSON."""
     import subprocess
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(root / "benchmarks" / "capture.py"), "--scale", "0.002",
                            "--json", str(out), "--out", str(tmp_path)],

@@ -17,9 +17,9 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from cluster_harness import JupyterHub, cleanup_dir, tmpdir
+from tests.harness.cluster_harness import JupyterHub, cleanup_dir, tmpdir
 from handoff_magic.demo import Kernel, output_text
-from runner_helpers import finish, run_python, write_script
+from tests.harness.runner_helpers import finish, run_python, write_script
 
 pytestmark = pytest.mark.slow
 USER = "ada"

@@ -11,9 +11,9 @@ from typing import Any, Callable
 import nbformat
 import pytest
 
-from runner_helpers import (all_events, capture_bundle, finish, hand_off, run_python, tool_results,
-                            wait_status, write_script)
-from server_process import JupyterServerProcess, handoff_server_factory  # noqa: F401 (fixture)
+from tests.harness.runner_helpers import (all_events, capture_bundle, finish, hand_off, run_python,
+                                          tool_results, wait_status, write_script)
+from tests.harness.server_process import JupyterServerProcess
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,1 @@
+"""The user journey end to end: a real browser, JupyterHub, Enterprise Gateway."""

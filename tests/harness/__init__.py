@@ -1,0 +1,1 @@
+"""Shared test helpers: real servers, kernels, browsers, clusters and the loopback fake LLM."""

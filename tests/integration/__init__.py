@@ -1,0 +1,1 @@
+"""Tests against a real Jupyter Server with the extension and/or real kernels."""
