@@ -10,7 +10,7 @@ import pandas as pd
 
 from handoff_magic import load_state
 
-LEGACY = Path(__file__).parent / "data" / "legacy_bundle"
+LEGACY = Path(__file__).parents[1] / "data" / "legacy_bundle"
 
 
 def test_bundle_from_the_flat_layout_loads_with_every_value(tmp_path: Path) -> None:
