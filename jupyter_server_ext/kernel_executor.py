@@ -4,12 +4,20 @@ The loop runs in a worker thread and calls ``execute`` synchronously, so each ru
 ``BlockingKernelClient`` built from the kernel's connection info. Liveness is checked through
 the kernel manager (``is_alive`` polls the kernel process, like nbclient's DeadKernelError
 handling) on the server's event loop, which also performs interrupts.
+
+Death is judged on the process this executor started talking to, never on "a" process of the
+kernel: a kernel manager with auto-restart (jupyter_client's default restarter polls every 3 s)
+replaces the provisioner's process after a crash, and the new, idle process would otherwise look
+alive while our request is lost with the old one. So the executor keeps the original process
+object, also listens for the manager's restart/dead callbacks (kernels without a local process,
+e.g. a gateway's), and checks liveness on a clock even while unrelated messages keep arriving.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import queue
+import signal
 import time
 from typing import Any
 
@@ -49,6 +57,10 @@ class KernelExecutor:
         self.dead = False
         self.kernel_info: dict[str, Any] | None = None  # the kernel_info_reply content seen at start
         km = kernel_manager.get_kernel(kernel_id)
+        # the process we talk to; a restart replaces the provisioner's, never this reference
+        self._process: Any = getattr(getattr(km, "provisioner", None), "process", None)
+        self._restarted = False
+        self._watch_restarts(km)
         info: dict[str, Any] = dict(km.get_connection_info(session=True))
         for key in ("curve_publickey", "curve_secretkey"):
             if isinstance(info.get(key), str):
@@ -96,6 +108,17 @@ class KernelExecutor:
         raise KernelStartError(f"kernel {self.kernel_id} did not answer within {timeout:.0f}s; the "
                                "machine may be overloaded, or the kernel spec is wrong")
 
+    def _watch_restarts(self, km: Any) -> None:
+        """A restart (or the restarter giving up) means the process running our code is gone."""
+        def gone() -> None:
+            self._restarted = True
+        self._on_gone = gone
+        for event in ("restart", "dead"):
+            try:
+                km.add_restart_callback(gone, event)
+            except Exception as exc:  # a manager without a restarter: nothing to listen to
+                log.debug("kernel %s: no restart callbacks (%s)", self.kernel_id, exc)
+
     # -- kernel-manager calls, run on the server loop ------------------------------------------
     def _on_loop(self, coro_factory: Any, timeout: float = 15.0) -> Any:
         fut = asyncio.run_coroutine_threadsafe(coro_factory(), self.loop)
@@ -103,15 +126,14 @@ class KernelExecutor:
 
     def is_alive(self) -> bool:
         """True while the kernel process runs (asks the kernel manager, not the heartbeat)."""
-        if self.dead:
+        if self.dead or self._restarted:
             return False
+        if self._process is not None and hasattr(self._process, "poll"):  # local: ask the OS
+            return self._process.poll() is None
         try:
             km = self.kernel_manager.get_kernel(self.kernel_id)
         except KeyError:
             return False
-        proc = getattr(getattr(km, "provisioner", None), "process", None)
-        if proc is not None and hasattr(proc, "poll"):  # a local kernel: ask the OS, no round trip
-            return proc.poll() is None
         try:
             return bool(self._on_loop(lambda: ensure_async(km.is_alive())))
         except Exception as exc:  # loop busy or gone (server stopping): not evidence of death
@@ -128,6 +150,15 @@ class KernelExecutor:
 
     def close(self) -> None:
         self.client.stop_channels()
+        try:
+            km = self.kernel_manager.get_kernel(self.kernel_id)
+        except KeyError:
+            return
+        for event in ("restart", "dead"):
+            try:
+                km.remove_restart_callback(self._on_gone, event)
+            except Exception as exc:  # already gone with its restarter
+                log.debug("kernel %s: restart callback not removed (%s)", self.kernel_id, exc)
 
     # -- execution -------------------------------------------------------------------------------
     def execute(self, code: str, timeout: float | None = None, *, silent: bool = False,
@@ -186,7 +217,7 @@ class KernelExecutor:
                         got = True
                 except queue.Empty:
                     pass
-            if not got and time.monotonic() - last_alive > ALIVE_EVERY:
+            if time.monotonic() - last_alive > ALIVE_EVERY:  # also while others' messages arrive
                 last_alive = time.monotonic()
                 if not self.is_alive():
                     self.dead = True
@@ -215,19 +246,36 @@ class KernelExecutor:
                           execution_count=count if isinstance(count, int) else None)
 
     def _dead_result(self, outputs: list[dict[str, Any]], count: int | None) -> ExecResult:
-        code = None
-        try:
-            km = self.kernel_manager.get_kernel(self.kernel_id)
-            proc = getattr(getattr(km, "provisioner", None), "process", None)
-            code = proc.poll() if proc is not None else None
-        except Exception as exc:
-            log.debug("no exit code for kernel %s: %s", self.kernel_id, exc)
-        how = f" (exit code {code})" if code is not None else ""
+        how = _how_it_ended(self._exit_code())
         return ExecResult(status="dead", stdout="", stderr="", result=None, outputs=outputs,
                           error={"ename": "DeadKernelError",
                                  "evalue": f"the kernel died while running this code{how}",
                                  "traceback": []},
                           execution_count=count)
+
+
+    def _exit_code(self, wait: float = 2.0) -> int | None:
+        """The exit status of the process that ran our code (a signal shows as its negative
+        number, as subprocess reports it); None where there is no local process to ask."""
+        proc = self._process
+        if proc is None or not hasattr(proc, "poll"):
+            return None
+        deadline = time.monotonic() + wait
+        while proc.poll() is None and time.monotonic() < deadline:  # a restarter may hold the reap
+            time.sleep(0.05)
+        code = proc.poll()
+        return int(code) if code is not None else None
+
+
+def _how_it_ended(code: int | None) -> str:
+    if code is None:
+        return ""
+    if code < 0:
+        try:
+            return f" (killed by {signal.Signals(-code).name})"
+        except ValueError:
+            return f" (killed by signal {-code})"
+    return f" (exit code {code})"
 
 
 class _Outputs:

@@ -102,6 +102,7 @@ class _Run:
     cancel_requested: bool = False
     pull_requested: bool = False
     crashed: bool = False
+    crash_detail: str = ""                # how the kernel ended, e.g. "killed by SIGKILL"
     crashes: dict[int, int] = field(default_factory=dict)
     ckpt_messages: int = -1               # len(messages) at the last checkpoint
     last_exec_count: int | None = None
@@ -127,6 +128,7 @@ class _RunExecutor:
         self.run.last_exec_count = res.execution_count
         if res.status == "dead":
             self.run.crashed = True
+            self.run.crash_detail = str((res.error or {}).get("evalue", ""))
         return res
 
     def interrupt(self) -> None:
@@ -713,7 +715,9 @@ class RunManager:
                              "the run back to continue from the last checkpoint locally")
         self._status(run, "restoring", reason="the kernel died; restoring the last checkpoint in a new kernel")
         await self._new_kernel(run, reason="kernel crash")
-        self._rollback_cut_off(run, "the kernel died while this step ran (crash or out of memory)")
+        how = run.crash_detail.partition("(")[2].rstrip(")")
+        self._rollback_cut_off(run, "the kernel died while this step ran "
+                               + (f"({how}: a crash or out of memory)" if how else "(crash or out of memory)"))
         self._status(run, "running", reason="recovered from a kernel crash")
 
     def _cut_off_turn(self, run: _Run) -> int:

@@ -3,6 +3,7 @@ os._exit(1). Plus blob garbage collection that never touches a referenced chunk.
 from __future__ import annotations
 
 import os
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -204,6 +205,40 @@ def test_kernel_crash_is_recovered_once_and_the_agent_is_told(
     assert any(e["type"] == "interrupted" and "kernel died" in e["data"]["reason"] for e in events)
     assert "b = 21" in tool_results(events)[-1]["content"]  # a was restored from the checkpoint
     assert marker.exists()
+
+
+def test_a_kernel_sigkilled_mid_step_recovers_from_the_checkpoint_within_seconds(
+        shared_srv: JupyterServerProcess,
+        bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    """An OOM kill or segfault looks like this from outside: SIGKILL of the kernel process while
+    a step runs. The run must notice in seconds (not after the execution timeout) and redo the
+    step in a kernel restored from the last checkpoint."""
+    bdir, manifest = bundle
+    pid_file = tmp_path / f"kernel-{uuid.uuid4().hex}.pid"
+    model = "scripted:" + str(write_script(tmp_path / "script.json", [
+        run_python("a = 20"),
+        run_python(f"import os, pathlib, time\np = pathlib.Path({str(pid_file)!r})\n"
+                   "if not p.exists():\n    p.write_text(str(os.getpid()))\n    time.sleep(600)\nb = a + 1"),
+        run_python("print('b =', b)"),
+        finish(),
+    ]))
+    run_id = hand_off(shared_srv, bdir, manifest, model=model)
+    deadline = time.monotonic() + 120
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    killed_at = time.time()
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+    assert wait_status(shared_srv, run_id, timeout=120)["status"] == "completed"
+    events = all_events(shared_srv, run_id)
+    _check_log(events)
+    died = [e for e in events if e["type"] == "interrupted" and "kernel died" in e["data"]["reason"]]
+    assert len(died) == 1 and "SIGKILL" in died[0]["data"]["reason"], died
+    restored = [e for e in events if e["type"] == "restore" and e["data"]["report"]["source"] == "checkpoint"]
+    assert len(restored) == 1
+    assert died[0]["time"] - killed_at < 10, "the death was noticed late"
+    assert restored[0]["time"] - killed_at < 10, "recovery from the checkpoint started late"
+    assert "b = 21" in tool_results(events)[-1]["content"]  # a came back from the checkpoint
 
 
 def test_second_crash_in_the_same_step_fails_the_run_with_the_reason(

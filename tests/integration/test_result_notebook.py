@@ -160,3 +160,28 @@ def test_restore_report_reads_well_rounded_seconds_imports_and_what_did_not_come
     assert "| df | pandas.DataFrame | pickle5 | ok |" in text
     assert "- `conn` (sqlite3.Connection): cannot be pickled" in text
     assert "`a.txt` → `a.txt.remote`" in text and "{" not in text  # no raw JSON dumped
+
+
+async def test_a_kernel_killed_mid_step_is_dead_even_when_its_manager_restarts_it(tmp_path: Path) -> None:
+    """jupyter_client's restarter replaces a dead kernel's process; the fresh process must not pass
+    for the one that was running our code (that used to wait out the whole execution timeout)."""
+    from traitlets.config import Config
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    eager_restarter = Config({"KernelRestarter": {"time_to_dead": 0.1}})  # restarts before we look
+    mkm = AsyncMultiKernelManager(connection_dir=str(runtime), config=eager_restarter)
+    kid = await mkm.start_kernel(kernel_name="python3", cwd=str(tmp_path))
+    first_process = mkm.get_kernel(kid).provisioner.process
+    ex = await asyncio.to_thread(KernelExecutor, mkm, kid, asyncio.get_running_loop(), default_timeout=60)
+    try:
+        t0 = time.monotonic()
+        dead = await asyncio.to_thread(ex.execute, "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+        assert dead.status == "dead", dead
+        assert "killed by SIGKILL" in dead.error["evalue"]
+        assert time.monotonic() - t0 < 15  # seconds, not the 60 s execution timeout
+        restarted = mkm.get_kernel(kid).provisioner
+        assert restarted is None or restarted.process is not first_process  # the manager did restart it
+        assert (await asyncio.to_thread(ex.execute, "1")).status == "dead"
+    finally:
+        ex.close()
+        await mkm.shutdown_all(now=True)
