@@ -27,8 +27,8 @@ from .errors import Blocked, SecretFound
 from .bundle import (CHUNK_SIZE, CHUNKS, ChunkRef, ChunkStore, new_manifest, read_manifest, worth_compressing,
                      write_manifest, BundleError)
 from .reports import CaptureReport, VarReport
-from .secrets import (KEY_PATTERNS, bytes_look_like_key, is_secret_name, is_secret_value, looks_like_key, redact,
-                      redact_obj, secret_values)
+from .secrets import (KEY_PATTERNS, bytes_look_like_key, is_secret_variable, redact, redact_cell, redact_obj,
+                      secret_values)
 
 IPY_NAMES = frozenset({"In", "Out", "_", "__", "___", "_i", "_ii", "_iii", "_ih", "_oh", "_dh",
                        "get_ipython", "exit", "quit"})
@@ -648,8 +648,8 @@ def capture_history(shell: Any, values: set[str]) -> dict[str, Any]:
     if shell is None:
         return {"In": [], "Out": {}}
     hm = shell.history_manager
-    ins = [redact(str(s), values, patterns=True) for s in hm.input_hist_parsed]
-    raw = [redact(str(s), values, patterns=True) for s in hm.input_hist_raw]
+    ins = [redact_cell(str(s), values) for s in hm.input_hist_parsed]
+    raw = [redact_cell(str(s), values) for s in hm.input_hist_raw]
     out: dict[str, dict[str, Any]] = {}
     for n, obj in list(hm.output_hist.items()):
         try:
@@ -814,7 +814,7 @@ def save_state(path: Any, shell: Any = None, *, run: Any = None, files: bool = T
         if why:
             report.variables.append(VarReport(name, _type_name(value), "skipped", outcome="skipped", reason=why))
             continue
-        if is_secret_name(name) or is_secret_value(value, secret_vals) or looks_like_key(value):
+        if is_secret_variable(name, value, secret_vals):
             report.variables.append(VarReport(name, _type_name(value), "skipped", outcome="skipped",
                                               reason="looks like a secret"))
             continue
