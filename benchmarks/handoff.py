@@ -1,15 +1,21 @@
-"""How long %handoff takes, end to end, on this machine.
+"""How long the journey takes, end to end, on this machine (issue 15).
 
-For each namespace size: time from ``%handoff`` to the prompt coming back (pause, capture,
-upload, create) and to the first remote step (server restoring: kernel start + bundle transfer,
-restore inside the kernel), with a real Jupyter Server subprocess (the extension) and a real
-local kernel. Then a second ``%handoff --fork`` after changing one small variable: bytes sent vs
-the first. Targets (issue 5): prompt back < 1 s for 10 MB; first remote step < 1.5 s; second
-handoff < 5% of the first's bytes.
+For each namespace size, with a real Jupyter Server subprocess (the extension) and real kernels:
+- ``%handoff`` -> "safe to close" (the prompt is back: every chunk on the server, run created),
+  and the laptop kernel's peak extra RSS meanwhile;
+- ``%handoff`` -> first remote step (kernel start, bundle, restore, one step);
+- the server's checkpoint after that step (the state is unchanged but for one small variable);
+- a second ``%handoff --fork`` after changing one small variable: prompt back and bytes sent;
+- ``%pull`` of the first run into a NEW kernel with an empty cache (everything downloaded).
 
-    python benchmarks/handoff.py                 # 10 MB and 1 GB
-    python benchmarks/handoff.py --sizes 10MB,100MB
-    python benchmarks/handoff.py --json out.json
+Fair: with ``--baseline REV`` the same steps run against this repository at ``REV`` (its own
+server and kernels, via PYTHONPATH), alternating ours / baseline / ours / baseline; guest memory
+and the page cache are warmed first, one untimed round per variant warms imports and the
+server, and medians of ``--repeat`` runs are printed next to the load average.
+
+    python benchmarks/handoff.py                          # 10 MB and 1 GB, 3 runs each
+    python benchmarks/handoff.py --sizes 10MB --repeat 1  # quick
+    python benchmarks/handoff.py --baseline 862efb9       # before/after side by side
 """
 from __future__ import annotations
 
@@ -18,8 +24,11 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,8 +36,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from handoff_magic.client import HandoffClient  # noqa: E402
-from handoff_magic.demo import Cloud, Kernel, output_text  # noqa: E402
+import httpx
+import psutil
+
+from handoff_magic.demo import Cloud, Kernel, output_text
 
 UNITS = {"KB": 1024, "MB": 1024**2, "GB": 1024**3}
 
@@ -52,31 +63,49 @@ def fmt_bytes(n: float) -> str:
 SCRIPT = [
     {"text": "local step", "tool_calls": [{"name": "run_python", "arguments": {"code": "step_one = 1"}}]},
     {"text": "first remote step", "tool_calls": [{"name": "run_python", "arguments": {"code": "step_two = 2"}}]},
+    {"text": "ask", "tool_calls": [{"name": "ask_user", "arguments": {"question": "pull me back?"}}]},
     {"text": "done", "tool_calls": [{"name": "finish", "arguments": {"summary": "benchmark run"}}]},
 ]
 
 
 def namespace_code(size: int, seed: int) -> str:
-    """About ``size`` bytes of realistic data: a DataFrame (half) and a float array (half),
-    random so compression does not flatter the numbers, plus a few small objects."""
-    rows = max(1, size // 2 // 8 // 4)
+    """About ``size`` bytes of numpy state (random, so compression does not flatter anything)
+    in a few arrays, plus a few small objects."""
+    n = max(1, size // 8 // 4)
     return f"""
-import numpy as np, pandas as pd
+import numpy as np
 _rng = np.random.default_rng({seed})  # new data each run: the server dedups chunks it has
-df = pd.DataFrame(_rng.random(({rows}, 4)), columns=list("abcd"))
-arr = _rng.random({max(1, size // 2 // 8)})
+arrays = [_rng.random({n}) for _ in range(4)]
 small = {{"name": "bench", "k": 1}}
 notes = "x" * 1000
 """
 
 
-def laptop_kernel(cloud: Cloud, workdir: Path, script: Path) -> Kernel:
-    env = dict(os.environ)
-    env.update({"HANDOFF_SERVER_URL": cloud.url, "HANDOFF_TOKEN": cloud.token,
-                "HANDOFF_MODEL": f"scripted:{script}", "HANDOFF_CACHE_DIR": str(workdir.parent / "cache"),
-                "MPLBACKEND": "Agg"})
-    workdir.mkdir(parents=True, exist_ok=True)
-    return Kernel(workdir, env, log=workdir.parent / "kernel.log")
+class Variant:
+    """One code tree (ours, or the baseline revision) with its own server."""
+
+    def __init__(self, name: str, tree: Path, base: Path, script: Path, max_size: int) -> None:
+        self.name, self.tree, self.base, self.script = name, tree, base, script
+        self.env = {"PYTHONPATH": str(tree)}
+        self.cloud = Cloud(base / "cloud", env=self.env,
+                           extra_args=[f"--HandoffApp.max_bundle_bytes={4 * max_size + 2**30}"])
+
+    def start(self) -> None:
+        t = time.perf_counter()
+        self.cloud.start()
+        print(f"{self.name}: server ready in {time.perf_counter() - t:.2f}s at {self.cloud.url}", flush=True)
+
+    def kernel(self, workdir: Path, cache: Path) -> Kernel:
+        env = dict(os.environ, **self.env)
+        env.update({"HANDOFF_SERVER_URL": self.cloud.url, "HANDOFF_TOKEN": self.cloud.token,
+                    "HANDOFF_MODEL": f"scripted:{self.script}", "HANDOFF_CACHE_DIR": str(cache),
+                    "MPLBACKEND": "Agg"})
+        workdir.mkdir(parents=True, exist_ok=True)
+        return Kernel(workdir, env, log=workdir.parent / "kernel.log")
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=f"{self.cloud.url}/handoff/api", timeout=60,
+                            headers={"Authorization": f"token {self.cloud.token}"})
 
 
 def run_cell(k: Kernel, code: str, timeout: float = 3600) -> str:
@@ -88,99 +117,163 @@ def run_cell(k: Kernel, code: str, timeout: float = 3600) -> str:
 
 
 def value(k: Kernel, expr: str) -> Any:
-    out = run_cell(k, f"import json as _j\nprint('@@' + _j.dumps({expr}))")
+    out = run_cell(k, f"import json as _j\nprint('@@' + _j.dumps({expr}))", timeout=60)
     return json.loads(next(ln for ln in reversed(out.splitlines()) if ln.startswith("@@"))[2:])
 
 
-def remote_breakdown(client: HandoffClient, run_id: str, wall0: float, timeout: float = 3600) -> dict[str, Any]:
-    """Follow the remote run to its first step after the handoff; derive the phases from events."""
+LAST = "__import__('handoff_magic.remote', fromlist=['x']).last_handoff_info()"
+
+
+class PeakRSS:
+    """Samples a process's RSS (kernel process, not the benchmark) every 5 ms."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+        self.base = self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+            except psutil.Error:
+                return
+            time.sleep(0.005)
+
+    def __enter__(self) -> PeakRSS:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+    @property
+    def extra(self) -> int:
+        return max(0, self.peak - self.base)
+
+
+def kernel_pid(k: Kernel) -> int:
+    return int(k.km.provisioner.pid)  # type: ignore[union-attr]
+
+
+def follow(http: httpx.Client, run_id: str, wall0: float, until: str, timeout: float = 600) -> dict[str, Any]:
+    """Events of ``run_id`` after ``wall0`` until ``until`` ('first_step' or a status)."""
     after, deadline = 0, time.monotonic() + timeout
-    restoring = restore = first_step = None
-    report: dict[str, Any] = {}
-    while time.monotonic() < deadline and first_step is None:
-        page = client.events(run_id, after=after, timeout=10)
+    marks: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        page = http.get(f"/runs/{run_id}/events", params={"after": after, "timeout": 5}).json()
         for ev in page["events"]:
-            t = float(ev["time"])
+            t, typ, data = float(ev["time"]), ev["type"], ev["data"]
             if t < wall0:
                 continue  # the local part of the run's history
-            if ev["type"] == "status" and ev["data"].get("status") == "restoring" and restoring is None:
-                restoring = t
-            elif ev["type"] == "restore" and restore is None:
-                restore, report = t, ev["data"].get("report") or {}
-            elif ev["type"] == "tool_result" and first_step is None:
-                first_step = t
+            if typ == "tool_result" and "first_step" not in marks:
+                marks["first_step"] = t
+            elif typ == "checkpoint" and "first_step" in marks and "checkpoint" not in marks:
+                marks["checkpoint"] = t
+                marks["checkpoint_seconds"] = data.get("seconds")
+                marks["checkpoint_new"] = data.get("bytes_new")
+            elif typ == "status":
+                marks.setdefault(data.get("status"), t)
         after = page["last_seq"]
-        if page["status"] in ("failed", "cancelled") and first_step is None:
-            raise RuntimeError(f"remote run {run_id} {page['status']}: {client.get_run(run_id).get('error')}")
-    if first_step is None:
-        raise RuntimeError(f"remote run {run_id} took no step within {timeout:.0f}s")
-    restore_in_kernel = float(report.get("seconds") or 0.0)
-    out = {"first_remote_step": first_step - wall0, "restore_in_kernel": restore_in_kernel}
-    if restoring is not None and restore is not None:
-        out["queue"] = restoring - wall0
-        out["kernel_start_and_transfer"] = max(0.0, (restore - restoring) - restore_in_kernel)
-        out["after_restore_to_step"] = first_step - restore
-    return out
+        if until in marks and (until != "first_step" or "checkpoint" in marks):
+            return marks
+        if page["status"] in ("failed", "cancelled"):
+            raise RuntimeError(f"remote run {run_id} {page['status']}: "
+                               f"{http.get(f'/runs/{run_id}').json().get('error')}")
+    raise RuntimeError(f"remote run {run_id} did not reach {until} within {timeout:.0f}s")
 
 
-def bench_size(size: int, base: Path, script: Path, cloud: Cloud) -> dict[str, Any]:
-    client = HandoffClient(cloud.url, cloud.token)
-    k = laptop_kernel(cloud, base / f"laptop-{size}", script)
+def one_round(v: Variant, size: int, work: Path) -> dict[str, Any]:
+    http = v.http()
+    k = v.kernel(work / "laptop", work / "cache")
+    k2: Kernel | None = None
     try:
-        t = time.perf_counter()
         run_cell(k, namespace_code(size, time.time_ns()))
-        build = time.perf_counter() - t
         run_cell(k, "%load_ext handoff_magic")
         run_cell(k, "%agent --max-steps 1 benchmark")
 
         wall0, t0 = time.time(), time.perf_counter()
-        run_cell(k, "%handoff --fork")
-        prompt_back = time.perf_counter() - t0
-        first = value(k, "__import__('handoff_magic.remote', fromlist=['x']).last_handoff_info()")
-        remote = remote_breakdown(client, first["run_id"], wall0)
+        with PeakRSS(kernel_pid(k)) as mem:
+            run_cell(k, "%handoff --fork")
+            safe = time.perf_counter() - t0
+        first = value(k, LAST)
+        marks = follow(http, first["run_id"], wall0, "first_step")
+        ckpt = marks["checkpoint_seconds"] if marks.get("checkpoint_seconds") is not None else \
+            marks["checkpoint"] - marks["first_step"]
 
         run_cell(k, f"small['k'] = {time.time_ns()}")  # a value no earlier run uploaded
         t1 = time.perf_counter()
         run_cell(k, "%handoff --fork")
-        second_prompt = time.perf_counter() - t1
-        second = value(k, "__import__('handoff_magic.remote', fromlist=['x']).last_handoff_info()")
-        try:  # the second run only measures bytes: do not let it restore a big namespace for nothing
-            client.cancel(second["run_id"])
-        except Exception as exc:  # it may already have finished; that is fine for a benchmark
-            print(f"  (could not cancel {second['run_id']}: {exc})", file=sys.stderr)
-        return {"size": size, "build_namespace_s": build, "prompt_back_s": prompt_back,
-                "first": first["timings"], "remote": remote, "second_prompt_back_s": second_prompt,
-                "second": second["timings"]}
+        again = time.perf_counter() - t1
+        second = value(k, LAST)
+        http.post(f"/runs/{second['run_id']}/cancel", json={})  # it only measured bytes
+
+        follow(http, first["run_id"], wall0, "waiting_input")
+        k2 = v.kernel(work / "laptop2", work / "cache2")
+        run_cell(k2, "%load_ext handoff_magic")
+        t2 = time.perf_counter()
+        run_cell(k2, f"%pull {first['run_id']}")
+        pull = time.perf_counter() - t2
+        ok = value(k2, "[len(a) for a in arrays]")
+        if ok != [max(1, size // 8 // 4)] * 4:
+            raise RuntimeError(f"pulled namespace is wrong: {ok}")
+        return {"size": size, "safe_to_close": safe, "first_remote_step": marks["first_step"] - wall0,
+                "checkpoint": ckpt, "checkpoint_new": marks.get("checkpoint_new"), "rehandoff": again,
+                "pull": pull, "peak_extra": mem.extra, "sent": first["timings"]["bytes_sent"],
+                "sent_again": second["timings"]["bytes_sent"], "timings": first["timings"],
+                "timings_again": second["timings"]}
     finally:
-        k.kill()
-        client.close()
+        for kern in (k, k2):
+            if kern is not None:
+                kern.kill()
+        http.close()
 
 
-def report(r: dict[str, Any]) -> str:
-    f, s, rem = r["first"], r["second"], r["remote"]
-    ratio = s["bytes_sent"] / f["bytes_sent"] if f["bytes_sent"] else 0.0
-    lines = [
-        f"namespace {fmt_bytes(r['size'])} (built in {r['build_namespace_s']:.1f}s)",
-        f"  %handoff -> prompt back   {r['prompt_back_s']:7.3f} s   "
-        f"(client+pause {f['pause']:.3f}, capture {f['capture']:.3f}, upload {f['upload']:.3f}, create {f['create']:.3f}; "
-        f"kernel/magic overhead {r['prompt_back_s'] - f['total']:.3f})",
-        f"  %handoff -> first remote step {rem['first_remote_step']:7.3f} s   "
-        + (f"(until restoring {rem.get('queue', 0):.3f}, kernel start + bundle transfer {rem.get('kernel_start_and_transfer', 0):.3f}, "
-           f"restore {rem['restore_in_kernel']:.3f}, restore -> step {rem.get('after_restore_to_step', 0):.3f})"),
-        f"  first handoff sent        {fmt_bytes(f['bytes_sent'])} in {f['chunks_sent']} chunks "
-        f"(bundle {fmt_bytes(f['bytes_total'])})",
-        f"  second handoff (one small variable changed): sent {fmt_bytes(s['bytes_sent'])} in {s['chunks_sent']} "
-        f"chunks = {ratio * 100:.2f}% of the first; prompt back {r['second_prompt_back_s']:.3f} s "
-        f"(capture {s['capture']:.3f}, upload {s['upload']:.3f})",
-    ]
-    return "\n".join(lines)
+def export_revision(rev: str, dest: Path) -> Path:
+    dest.mkdir(parents=True)
+    data = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", rev], check=True,
+                          capture_output=True).stdout
+    (dest / "src.tar").write_bytes(data)
+    with tarfile.open(dest / "src.tar") as t:
+        t.extractall(dest, filter="data")
+    (dest / "src.tar").unlink()
+    return dest
+
+
+def warm_memory(nbytes: int) -> None:
+    """Touch and free ``nbytes`` of memory and write+delete a file that big: the first touch of a
+    fresh VM's memory is several times slower than later ones, whoever comes first pays it."""
+    import numpy as np
+    a = np.ones(max(1, nbytes // 8))
+    with tempfile.NamedTemporaryFile(prefix="handoff-warm-") as f:
+        f.write(memoryview(a).cast("B"))
+        f.flush()
+    del a
+
+
+def load_avg() -> str:
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def print_medians(name: str, size: int, rs: list[dict[str, Any]]) -> dict[str, float]:
+    keys = ("safe_to_close", "first_remote_step", "checkpoint", "rehandoff", "pull", "peak_extra", "sent",
+            "sent_again")
+    m = {k: statistics.median(float(r[k]) for r in rs) for k in keys}
+    print(f"  {name:<16} {fmt_bytes(size):>8} | {m['safe_to_close']:13.3f}s {m['first_remote_step']:11.3f}s "
+          f"{m['checkpoint']:10.3f}s {m['rehandoff']:10.3f}s {m['pull']:9.3f}s | "
+          f"{fmt_bytes(m['peak_extra']):>9} ({100 * m['peak_extra'] / size:.0f}%) | "
+          f"{fmt_bytes(m['sent']):>9} {fmt_bytes(m['sent_again']):>9}", flush=True)
+    return m
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="10MB,1GB", help="comma-separated namespace sizes (default 10MB,1GB)")
+    p.add_argument("--repeat", type=int, default=3, help="runs per size and variant (medians printed)")
+    p.add_argument("--baseline", default=None, help="also run this git revision, alternating with ours")
     p.add_argument("--json", help="also write the raw numbers here")
-    p.add_argument("--repeat", type=int, default=3, help="runs per size up to 100 MB (median reported)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = p.parse_args(argv)
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
@@ -190,32 +283,44 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[name] = str(base / name.lower())
     script = base / "bench-script.json"
     script.write_text(json.dumps(SCRIPT))
-    cloud = Cloud(base, extra_args=["--HandoffApp.max_bundle_bytes=" + str(4 * max(sizes) + 2**30)])
-    results = []
+    trees = {"ours": ROOT}
+    if args.baseline:
+        trees[f"base {args.baseline}"] = export_revision(args.baseline, base / "baseline-src")
+    variants = [Variant(n, t, base / n.split()[0], script, max(sizes)) for n, t in trees.items()]
+    results: dict[str, dict[int, list[dict[str, Any]]]] = {v.name: {s: [] for s in sizes} for v in variants}
     try:
-        t = time.perf_counter()
-        cloud.start()
-        print(f"server ready in {time.perf_counter() - t:.2f}s at {cloud.url}")
+        warm_memory(2 * max(sizes))
+        for v in variants:
+            v.start()
+        for v in variants:  # untimed: imports, kernel spec, server code paths
+            one_round(v, min(sizes), base / f"warmup-{v.name.split()[0]}")
+        print(f"load average {load_avg()} on {os.cpu_count()} CPUs; {args.repeat} run(s) per size and variant, "
+              f"alternating {' / '.join(trees)}", flush=True)
+        n = 0
         for size in sizes:
-            reps = args.repeat if size <= 100 * UNITS["MB"] else 1
-            mine = []
-            for i in range(reps):
-                r = bench_size(size, base / f"rep{i}", script, cloud)
-                mine.append(r)
-                print(report(r), flush=True)
-            results.extend(mine)
-            if reps > 1:
-                pb = statistics.median(r["prompt_back_s"] for r in mine)
-                fs = statistics.median(r["remote"]["first_remote_step"] for r in mine)
-                print(f"  median of {reps} for {fmt_bytes(size)}: prompt back {pb:.3f} s, "
-                      f"first remote step {fs:.3f} s", flush=True)
-        print(f"(load average now: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs)")
+            for rep in range(args.repeat):
+                for v in variants:
+                    n += 1
+                    r = one_round(v, size, base / f"r{n}")
+                    results[v.name][size].append(r)
+                    print(f"  [{v.name} {fmt_bytes(size)} run {rep + 1}] safe to close {r['safe_to_close']:.3f}s, "
+                          f"first remote step {r['first_remote_step']:.3f}s, checkpoint {r['checkpoint']:.3f}s, "
+                          f"re-handoff {r['rehandoff']:.3f}s, pull {r['pull']:.3f}s "
+                          f"(capture {r['timings']['capture']:.3f}, upload {r['timings']['upload']:.3f}, "
+                          f"create {r['timings']['create']:.3f}); load {load_avg()}", flush=True)
+        print(f"\nmedians of {args.repeat}; load average {load_avg()}")
+        print(f"  {'variant':<16} {'size':>8} | {'safe to close':>14} {'1st remote':>11} {'checkpoint':>11} "
+              f"{'re-handoff':>11} {'pull back':>10} | {'peak extra':>15} | {'sent':>9} {'re-sent':>9}")
+        for size in sizes:
+            for v in variants:
+                print_medians(v.name, size, results[v.name][size])
     finally:
-        cloud.stop()
+        for v in variants:
+            v.cloud.stop()
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     return 0
 
 
