@@ -270,7 +270,7 @@ def test_capture_benchmark_runs_at_tiny_scale(tmp_path: Path) -> None:
     import subprocess
     root = Path(__file__).resolve().parents[2]
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "capture.py"), "--scale", "0.002",
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "capture.py"), "--scale", "0.002", "--repeat", "1",
                            "--json", str(out), "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=240, cwd=root)
     assert proc.returncode == 0, proc.stderr[-2000:]
