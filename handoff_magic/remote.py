@@ -142,14 +142,18 @@ class RunList(list):
         return [(r.get("id", ""), r.get("status", ""), str(r.get("steps", "")),
                  _ago(r.get("updated")), (r.get("goal") or "")[:60]) for r in self]
 
-    def __str__(self) -> str:
+    def text(self, hint: str = "%reattach ID follows one") -> str:
+        """A plain-text table; ``hint`` says how to go on from where it is shown."""
         if not self:
             return f"no runs on {self.server_url}"
         head = ("id", "status", "steps", "updated", "goal")
         rows = [head] + self._rows()
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        return f"runs on {self.server_url}:\n" + "\n".join(lines) + "\n%reattach ID follows one"
+        return f"runs on {self.server_url}:\n" + "\n".join(lines) + f"\n{hint}"
+
+    def __str__(self) -> str:
+        return self.text()
 
     __repr__ = __str__
 

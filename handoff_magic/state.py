@@ -25,6 +25,12 @@ RUN_STATUSES: tuple[str, ...] = (
     "completed", "failed", "cancelled", "handed_off", "pulled",
 )
 TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled", "pulled"})
+# the words every view (widget, status pages, terminal) uses for a status
+STATUS_LABELS: dict[str, str] = {
+    "idle": "idle", "queued": "queued", "restoring": "restoring", "running": "running",
+    "paused": "paused", "waiting_input": "waiting for input", "completed": "completed",
+    "failed": "failed", "cancelled": "cancelled", "handed_off": "handed off", "pulled": "pulled back",
+}
 
 
 def check_schema_version(data: dict[str, Any], what: str = "run state") -> None:

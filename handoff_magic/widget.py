@@ -22,7 +22,7 @@ import ipywidgets as W
 
 from .errors import HandoffError
 from .reports import fmt_bytes
-from .state import Event, RunState, TERMINAL_STATUSES
+from .state import STATUS_LABELS, TERMINAL_STATUSES, Event, RunState
 from .widget_css import CSS
 
 log = logging.getLogger(__name__)
@@ -30,11 +30,6 @@ log = logging.getLogger(__name__)
 __all__ = ["RunController", "RunWidget", "button_states", "STATUS_LABELS", "PLAN_ICONS"]
 
 PLAN_ICONS: dict[str, str] = {"pending": "○", "active": "◐", "done": "✓", "failed": "✗"}
-STATUS_LABELS: dict[str, str] = {
-    "idle": "idle", "queued": "queued", "restoring": "restoring", "running": "running",
-    "paused": "paused", "waiting_input": "waiting for input", "completed": "completed",
-    "failed": "failed", "cancelled": "cancelled", "handed_off": "handed off", "pulled": "pulled back",
-}
 MAX_LOG_ENTRIES = 40        # older steps are summarised as "N earlier steps"
 MAX_CODE_CHARS = 4000
 MAX_RESULT_CHARS = 800
