@@ -33,8 +33,7 @@ from jupyter_core.application import JupyterApp
 from traitlets import Bool, Float, Int, Unicode
 
 from . import __version__
-from .client import ClientError, HandoffClient
-from .config import ConfigError
+from .client import HandoffClient
 from .remote import (
     REMOTE_DONE,
     DiffView,
@@ -58,7 +57,6 @@ FOLLOW_EXIT = {"completed": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CA
 STOP_STATUSES = REMOTE_DONE | {"waiting_input"}   # where `follow` stops: nothing happens by itself
 
 MAX_OUTPUT_LINES = 20
-USER_ERRORS = (ClientError, ConfigError, HandoffError)
 
 
 # -- what a terminal shows --------------------------------------------------------------------
@@ -242,12 +240,10 @@ class RunCommand(JupyterApp):
         except UsageError as exc:
             print(exc, file=sys.stderr)
             self.exit(EXIT_USAGE)
-        except USER_ERRORS as exc:
-            message = getattr(exc, "message", None) or str(exc)
-            hint = getattr(exc, "hint", None)
-            print(f"error: {message}", file=sys.stderr)
-            if hint:
-                print(f"hint: {hint}", file=sys.stderr)
+        except HandoffError as exc:
+            print(f"error: {exc.message or exc}", file=sys.stderr)
+            if exc.hint:
+                print(f"hint: {exc.hint}", file=sys.stderr)
             self.exit(EXIT_ERROR)
         self.exit(code)
 

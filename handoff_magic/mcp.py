@@ -22,8 +22,9 @@ from typing import Any
 
 from .atomic import atomic_write_text, link_or_copy
 from .capture import IGNORE_DIRS
-from .cli import STOP_STATUSES, USER_ERRORS, cancel, event_text, follow
+from .cli import STOP_STATUSES, cancel, event_text, follow
 from .client import HandoffClient
+from .errors import HandoffError
 from .remote import DiffView
 from .state import STATUS_LABELS, Event, RunState
 
@@ -38,7 +39,7 @@ until it finishes or asks something, answer_run to reply, diff_run to see what i
 Runs handed off from a notebook appear in list_runs too."""
 
 
-class StartError(Exception):
+class StartError(HandoffError):
     """start_run was given something it cannot send; the message says what to change."""
 
 
@@ -151,12 +152,8 @@ def build_server(url: str | None = None, token: str | None = None, *, max_wait: 
     def call(fn: Any) -> Any:
         try:
             return fn(client())
-        except StartError as exc:
-            raise ToolError(str(exc)) from exc
-        except USER_ERRORS as exc:
-            hint = getattr(exc, "hint", None)
-            message = getattr(exc, "message", None) or str(exc)
-            raise ToolError(f"{message}" + (f" (what to do: {hint})" if hint else "")) from exc
+        except HandoffError as exc:
+            raise ToolError(exc.message + (f" (what to do: {exc.hint})" if exc.hint else "")) from exc
 
     read_only = ToolAnnotations(read_only_hint=True, open_world_hint=True)
 

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_llm import FakeLLM, Turn
-from runner_helpers import all_events, wait_status
-from server_process import JupyterServerProcess
 
 from handoff_magic.client import HandoffClient
 from handoff_magic.mcp import delegate
+from tests.harness.fake_llm import FakeLLM, Turn
+from tests.harness.runner_helpers import all_events, wait_status
+from tests.harness.server_process import JupyterServerProcess
 
 MODEL = "openai:fake-model"
 CLI = [sys.executable, "-m", "handoff_magic.cli"]

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_llm import FakeLLM, Turn
 from mcp import ClientSession, StdioServerParameters, stdio_client
-from server_process import JupyterServerProcess
+
+from tests.harness.fake_llm import FakeLLM, Turn
+from tests.harness.server_process import JupyterServerProcess
 
 TOOLS = {"list_runs", "show_run", "follow_run", "answer_run", "cancel_run", "diff_run", "start_run"}
 
@@ -45,11 +46,10 @@ async def session(server: JupyterServerProcess, project: Path) -> AsyncIterator[
         env={"HANDOFF_SERVER_URL": server.url, "HANDOFF_TOKEN": server.token,
              "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
              "JUPYTER_CONFIG_DIR": os.environ["JUPYTER_CONFIG_DIR"]})
-    with open(project.parent / "mcp-stderr.log", "w") as errlog:
-        async with stdio_client(params, errlog=errlog) as (read, write):
-            async with ClientSession(read, write) as s:
-                await s.initialize()
-                yield s
+    with open(project.parent / "mcp-stderr.log", "w") as errlog:  # noqa: ASYNC230 (opened once, before any await)
+        async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as s:
+            await s.initialize()
+            yield s
 
 
 async def call(s: ClientSession, tool: str, **args: Any) -> dict[str, Any]:
