@@ -107,11 +107,17 @@ class RunError(HandoffError, RuntimeError):
 
 
 class ProviderError(HandoffError, RuntimeError):
-    """A model call that failed; ``message`` says what happened, ``hint`` what to do next."""
+    """A model call that failed; ``message`` says what happened, ``hint`` what to do next.
 
-    def __init__(self, message: str, hint: str = "", *, retryable: bool = False) -> None:
+    ``context_overflow`` marks the provider's "request too long for the context window" answer,
+    which the agent loop handles by compacting the conversation and retrying.
+    """
+
+    def __init__(self, message: str, hint: str = "", *, retryable: bool = False,
+                 context_overflow: bool = False) -> None:
         super().__init__(message, hint)
         self.retryable = retryable
+        self.context_overflow = context_overflow
 
     @staticmethod
     def compose(message: str, hint: str | None) -> str:

@@ -100,16 +100,67 @@ class ToolResult:
 
 
 @dataclass
+class Usage:
+    """Tokens a model reported (or, for the scripted model, that were estimated) and their cost.
+
+    ``input_tokens`` counts the whole prompt, cached part included; ``cached_tokens`` is the part
+    read from the provider's prompt cache, ``cache_write_tokens`` the part written to it.
+    ``cost`` is in USD, None while the model's price is unknown.
+    """
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    requests: int = 0
+    cost: float | None = None
+    estimated: bool = False           # counted by jupyter-handoff, not reported by the provider
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def add(self, other: "Usage") -> None:
+        """Add another reply's usage in place (cost stays None only if neither had one)."""
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.cached_tokens += other.cached_tokens
+        self.cache_write_tokens += other.cache_write_tokens
+        self.requests += other.requests
+        if other.cost is not None:
+            self.cost = (self.cost or 0.0) + other.cost
+        self.estimated = self.estimated or other.estimated
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total_tokens": self.total_tokens}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "Usage":
+        d = _pick(cls, data or {})
+        for key in ("input_tokens", "output_tokens", "cached_tokens", "cache_write_tokens", "requests"):
+            if not isinstance(d.get(key, 0), int) or isinstance(d.get(key, 0), bool):
+                raise StateError(f"usage {key} must be an integer")
+        if d.get("cost") is not None and not isinstance(d["cost"], (int, float)):
+            raise StateError("usage cost must be a number or null")
+        return cls(**d)
+
+
+@dataclass
 class Message:
     """Provider-neutral message. role: system | user | assistant | tool.
 
     An assistant message may carry tool_calls; a tool message carries the results of
-    every call of the preceding assistant message, in order.
+    every call of the preceding assistant message, in order. ``usage`` is what the reply
+    that produced an assistant message cost; ``refusal`` marks a reply the model declined
+    (its ``text`` is the model's reason). ``compacted_turns`` > 0 marks the summary that
+    replaced that many earlier model turns (see agent/context.py).
     """
     role: str
     text: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
     tool_results: list[ToolResult] = field(default_factory=list)
+    usage: Usage | None = None
+    refusal: bool = False
+    compacted_turns: int = 0
 
     def __post_init__(self) -> None:
         if self.role not in ("system", "user", "assistant", "tool"):
@@ -120,6 +171,7 @@ class Message:
         d = _pick(cls, data)
         d["tool_calls"] = [ToolCall.from_dict(c) for c in d.get("tool_calls") or []]
         d["tool_results"] = [ToolResult.from_dict(r) for r in d.get("tool_results") or []]
+        d["usage"] = Usage.from_dict(d["usage"]) if d.get("usage") is not None else None
         if not isinstance(d.get("text", ""), str):
             raise StateError("message text must be a string")
         return cls(**d)
@@ -143,8 +195,11 @@ class Event:
 
 @dataclass
 class Budgets:
+    """Limits per ``run()`` call (``%agent continue`` grants a fresh allowance); None = no limit."""
     max_steps: int = 40
     max_seconds: float = 3600.0
+    max_tokens: int | None = None      # input + output tokens
+    max_cost: float | None = None      # USD
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Budgets":
@@ -180,6 +235,7 @@ class RunState:
     model: str = ""                    # model spec name only, e.g. "openai:gpt-4o"; never a key
     origin: Origin = field(default_factory=Origin)
     events: list[Event] = field(default_factory=list)
+    usage: Usage = field(default_factory=Usage)   # totals over every model reply of the run
     question: str | None = None        # set while status == waiting_input
     summary: str | None = None         # set by finish
     error: str | None = None           # what went wrong, with what to do next
@@ -236,6 +292,7 @@ class RunState:
             d["events"] = [Event.from_dict(e) for e in d.get("events") or []]
             d["budgets"] = Budgets.from_dict(d.get("budgets") or {})
             d["origin"] = Origin.from_dict(d.get("origin") or {})
+            d["usage"] = Usage.from_dict(d.get("usage"))
             return cls(**d)
         except TypeError as exc:  # wrong field types from hand-made JSON
             raise StateError(f"run state is malformed: {exc}") from exc

@@ -18,7 +18,7 @@ for _name in ("JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR"):
     _path.mkdir()
     os.environ[_name] = str(_path)
 for _name in ("HANDOFF_MODEL", "HANDOFF_SERVER_URL", "HANDOFF_TOKEN", "OPENAI_API_KEY", "ANTHROPIC_API_KEY",
-              "OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "JUPYTER_TOKEN"):
+              "OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "JUPYTER_TOKEN", "HANDOFF_CONTEXT_TOKENS", "HANDOFF_PRICES"):
     os.environ.pop(_name, None)
 os.environ.setdefault("MPLBACKEND", "Agg")
 

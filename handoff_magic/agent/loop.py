@@ -12,8 +12,10 @@ import struct
 import time
 from typing import Any, Callable
 
-from ..state import Event, Message, PlanStep, RunState, ToolCall, ToolResult
+from ..state import Event, Message, PlanStep, RunState, ToolCall, ToolResult, Usage
+from .context import ContextManager, compaction_event_data, context_window, usage_from_estimate
 from .executors import ExecResult, Executor, strip_ansi
+from .pricing import cost_of, price_for
 from .providers.base import Provider, ProviderError
 from .tools import TOOLS, ToolArgumentError, validate_arguments
 
@@ -45,6 +47,8 @@ MAX_TRACEBACK_LINES = 40
 MAX_OUTPUTS_BYTES = 2_000_000  # rich outputs kept in the state per call
 
 RETRY_WORDS = ("", "retry", "continue", "go", "go on", "resume")
+CONTINUE_TEXT = "Continue with the task."
+MAX_OVERFLOW_RETRIES = 4       # "context too long" answers met by compacting harder, per step
 
 
 def trim(text: str, limit: int = MAX_RESULT_CHARS) -> str:
@@ -155,15 +159,19 @@ SKIPPED_RESULT = "[not run] An earlier call in the same turn stopped the turn; c
 class AgentLoop:
     """Runs one agent over ``state`` until it finishes, asks, pauses or fails.
 
-    Budgets count from each ``run()`` call, so ``%agent continue`` after a budget pause gets
-    a fresh allowance. ``exec_timeout`` (seconds) bounds one run_python call.
+    Budgets (steps, seconds, tokens, cost) count from each ``run()`` call, so ``%agent
+    continue`` after a budget pause gets a fresh allowance. ``exec_timeout`` (seconds) bounds
+    one run_python call; ``context_tokens`` overrides the model's context window; ``prices``
+    adds entries to the price table (see pricing.py).
     """
 
     def __init__(self, state: RunState, provider: Provider, executor: Executor, *,
                  on_event: Callable[[RunState, Event], None] | None = None,
                  should_pause: Callable[[], bool] | None = None,
                  system_prompt: str | None = None,
-                 exec_timeout: float | None = None) -> None:
+                 exec_timeout: float | None = None,
+                 context_tokens: int | None = None,
+                 prices: dict[str, dict[str, float]] | None = None) -> None:
         self.state = state
         self.provider = provider
         self.executor = executor
@@ -174,8 +182,15 @@ class AgentLoop:
         self.tools = TOOLS
         self._t0 = time.monotonic()
         self._steps_here = 0
+        self._usage_here = Usage()
         if not state.model:
             state.model = getattr(provider, "spec", "") or ""
+        self.spec = getattr(provider, "spec", "") or state.model
+        self.prices = prices
+        price_for(self.spec, prices)          # a broken HANDOFF_PRICES is an error now, not mid-run
+        self.context = ContextManager(provider, window=context_window(self.spec, context_tokens),
+                                      system=self.system_prompt, tools=self.tools)
+        self.context.calibrate(state.messages)
         if hasattr(provider, "on_retry"):
             provider.on_retry = self._model_retrying
 
@@ -261,6 +276,7 @@ class AgentLoop:
             return st
         self._t0 = time.monotonic()
         self._steps_here = 0
+        self._usage_here = Usage()
         try:
             if not self._prepare(answer):
                 return st
@@ -311,8 +327,13 @@ class AgentLoop:
                                             content=INTERRUPTED_RESULT, is_error=True))
         if answer is not None and not used:
             self._emit("answer", answer=answer)
+            last = st.messages[-1]
             if answer.strip().lower() not in RETRY_WORDS:
                 st.messages.append(Message(role="user", text=answer))
+            elif last.role == "assistant" and not last.tool_calls:
+                # after a refusal or a plain-text reply the next turn must be the user's: resending
+                # a history that ends with the model's own words would get the same reply
+                st.messages.append(Message(role="user", text=CONTINUE_TEXT))
         st.question = None
         st.error = None
         if st.status == "completed":
@@ -330,6 +351,13 @@ class AgentLoop:
         if elapsed >= st.budgets.max_seconds:
             return (f"time budget reached ({elapsed:.0f}s of {st.budgets.max_seconds:g}s); "
                     "continue the run to allow more time")
+        used = self._usage_here
+        if st.budgets.max_tokens is not None and used.total_tokens >= st.budgets.max_tokens:
+            return (f"token budget reached ({used.total_tokens:,} of {st.budgets.max_tokens:,} tokens); "
+                    "continue the run to allow as many more")
+        if st.budgets.max_cost is not None and (used.cost or 0.0) >= st.budgets.max_cost:
+            return (f"cost budget reached (${used.cost or 0.0:.4f} of ${st.budgets.max_cost:g}); "
+                    "continue the run to allow as much more")
         return None
 
     def _pause(self, reason: str, interrupted: bool = False) -> None:
@@ -355,7 +383,7 @@ class AgentLoop:
         """One model turn and the tools it called. False when the run stops here."""
         st = self.state
         try:
-            reply = self.provider.complete(self.system_prompt, st.messages, self.tools)
+            reply = self._complete()
         except ProviderError as exc:
             self._provider_failed(exc)
             return False
@@ -371,6 +399,12 @@ class AgentLoop:
         st.steps += 1
         self._steps_here += 1
         st.messages.append(reply)
+        self._emit("usage", step=st.steps, kind="step", **self._usage_data(reply.usage))
+        if reply.refusal:
+            self._emit("refusal", text=reply.text)
+            self._ask(f"The model refused: {reply.text} Rephrase the task, or answer 'continue' to ask again.",
+                      reason="the model refused")
+            return False
         if reply.text:
             self._emit("assistant", text=reply.text)
         for call in reply.tool_calls:
@@ -422,6 +456,51 @@ class AgentLoop:
                         interrupted=True)
             return False
         return True
+
+    # -- the model call, its context and its usage -----------------------------------------
+    def _complete(self) -> Message:
+        """One model reply, the request kept inside the context window: compact when near
+        it, and when the provider still says "too long", learn its limit, compact, retry."""
+        st = self.state
+        for attempt in range(MAX_OVERFLOW_RETRIES + 1):
+            if attempt or self.context.needs_compaction(st.messages):
+                self._compact(forced=attempt > 0)
+            sent = self.context.view(st.messages)
+            try:
+                reply = self.provider.complete(self.system_prompt, sent, self.tools)
+            except ProviderError as exc:
+                if not exc.context_overflow or attempt == MAX_OVERFLOW_RETRIES:
+                    raise
+                self.context.overflowed(exc, sent)
+                self._emit("context_overflow", error=self._redact(exc.message), limit=self.context.limit)
+                continue
+            if isinstance(reply, Message):
+                self._count(reply, sent)
+                self.context.observe(sent, reply.usage)
+            return reply
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _count(self, reply: Message, sent: list[Message]) -> None:
+        """Price the reply's usage (estimate it if the provider reported none) and add it up."""
+        usage = reply.usage or usage_from_estimate(self.context, sent, reply)
+        usage.cost = cost_of(usage, self.spec, self.prices)
+        reply.usage = usage
+        self.state.usage.add(usage)
+        self._usage_here.add(usage)
+
+    def _usage_data(self, usage: Usage | None) -> dict[str, Any]:
+        return {"usage": usage.to_dict() if usage else None, "total": self.state.usage.to_dict()}
+
+    def _compact(self, forced: bool) -> None:
+        done = self.context.compact(self.state)
+        if done is None:
+            return
+        if done.usage is not None:
+            done.usage.cost = cost_of(done.usage, self.spec, self.prices)
+            self.state.usage.add(done.usage)
+            self._usage_here.add(done.usage)
+        self._emit("compacted", **compaction_event_data(done), forced=forced,
+                   window=self.context.limit, **self._usage_data(done.usage))
 
     def _run_python(self, call: ToolCall, code: str) -> str:
         try:

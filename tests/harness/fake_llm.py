@@ -12,13 +12,24 @@ Replies are queued once and rendered in whichever format the request used: OpenA
 ``POST /v1/chat/completions``, Anthropic for ``POST /v1/messages``. Every request is recorded
 (path, headers, parsed body). Faults: 429 with Retry-After, 5xx, a hang past the client's
 timeout, a malformed body, any raw response. ``push(fn)`` queues a callable that gets the
-Recorded request and returns a Turn or Raw, for replies that depend on what was sent. An empty queue answers HTTP 400, so a test that
-under-scripts fails loudly. Runs on 127.0.0.1 on a free port, in a daemon thread.
+Recorded request and returns a Turn or Raw, for replies that depend on what was sent. An empty
+queue answers HTTP 400 (or asks ``responder``, a callable like those ``push`` takes), so a test
+that under-scripts fails loudly. Runs on 127.0.0.1 on a free port, in a daemon thread.
+
+Like the real services it counts every request's tokens (its own word-and-punctuation
+tokenizer, deliberately unlike the client's estimate) and reports them in ``usage``, with
+prompt caching: OpenAI's automatic prefix cache (``prompt_tokens_details.cached_tokens``, from
+1024 tokens) and Anthropic's explicit ``cache_control`` breakpoints (cache reads and writes).
+With ``window`` set, a request over it is refused the way each service refuses it: HTTP 400
+``context_length_exceeded`` (OpenAI) or "prompt is too long" (Anthropic), nothing dequeued.
+``refuse(reason)`` queues a safety refusal in each format.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,6 +48,19 @@ class Recorded:
     body: Any                        # parsed JSON, or the raw text if it was not JSON
     api: str                         # "openai" | "anthropic" | "unknown"
     time: float = field(default_factory=time.time)
+    tokens: int = 0                  # prompt tokens as this model counts them
+    over_window: bool = False        # refused as too long for the window
+    usage: dict[str, Any] | None = None   # the usage the reply reported
+
+    @property
+    def prompt(self) -> str:
+        """Everything the model was shown, as one string (to answer from what is in the prompt)."""
+        return json.dumps(self.body, ensure_ascii=False)
+
+    @property
+    def is_compaction(self) -> bool:
+        """A request with no tools: the client asking for a summary, not for an agent turn."""
+        return isinstance(self.body, dict) and not self.body.get("tools")
 
 
 @dataclass
@@ -44,6 +68,7 @@ class Turn:
     """A model turn in neutral form; ``tool_calls`` items are (name, args) or dicts."""
     text: str = ""
     tool_calls: list[Any] = field(default_factory=list)
+    refusal: str = ""                # a safety refusal with this reason (no text, no calls)
 
 
 @dataclass
@@ -57,10 +82,30 @@ class Raw:
 Item = Turn | Raw | Callable[[Recorded], "Turn | Raw"]
 
 
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+CACHE_MIN_TOKENS = 1024
+
+
+def count_tokens(text: str) -> int:
+    return len(_TOKEN.findall(text))
+
+
+def _strip_cache(block: Any) -> Any:
+    return {k: v for k, v in block.items() if k != "cache_control"} if isinstance(block, dict) else block
+
+
+def _digest(items: list[str]) -> str:
+    return hashlib.sha1("\x00".join(items).encode()).hexdigest()
+
+
 class FakeLLM:
-    def __init__(self, api_key: str | None = "sk-fake-test-key-0123456789", model: str = "fake-model") -> None:
+    def __init__(self, api_key: str | None = "sk-fake-test-key-0123456789", model: str = "fake-model",
+                 window: int | None = None, responder: Callable[[Recorded], "Turn | Raw"] | None = None) -> None:
         self.api_key = api_key       # when set, requests without it get 401
         self.model = model
+        self.window = window
+        self.responder = responder
+        self._cached: set[str] = set()   # prefix digests in the prompt cache
         self.requests: list[Recorded] = []
         self._queue: list[Item] = []
         self._lock = threading.Lock()
@@ -141,6 +186,11 @@ class FakeLLM:
             self.reply(t.get("text", ""), t.get("tool_calls", []))
         return self
 
+    def refuse(self, reason: str) -> "FakeLLM":
+        """Queue a safety refusal: OpenAI ``refusal`` with null content, Anthropic
+        ``stop_reason: refusal`` with ``stop_details``."""
+        return self.push(Turn(refusal=reason))
+
     def fault_429(self, retry_after: float | str | None = 1) -> "FakeLLM":
         headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
         return self.push(Raw(429, b'{"error": {"message": "Rate limit reached", "type": "rate_limit"}}', headers))
@@ -185,15 +235,72 @@ class FakeLLM:
             return self._send(h, Raw(404, json.dumps({"error": {"message": f"no route {path}"}}).encode()))
         if self.api_key and not self._authorised(rec):
             return self._send(h, Raw(401, b'{"error": {"message": "Incorrect API key provided"}}'))
+        items = self._prefix_items(rec)
+        rec.tokens = sum(n for _, n, _ in items)
+        if self.window is not None and rec.tokens > self.window:
+            rec.over_window = True
+            return self._send(h, self._too_long(rec))
         with self._lock:
-            item = self._queue.pop(0) if self._queue else None
+            item = self._queue.pop(0) if self._queue else self.responder
         if item is None:
             return self._send(h, Raw(400, b'{"error": {"message": "FakeLLM: no response queued for this request"}}'))
         if callable(item):
             item = item(rec)
         if isinstance(item, Turn):
-            item = Raw(200, json.dumps(self._render(item, api, body)).encode())
+            with self._lock:
+                rec.usage = self._usage(rec, items, item)
+            item = Raw(200, json.dumps(self._render(item, api, body, rec.usage)).encode())
         self._send(h, item)
+
+    # -- tokens, window, cache ----------------------------------------------------------------
+    def _prefix_items(self, rec: Recorded) -> list[tuple[str, int, bool]]:
+        """The prompt as cacheable pieces in order: (text, tokens, carries a cache breakpoint)."""
+        body = rec.body if isinstance(rec.body, dict) else {}
+        pieces: list[tuple[str, bool]] = [(json.dumps(body.get("tools") or []), False)]
+        if rec.api == "anthropic":
+            system = body.get("system") or []
+            for block in ([{"type": "text", "text": system}] if isinstance(system, str) else system):
+                pieces.append((json.dumps(_strip_cache(block)), isinstance(block, dict) and "cache_control" in block))
+            for m in body.get("messages") or []:
+                content = m.get("content")
+                for block in ([{"type": "text", "text": content}] if isinstance(content, str) else content or []):
+                    pieces.append((m["role"] + json.dumps(_strip_cache(block)),
+                                   isinstance(block, dict) and "cache_control" in block))
+        else:
+            pieces += [(json.dumps(m), False) for m in body.get("messages") or []]
+        return [(text, count_tokens(text), mark) for text, mark in pieces]
+
+    def _usage(self, rec: Recorded, items: list[tuple[str, int, bool]], turn: Turn) -> dict[str, Any]:
+        texts = [t for t, _, _ in items]
+        cum = list(itertools.accumulate(n for _, n, _ in items))
+        output = count_tokens(turn.text + turn.refusal + json.dumps(turn.tool_calls)) + 1
+        if rec.api == "openai":   # automatic: any prefix an earlier request had
+            hit = max((cum[k] for k in range(len(items)) if _digest(texts[:k + 1]) in self._cached), default=0)
+            self._cached.update(_digest(texts[:k + 1]) for k in range(len(items)))
+            cached = hit if hit >= CACHE_MIN_TOKENS else 0
+            return {"prompt_tokens": rec.tokens, "completion_tokens": output, "total_tokens": rec.tokens + output,
+                    "prompt_tokens_details": {"cached_tokens": cached}}
+        marks = [k for k, (_, _, mark) in enumerate(items) if mark]
+        last = marks[-1] if marks else -1
+        read = max((cum[k] for k in range(last + 1) if _digest(texts[:k + 1]) in self._cached), default=0)
+        written = 0
+        for k in marks:
+            if cum[k] >= CACHE_MIN_TOKENS and _digest(texts[:k + 1]) not in self._cached:
+                self._cached.add(_digest(texts[:k + 1]))
+                written = cum[k] - read
+        read = read if read >= CACHE_MIN_TOKENS else 0
+        return {"input_tokens": rec.tokens - read - written, "output_tokens": output,
+                "cache_read_input_tokens": read, "cache_creation_input_tokens": written}
+
+    def _too_long(self, rec: Recorded) -> Raw:
+        if rec.api == "openai":
+            return Raw(400, json.dumps({"error": {
+                "message": f"This model's maximum context length is {self.window} tokens. However, your "
+                           f"messages resulted in {rec.tokens} tokens. Please reduce the length of the messages.",
+                "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}}).encode())
+        return Raw(400, json.dumps({"type": "error", "error": {
+            "type": "invalid_request_error",
+            "message": f"prompt is too long: {rec.tokens} tokens > {self.window} maximum"}}).encode())
 
     def _authorised(self, rec: Recorded) -> bool:
         if rec.api == "openai":
@@ -224,11 +331,13 @@ class FakeLLM:
             out.append((cid or f"{prefix}{next(self._ids)}", name, args))
         return out
 
-    def _render(self, turn: Turn, api: str, request: Any) -> dict[str, Any]:
+    def _render(self, turn: Turn, api: str, request: Any, usage: dict[str, Any]) -> dict[str, Any]:
         model = request.get("model", self.model) if isinstance(request, dict) else self.model
         if api == "openai":
             calls = self._calls(turn, "call_")
             message: dict[str, Any] = {"role": "assistant", "content": turn.text or None}
+            if turn.refusal:
+                message = {"role": "assistant", "content": None, "refusal": turn.refusal}
             if calls:
                 message["tool_calls"] = [
                     {"id": cid, "type": "function",
@@ -237,10 +346,14 @@ class FakeLLM:
             return {"id": f"chatcmpl-{next(self._ids)}", "object": "chat.completion", "created": int(time.time()),
                     "model": model,
                     "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if calls else "stop"}],
-                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+                    "usage": usage}
         calls = self._calls(turn, "toolu_")
         content: list[dict[str, Any]] = [{"type": "text", "text": turn.text}] if turn.text else []
         content += [{"type": "tool_use", "id": cid, "name": name, "input": args} for cid, name, args in calls]
-        return {"id": f"msg_{next(self._ids)}", "type": "message", "role": "assistant", "model": model,
-                "content": content, "stop_reason": "tool_use" if calls else "end_turn", "stop_sequence": None,
-                "usage": {"input_tokens": 10, "output_tokens": 5}}
+        reply = {"id": f"msg_{next(self._ids)}", "type": "message", "role": "assistant", "model": model,
+                 "content": content, "stop_reason": "tool_use" if calls else "end_turn", "stop_sequence": None,
+                 "usage": usage}
+        if turn.refusal:
+            reply.update(content=[], stop_reason="refusal",
+                         stop_details={"type": "refusal", "category": "cyber", "explanation": turn.refusal})
+        return reply

@@ -102,9 +102,11 @@ def test_anthropic_full_loop_and_exact_request_bodies(llm, shell):
     assert llm.requests[0].path == "/v1/messages"
     assert headers["x-api-key"] == llm.api_key and headers["anthropic-version"] == "2023-06-01"
     assert "authorization" not in headers
-    assert first["system"] == SYSTEM_PROMPT
+    # prompt caching: breakpoints after the stable prefix (tools + system) and on the last turn
+    assert first["system"] == [{"type": "text", "text": SYSTEM_PROMPT, "cache_control": {"type": "ephemeral"}}]
     assert first["max_tokens"] > 0
-    assert first["messages"] == [{"role": "user", "content": [{"type": "text", "text": "compute the answer"}]}]
+    assert first["messages"] == [{"role": "user", "content": [
+        {"type": "text", "text": "compute the answer", "cache_control": {"type": "ephemeral"}}]}]
     assert [t["name"] for t in first["tools"]] == TOOL_NAMES
     assert first["tools"][0]["input_schema"]["required"] == ["code"]
 
@@ -119,6 +121,9 @@ def test_anthropic_full_loop_and_exact_request_bodies(llm, shell):
     assert [r["type"] for r in results] == ["tool_result", "tool_result"]
     assert [r["tool_use_id"] for r in results] == [b["id"] for b in uses]
     assert "answer is 42" in results[1]["content"]
+    # the turn the previous request ended with and the newest one carry the cache breakpoints
+    assert msgs[0]["content"][-1]["cache_control"] == results[-1]["cache_control"] == {"type": "ephemeral"}
+    assert "cache_control" not in blocks[-1]
 
 
 def test_error_tool_results_are_flagged_for_anthropic(llm, shell):

@@ -6,8 +6,10 @@ Keys live only inside provider objects (never in a RunState, never in a repr).
 from __future__ import annotations
 
 import email.utils
+import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
@@ -16,12 +18,28 @@ from ...state import Message
 from ...errors import ProviderError
 
 
+_WIRE_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+
+def wire_tool_id(call_id: str) -> str:
+    """A tool-call id every provider accepts (``^[a-zA-Z0-9_-]+$``, at most 64 characters).
+
+    Ids minted by another provider (``functions.run_python:0``) are mapped stably: the same id
+    always gives the same wire id, so a call and its result still match, and two different
+    ids never collide (a digest of the original is appended).
+    """
+    if _WIRE_ID.match(call_id):
+        return call_id
+    digest = hashlib.sha1(call_id.encode("utf-8")).hexdigest()[:10]
+    return f"{re.sub(r'[^a-zA-Z0-9_-]+', '_', call_id)[:48].strip('_') or 'call'}_{digest}"
+
+
 @runtime_checkable
 class Provider(Protocol):
     spec: str  # e.g. "openai:gpt-4o"; never a key
 
     def complete(self, system: str, messages: list[Message], tools: list[dict]) -> Message:
-        """Return the model's next reply as a Message with role ``assistant``."""
+        """Return the model's next reply as a Message with role ``assistant`` (and its usage)."""
         ...
 
 
@@ -102,6 +120,9 @@ class HTTPProvider:
     def auth_headers(self, key: str) -> dict[str, str]:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    def is_context_overflow(self, status: int, body: Any, text: str) -> bool:  # pragma: no cover
+        raise NotImplementedError
+
     def error_text(self, body: Any) -> str:
         """The human part of an error body ({"error": {"message": ...}} for both APIs)."""
         if isinstance(body, dict):
@@ -152,6 +173,10 @@ class HTTPProvider:
                 if resp.status_code < 300:
                     return self._decode(resp)
                 detail = self._error_detail(resp)
+                if self._overflow(resp):
+                    raise ProviderError(f"{self.spec}: the request is too long for the model's context "
+                                        f"window{detail}", "the conversation is compacted and retried",
+                                        context_overflow=True)
                 if resp.status_code == 429 or resp.status_code >= 500:
                     retry_after = parse_retry_after(resp.headers.get("retry-after"))
                     problem = f"{self.spec}: HTTP {resp.status_code} from {url}{detail}"
@@ -172,6 +197,15 @@ class HTTPProvider:
             time.sleep(delay)
             waited += delay
             attempt += 1
+
+    def _overflow(self, resp: Any) -> bool:
+        if resp.status_code not in (400, 413):
+            return False
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        return self.is_context_overflow(resp.status_code, body, self.error_text(body) or resp.text[:500])
 
     def _error_detail(self, resp: Any) -> str:
         try:

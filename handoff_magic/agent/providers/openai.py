@@ -7,26 +7,32 @@ import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
-from ...state import Message, ToolCall
-from .base import HTTPProvider, ProviderError
+from ...state import Message, ToolCall, Usage
+from .base import HTTPProvider, ProviderError, wire_tool_id
 
 
 def to_openai_messages(system: str, messages: list[Message]) -> list[dict[str, Any]]:
-    """Neutral messages -> chat-completions messages (one role=tool message per result)."""
+    """Neutral messages -> chat-completions messages (one role=tool message per result).
+
+    An assistant turn with neither text nor tool calls (an empty reply) is left out: the API
+    refuses ``{"role": "assistant", "content": null}`` without ``tool_calls``.
+    """
     out: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     for m in messages:
         if m.role == "assistant":
+            if not m.text and not m.tool_calls:
+                continue
             msg: dict[str, Any] = {"role": "assistant", "content": m.text or None}
             if m.tool_calls:
                 msg["tool_calls"] = [
-                    {"id": c.id, "type": "function",
+                    {"id": wire_tool_id(c.id), "type": "function",
                      "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
                     for c in m.tool_calls
                 ]
             out.append(msg)
         elif m.role == "tool":
             for r in m.tool_results:
-                out.append({"role": "tool", "tool_call_id": r.call_id, "content": r.content})
+                out.append({"role": "tool", "tool_call_id": wire_tool_id(r.call_id), "content": r.content})
             if m.text:
                 out.append({"role": "user", "content": m.text})
         else:  # user / system
@@ -67,6 +73,23 @@ class OpenAIProvider(HTTPProvider):
         body = self.post_json(self.request_body(system, messages, tools))
         return self.parse_reply(body)
 
+    def is_context_overflow(self, status: int, body: Any, text: str) -> bool:
+        err = body.get("error") if isinstance(body, dict) else None
+        code = err.get("code") if isinstance(err, dict) else None
+        return code == "context_length_exceeded" or "maximum context length" in text
+
+    def parse_usage(self, body: dict[str, Any]) -> Usage | None:
+        """``usage.prompt_tokens`` (cached part included), ``completion_tokens`` and
+        ``prompt_tokens_details.cached_tokens`` (OpenAI's automatic prompt caching)."""
+        raw = body.get("usage")
+        if not isinstance(raw, dict):
+            return None
+        details = raw.get("prompt_tokens_details") or {}
+        return Usage(input_tokens=int(raw.get("prompt_tokens") or 0),
+                     output_tokens=int(raw.get("completion_tokens") or 0),
+                     cached_tokens=int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0,
+                     requests=1)
+
     def parse_reply(self, body: dict[str, Any]) -> Message:
         choices = body.get("choices")
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
@@ -74,6 +97,9 @@ class OpenAIProvider(HTTPProvider):
         msg = choices[0].get("message")
         if not isinstance(msg, dict):
             raise self.malformed("choices[0].message is missing", body)
+        refusal = msg.get("refusal")
+        if isinstance(refusal, str) and refusal.strip():
+            return Message(role="assistant", text=refusal.strip(), refusal=True, usage=self.parse_usage(body))
         text = msg.get("content") or ""
         if isinstance(text, list):  # some compatible servers send content parts
             text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
@@ -102,4 +128,7 @@ class OpenAIProvider(HTTPProvider):
                         f"{self.spec}: arguments for tool {fn['name']!r} (call {call_id}) are not a JSON object",
                         "answer 'retry' to ask the model again")
             calls.append(ToolCall(id=str(call_id), name=fn["name"], arguments=args))
-        return Message(role="assistant", text=text, tool_calls=calls)
+        if not text and not calls and choices[0].get("finish_reason") == "content_filter":
+            return Message(role="assistant", text="The provider's content filter stopped the reply.",
+                           refusal=True, usage=self.parse_usage(body))
+        return Message(role="assistant", text=text, tool_calls=calls, usage=self.parse_usage(body))

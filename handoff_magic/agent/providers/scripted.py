@@ -1,7 +1,9 @@
 """A model that plays turns from a JSON or YAML file: the demo default and a test double.
 
-Turn k is played when the conversation already holds k assistant messages, so a run that
-was paused, handed off or pulled back continues with the next unplayed turn.
+Turn k is played when the conversation already holds k assistant messages (counting the
+turns a compaction summary replaced), so a run that was paused, handed off, pulled back or
+compacted continues with the next unplayed turn. It reports no usage (the loop estimates it)
+and writes no summaries (the loop's built-in summary is used).
 """
 from __future__ import annotations
 
@@ -82,6 +84,8 @@ def load_script(path: Path) -> list[dict[str, Any]]:
 class ScriptedProvider:
     """Plays a fixed script; deterministic tool-call ids ``script-<turn>-<index>``."""
 
+    summarises = False
+
     def __init__(self, path: str | Path, *, base_dir: str | Path | None = None) -> None:
         path = str(path).strip()
         if not path:
@@ -94,7 +98,7 @@ class ScriptedProvider:
         return f"<ScriptedProvider {self.path} ({len(self.turns)} turns)>"
 
     def complete(self, system: str, messages: list[Message], tools: list[dict]) -> Message:
-        k = sum(1 for m in messages if m.role == "assistant")
+        k = sum(1 for m in messages if m.role == "assistant") + sum(m.compacted_turns for m in messages)
         if k >= len(self.turns):
             return Message(role="assistant", text="", tool_calls=[ToolCall(
                 id=f"script-{k}-end", name="finish",
