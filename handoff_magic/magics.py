@@ -19,8 +19,8 @@ from .errors import HandoffError
 __all__ = ["HandoffMagics", "UsageError", "parse_agent_line"]
 
 AGENT_USAGE = """usage:
-  %agent [--model SPEC] [--max-steps N] [--background] TASK
-  %%agent [--model SPEC] [--max-steps N] [--background]   (the cell body is the task)
+  %agent [--model SPEC] [--max-steps N] [--max-tokens N] [--max-cost USD] [--background] TASK
+  %%agent [--model SPEC] [--max-steps N] [--max-tokens N] [--max-cost USD] [--background]   (the cell body is the task)
   %agent continue [--background] [--model SPEC] ["answer or follow-up"]
   %agent pause | %agent cancel
 SPEC is openai:MODEL, anthropic:MODEL or scripted:PATH (default: HANDOFF_MODEL, ~/.jupyter/handoff.json, demo)."""
@@ -29,7 +29,7 @@ REATTACH_USAGE = "usage: %reattach [RUN_ID] [--to URL] [--token TOKEN]   (no RUN
 PULL_USAGE = "usage: %pull RUN_ID [--to URL] [--token TOKEN]"
 
 _FLAGS = {"--background"}
-_VALUED = {"--model", "--max-steps"}
+_VALUED = {"--model", "--max-steps", "--max-tokens", "--max-cost"}
 _OPT_RE = re.compile(r"(--?[A-Za-z][\w-]*)(=|(?=\s|$))")
 
 
@@ -59,7 +59,8 @@ def parse_agent_line(line: str, usage: str = AGENT_USAGE) -> tuple[dict[str, Any
 
     ``--`` ends the options, so a task may itself start with a dash.
     """
-    opts: dict[str, Any] = {"model": None, "max_steps": None, "background": False}
+    opts: dict[str, Any] = {"model": None, "max_steps": None, "max_tokens": None, "max_cost": None,
+                            "background": False}
     rest = line.strip()
     while rest.startswith("-"):
         if rest == "--" or rest.startswith("-- "):
@@ -84,15 +85,23 @@ def parse_agent_line(line: str, usage: str = AGENT_USAGE) -> tuple[dict[str, Any
         else:
             raise UsageError(f"unknown option {name}\n{usage}")
         rest = after.strip()
-    if opts["max_steps"] is not None:
-        try:
-            n = int(opts["max_steps"])
-        except ValueError:
-            raise UsageError(f"--max-steps needs a whole number, got {opts['max_steps']!r}\n{usage}") from None
-        if n < 1:
-            raise UsageError(f"--max-steps must be at least 1, got {n}\n{usage}")
-        opts["max_steps"] = n
+    for key, kind in (("max_steps", int), ("max_tokens", int), ("max_cost", float)):
+        if opts[key] is not None:
+            opts[key] = _positive(opts[key], key, kind, usage)
     return opts, rest
+
+
+def _positive(raw: str, key: str, kind: type, usage: str) -> Any:
+    """A budget option's value: a positive whole number (steps, tokens) or amount (USD)."""
+    flag = "--" + key.replace("_", "-")
+    what = "a whole number" if kind is int else "an amount in USD, e.g. 0.50"
+    try:
+        value = kind(raw.lstrip("$"))
+    except ValueError:
+        raise UsageError(f"{flag} needs {what}, got {raw!r}\n{usage}") from None
+    if value < 1 if kind is int else value <= 0:
+        raise UsageError(f"{flag} must be {'at least 1' if kind is int else 'more than 0'}, got {raw}\n{usage}")
+    return value
 
 
 class _ArgParser(argparse.ArgumentParser):
@@ -245,7 +254,8 @@ class HandoffMagics(Magics):
                              "%agent pause (or its Pause button) first, or wait for it to finish")
         try:
             spec = resolve_model_spec(opts["model"])
-            run = LocalRun.new(task, shell=self.shell, model=spec, max_steps=opts["max_steps"])
+            run = LocalRun.new(task, shell=self.shell, model=spec, max_steps=opts["max_steps"],
+                               max_tokens=opts["max_tokens"], max_cost=opts["max_cost"])
         except HandoffError as exc:
             raise UsageError(str(exc)) from exc
         handle = _display(run.widget)
@@ -258,9 +268,9 @@ class HandoffMagics(Magics):
 
         usage = AGENT_USAGE
         opts, rest = parse_agent_line(tail, usage)
-        if opts["max_steps"] is not None:
-            raise UsageError("--max-steps applies when a run starts; %agent continue gives each "
-                             f"resume a fresh step allowance\n{usage}")
+        if any(opts[k] is not None for k in ("max_steps", "max_tokens", "max_cost")):
+            raise UsageError("--max-steps, --max-tokens and --max-cost apply when a run starts; %agent "
+                             f"continue gives each resume a fresh allowance\n{usage}")
         run = current_run()
         if run is None:
             raise UsageError("no agent run in this kernel to continue: start one with %agent TASK")

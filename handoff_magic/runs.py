@@ -92,6 +92,7 @@ class LocalRun:
     @classmethod
     def new(cls, goal: str, *, shell: Any = None, model: str | None = None,
             max_steps: int | None = None, max_seconds: float | None = None,
+            max_tokens: int | None = None, max_cost: float | None = None,
             provider: Any = None) -> "LocalRun":
         """A fresh run for ``goal``. The provider is built now, so a missing key or a bad model
         spec fails here, before anything is displayed or executed."""
@@ -108,7 +109,14 @@ class LocalRun:
             budgets.max_steps = int(max_steps)
         if max_seconds is not None:
             budgets.max_seconds = float(max_seconds)
+        budgets.max_tokens, budgets.max_cost = max_tokens, max_cost
         spec = getattr(provider, "spec", None) or model
+        if max_cost is not None:
+            from .agent.pricing import price_for
+            if price_for(spec) is None:
+                raise RunError(f"--max-cost needs the price of {spec}, which jupyter-handoff does not know",
+                               'add it to HANDOFF_PRICES, e.g. {"MODEL": {"input": 2.5, "output": 10}} '
+                               "(USD per million tokens), or use --max-tokens")
         state = RunState(goal=goal.strip(), model=spec, budgets=budgets, origin=_origin(shell))
         return cls(state, shell, provider=provider)
 

@@ -288,8 +288,8 @@ class ContextManager:
         return builtin_summary(old), None, False
 
 
-_ASSIGNED = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*(?:\s*,\s*[A-Za-z_][A-Za-z0-9_]*)*)\s*=(?!=)", re.M)
-_DEFINED = re.compile(r"^\s*(?:def|class)\s+([A-Za-z_][A-Za-z0-9_]*)", re.M)
+_ASSIGNED = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*(?:\s*,\s*[A-Za-z_][A-Za-z0-9_]*)*)\s*=(?!=)", re.MULTILINE)
+_DEFINED = re.compile(r"^\s*(?:def|class)\s+([A-Za-z_][A-Za-z0-9_]*)", re.MULTILINE)
 
 
 def variable_names(messages: list[Message]) -> list[str]:
@@ -303,7 +303,7 @@ def variable_names(messages: list[Message]) -> list[str]:
                     for name in group.split(","):
                         seen.setdefault(name.strip(), None)
         if m.compacted_turns:
-            found = re.search(r"^Variables defined so far: (.*)$", m.text, re.M)
+            found = re.search(r"^Variables defined so far: (.*)$", m.text, re.MULTILINE)
             for name in (found.group(1).split(", ") if found else []):
                 seen.setdefault(name.strip(), None)
     return [n for n in seen if n and not n.startswith("_")]

@@ -10,10 +10,16 @@ import base64
 import logging
 import struct
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..state import Event, Message, PlanStep, RunState, ToolCall, ToolResult, Usage
-from .context import ContextManager, compaction_event_data, context_window, usage_from_estimate
+from .context import (
+    ContextManager,
+    compaction_event_data,
+    context_window,
+    usage_from_estimate,
+)
 from .executors import ExecResult, Executor, strip_ansi
 from .pricing import cost_of, price_for
 from .providers.base import Provider, ProviderError

@@ -32,9 +32,10 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterable
+from typing import Any
 
 OPENAI_PATH = "/v1/chat/completions"
 ANTHROPIC_PATH = "/v1/messages"
@@ -100,7 +101,7 @@ def _digest(items: list[str]) -> str:
 
 class FakeLLM:
     def __init__(self, api_key: str | None = "sk-fake-test-key-0123456789", model: str = "fake-model",
-                 window: int | None = None, responder: Callable[[Recorded], "Turn | Raw"] | None = None) -> None:
+                 window: int | None = None, responder: Callable[[Recorded], Turn | Raw] | None = None) -> None:
         self.api_key = api_key       # when set, requests without it get 401
         self.model = model
         self.window = window
@@ -115,7 +116,7 @@ class FakeLLM:
         self._thread: threading.Thread | None = None
 
     # -- lifecycle --------------------------------------------------------------------
-    def start(self) -> "FakeLLM":
+    def start(self) -> FakeLLM:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -144,10 +145,10 @@ class FakeLLM:
             self._server.server_close()
             self._server = None
 
-    def __enter__(self) -> "FakeLLM":
+    def __enter__(self) -> FakeLLM:
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     @property
@@ -171,42 +172,42 @@ class FakeLLM:
         return env
 
     # -- scripting ------------------------------------------------------------------------
-    def push(self, *items: Item) -> "FakeLLM":
+    def push(self, *items: Item) -> FakeLLM:
         with self._lock:
             self._queue.extend(items)
         return self
 
-    def reply(self, text: str = "", tool_calls: Iterable[Any] = ()) -> "FakeLLM":
+    def reply(self, text: str = "", tool_calls: Iterable[Any] = ()) -> FakeLLM:
         """Queue one model turn; tool calls as (name, args), (name, args, id) or dicts."""
         return self.push(Turn(text, list(tool_calls)))
 
-    def script(self, turns: list[dict[str, Any]]) -> "FakeLLM":
+    def script(self, turns: list[dict[str, Any]]) -> FakeLLM:
         """Queue turns in the scripted-provider file format."""
         for t in turns:
             self.reply(t.get("text", ""), t.get("tool_calls", []))
         return self
 
-    def refuse(self, reason: str) -> "FakeLLM":
+    def refuse(self, reason: str) -> FakeLLM:
         """Queue a safety refusal: OpenAI ``refusal`` with null content, Anthropic
         ``stop_reason: refusal`` with ``stop_details``."""
         return self.push(Turn(refusal=reason))
 
-    def fault_429(self, retry_after: float | str | None = 1) -> "FakeLLM":
+    def fault_429(self, retry_after: float | str | None = 1) -> FakeLLM:
         headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
         return self.push(Raw(429, b'{"error": {"message": "Rate limit reached", "type": "rate_limit"}}', headers))
 
-    def fault_500(self, status: int = 500) -> "FakeLLM":
+    def fault_500(self, status: int = 500) -> FakeLLM:
         return self.push(Raw(status, b'{"error": {"message": "The server had an error"}}'))
 
-    def fault_hang(self, seconds: float = 30.0) -> "FakeLLM":
+    def fault_hang(self, seconds: float = 30.0) -> FakeLLM:
         """Answer only after ``seconds`` (set the client timeout below it)."""
         return self.push(Raw(500, b'{"error": {"message": "too late"}}', delay=seconds))
 
-    def fault_malformed(self, body: bytes | str = b"<html>Bad gateway</html>", status: int = 200) -> "FakeLLM":
+    def fault_malformed(self, body: bytes | str = b"<html>Bad gateway</html>", status: int = 200) -> FakeLLM:
         return self.push(Raw(status, body.encode() if isinstance(body, str) else body,
                              {"Content-Type": "text/html"}))
 
-    def raw(self, status: int, body: Any, headers: dict[str, str] | None = None) -> "FakeLLM":
+    def raw(self, status: int, body: Any, headers: dict[str, str] | None = None) -> FakeLLM:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         return self.push(Raw(status, data, headers or {}))
 

@@ -348,7 +348,8 @@ def test_new_run_refused_while_background_run_busy(kernel: Kernel, workdir: Path
 
 def test_parse_agent_line_keeps_task_verbatim() -> None:
     opts, task = parse_agent_line("--model openai:gpt-4o --max-steps 5 --background don't drop 'quotes' -- here")
-    assert opts == {"model": "openai:gpt-4o", "max_steps": 5, "background": True}
+    assert opts == {"model": "openai:gpt-4o", "max_steps": 5, "max_tokens": None, "max_cost": None,
+                    "background": True}
     assert task == "don't drop 'quotes' -- here"
     opts, task = parse_agent_line('--model="scripted:my script.json" -- --leading dash task')
     assert opts["model"] == "scripted:my script.json" and task == "--leading dash task"
@@ -358,11 +359,15 @@ def test_parse_agent_line_keeps_task_verbatim() -> None:
     assert opts["model"] == "scripted:my script.json" and task == "task"
     opts, task = parse_agent_line("-- --leading dash")
     assert task == "--leading dash"
+    opts, task = parse_agent_line("--max-tokens 200000 --max-cost $1.50 summarise")
+    assert (opts["max_tokens"], opts["max_cost"], task) == (200000, 1.5, "summarise")
 
 
 @pytest.mark.parametrize("line, message", [
     ("--model", "--model needs a value"),
     ("--max-steps 0 x", "at least 1"),
+    ("--max-tokens lots x", "--max-tokens needs a whole number"),
+    ("--max-cost 0 x", "--max-cost must be more than 0"),
     ("--colour red x", "unknown option --colour"),
     ("--background=yes x", "takes no value"),
     ("--model 'unclosed x", "unclosed quote"),

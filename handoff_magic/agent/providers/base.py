@@ -11,12 +11,12 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-from ...state import Message
 from ...errors import ProviderError
-
+from ...state import Message
 
 _WIRE_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 

@@ -14,7 +14,6 @@ from typing import Any
 from ...state import Message, ToolCall
 from .base import ProviderError
 
-
 DEMO_DIR = Path(__file__).resolve().parents[2] / "demo_scripts"
 
 
