@@ -8,6 +8,7 @@ object never sinks the rest. Variables sharing objects are pickled together.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import builtins
 import gc
 import keyword
@@ -24,8 +25,9 @@ from typing import Any, Callable
 
 from .errors import Blocked, SecretFound
 
-from .bundle import (CHUNK_SIZE, CHUNKS, ChunkRef, ChunkStore, new_manifest, read_manifest, worth_compressing,
-                     write_manifest, BundleError)
+from .chunks import CHUNK_SIZE, CHUNKS, ChunkRef, ChunkStore, worth_compressing
+from .errors import BundleError
+from .manifest import BufferEntry, FileEntry, GroupEntry, Manifest, ReplayEntry, VariableEntry
 from .reports import CaptureReport, VarReport
 from .secrets import (KEY_PATTERNS, bytes_look_like_key, is_secret_variable, redact, redact_cell, redact_obj,
                       secret_values)
@@ -683,13 +685,13 @@ def _ignored_dir(path: str, name: str, skip_real: set[str]) -> bool:
 
 
 def capture_files(root: Path, store: ChunkStore, secrets: list[bytes], skip: list[Path],
-                  previous: dict[str, dict[str, Any]]) -> tuple[list[dict], list[dict], list[tuple[str, list]]]:
+                  previous: dict[str, FileEntry]) -> tuple[list[FileEntry], list[dict], list[tuple[str, list]]]:
     """Working-directory files -> chunk futures. Returns (entries, skipped, pending)."""
     import hashlib
     max_file = _env_int("HANDOFF_MAX_FILE_BYTES", DEFAULT_MAX_FILE)
     max_total = _env_int("HANDOFF_MAX_TOTAL_BYTES", DEFAULT_MAX_TOTAL)
     skip_real = {os.path.realpath(p) for p in skip}
-    entries: list[dict] = []
+    entries: list[FileEntry] = []
     skipped: list[dict] = []
     pending: list[tuple[str, list]] = []
     total = 0
@@ -719,9 +721,9 @@ def capture_files(root: Path, store: ChunkStore, secrets: list[bytes], skip: lis
                                                        "(HANDOFF_MAX_TOTAL_BYTES)"})
                 continue
             prev = previous.get(rel)
-            if (prev and prev.get("size") == st.st_size and prev.get("mtime_ns") == st.st_mtime_ns
-                    and all(store.has(s) for s in prev.get("chunks", []))):
-                entries.append(dict(prev, mode=st.st_mode & 0o7777))
+            if (prev and prev.size == st.st_size and prev.mtime_ns == st.st_mtime_ns
+                    and all(store.has(s) for s in prev.chunks)):
+                entries.append(dataclasses.replace(prev, mode=st.st_mode & 0o7777))
                 total += st.st_size
                 continue
             try:
@@ -753,9 +755,7 @@ def capture_files(root: Path, store: ChunkStore, secrets: list[bytes], skip: lis
                 skipped.append({"path": rel, "reason": f"cannot read: {exc}"})
                 continue
             total += st.st_size
-            entry = {"path": rel, "mode": st.st_mode & 0o7777, "size": st.st_size, "sha256": h.hexdigest(),
-                     "mtime_ns": st.st_mtime_ns, "chunks": []}
-            entries.append(entry)
+            entries.append(FileEntry(rel, st.st_size, st.st_mode & 0o7777, h.hexdigest(), [], st.st_mtime_ns))
             pending.append((rel, futs))
     return entries, skipped, pending
 
@@ -789,17 +789,17 @@ def save_state(path: Any, shell: Any = None, *, run: Any = None, files: bool = T
     root = Path(root if root is not None else os.getcwd()).absolute()
     bundle.mkdir(parents=True, exist_ok=True)
     store = ChunkStore(bundle / CHUNKS, batch=True)
-    previous_files: dict[str, dict[str, Any]] = {}
-    previous_chunks: dict[str, dict[str, Any]] = {}
+    previous_files: dict[str, FileEntry] = {}
+    previous_chunks: dict[str, ChunkRef] = {}
     try:
-        prev = read_manifest(bundle)
-        previous_chunks = prev.get("chunks", {}) if isinstance(prev.get("chunks"), dict) else {}
+        prev = Manifest.read(bundle)
+        previous_chunks = prev.chunks
         store.register(previous_chunks)
-        previous_files = {f["path"]: f for f in prev.get("files", []) if isinstance(f, dict) and "path" in f}
+        previous_files = {f.path: f for f in prev.files}
     except BundleError:
         pass
     report = CaptureReport(path=str(bundle))
-    manifest = new_manifest()
+    manifest = Manifest()
     secret_vals = secret_values(ns, environ)
     secret_bytes = sorted({v.encode("utf-8") for v in secret_vals}, key=len, reverse=True)
 
@@ -820,9 +820,8 @@ def save_state(path: Any, shell: Any = None, *, run: Any = None, files: bool = T
             continue
         line = import_line(name, value)
         if line is not None:
-            manifest["imports"].append(line)
-            manifest["variables"].append({"name": name, "type": _type_name(value), "size": 0, "method": "import",
-                                          "group": None, "summary": line, "reason": None})
+            manifest.imports.append(line)
+            manifest.variables.append(VariableEntry(name, "import", _type_name(value), summary=line))
             report.variables.append(VarReport(name, _type_name(value), "import"))
             continue
         candidates.append((name, value))
@@ -832,64 +831,51 @@ def save_state(path: Any, shell: Any = None, *, run: Any = None, files: bool = T
     try:
         _capture_vars(candidates, ns, shell, store, secret_bytes, manifest, report)
         history = capture_history(shell, secret_vals)
-        manifest["history"] = history
+        manifest.history = history
         if run is not None:
-            manifest["run"] = redact_obj(run.to_dict(), secret_vals, patterns=True)
-        for v in manifest["variables"]:  # reasons quote error messages, which may quote values
-            if v.get("reason"):
-                v["reason"] = redact(v["reason"], secret_vals, patterns=True)
+            manifest.run = redact_obj(run.to_dict(), secret_vals, patterns=True)
+        for v in manifest.variables:  # reasons quote error messages, which may quote values
+            if v.reason:
+                v.reason = redact(v.reason, secret_vals, patterns=True)
         for r in report.variables:
             if r.reason:
                 r.reason = redact(r.reason, secret_vals, patterns=True)
         if files:
             entries, skipped, pending = capture_files(root, store, secret_bytes, [bundle], previous_files)
-            by_path = {e["path"]: e for e in entries}
+            by_path = {e.path: e for e in entries}
             for rel, futs in pending:
-                by_path[rel]["chunks"] = [f.result().sha for f in futs]
-            manifest["files"] = entries
-            report.files = [{"path": e["path"], "size": e["size"]} for e in entries]
+                by_path[rel].chunks = [f.result().sha for f in futs]
+            manifest.files = entries
+            report.files = [{"path": e.path, "size": e.size} for e in entries]
             report.skipped_files = skipped
-        referenced = _referenced(manifest)
-        manifest["chunks"] = {s: store.refs[s].meta() if s in store.refs else
-                              _prev_meta(store, s, previous_chunks.get(s)) for s in sorted(referenced)}
+        referenced = manifest.shas
+        manifest.chunks = {s: store.refs[s] if s in store.refs else _prev_ref(store, s, previous_chunks.get(s))
+                           for s in referenced}
         store.close()                 # every chunk future has finished
-        store.discard_new(referenced)  # trial pickles that ended up in a shared group
+        store.discard_new(set(referenced))  # trial pickles that ended up in a shared group
         store.commit()
         store.flush()
-        write_manifest(bundle, manifest)
+        manifest.write(bundle)
     finally:
         store.close()
         store.abort()
         if gc_was_enabled:
             gc.enable()
     report.bytes_new = store.bytes_new
-    report.bytes_total = sum(m["stored"] for m in manifest["chunks"].values())
-    report.manifest = manifest
+    report.bytes_total = manifest.stored_bytes
+    report.manifest = manifest.to_dict()
     report.seconds = time.perf_counter() - t_start
     return report
 
 
-def _prev_meta(store: ChunkStore, sha: str, known: dict[str, Any] | None) -> dict[str, Any]:
-    """Chunk metadata for a chunk reused from the previous save (a file that did not change)."""
+def _prev_ref(store: ChunkStore, sha: str, known: ChunkRef | None) -> ChunkRef:
+    """The ref of a chunk reused from the previous save (a file that did not change)."""
     size = store.path(sha).stat().st_size
-    if known and known.get("stored") == size:
-        return {k: known[k] for k in ("size", "stored", "codec", "crc32") if k in known}
+    if known and known.stored == size:
+        return known
     codec = store.codecs.get(sha)
-    if codec == "zstd":
-        raw = len(store.get(sha, codec))
-        return {"size": raw, "stored": size, "codec": codec}
-    return {"size": size, "stored": size, "codec": codec}
-
-
-def _referenced(manifest: dict[str, Any]) -> set[str]:
-    shas: set[str] = set()
-    for g in manifest["groups"]:
-        shas.update(g["payload"])
-        for b in g["buffers"]:
-            shas.update(b["chunks"])
-    for f in manifest["files"]:
-        shas.update(f["chunks"])
-    return shas
+    raw = len(store.get(sha, codec)) if codec == "zstd" else size
+    return ChunkRef(sha, raw, size, codec)
 
 
 class _UnionFind:
@@ -909,7 +895,7 @@ class _UnionFind:
 
 
 def _capture_vars(candidates: list[tuple[str, Any]], ns: dict[str, Any], shell: Any, store: ChunkStore,
-                  secrets: list[bytes], manifest: dict[str, Any], report: CaptureReport) -> None:
+                  secrets: list[bytes], manifest: Manifest, report: CaptureReport) -> None:
     """Find sharing, pickle each group once (members alone if the group fails), plan replays."""
     failed: dict[str, tuple[str, bool]] = {}
     timing: dict[str, float] = {}
@@ -973,40 +959,34 @@ def _capture_vars(candidates: list[tuple[str, Any]], ns: dict[str, Any], shell: 
     secret_strs = [s.decode("utf-8", "replace") for s in secrets]
     plan = plan_replays(
         {n: r for n, (r, ok) in failed.items() if ok}, shell,
-        restorable=saved | {v["name"] for v in manifest["variables"] if v["method"] == "import"},
+        restorable=saved | {v.name for v in manifest.variables if v.method == "import"},
         secrets=secret_strs)
     for n, (reason, _ok) in failed.items():
         value = values[n]
-        entry = {"name": n, "type": _type_name(value), "size": 0,
-                 "summary": redact(summary(value), secret_strs, patterns=True)}
+        type_name, text = _type_name(value), redact(summary(value), secret_strs, patterns=True)
         if n in plan.names:
             cell = plan.names[n]
-            manifest["variables"].append(dict(entry, method="replay", group=None,
-                                              reason=f"{reason}; re-created by replaying cell {cell}"))
-            report.variables.append(VarReport(n, entry["type"], "replay", 0, timing[n], "ok",
+            manifest.variables.append(VariableEntry(n, "replay", type_name, summary=text,
+                                                    reason=f"{reason}; re-created by replaying cell {cell}"))
+            report.variables.append(VarReport(n, type_name, "replay", 0, timing[n], "ok",
                                               f"re-created by replaying cell {cell} ({reason})"))
         else:
             why = reason + (f"; {plan.why_not[n]}" if n in plan.why_not else "")
-            manifest["variables"].append(dict(entry, method="skipped", group=None, reason=why))
-            report.variables.append(VarReport(n, entry["type"], "skipped", 0, timing[n], "skipped", why))
-    manifest["replays"] = plan.replays
+            manifest.variables.append(VariableEntry(n, "skipped", type_name, summary=text, reason=why))
+            report.variables.append(VarReport(n, type_name, "skipped", 0, timing[n], "skipped", why))
+    manifest.replays = plan.replays
 
 
-def _add_group(manifest: dict[str, Any], report: CaptureReport, group_id: str, names: list[str], pk: Packed,
+def _add_group(manifest: Manifest, report: CaptureReport, group_id: str, names: list[str], pk: Packed,
                values: dict[str, Any], timing: dict[str, float], note: str | None, secrets: list[bytes]) -> None:
     payload, buffers = pk.refs()
-    group = {"id": group_id, "names": names, "method": pk.method, "payload": [r.sha for r in payload],
-             "buffers": [{"chunks": [r.sha for r in refs], "size": n} for n, refs in buffers]}
-    if pk.stream:
-        group["stream"] = pk.stream
-    manifest["groups"].append(group)
+    manifest.groups.append(GroupEntry(group_id, names, pk.method, [r.sha for r in payload],
+                                      [BufferEntry(n, [r.sha for r in refs]) for n, refs in buffers], pk.stream))
     share = pk.nbytes // len(names)
     for n in names:
         v = values[n]
-        manifest["variables"].append({"name": n, "type": _type_name(v), "size": share, "method": pk.method,
-                                      "group": group_id, "reason": note,
-                                      "summary": redact(summary(v), [s.decode("utf-8", "replace") for s in secrets],
-                                                        patterns=True)})
+        text = redact(summary(v), [s.decode("utf-8", "replace") for s in secrets], patterns=True)
+        manifest.variables.append(VariableEntry(n, pk.method, _type_name(v), share, group_id, text, note))
         report.variables.append(VarReport(n, _type_name(v), pk.method, share, timing.get(n, 0.0), "ok", note))
 
 
@@ -1024,7 +1004,7 @@ class ReplayPlan:
     def __init__(self) -> None:
         self.names: dict[str, int] = {}        # variable -> cell number replayed for it
         self.why_not: dict[str, str] = {}
-        self.replays: list[dict[str, Any]] = []
+        self.replays: list[ReplayEntry] = []
 
 
 def _top_bindings(tree: ast.Module) -> set[str]:
@@ -1169,7 +1149,7 @@ def plan_replays(needed: dict[str, str], shell: Any, restorable: set[str], secre
                 plan.why_not[n] = f"not replayed: {why}"
             continue
         ok_names.update(names)
-        plan.replays.append({"names": names, "cell": i, "code": code})
+        plan.replays.append(ReplayEntry(names, i, code))
         for n in names:
             plan.names[n] = i
     return plan

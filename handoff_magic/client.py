@@ -19,7 +19,9 @@ from typing import Any, Callable, Iterable, Iterator
 import httpx
 
 from .atomic import atomic_write_bytes
+from .chunks import CHUNKS, ChunkStore, is_sha, shard_path
 from .errors import AuthError, BundleTooLarge, ClientError, RunNotFound, ServerUnreachable
+from .manifest import read_manifest
 
 API_PREFIX = "/handoff/api"
 STREAM_PIECE = 256 * 1024          # bytes per progress update while streaming a chunk
@@ -44,11 +46,7 @@ class UploadReport:
 
 
 def _chunk_path(bundle_dir: Path, sha: str) -> Path:
-    return bundle_dir / "chunks" / sha[:2] / sha
-
-
-def _valid_sha(sha: str) -> bool:
-    return isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)
+    return shard_path(bundle_dir / CHUNKS, sha)
 
 
 def _resolve_settings(url: str | None, token: str | None) -> tuple[str, str | None]:
@@ -265,11 +263,11 @@ class HandoffClient:
         t0 = time.perf_counter()
         bundle_dir = Path(bundle_dir)
         if manifest is None:
-            manifest = read_manifest_file(bundle_dir)
+            manifest = read_manifest(bundle_dir)
         shas = list((manifest.get("chunks") or {}).keys())
         report = UploadReport(chunks_total=len(shas))
         for sha in shas:
-            if not _valid_sha(sha):
+            if not is_sha(sha):
                 raise ClientError(f"the bundle at {bundle_dir} lists an invalid chunk id {sha!r}",
                                   "take the snapshot again (%handoff does this)")
             path = _chunk_path(bundle_dir, sha)
@@ -310,17 +308,16 @@ class HandoffClient:
         report.seconds = time.perf_counter() - t0
         return report
 
-    def download_chunks(self, manifest: dict[str, Any], store: Any,
+    def download_chunks(self, manifest: dict[str, Any], store: ChunkStore,
                         progress: Progress | None = None) -> int:
-        """Fetch the manifest's chunks that ``store`` (a ChunkStore, or anything with
-        ``has(sha)`` and ``path(sha)``) lacks; each is hash-checked and written atomically.
+        """Fetch the manifest's chunks that ``store`` (a ChunkStore) lacks; each is hash-checked and written atomically.
         Returns the bytes downloaded."""
         chunks = manifest.get("chunks") or {}
-        todo = [s for s in chunks if not store.has(s)]
-        for sha in todo:
-            if not _valid_sha(sha):
+        for sha in chunks:
+            if not is_sha(sha):
                 raise ClientError(f"the server's manifest lists an invalid chunk id {sha!r}",
                                   "the run's checkpoint is damaged; report this to the server admin")
+        todo = [s for s in chunks if not store.has(s)]
         total = sum(int((chunks[s] or {}).get("stored") or 0) for s in todo)
         done = 0
         if progress:
@@ -384,18 +381,3 @@ class HandoffClient:
 
     def diff(self, run_id: str) -> dict[str, Any]:
         return self._json(self._request("GET", f"/runs/{run_id}/diff", what=f"diff of run {run_id}"), "diff")
-
-
-def read_manifest_file(bundle_dir: Path) -> dict[str, Any]:
-    """The bundle's manifest (via bundle.read_manifest when available, for its checks)."""
-    try:
-        from .bundle import read_manifest
-    except ImportError:
-        read_manifest = None
-    if read_manifest is not None:
-        return read_manifest(bundle_dir)
-    try:
-        return json.loads((bundle_dir / "manifest.json").read_text("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ClientError(f"cannot read {bundle_dir}/manifest.json ({exc})",
-                          "take the snapshot again") from exc

@@ -209,7 +209,7 @@ class HandoffMagics(Magics):
         if action == "save":
             return save_state(path, self.shell, files=files)
         if action == "verify":
-            from .bundle import verify
+            from .manifest import verify
             verify(path)
             print(f"{path}: manifest and every chunk verified")
             return None

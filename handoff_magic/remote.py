@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .atomic import atomic_write_bytes
+from .chunks import CHUNKS, ChunkStore
 from .client import ClientError, HandoffClient, UploadReport
 from .errors import HandoffError as HandoffError  # re-exported: callers catch remote.HandoffError
 from .errors import JourneyError
+from .manifest import write_manifest
 from .reports import fmt_bytes
 from .state import TERMINAL_STATUSES, Budgets, Event, PlanStep, RunState, StateError
 
@@ -95,19 +97,6 @@ def load_record(server_url: str, run_id: str) -> dict[str, Any] | None:
     except (OSError, ValueError) as exc:
         raise JourneyError(f"the handoff record {path} is unreadable ({exc}): delete it and "
                            "run %pull again (local files will then be kept, remote ones saved as .remote)")
-
-
-class _DirStore:
-    """The bundle layout's chunk dir (``chunks/<sha[:2]>/<sha>``) as a has/path store."""
-
-    def __init__(self, bundle_dir: Path) -> None:
-        self.root = bundle_dir / "chunks"
-
-    def path(self, sha: str) -> Path:
-        return self.root / sha[:2] / sha
-
-    def has(self, sha: str) -> bool:
-        return self.path(sha).is_file()
 
 
 # -- display helpers --------------------------------------------------------------------------
@@ -788,13 +777,12 @@ def pull(run_id: str, *, to: str | None = None, token: str | None = None, shell:
         else:
             reply = cl.pull(run_id)
             manifest = reply.get("manifest") or cl.bundle(run_id)
-        downloaded = cl.download_chunks(manifest, _DirStore(bundle_dir), progress=_progress(progress_view, "pull"))
+        downloaded = cl.download_chunks(manifest, ChunkStore(bundle_dir / CHUNKS), progress=_progress(progress_view, "pull"))
     except ClientError as exc:
         raise JourneyError(f"pull back failed: {exc}. Nothing changed in this kernel.") from exc
     finally:
         _progress_done(progress_view)
 
-    from .bundle import write_manifest
     write_manifest(bundle_dir, manifest)
     conflicts = _file_conflicts(manifest, record)
     from . import load_state

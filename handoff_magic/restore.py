@@ -22,7 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .bundle import CHUNKS, BundleError, ChunkStore, check_relpath, fsync_dir, read_manifest, validate_manifest
+from .atomic import fsync_dir
+from .chunks import CHUNKS, ChunkRef, ChunkStore
+from .errors import BundleError
+from .manifest import FileEntry, GroupEntry, Manifest, ReplayEntry, VariableEntry, check_relpath
 from .capture import target_namespace
 from .reports import RestoreReport, VarReport
 from .state import RunState, StateError
@@ -44,7 +47,7 @@ class HistoryOutput:
 
 
 # -- phase 1: read and verify ------------------------------------------------------
-def _read_buffers(store: ChunkStore, chunks: dict[str, dict], groups: list[dict]) -> dict[str, list[Any]]:
+def _read_buffers(store: ChunkStore, chunks: dict[str, ChunkRef], groups: list[GroupEntry]) -> dict[str, list[Any]]:
     """Every out-of-band buffer, verified: small single chunks memory-mapped copy-on-write, others read
     straight into their destination bytearray (no intermediate copies), in parallel."""
     out: dict[str, list[Any]] = {}
@@ -52,9 +55,9 @@ def _read_buffers(store: ChunkStore, chunks: dict[str, dict], groups: list[dict]
     checks: list[tuple[str, memoryview, list[str]]] = []
     for g in groups:
         bufs: list[Any] = []
-        for b in g.get("buffers", []):
-            shas = b["chunks"]
-            if len(shas) == 1 and chunks[shas[0]]["codec"] is None and b["size"] > 0:
+        for b in g.buffers:
+            shas = b.chunks
+            if len(shas) == 1 and chunks[shas[0]].codec is None and b.size > 0:
                 path = store.path(shas[0])
                 try:
                     with open(path, "rb") as f:
@@ -64,33 +67,31 @@ def _read_buffers(store: ChunkStore, chunks: dict[str, dict], groups: list[dict]
                                       "— copy or save it again") from None
                 except ValueError:  # empty or shorter file
                     raise BundleError(f"chunk {shas[0]} is truncated; save or copy the bundle again") from None
-                if len(m) != b["size"] or not store.intact(shas[0], m):
+                if len(m) != b.size or not store.intact(shas[0], m):
                     m.close()
                     raise BundleError(f"chunk {shas[0]} is corrupt (sha256 mismatch), it belongs to "
-                                      f"{', '.join(g['names'])}; save or copy the bundle again")
+                                      f"{', '.join(g.names)}; save or copy the bundle again")
                 bufs.append(m)
                 continue
-            metas = [chunks[s] for s in shas]
+            refs = [chunks[s] for s in shas]
             mapped = None
-            if all(m["codec"] is None for m in metas):
-                mapped = _stitched_map([(store.path(s), m["size"]) for s, m in zip(shas, metas)], b["size"],
-                                       g["names"])
+            if all(ref.codec is None for ref in refs):
+                mapped = _stitched_map([(store.path(ref.sha), ref.size) for ref in refs], b.size, g.names)
             if mapped is not None:
                 off = 0
-                for s, m in zip(shas, metas):
-                    checks.append((s, mapped[off: off + m["size"]], g["names"]))
-                    off += m["size"]
+                for ref in refs:
+                    checks.append((ref.sha, mapped[off: off + ref.size], g.names))
+                    off += ref.size
                 bufs.append(mapped)
                 continue
-            dest = _empty_buffer(b["size"])
+            dest = _empty_buffer(b.size)
             mv = memoryview(dest).cast("B")
             off = 0
-            for s in shas:
-                n = chunks[s]["size"]
-                tasks.append((s, mv[off: off + n], chunks[s]["codec"]))
-                off += n
+            for ref in refs:
+                tasks.append((ref.sha, mv[off: off + ref.size], ref.codec))
+                off += ref.size
             bufs.append(dest)
-        out[g["id"]] = bufs
+        out[g.id] = bufs
     def check(item: tuple[str, memoryview, list[str]]) -> None:
         sha, view, names = item
         if not store.intact(sha, view):
@@ -210,21 +211,21 @@ def _file_sha(path: Path) -> str:
 
 
 # -- phase 2: apply ----------------------------------------------------------------
-def _write_file(store: ChunkStore, entry: dict[str, Any], target: Path) -> None:
+def _write_file(store: ChunkStore, entry: FileEntry, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.handoff-tmp-{os.getpid()}"
     h = hashlib.sha256()
     try:
         with open(tmp, "wb") as f:
-            for sha in entry["chunks"]:
+            for sha in entry.chunks:
                 data = store.get(sha)
                 h.update(data)
                 f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        if h.hexdigest() != entry["sha256"]:
-            raise BundleError(f"file {entry['path']} does not match its sha256 after decoding; not written")
-        os.chmod(tmp, entry.get("mode", 0o644) & 0o7777)
+        if h.hexdigest() != entry.sha256:
+            raise BundleError(f"file {entry.path} does not match its sha256 after decoding; not written")
+        os.chmod(tmp, entry.mode & 0o7777)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -298,47 +299,45 @@ def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path |
     shell, ns = target_namespace(shell, ns, "load_state")
     bundle = Path(path).expanduser().absolute()
     root = Path(root if root is not None else os.getcwd()).absolute()
-    manifest = read_manifest(bundle)
-    validate_manifest(manifest)
-    chunks = manifest["chunks"]
+    manifest = Manifest.read(bundle)
     store = ChunkStore(bundle / CHUNKS)
-    store.register(chunks)
+    store.register(manifest.chunks)
     report = RestoreReport(path=str(bundle))
     try:
-        report.run = RunState.from_dict(manifest["run"]) if manifest.get("run") else None
+        report.run = RunState.from_dict(manifest.run) if manifest.run else None
     except StateError as exc:
         raise BundleError(f"the bundle's run state cannot be read: {exc}") from exc
 
     # phase 1: everything needed, verified, nothing touched
-    groups = manifest.get("groups", [])
+    groups = manifest.groups
     payloads: dict[str, bytes] = {}
     for g in groups:
         try:
-            payloads[g["id"]] = b"".join(store.get(s) for s in g["payload"])
+            payloads[g.id] = b"".join(store.get(s) for s in g.payload)
         except BundleError as exc:
-            raise BundleError(f"{exc} (it belongs to {', '.join(g['names'])})") from None
-    buffers = _read_buffers(store, chunks, groups)
-    file_plan: list[tuple[dict[str, Any], Path]] = []
+            raise BundleError(f"{exc} (it belongs to {', '.join(g.names)})") from None
+    buffers = _read_buffers(store, manifest.chunks, groups)
+    file_plan: list[tuple[FileEntry, Path]] = []
     if files:
-        for entry in manifest.get("files", []):
-            file_plan.append((entry, _safe_target(root, entry["path"])))
-        _verify_chunks(store, sorted({s for e, _ in file_plan for s in e["chunks"]}))
+        for entry in manifest.files:
+            file_plan.append((entry, _safe_target(root, entry.path)))
+        _verify_chunks(store, sorted({s for e, _ in file_plan for s in e.chunks}))
 
     # phase 2: apply
     staged: dict[str, Any] = {}
     results: dict[str, VarReport] = {}
-    by_name = {v["name"]: v for v in manifest.get("variables", [])}
-    for line in manifest.get("imports", []):
+    by_name = {v.name: v for v in manifest.variables}
+    for line in manifest.imports:
         t0 = time.perf_counter()
         scratch: dict[str, Any] = {}
         name = line.rsplit(" ", 1)[-1].split(".")[0]
         try:
             exec(compile(line, "<handoff import>", "exec"), scratch)  # noqa: S102 - validated import line
             staged[name] = scratch[name]
-            results[name] = VarReport(name, by_name.get(name, {}).get("type", "module"), "import",
+            results[name] = VarReport(name, _type_of(by_name, name, "module"), "import",
                                       seconds=time.perf_counter() - t0)
         except Exception as exc:  # noqa: BLE001 - one missing package must not sink the rest
-            results[name] = VarReport(name, by_name.get(name, {}).get("type", "module"), "import", 0,
+            results[name] = VarReport(name, _type_of(by_name, name, "module"), "import", 0,
                                       time.perf_counter() - t0, "skipped",
                                       f"{line!r} failed here ({type(exc).__name__}: {exc}); install the package "
                                       "and run the line yourself")
@@ -353,11 +352,11 @@ def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path |
 
     touched_dirs: set[Path] = set()
     for entry, target in file_plan:
-        rel = entry["path"]
+        rel = entry.path
         try:
             if target.exists():
                 current = _file_sha(target) if target.is_file() else None
-                if current == entry["sha256"]:
+                if current == entry.sha256:
                     continue
                 at_handoff = (file_conflicts or {}).get(rel)
                 if at_handoff is not None and current != at_handoff:
@@ -373,55 +372,60 @@ def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path |
     for d in touched_dirs:
         fsync_dir(d)  # the renames themselves survive a crash too
 
-    _run_replays(manifest.get("replays", []), ns, root, by_name, results)
+    _run_replays(manifest.replays, ns, root, by_name, results)
     for name, meta in by_name.items():
-        if meta.get("method") == "skipped" and name not in results:
-            results[name] = VarReport(name, meta.get("type", "?"), "skipped", 0, 0.0, "skipped", meta.get("reason"))
+        if meta.method == "skipped" and name not in results:
+            results[name] = VarReport(name, meta.type, "skipped", 0, 0.0, "skipped", meta.reason)
     if shell is not None and ns is shell.user_ns:
-        _restore_history(shell, ns, manifest.get("history") or {})
-    order = [v["name"] for v in manifest.get("variables", [])]
+        _restore_history(shell, ns, manifest.history or {})
+    order = [v.name for v in manifest.variables]
     report.variables = [results[n] for n in order if n in results] + \
         [r for n, r in results.items() if n not in by_name]
     report.seconds = time.perf_counter() - t_start
     return report
 
 
-def _unpickle_groups(groups: list[dict], payloads: dict[str, bytes], buffers: dict[str, list[Any]],
-                     by_name: dict[str, dict], staged: dict[str, Any], results: dict[str, VarReport]) -> None:
+def _type_of(by_name: dict[str, VariableEntry], name: str, default: str) -> str:
+    meta = by_name.get(name)
+    return meta.type if meta is not None else default
+
+
+def _unpickle_groups(groups: list[GroupEntry], payloads: dict[str, bytes], buffers: dict[str, list[Any]],
+                     by_name: dict[str, VariableEntry], staged: dict[str, Any], results: dict[str, VarReport]) -> None:
     """Unpickle each group on its own, so one that fails (a package missing here) loses only itself."""
     for g in groups:
         t0 = time.perf_counter()
-        names = g["names"]
+        names = g.names
         try:
-            if g["method"] == "dill" and g.get("stream") != "pickle":
+            if g.method == "dill" and g.stream != "pickle":
                 import dill
-                obj = dill.loads(payloads[g["id"]], buffers=buffers[g["id"]])
+                obj = dill.loads(payloads[g.id], buffers=buffers[g.id])
             else:
-                obj = pickle.loads(payloads[g["id"]], buffers=buffers[g["id"]])
+                obj = pickle.loads(payloads[g.id], buffers=buffers[g.id])
             values = (obj,) if len(names) == 1 else tuple(obj)
             if len(values) != len(names):
                 raise ValueError(f"group holds {len(values)} values for {len(names)} names")
             spent = (time.perf_counter() - t0) / len(names)
             for n, v in zip(names, values):
                 staged[n] = v
-                meta = by_name.get(n, {})
-                results[n] = VarReport(n, meta.get("type", type(v).__name__), g["method"], int(meta.get("size", 0)),
-                                       spent, "ok", meta.get("reason"))
+                meta = by_name.get(n)
+                results[n] = VarReport(n, meta.type if meta else type(v).__name__, g.method,
+                                       meta.size if meta else 0, spent, "ok", meta.reason if meta else None)
         except Exception as exc:  # noqa: BLE001 - e.g. a package missing here; others still restore
             hint = " (install the missing package here)" if isinstance(exc, (ImportError, AttributeError)) else ""
             for n in names:
-                meta = by_name.get(n, {})
-                results[n] = VarReport(n, meta.get("type", "?"), g["method"], int(meta.get("size", 0)),
+                meta = by_name.get(n)
+                results[n] = VarReport(n, _type_of(by_name, n, "?"), g.method, meta.size if meta else 0,
                                        time.perf_counter() - t0, "skipped",
                                        f"could not be unpickled: {type(exc).__name__}: {exc}{hint}")
-        payloads.pop(g["id"], None)
+        payloads.pop(g.id, None)
 
 
 
-def _run_replays(replays: list[dict[str, Any]], ns: dict[str, Any], root: Path, by_name: dict[str, dict],
+def _run_replays(replays: list[ReplayEntry], ns: dict[str, Any], root: Path, by_name: dict[str, VariableEntry],
                  results: dict[str, VarReport]) -> None:
     """Re-run each defining cell in a scratch copy of the namespace; keep only the names it was run for."""
-    for r in sorted(replays, key=lambda r: r["cell"]):
+    for r in sorted(replays, key=lambda r: r.cell):
         t0 = time.perf_counter()
         scratch = dict(ns)
         cwd = os.getcwd()
@@ -430,21 +434,20 @@ def _run_replays(replays: list[dict[str, Any]], ns: dict[str, Any], root: Path, 
             if os.path.realpath(root) != os.path.realpath(cwd):
                 os.chdir(root)  # the cell's relative paths mean the restored working directory
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                exec(compile(r["code"], f"<handoff replay of cell {r['cell']}>", "exec"), scratch)  # noqa: S102
+                exec(compile(r.code, f"<handoff replay of cell {r.cell}>", "exec"), scratch)  # noqa: S102
         except BaseException as exc:  # noqa: BLE001 - a failed replay only loses its own names
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            err = f"replaying cell {r['cell']} failed: {type(exc).__name__}: {exc}"
+            err = f"replaying cell {r.cell} failed: {type(exc).__name__}: {exc}"
         finally:
             if os.getcwd() != cwd:
                 os.chdir(cwd)
-        spent = (time.perf_counter() - t0) / max(1, len(r["names"]))
-        for n in r["names"]:
-            meta = by_name.get(n, {})
+        spent = (time.perf_counter() - t0) / max(1, len(r.names))
+        for n in r.names:
             if err is None and n in scratch:
                 ns[n] = scratch[n]
-                results[n] = VarReport(n, meta.get("type", type(scratch[n]).__name__), "replay", 0, spent, "ok",
-                                       f"re-created by replaying cell {r['cell']}")
+                results[n] = VarReport(n, _type_of(by_name, n, type(scratch[n]).__name__), "replay", 0, spent,
+                                       "ok", f"re-created by replaying cell {r.cell}")
             else:
-                results[n] = VarReport(n, meta.get("type", "?"), "replay", 0, spent, "skipped",
-                                       err or f"cell {r['cell']} no longer defines it")
+                results[n] = VarReport(n, _type_of(by_name, n, "?"), "replay", 0, spent, "skipped",
+                                       err or f"cell {r.cell} no longer defines it")

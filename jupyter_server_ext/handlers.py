@@ -308,9 +308,10 @@ class RunsHandler(HandoffAPIHandler):
             raise HandoffError(413, f"bundle is {size} bytes, over this server's limit of {limit} bytes",
                                "hand off fewer or smaller variables (del big ones, or use files), "
                                "or ask the admin to raise HandoffApp.max_bundle_bytes")
-        from handoff_magic.bundle import BundleError, validate_manifest
+        from handoff_magic.errors import BundleError
+        from handoff_magic.manifest import Manifest
         try:
-            shas = validate_manifest(manifest, max_bytes=limit)
+            shas = Manifest.parse(manifest, max_bytes=limit).shas
         except (BundleError, StateError, ValueError, TypeError, KeyError, RecursionError) as exc:
             raise HandoffError(400, f"manifest rejected: {exc}",
                                "capture the bundle again with %handoff; hand-made manifests must "

@@ -30,7 +30,9 @@ from typing import Any, Callable
 from jupyter_core.utils import ensure_async
 
 from handoff_magic.atomic import atomic_write_json, link_or_copy
-from handoff_magic.bundle import BundleError, validate_manifest
+from handoff_magic.chunks import chunk_relpath
+from handoff_magic.errors import BundleError
+from handoff_magic.manifest import Manifest
 from handoff_magic.secrets import is_secret_name
 from handoff_magic.state import TERMINAL_STATUSES, Event, Message, PlanStep, RunState, StateError
 
@@ -668,7 +670,7 @@ class RunManager:
         in .handoff/bundle (manifest + hard links). The kernel's checkpoint dir is the
         transport's job (``send_bundle``)."""
         try:
-            shas = validate_manifest(manifest)
+            shas = Manifest.parse(manifest).shas
         except BundleError as exc:
             raise RunFailure(f"the stored manifest of run {run_id} is invalid: {exc}",
                              "hand the run off again") from exc
@@ -680,7 +682,7 @@ class RunManager:
         if (d / "manifest.json").exists():
             return  # the handoff bundle as it arrived stays as it was
         for sha in shas:
-            link_or_copy(self.blobs.path(sha), d / "chunks" / sha[:2] / sha)
+            link_or_copy(self.blobs.path(sha), d / chunk_relpath(sha))
         atomic_write_json(d / "manifest.json", manifest)
 
     async def _cleanup_kernel(self, run: _Run) -> None:

@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import sqlite3
 import threading
 import time
@@ -21,10 +20,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from handoff_magic.atomic import fsync_dir
+from handoff_magic.chunks import is_sha, shard_path
 from handoff_magic.state import TERMINAL_STATUSES, Event, RunState, new_run_id
-
-SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-
 
 class BlobError(ValueError):
     """An upload that cannot be stored (bad address, hash mismatch, too large)."""
@@ -50,7 +47,7 @@ def _dumps(value: Any) -> str:
 
 def check_sha(sha: str) -> str:
     """Return ``sha`` if it is a lowercase sha256 hex digest; a path can never come out of it."""
-    if not isinstance(sha, str) or not SHA_RE.match(sha):
+    if not is_sha(sha):
         raise BlobError(f"{sha!r} is not a sha256 address (64 lowercase hex digits)")
     return sha
 
@@ -116,7 +113,7 @@ class BlobWriter:
 
 
 class BlobStore:
-    """``root/<sha[:2]>/<sha>``: the layout of ``handoff_magic.bundle.ChunkStore``.
+    """``root/<sha[:2]>/<sha>``: the layout of ``handoff_magic.chunks.ChunkStore``.
 
     The address is the sha256 of the stored bytes, so the server verifies uploads without
     decoding (or unpickling) anything.
@@ -128,8 +125,7 @@ class BlobStore:
         self.max_chunk_bytes = max_chunk_bytes
 
     def path(self, sha: str) -> Path:
-        check_sha(sha)
-        return self.root / sha[:2] / sha
+        return shard_path(self.root, check_sha(sha))
 
     def has(self, sha: str) -> bool:
         return self.path(sha).is_file()

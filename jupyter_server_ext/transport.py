@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from handoff_magic.atomic import atomic_write_bytes, link_or_copy
-from handoff_magic.bundle import BundleError, check_relpath, validate_manifest
+from handoff_magic.chunks import chunk_relpath
+from handoff_magic.errors import BundleError
+from handoff_magic.manifest import Manifest, check_relpath
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +117,7 @@ def drop_server_files(manifest: dict[str, Any], base: dict[str, Any] | None) -> 
             kept.append(f)
     out = dict(manifest, files=kept)
     out["chunks"] = chunks
-    used = set(validate_manifest(out))  # raises on a broken manifest, as the caller's check would
+    used = set(Manifest.parse(out).shas)  # raises on a broken manifest, as the caller's check would
     out["chunks"] = {sha: meta for sha, meta in chunks.items() if sha in used}
     return out
 
@@ -298,8 +300,8 @@ class SharedDiskTransport(BundleTransport):
                     blobs: Blobs) -> KernelBundle:
         ws = self.workspace(run_id)
         ckpt = ws / ".handoff" / "ckpt"
-        for sha in validate_manifest(manifest):
-            link_or_copy(blobs.path(sha), ckpt / "chunks" / sha[:2] / sha)
+        for sha in Manifest.parse(manifest).shas:
+            link_or_copy(blobs.path(sha), ckpt / chunk_relpath(sha))
         atomic_write_bytes(ckpt / "manifest.json", json.dumps(manifest).encode("utf-8"))
         return KernelBundle(bundle_dir=str(ckpt), root=str(ws))
 
@@ -315,13 +317,13 @@ class SharedDiskTransport(BundleTransport):
         try:
             manifest = json.loads((ckpt / "manifest.json").read_text(encoding="utf-8"))
             manifest = drop_server_files(manifest, base)
-            shas = validate_manifest(manifest, max_bytes=max_bytes)
+            shas = Manifest.parse(manifest, max_bytes=max_bytes).shas
         except (OSError, ValueError, BundleError) as exc:
             raise TransportError(f"checkpoint manifest unreadable: {exc}",
                                  "the run goes on; a crash now would resume from the previous checkpoint") from exc
         new_bytes = 0
         for sha in blobs.missing(shas):
-            raw = (ckpt / "chunks" / sha[:2] / sha).read_bytes()
+            raw = (ckpt / chunk_relpath(sha)).read_bytes()
             blobs.put(sha, raw)  # verifies the sha256: nothing is decoded, nothing unpickled
             new_bytes += len(raw)
         return Checkpoint(manifest, new_bytes, _stored_total(manifest))
@@ -445,11 +447,11 @@ class KernelChannelTransport(BundleTransport):
 
     def send_bundle(self, executor: Executor, run_id: str, manifest: dict[str, Any],
                     blobs: Blobs) -> KernelBundle:
-        shas = validate_manifest(manifest)
+        shas = Manifest.parse(manifest).shas
         root, have = self._open(executor, run_id)
         sizes = {sha: int((manifest.get("chunks") or {}).get(sha, {}).get("stored", -1)) for sha in shas}
         todo = [sha for sha in shas if have.get(sha) != sizes[sha]]
-        files = [(f".handoff/ckpt/chunks/{sha[:2]}/{sha}", sha, blobs.path(sha).stat().st_size,
+        files = [(f".handoff/ckpt/{chunk_relpath(sha)}", sha, blobs.path(sha).stat().st_size,
                   (lambda s=sha: blobs.read(s))) for sha in todo]
         raw = json.dumps(manifest).encode("utf-8")
         files.append((".handoff/ckpt/manifest.json", hashlib.sha256(raw).hexdigest(), len(raw), lambda: raw))
@@ -476,17 +478,17 @@ class KernelChannelTransport(BundleTransport):
             raise TransportError("the checkpoint manifest arrived damaged", "the run goes on; the next step retries")
         try:
             manifest = drop_server_files(json.loads(mbytes.decode("utf-8")), base)
-            shas = validate_manifest(manifest, max_bytes=max_bytes)
+            shas = Manifest.parse(manifest, max_bytes=max_bytes).shas
         except (ValueError, BundleError) as exc:
             raise TransportError(f"checkpoint manifest unreadable: {exc}",
                                  "the run goes on; a crash now would resume from the previous checkpoint") from exc
         missing = blobs.missing(shas)
         chunks = manifest.get("chunks") or {}
-        got = self._get_bytes(executor, root, [(f".handoff/ckpt/chunks/{s[:2]}/{s}", int(chunks[s]["stored"]))
+        got = self._get_bytes(executor, root, [(f".handoff/ckpt/{chunk_relpath(s)}", int(chunks[s]["stored"]))
                                                for s in missing])
         new_bytes = 0
         for sha in missing:
-            data = got[f".handoff/ckpt/chunks/{sha[:2]}/{sha}"]
+            data = got[f".handoff/ckpt/{chunk_relpath(sha)}"]
             try:
                 blobs.put(sha, data)  # verifies the sha256
             except ValueError as exc:

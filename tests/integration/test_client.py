@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from handoff_magic.bundle import ChunkStore, new_manifest, write_manifest
+from handoff_magic.chunks import ChunkStore
+from handoff_magic.manifest import Manifest, write_manifest
 from handoff_magic.client import (AuthError, BundleTooLarge, ClientError, HandoffClient, RunNotFound,
                                   ServerUnreachable)
 from handoff_magic.state import RunState
@@ -27,7 +28,7 @@ BUNDLE_LIMIT = 5_000_000   # this module's server refuses bundles over 5 MB
 def make_bundle(dir: Path, payloads: dict[str, bytes], goal: str = "noop", model: str = "") -> dict:
     """A real bundle: each payload is a working file split into stored chunks."""
     store = ChunkStore(dir / "chunks")
-    manifest = new_manifest()
+    manifest = Manifest().to_dict()
     import hashlib
     for name, data in payloads.items():
         ref = store.put(data, compress=False)

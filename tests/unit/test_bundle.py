@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from handoff_magic import secrets
-from handoff_magic.bundle import (CHUNK_SIZE, BundleError, BundleSchemaError, ChunkStore, read_manifest,
-                                  validate_manifest, verify, write_manifest)
+from handoff_magic.chunks import CHUNK_SIZE, ChunkStore
+from handoff_magic.errors import BundleError, BundleSchemaError
+from handoff_magic.manifest import Manifest, read_manifest, verify, write_manifest
 from handoff_magic.capture import save_state
 from handoff_magic.restore import load_state
 from handoff_magic.state import RunState, StateError
@@ -119,20 +120,20 @@ def test_validate_manifest_refuses_unsafe_paths(tmp_path: Path, path: str) -> No
     sha = next(iter(m["chunks"]))
     m["files"] = [{"path": path, "mode": 0o644, "size": 1, "sha256": "0" * 64, "chunks": [sha]}]
     with pytest.raises(BundleError, match="path"):
-        validate_manifest(m)
+        Manifest.parse(m)
 
 
 def test_validate_manifest_lists_chunks_and_checks_refs(tmp_path: Path) -> None:
     rep = _save(tmp_path / "b", {"x": list(range(10)), "arr": np.ones(10)})
     m = json.loads(json.dumps(rep.manifest))
-    assert set(validate_manifest(m)) == set(m["chunks"])
+    assert set(Manifest.parse(m).shas) == set(m["chunks"])
     m["groups"][0]["payload"].append("f" * 64)
     m["imports"].append("import os; os.system('rm -rf ~')")
     with pytest.raises(BundleError) as err:
-        validate_manifest(m)
+        Manifest.parse(m)
     assert "not listed in 'chunks'" in str(err.value) and "not a plain import" in str(err.value)
     with pytest.raises(BundleError, match="more than the limit"):
-        validate_manifest(rep.manifest, max_bytes=1)
+        Manifest.parse(rep.manifest, max_bytes=1)
 
 
 # -- restore safety ----------------------------------------------------------------

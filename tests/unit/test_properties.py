@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from handoff_magic.bundle import (BundleError, BundleSchemaError, check_relpath, read_manifest,
-                                  validate_manifest)
+from handoff_magic.errors import BundleError, BundleSchemaError
+from handoff_magic.manifest import Manifest, check_relpath, read_manifest
 from handoff_magic.state import (PLAN_STATUSES, RUN_STATUSES, Budgets, Event, Message, Origin, PlanStep,
                                  RunState, SchemaVersionError, StateError, ToolCall, ToolResult)
 
@@ -172,12 +172,12 @@ _MANIFEST: dict[str, Any] = {
 
 def test_the_reference_manifest_is_valid() -> None:
     """The mutation tests below start from a manifest the validator accepts (or they prove nothing)."""
-    assert validate_manifest(_MANIFEST) == [SHA_A, SHA_B]
+    assert Manifest.parse(_MANIFEST).shas == [SHA_A, SHA_B]
 
 
 def _validate_only_bundle_errors(manifest: Any) -> None:
     try:
-        shas = validate_manifest(manifest)
+        shas = Manifest.parse(manifest).shas
     except BundleError as exc:
         assert str(exc)
         return
@@ -217,7 +217,7 @@ def test_manifest_with_junk_entries_raises_only_bundle_error(key: str, junk: Any
 def test_manifest_over_the_entry_limit_is_rejected_with_the_limit() -> None:
     m = dict(_MANIFEST, imports=["import os"] * 101)
     with pytest.raises(BundleError, match="limit 100"):
-        validate_manifest(m, max_entries=100)
+        Manifest.parse(m, max_entries=100)
 
 
 @pytest.fixture(scope="module")
@@ -277,14 +277,14 @@ def _file_manifest(path: Any) -> dict[str, Any]:
 def test_every_traversal_form_is_rejected(path: str) -> None:
     assert check_relpath(path) is not None
     with pytest.raises(BundleError, match="file"):
-        validate_manifest(_file_manifest(path))
+        Manifest.parse(_file_manifest(path))
 
 
 @FAST
 @given(safe_paths)
 def test_safe_relative_paths_are_accepted(path: str) -> None:
     assert check_relpath(path) is None, path
-    validate_manifest(_file_manifest(path))
+    Manifest.parse(_file_manifest(path))
 
 
 @FAST
@@ -305,4 +305,4 @@ def test_non_string_paths_are_rejected() -> None:
     for bad in (None, 5, ["a"], {"p": "a"}, True):
         assert check_relpath(bad) is not None
         with pytest.raises(BundleError):
-            validate_manifest(_file_manifest(bad))
+            Manifest.parse(_file_manifest(bad))
