@@ -12,13 +12,13 @@ __all__ = ["save_state", "load_state", "load_ipython_extension", "__version__"]
 
 def save_state(path: Any, shell: Any = None, **kwargs: Any) -> Any:
     """Snapshot the kernel's variables, imports, In/Out history and working files into ``path``."""
-    from .capture import save_state as _save
+    from .snapshot.capture import save_state as _save
     return _save(path, shell, **kwargs)
 
 
 def load_state(path: Any, shell: Any = None, **kwargs: Any) -> Any:
     """Restore a snapshot written by ``save_state`` into this kernel; nothing changes on error."""
-    from .restore import load_state as _load
+    from .snapshot.restore import load_state as _load
     return _load(path, shell, **kwargs)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write_text, link_or_copy
-from .capture import IGNORE_DIRS
+from .snapshot.files import IGNORE_DIRS
 from .cli import STOP_STATUSES, cancel, event_text, follow
 from .client import HandoffClient
 from .errors import HandoffError

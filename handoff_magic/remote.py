@@ -28,7 +28,7 @@ from .client import ClientError, HandoffClient, UploadReport
 from .errors import HandoffError as HandoffError  # re-exported: callers catch remote.HandoffError
 from .errors import JourneyError
 from .manifest import write_manifest
-from .reports import fmt_bytes
+from .snapshot.reports import fmt_bytes
 from .state import TERMINAL_STATUSES, Budgets, Event, PlanStep, RunState, StateError
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import ipywidgets as W
 
 from .errors import HandoffError
-from .reports import fmt_bytes
+from .snapshot.reports import fmt_bytes
 from .state import STATUS_LABELS, TERMINAL_STATUSES, Event, RunState
 from .widget_css import CSS
 

@@ -16,8 +16,8 @@ from handoff_magic import secrets
 from handoff_magic.chunks import CHUNK_SIZE, ChunkStore
 from handoff_magic.errors import BundleError, BundleSchemaError
 from handoff_magic.manifest import Manifest, read_manifest, verify, write_manifest
-from handoff_magic.capture import save_state
-from handoff_magic.restore import load_state
+from handoff_magic.snapshot.capture import save_state
+from handoff_magic.snapshot.restore import load_state
 from handoff_magic.state import RunState, StateError
 
 

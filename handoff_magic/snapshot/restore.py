@@ -6,11 +6,8 @@ unpickled groups, files, replays of defining cells, and the In/Out history.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import gc
-import hashlib
-import io
 import logging
 import mmap
 import os
@@ -22,28 +19,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .atomic import fsync_dir
-from .chunks import CHUNKS, ChunkRef, ChunkStore
-from .errors import BundleError
-from .manifest import FileEntry, GroupEntry, Manifest, ReplayEntry, VariableEntry, check_relpath
+from ..atomic import fsync_dir
+from ..chunks import CHUNKS, ChunkRef, ChunkStore
+from ..errors import BundleError, StateError
+from ..manifest import FileEntry, GroupEntry, Manifest, VariableEntry
+from ..state import RunState
 from .capture import target_namespace
+from .files import file_sha, safe_target, write_file
+from .history import restore_history
+from .replay import run_replays
 from .reports import RestoreReport, VarReport
-from .state import RunState, StateError
 
 log = logging.getLogger(__name__)
-
-
-class HistoryOutput:
-    """An ``Out[n]`` brought over as data: shows the rich output it had, is not the original object."""
-
-    def __init__(self, bundle: dict[str, Any]) -> None:
-        self.bundle = {k: v for k, v in bundle.items() if isinstance(k, str)}
-
-    def __repr__(self) -> str:
-        return str(self.bundle.get("text/plain", "<output>"))
-
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        return dict(self.bundle)
 
 
 # -- phase 1: read and verify ------------------------------------------------------
@@ -188,104 +175,7 @@ def _verify_chunks(store: ChunkStore, shas: list[str]) -> None:
             list(pool.map(check, shas))
 
 
-def _safe_target(root: Path, rel: str) -> Path:
-    why = check_relpath(rel)
-    if why:
-        raise BundleError(f"refusing to restore file: {why}")
-    target = root / rel
-    real_root = os.path.realpath(root)
-    real_parent = os.path.realpath(target.parent)
-    if os.path.commonpath([real_root, real_parent]) != real_root:
-        raise BundleError(f"refusing to restore {rel!r}: it would land outside {root}")
-    if target.is_symlink():
-        raise BundleError(f"refusing to restore {rel!r}: the local path is a symlink")
-    return target
-
-
-def _file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 # -- phase 2: apply ----------------------------------------------------------------
-def _write_file(store: ChunkStore, entry: FileEntry, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.handoff-tmp-{os.getpid()}"
-    h = hashlib.sha256()
-    try:
-        with open(tmp, "wb") as f:
-            for sha in entry.chunks:
-                data = store.get(sha)
-                h.update(data)
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if h.hexdigest() != entry.sha256:
-            raise BundleError(f"file {entry.path} does not match its sha256 after decoding; not written")
-        os.chmod(tmp, entry.mode & 0o7777)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _current_cell_stored(shell: Any) -> bool:
-    """Whether the request running now goes into In (a silent/store_history=False call does not)."""
-    kernel = getattr(shell, "kernel", None)
-    get_parent = getattr(kernel, "get_parent", None)
-    if get_parent is not None:
-        try:
-            content = (get_parent("shell") or {}).get("content") or {}
-        except Exception:  # noqa: BLE001 - older ipykernel: assume an ordinary cell
-            content = {}
-        if "code" in content:
-            return bool(content.get("store_history", True)) and not content.get("silent", False)
-    return True
-
-
-def _restore_history(shell: Any, ns: dict[str, Any], history: dict[str, Any]) -> None:
-    """Put In/Out back so numbering continues after the restored cells."""
-    hm = shell.history_manager
-    ins = [str(s) for s in history.get("In", [])] or [""]
-    raw = [str(s) for s in history.get("In_raw", ins)]
-    if len(raw) != len(ins):
-        raw = list(ins)
-    # IPython 9 bumps execution_count when a cell starts, 8 when it ends: keep whichever offset applies
-    offset = int(shell.execution_count) - (len(hm.input_hist_parsed) - 1)
-    if _current_cell_stored(shell) and len(hm.input_hist_parsed) > 1:
-        ins = ins + [hm.input_hist_parsed[-1]]   # the cell running this restore keeps its place
-        raw = raw + [hm.input_hist_raw[-1]]
-    hm.input_hist_parsed[:] = ins
-    hm.input_hist_raw[:] = raw
-    hm.output_hist.clear()
-    for n, bundle in history.get("Out", {}).items():
-        try:
-            hm.output_hist[int(n)] = HistoryOutput(bundle)
-        except (TypeError, ValueError):
-            continue
-    for i, text in enumerate(ins[1:], start=1):
-        ns[f"_i{i}"] = text
-    count = len(ins) - 1 + offset
-    if count <= int(shell.execution_count):
-        _continue_in_new_history_session(hm)
-    shell.execution_count = count
-
-
-def _continue_in_new_history_session(hm: Any) -> None:
-    """The restored numbering reuses cell numbers this kernel's history database already holds
-    for its session: go on in a new history session (as ``%reset`` does), so the next cells
-    never collide with stored (session, line) rows ("ERROR! Session/line number was not unique")."""
-    if not getattr(hm, "enabled", False) or not hasattr(hm, "new_session"):
-        return   # no history database (e.g. HistoryManager.enabled = False)
-    try:
-        hm.writeout_cache()   # this session's pending lines keep their numbers
-        hm.new_session()
-    except Exception as exc:  # noqa: BLE001 - In/Out are restored either way; only SQLite logging is at stake
-        log.warning("could not start a new history session after restoring In/Out (%s); "
-                    "IPython may report a duplicate line number once", exc)
 
 
 def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path | None = None,
@@ -320,7 +210,7 @@ def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path |
     file_plan: list[tuple[FileEntry, Path]] = []
     if files:
         for entry in manifest.files:
-            file_plan.append((entry, _safe_target(root, entry.path)))
+            file_plan.append((entry, safe_target(root, entry.path)))
         _verify_chunks(store, sorted({s for e, _ in file_plan for s in e.chunks}))
 
     # phase 2: apply
@@ -334,10 +224,10 @@ def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path |
         try:
             exec(compile(line, "<handoff import>", "exec"), scratch)  # noqa: S102 - validated import line
             staged[name] = scratch[name]
-            results[name] = VarReport(name, _type_of(by_name, name, "module"), "import",
+            results[name] = VarReport(name, _declared_type(by_name, name, "module"), "import",
                                       seconds=time.perf_counter() - t0)
         except Exception as exc:  # noqa: BLE001 - one missing package must not sink the rest
-            results[name] = VarReport(name, _type_of(by_name, name, "module"), "import", 0,
+            results[name] = VarReport(name, _declared_type(by_name, name, "module"), "import", 0,
                                       time.perf_counter() - t0, "skipped",
                                       f"{line!r} failed here ({type(exc).__name__}: {exc}); install the package "
                                       "and run the line yourself")
@@ -355,16 +245,16 @@ def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path |
         rel = entry.path
         try:
             if target.exists():
-                current = _file_sha(target) if target.is_file() else None
+                current = file_sha(target) if target.is_file() else None
                 if current == entry.sha256:
                     continue
                 at_handoff = (file_conflicts or {}).get(rel)
                 if at_handoff is not None and current != at_handoff:
                     remote = target.with_name(target.name + ".remote")
-                    _write_file(store, entry, remote)
+                    write_file(store, entry, remote)
                     report.conflicts.append({"path": rel, "written_as": rel + ".remote"})
                     continue
-            _write_file(store, entry, target)
+            write_file(store, entry, target)
             report.files.append(rel)
             touched_dirs.add(target.parent)
         except (OSError, BundleError) as exc:
@@ -372,22 +262,17 @@ def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path |
     for d in touched_dirs:
         fsync_dir(d)  # the renames themselves survive a crash too
 
-    _run_replays(manifest.replays, ns, root, by_name, results)
+    run_replays(manifest.replays, ns, root, by_name, results)
     for name, meta in by_name.items():
         if meta.method == "skipped" and name not in results:
             results[name] = VarReport(name, meta.type, "skipped", 0, 0.0, "skipped", meta.reason)
     if shell is not None and ns is shell.user_ns:
-        _restore_history(shell, ns, manifest.history or {})
+        restore_history(shell, ns, manifest.history or {})
     order = [v.name for v in manifest.variables]
     report.variables = [results[n] for n in order if n in results] + \
         [r for n, r in results.items() if n not in by_name]
     report.seconds = time.perf_counter() - t_start
     return report
-
-
-def _type_of(by_name: dict[str, VariableEntry], name: str, default: str) -> str:
-    meta = by_name.get(name)
-    return meta.type if meta is not None else default
 
 
 def _unpickle_groups(groups: list[GroupEntry], payloads: dict[str, bytes], buffers: dict[str, list[Any]],
@@ -415,39 +300,12 @@ def _unpickle_groups(groups: list[GroupEntry], payloads: dict[str, bytes], buffe
             hint = " (install the missing package here)" if isinstance(exc, (ImportError, AttributeError)) else ""
             for n in names:
                 meta = by_name.get(n)
-                results[n] = VarReport(n, _type_of(by_name, n, "?"), g.method, meta.size if meta else 0,
+                results[n] = VarReport(n, _declared_type(by_name, n, "?"), g.method, meta.size if meta else 0,
                                        time.perf_counter() - t0, "skipped",
                                        f"could not be unpickled: {type(exc).__name__}: {exc}{hint}")
         payloads.pop(g.id, None)
 
 
-
-def _run_replays(replays: list[ReplayEntry], ns: dict[str, Any], root: Path, by_name: dict[str, VariableEntry],
-                 results: dict[str, VarReport]) -> None:
-    """Re-run each defining cell in a scratch copy of the namespace; keep only the names it was run for."""
-    for r in sorted(replays, key=lambda r: r.cell):
-        t0 = time.perf_counter()
-        scratch = dict(ns)
-        cwd = os.getcwd()
-        err: str | None = None
-        try:
-            if os.path.realpath(root) != os.path.realpath(cwd):
-                os.chdir(root)  # the cell's relative paths mean the restored working directory
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                exec(compile(r.code, f"<handoff replay of cell {r.cell}>", "exec"), scratch)  # noqa: S102
-        except BaseException as exc:  # noqa: BLE001 - a failed replay only loses its own names
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            err = f"replaying cell {r.cell} failed: {type(exc).__name__}: {exc}"
-        finally:
-            if os.getcwd() != cwd:
-                os.chdir(cwd)
-        spent = (time.perf_counter() - t0) / max(1, len(r.names))
-        for n in r.names:
-            if err is None and n in scratch:
-                ns[n] = scratch[n]
-                results[n] = VarReport(n, _type_of(by_name, n, type(scratch[n]).__name__), "replay", 0, spent,
-                                       "ok", f"re-created by replaying cell {r.cell}")
-            else:
-                results[n] = VarReport(n, _type_of(by_name, n, "?"), "replay", 0, spent, "skipped",
-                                       err or f"cell {r.cell} no longer defines it")
+def _declared_type(by_name: dict[str, VariableEntry], name: str, default: str) -> str:
+    meta = by_name.get(name)
+    return meta.type if meta is not None else default
