@@ -441,11 +441,11 @@ def _default_spec() -> str:
 class RunTable:
     """``%runs``: the runs in this kernel, as an HTML table in notebooks and text elsewhere."""
 
-    HEAD = ("id", "goal", "status", "steps", "where")
+    HEAD = ("id", "goal", "status", "steps", "usage", "where")
 
     def __init__(self, runs: list[LocalRun]) -> None:
-        self.rows = [(r.id, " ".join(r.state.goal.split())[:60], r.status, str(r.state.steps), r.where())
-                     for r in runs]
+        self.rows = [(r.id, " ".join(r.state.goal.split())[:60], r.status, str(r.state.steps),
+                      r.state.usage.describe() or "-", r.where()) for r in runs]
         cur = current_run()
         self.current = cur.id if cur is not None else None
 

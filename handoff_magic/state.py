@@ -133,6 +133,10 @@ class Usage:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "total_tokens": self.total_tokens}
 
+    def describe(self) -> str:
+        """One line for people (widget header, %runs, status page, notifications)."""
+        return describe_usage(self.to_dict())
+
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "Usage":
         d = _pick(cls, data or {})
@@ -142,6 +146,22 @@ class Usage:
         if d.get("cost") is not None and not isinstance(d["cost"], (int, float)):
             raise StateError("usage cost must be a number or null")
         return cls(**d)
+
+
+def describe_usage(usage: dict[str, Any] | None) -> str:
+    """``12,345 tokens (3,000 cached) · $0.0123`` from a Usage dict (as events and the API carry
+    it); "" when nothing was counted yet. "~" marks estimated counts (the scripted model)."""
+    if not isinstance(usage, dict) or not usage.get("requests"):
+        return ""
+    approx = "~" if usage.get("estimated") else ""
+    total = int(usage.get("input_tokens", 0)) + int(usage.get("output_tokens", 0))
+    text = f"{approx}{total:,} tokens"
+    if usage.get("cached_tokens"):
+        text += f" ({int(usage['cached_tokens']):,} cached)"
+    cost = usage.get("cost")
+    if isinstance(cost, (int, float)) and cost > 0:
+        text += f" · ${cost:.4f}" if cost < 1 else f" · ${cost:.2f}"
+    return text
 
 
 @dataclass

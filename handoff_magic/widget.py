@@ -22,7 +22,7 @@ import ipywidgets as W
 
 from .errors import HandoffError
 from .snapshot.reports import fmt_bytes
-from .state import STATUS_LABELS, TERMINAL_STATUSES, Event, RunState
+from .state import STATUS_LABELS, TERMINAL_STATUSES, Event, RunState, describe_usage
 from .widget_css import CSS
 
 log = logging.getLogger(__name__)
@@ -168,6 +168,7 @@ class _View:
     message: tuple[str, ...] | None = None   # (text, level, link[, details]): details = a traceback
     remote: tuple[str, str, dict[str, Any]] | None = None  # (server_url, run_id, links)
     progress: tuple[str, int, int] | None = None
+    usage: dict[str, Any] | None = None    # the run's usage totals (RunState.usage as a dict)
     transient: bool = False      # the message is a passing notice (a retry) cleared by progress
 
     def apply(self, ev: Event) -> None:
@@ -243,6 +244,14 @@ class _View:
                             f"(run {d.get('remote_id', '?')}).", "info", None)
         elif t == "checkpoint":
             pass  # progress is shown by set_progress; a checkpoint is not news for the user
+        elif t == "refusal":
+            self.entries.append(_Entry(text=f"The model refused: {d.get('text', '')}"))
+        elif t == "compacted":
+            self.entries.append(_Entry(note=(
+                f"Context compacted: {d.get('turns', '?')} earlier turns summarised "
+                f"({int(d.get('tokens_before') or 0):,} → {int(d.get('tokens_after') or 0):,} tokens)")))
+        if t in ("usage", "compacted") and isinstance(d.get("total"), dict):
+            self.usage = d["total"]
 
     def _find_call(self, call_id: str) -> _Call | None:
         for entry in reversed(self.entries[-5:]):
@@ -262,6 +271,8 @@ def _view_from_state(state: RunState) -> _View:
     v.plan = [(p.text, p.status) for p in list(state.plan)]
     v.question = state.question if state.status == "waiting_input" else None
     v.summary = state.summary
+    if state.usage.requests:
+        v.usage = state.usage.to_dict()
     if state.status == "failed" and state.error:
         v.message = (state.error, "error", None)
     return v
@@ -296,6 +307,9 @@ def render_header_html(v: _View) -> str:
     if v.max_steps:
         steps += f" of max {v.max_steps}"
     meta.append(f'<span class="jh-nw">{steps}</span>')
+    used = describe_usage(v.usage)
+    if used:
+        meta.append(f'<span class="jh-nw jh-usage">{_esc(used)}</span>')
     return (f"<style>{CSS}</style>"
             f'<div class="jh-header"><span class="jh-goal" title="{_esc(v.goal)}">{_esc(goal)}</span>'
             f'<span class="jh-badge jh-s-{_esc(v.status)}" data-status="{_esc(v.status)}">{_esc(label)}</span>'
@@ -550,11 +564,11 @@ class RunWidget(W.VBox):
         with ExitStack() as stack:
             for w in widgets:
                 stack.enter_context(w.hold_sync())
-            if what in (None, "status", "plan", "assistant", "handoff", "pull", "restore"):
+            if what in (None, "status", "plan", "assistant", "handoff", "pull", "restore", "usage", "compacted"):
                 self._header.value = render_header_html(v)
             if what in (None, "plan"):
                 self._plan.value = render_plan_html(v.plan)
-            if what in (None, "assistant", "tool_call", "tool_result", "answer"):
+            if what in (None, "assistant", "tool_call", "tool_result", "answer", "refusal", "compacted"):
                 self._log.value = render_log_html(v.entries)
                 n = sum(1 for e in v.entries if not e.note)
                 self._log_box.titles = (f"Step log · {n} step{'s' if n != 1 else ''}",)

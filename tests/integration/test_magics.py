@@ -7,6 +7,7 @@ journey as a notebook), one driven through jupyter_client (interrupts, backgroun
 from __future__ import annotations
 
 import json
+import re
 import queue
 import time
 from pathlib import Path
@@ -175,6 +176,8 @@ def test_runs_lists_runs_as_html_and_text(journey: nbformat.NotebookNode) -> Non
     for expected in ("compute the revenue per region", "completed", "local", "3"):
         assert expected in text and expected in html_
     assert "<table" in html_
+    # the scripted model reports no usage: the tokens are estimated, and marked so
+    assert re.search(r"~[\d,]+ tokens", text) and re.search(r"~[\d,]+ tokens", html_)
 
 
 def test_ask_user_waits_then_continue_with_answer_completes(journey: nbformat.NotebookNode) -> None:

@@ -15,7 +15,8 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 from handoff_magic.agent import AgentLoop, InProcessExecutor, make_provider
-from handoff_magic.state import Budgets, RunState, Usage
+from handoff_magic.state import Budgets, RunState, Usage, describe_usage
+from handoff_magic.widget import RunWidget
 from tests.harness.fake_llm import FakeLLM, Recorded, Turn
 
 FACT = re.compile(r"FACT (\d+): fact_\d+ = (\d+)")
@@ -84,9 +85,16 @@ def test_sixty_step_run_with_big_outputs_completes_inside_the_window(shell, api)
     steps = 62
     with FakeLLM(window=WINDOW, responder=long_run_model(steps)) as llm:
         state = RunState(goal="collect the facts", budgets=Budgets(max_steps=200))
+        widget = RunWidget(state)
         events: list[Any] = []
-        AgentLoop(state, provider_for(llm, api), InProcessExecutor(shell),
-                  on_event=lambda s, e: events.append(e)).run()
+        shown_compaction: list[bool] = []
+
+        def on_event(s: RunState, e: Any) -> None:
+            events.append(e)
+            widget.show_event(e)
+            if e.type == "compacted":
+                shown_compaction.append("Context compacted" in widget._log.value)
+        AgentLoop(state, provider_for(llm, api), InProcessExecutor(shell), on_event=on_event).run()
 
         assert state.status == "completed", (state.status, state.error, state.question)
         assert state.steps == steps + 1
@@ -110,6 +118,9 @@ def test_sixty_step_run_with_big_outputs_completes_inside_the_window(shell, api)
         assert state.usage.output_tokens == reported_total(llm).output_tokens
         assert state.usage.cached_tokens == reported_total(llm).cached_tokens > 0
         assert state.usage.requests == sum(1 for r in llm.requests if r.usage is not None)
+        # ... and the widget shows that total in its header, and each compaction in its log
+        assert describe_usage(reported_total(llm).to_dict()) in widget._header.value
+        assert shown_compaction and all(shown_compaction)
 
 
 def test_a_scripted_run_compacts_by_itself_and_resumes_from_json(shell, tmp_path, monkeypatch):
