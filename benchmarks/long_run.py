@@ -20,11 +20,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
+from IPython.core.interactiveshell import InteractiveShell
 
-from handoff_magic.agent import SYSTEM_PROMPT, TOOLS, AgentLoop, InProcessExecutor, make_provider  # noqa: E402
-from handoff_magic.state import Budgets, Message, RunState, ToolCall, ToolResult  # noqa: E402
-from tests.harness.fake_llm import FakeLLM, Recorded, Turn, count_tokens  # noqa: E402
+from handoff_magic.agent import (
+    SYSTEM_PROMPT,
+    TOOLS,
+    AgentLoop,
+    InProcessExecutor,
+    make_provider,
+)
+from handoff_magic.state import Budgets, Message, RunState, ToolCall, ToolResult
+from tests.harness.fake_llm import FakeLLM, Recorded, Turn, count_tokens
 
 FACT = re.compile(r"FACT (\d+): fact_\d+ = (\d+)")
 
@@ -55,7 +61,7 @@ def uncompacted_input_tokens(state: RunState, provider: object) -> int:
     msgs: list[Message] = [Message(role="user", text=state.goal)]
     for e in state.events:
         if e.type == "tool_call":
-            if not msgs[-1].role == "assistant":
+            if msgs[-1].role != "assistant":
                 msgs.append(Message(role="assistant"))
             msgs[-1].tool_calls.append(ToolCall(id=e.data["id"], name=e.data["name"], arguments=e.data["arguments"]))
         elif e.type == "tool_result":
