@@ -22,6 +22,7 @@ else is a bug and keeps its traceback. Built-in bases are kept where callers cat
     ├── ProviderError (RuntimeError)          a model call failed (retryable or not)
     ├── ToolArgumentError (ValueError)        tool arguments that do not fit its schema (shown to the model)
     ├── DemoError (RuntimeError)              a stage of `make demo` failed
+    ├── DiffError (ValueError)                a chunk of a diffed file is unreadable or does not match its address
     └── capture internals, never shown as such (they become a variable's "skipped" reason):
         ├── SecretFound                       a pickle stream or file would carry a secret
         └── Blocked (pickle.PicklingError)    a live resource dill would restore wrongly
@@ -36,7 +37,7 @@ from typing import Any
 
 __all__ = ["HandoffError", "StateError", "SchemaVersionError", "BundleError", "BundleSchemaError",
            "ConfigError", "ClientError", "ServerUnreachable", "AuthError", "RunNotFound", "BundleTooLarge",
-           "JourneyError", "RunError", "ProviderError", "ToolArgumentError", "DemoError", "SecretFound",
+           "JourneyError", "RunError", "ProviderError", "ToolArgumentError", "DemoError", "DiffError", "SecretFound",
            "Blocked"]
 
 
@@ -130,6 +131,10 @@ class ToolArgumentError(HandoffError, ValueError):
 
 class DemoError(HandoffError, RuntimeError):
     """A stage of the demo failed; the message names the stage and where to look."""
+
+
+class DiffError(HandoffError, ValueError):
+    """A chunk could not be read or does not match its address."""
 
 
 class SecretFound(HandoffError):

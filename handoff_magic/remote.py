@@ -25,6 +25,7 @@ from typing import Any, Callable
 from .atomic import atomic_write_bytes
 from .chunks import CHUNKS, ChunkStore
 from .client import ClientError, HandoffClient, UploadReport
+from .diff import render_diff_html
 from .errors import HandoffError as HandoffError  # re-exported: callers catch remote.HandoffError
 from .errors import JourneyError
 from .manifest import write_manifest
@@ -162,36 +163,8 @@ class DiffView:
     def __init__(self, data: dict[str, Any]) -> None:
         self.data = data
 
-    def _render_html(self) -> str | None:
-        try:
-            from jupyter_server_ext.diff import render_diff_html
-        except ImportError:
-            return None
-        return render_diff_html(self.data)
-
     def _repr_html_(self) -> str:
-        rendered = self._render_html()
-        if rendered is not None:
-            return rendered
-        parts = ["<div class='handoff-diff'>"]
-        files = self.data.get("files") or []
-        parts.append(f"<h4>Files ({len(files)} changed)</h4>")
-        for f in files:
-            head = f"{html.escape(_change(f))} <code>{html.escape(str(f.get('path', '')))}</code>"
-            body = f.get("unified_diff")
-            if body:
-                parts.append(f"<details><summary>{head}</summary><pre>{html.escape(str(body))}</pre></details>")
-            else:
-                parts.append(f"<div>{head}</div>")
-        variables = self.data.get("variables") or []
-        parts.append(f"<h4>Variables ({len(variables)} changed)</h4><table>"
-                     "<tr><th>name</th><th>change</th><th>type</th><th>before</th><th>after</th></tr>")
-        for v in variables:
-            cells = (v.get("name"), _change(v), v.get("type_after") or v.get("type_before"),
-                     v.get("summary_before"), v.get("summary_after"))
-            parts.append("<tr>" + "".join(f"<td>{html.escape(_short(c))}</td>" for c in cells) + "</tr>")
-        parts.append("</table></div>")
-        return "".join(parts)
+        return render_diff_html(self.data)
 
     def __str__(self) -> str:
         lines = []

@@ -485,7 +485,7 @@ async def compute_diff(handler: _Base, run_id: str) -> dict[str, Any]:
     if before is None:
         raise HandoffError(404, f"run {run_id} has no handoff bundle", NOT_FOUND_HINT)
     after = store.manifest(run_id, "checkpoint") or before
-    from .diff import diff_manifests
+    from handoff_magic.diff import diff_manifests
     return await asyncio.to_thread(diff_manifests, before, after, handler.handoff.blobs.read)
 
 
@@ -600,7 +600,7 @@ class DiffPage(PageHandler):
     async def get(self, run_id: str) -> None:
         run = self.run_summary(run_id)
         diff = await compute_diff(self, run_id)
-        from .diff import render_diff_html  # escapes everything it renders
+        from handoff_magic.diff import render_diff_html  # escapes everything it renders
         base = self.base_url.rstrip("/")
         self.render("diff.html", run=run, diff_html=Markup(render_diff_html(diff)),
                     diff_json_url=f"{base}/handoff/api/runs/{run_id}/diff")

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import pytest
 
 from handoff_magic import save_state
-from jupyter_server_ext.diff import DiffError, diff_manifests, render_diff_html
+from handoff_magic.diff import DiffError, diff_manifests, render_diff_html
 
 
 def _capture(root: Path, bundle: Path, ns: dict[str, Any]) -> dict[str, Any]:

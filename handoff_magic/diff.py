@@ -1,9 +1,10 @@
 """What a remote run changed: files and variables between two bundle manifests.
 
-Runs on the server, so it reads only JSON manifests and raw chunk bytes (zstd-decompressed for
-text files); variables are compared by their own recorded type, summary and method, plus their group's
-chunk hashes when that group kept the same members — nothing is ever unpickled. ``render_diff_html`` gives the one HTML view the client and the status page
-both show.
+Runs on the server (GET /runs/{id}/diff), so it reads only JSON manifests and raw chunk bytes
+(zstd-decompressed for text files); variables are compared by their own recorded type, summary
+and method, plus their group's chunk hashes when that group kept the same members — nothing is
+ever unpickled. ``render_diff_html`` is the one HTML view: the server's diff page and the
+notebook's DiffView both render through it.
 """
 from __future__ import annotations
 
@@ -14,14 +15,12 @@ from typing import Any, Callable
 
 import zstandard
 
+from .errors import DiffError
+
 MAX_TEXT_BYTES = 1024 * 1024      # larger files are diffed by size and hash only
 MAX_DIFF_LINES = 400              # per file
 MAX_DIFF_CHARS = 100_000          # per file
 REPORT_FILES = frozenset({"result.ipynb"})  # the run's own report, not the user's work
-
-
-class DiffError(ValueError):
-    """A chunk could not be read or does not match its address."""
 
 
 def _file_map(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
