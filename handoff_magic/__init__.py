@@ -1,13 +1,13 @@
 """jupyter-handoff: run an agent in your notebook, hand it off to a Jupyter Server, pull it back.
 
-Public API (a contract): ``save_state``, ``load_state``, ``%load_ext handoff_magic``.
+Public API (a contract): ``save_state``, ``load_state``, ``register_reducer``, ``%load_ext handoff_magic``.
 """
 from __future__ import annotations
 
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["save_state", "load_state", "load_ipython_extension", "__version__"]
+__all__ = ["save_state", "load_state", "register_reducer", "load_ipython_extension", "__version__"]
 
 
 def save_state(path: Any, shell: Any = None, **kwargs: Any) -> Any:
@@ -20,6 +20,17 @@ def load_state(path: Any, shell: Any = None, **kwargs: Any) -> Any:
     """Restore a snapshot written by ``save_state`` into this kernel; nothing changes on error."""
     from .snapshot.restore import load_state as _load
     return _load(path, shell, **kwargs)
+
+
+def register_reducer(cls: type, save: Any, rebuild: Any) -> None:
+    """Save instances of ``cls`` as ``save(obj)`` (picklable state) and rebuild them as ``rebuild(state)``.
+
+    For objects whose meaning is a resource (a client holding a session, a handle)::
+
+        handoff_magic.register_reducer(Client, lambda c: c.url, Client)
+    """
+    from .snapshot.reducers import register_reducer as _register
+    _register(cls, save, rebuild)
 
 
 def load_ipython_extension(ip: Any) -> None:

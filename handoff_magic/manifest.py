@@ -24,12 +24,12 @@ from .errors import BundleError, BundleSchemaError, StateError
 SCHEMA_VERSION = 1
 KIND = "handoff-bundle"
 MANIFEST = "manifest.json"
-METHODS = ("pickle5", "dill", "replay", "import", "skipped")
-PICKLED = ("pickle5", "dill")
+METHODS = ("pickle5", "dill", "reducer", "replay", "import", "skipped")
+PICKLED = ("pickle5", "dill", "reducer")
 IMPORT_RE = re.compile(
     r"^(import [A-Za-z_][\w.]*( as [A-Za-z_]\w*)?|from [A-Za-z_][\w.]* import [A-Za-z_]\w*( as [A-Za-z_]\w*)?)$"
 )
-MAX_ENTRIES = 100_000
+MAX_ENTRIES = 1_000_000   # a working dir of 50k files is 50k file entries plus their chunks
 
 
 def _is_int(v: Any) -> bool:
@@ -76,7 +76,7 @@ class GroupEntry:
     method: str
     payload: list[str]
     buffers: list[BufferEntry] = field(default_factory=list)
-    stream: str | None = None            # "pickle": a C stream with embedded dill parts
+    stream: str | None = None            # "pickle": a C stream with embedded dill parts; "dill": a dill stream
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,7 +130,9 @@ class Manifest:
     variables: list[VariableEntry] = field(default_factory=list)
     groups: list[GroupEntry] = field(default_factory=list)
     replays: list[ReplayEntry] = field(default_factory=list)
+    definitions: list[ReplayEntry] = field(default_factory=list)   # notebook code defined from its source
     imports: list[str] = field(default_factory=list)
+    module_paths: list[str] = field(default_factory=list)   # working-dir folders local modules import from
     history: dict[str, Any] = field(default_factory=lambda: {"In": [], "Out": {}})
     files: list[FileEntry] = field(default_factory=list)
     run: dict[str, Any] | None = None    # RunState.to_dict(), checked by parse
@@ -143,7 +145,8 @@ class Manifest:
         return {"schema_version": self.schema_version, "kind": KIND, "created": self.created,
                 "chunks": {s: r.meta() for s, r in self.chunks.items()},
                 "variables": [v.to_dict() for v in self.variables], "groups": [g.to_dict() for g in self.groups],
-                "replays": [r.to_dict() for r in self.replays], "imports": list(self.imports),
+                "replays": [r.to_dict() for r in self.replays], "definitions": [d.to_dict() for d in self.definitions],
+                "imports": list(self.imports), "module_paths": list(self.module_paths),
                 "history": self.history, "files": [f.to_dict() for f in self.files], "run": self.run, **self.extra}
 
     @classmethod
@@ -253,7 +256,8 @@ class _Parser:
     def manifest(self) -> Manifest:
         d = self.data
         chunks = self._chunks(d.get("chunks"))
-        lists = {k: self._list(k) for k in ("variables", "groups", "replays", "imports", "files")}
+        lists = {k: self._list(k) for k in ("variables", "groups", "replays", "definitions", "imports", "files",
+                                            "module_paths")}
         n_entries = len(d["chunks"]) + sum(len(v) for v in lists.values())
         if n_entries > self.max_entries:
             self.problems.append(f"manifest has {n_entries} entries, more than the limit {self.max_entries}")
@@ -265,6 +269,14 @@ class _Parser:
             if v.method in PICKLED and not (isinstance(v.group, str) and v.group in group_ids):
                 self.problems.append(f"variable {v.name}: group {v.group!r} is not in 'groups'")
         replays = [r for r in map(self._replay, lists["replays"]) if r is not None]
+        definitions = [r for r in map(self._replay, lists["definitions"]) if r is not None]
+        module_paths = []
+        for rel in lists["module_paths"]:
+            why = "not a string" if not isinstance(rel, str) else None if rel == "" else check_relpath(rel)
+            if why:
+                self.problems.append(f"module path {str(rel)[:80]!r}: {why}")
+            else:
+                module_paths.append(rel)
         imports = []
         for line in lists["imports"]:
             if not isinstance(line, str) or not IMPORT_RE.match(line):
@@ -291,9 +303,10 @@ class _Parser:
             more = f" (and {len(p) - 10} more)" if len(p) > 10 else ""
             raise BundleError("invalid manifest: " + "; ".join(p[:10]) + more)
         created = d.get("created")
-        known = ("schema_version", "kind", "created", "chunks", "variables", "groups", "replays", "imports",
-                 "history", "files", "run")
-        return Manifest(chunks=chunks, variables=variables, groups=groups, replays=replays, imports=imports,
+        known = ("schema_version", "kind", "created", "chunks", "variables", "groups", "replays", "definitions",
+                 "imports", "module_paths", "history", "files", "run")
+        return Manifest(chunks=chunks, variables=variables, groups=groups, replays=replays, definitions=definitions,
+                        imports=imports, module_paths=module_paths,
                         history=history, files=files, run=run,
                         created=created if isinstance(created, (int, float)) else 0.0,
                         schema_version=d["schema_version"], extra=_extra(d, known))
@@ -349,7 +362,7 @@ class _Parser:
             return None
         gid = g["id"]
         if g.get("method") not in PICKLED:
-            self.problems.append(f"group {gid}: method must be pickle5 or dill")
+            self.problems.append(f"group {gid}: method must be pickle5, dill or reducer")
         if not all(isinstance(n, str) and n.isidentifier() for n in g["names"]):
             self.problems.append(f"group {gid}: names must be identifiers")
         payload = self._refs(g.get("payload"), f"group {gid} payload")

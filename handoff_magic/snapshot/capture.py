@@ -22,8 +22,16 @@ from typing import Any
 
 from ..chunks import CHUNKS, ChunkRef, ChunkStore
 from ..errors import BundleError
-from ..manifest import BufferEntry, FileEntry, GroupEntry, Manifest, VariableEntry
+from ..manifest import (
+    BufferEntry,
+    FileEntry,
+    GroupEntry,
+    Manifest,
+    ReplayEntry,
+    VariableEntry,
+)
 from ..secrets import is_secret_variable, redact, redact_obj, secret_values
+from . import reducers, sources
 from .files import capture_files
 from .history import capture_history
 from .pickling import Packed, needs_by_value, pickle_var
@@ -53,13 +61,22 @@ def _excluded(name: str, value: Any, hidden: dict[str, Any]) -> str | None:
     mod = type(value).__module__ or ""
     if mod.startswith(_INTERNAL_MODULES):  # the shell, kernel, sockets, our own runs; not IPython.display data
         return "handoff/IPython object"
-    if "ipywidgets" in sys.modules:
-        try:
-            if isinstance(value, sys.modules["ipywidgets"].Widget):
-                return "ipywidgets object (UI, not data)"
-        except Exception:  # noqa: BLE001 - a broken ipywidgets must not stop capture
-            pass
     return None
+
+
+def _local_module_dir(line: str, root: Path) -> str | None:
+    """For an import of a module from the working directory (``import helpers as h``, ``from
+    mypkg.util import clean``), the directory it is imported from, relative to ``root``."""
+    top = line.split()[1].split(".")[0]
+    path = getattr(sys.modules.get(top), "__file__", None)
+    if not path:
+        return None
+    path = os.path.abspath(path)
+    base = os.path.dirname(os.path.dirname(path) if os.path.basename(path) == "__init__.py" else path)
+    rel = os.path.relpath(base, root)
+    if rel == ".." or rel.startswith(".." + os.sep) or os.path.isabs(rel):
+        return None
+    return "" if rel == "." else rel.replace(os.sep, "/")
 
 
 def import_line(name: str, value: Any) -> str | None:
@@ -183,6 +200,9 @@ def save_state(path: Any, shell: Any = None, *, run: Any = None, files: bool = T
             continue
         line = import_line(name, value)
         if line is not None:
+            local = _local_module_dir(line, root)
+            if local is not None and local not in manifest.module_paths:
+                manifest.module_paths.append(local)   # its files travel; the restore imports from there
             manifest.imports.append(line)
             manifest.variables.append(VariableEntry(name, "import", _type_name(value), summary=line))
             report.variables.append(VarReport(name, _type_name(value), "import"))
@@ -191,6 +211,7 @@ def save_state(path: Any, shell: Any = None, *, run: Any = None, files: bool = T
 
     gc_was_enabled = gc.isenabled()
     gc.disable()  # pickling allocates many tracked objects; full collections would dominate the time
+    root_token = reducers.CAPTURE_ROOT.set(root)   # files and databases inside it travel by relative path
     try:
         _capture_vars(candidates, ns, shell, store, secret_bytes, manifest, report)
         history = capture_history(shell, secret_vals)
@@ -220,6 +241,7 @@ def save_state(path: Any, shell: Any = None, *, run: Any = None, files: bool = T
         store.flush()
         manifest.write(bundle)
     finally:
+        reducers.CAPTURE_ROOT.reset(root_token)
         store.close()
         store.abort()
         if gc_was_enabled:
@@ -250,6 +272,11 @@ def _capture_vars(candidates: list[tuple[str, Any]], ns: dict[str, Any], shell: 
     values = dict(candidates)
     skip_ids = singleton_ids(ns) if len(candidates) > 1 else set()
     top_defs = {id(v): v for _, v in candidates if isinstance(v, (type, types.FunctionType)) and needs_by_value(v)}
+    secret_strs = [s.decode("utf-8", "replace") for s in secrets]
+    defs = sources.plan(candidates, shell, secret_strs)
+    manifest.definitions = [ReplayEntry(d["names"], d["cell"], d["code"]) for d in defs.definitions]
+    top_defs.update(defs.objects)
+    by_source = defs.ids
 
     # 1. sharing, found before pickling so every variable is pickled once: an object reachable
     #    from two variables, or numpy arrays over the same base, puts them in one group
@@ -282,7 +309,8 @@ def _capture_vars(candidates: list[tuple[str, Any]], ns: dict[str, Any], shell: 
         if len(names) > 1:
             objs = tuple(values[n] for n in names)
             roots = {i: r for i, r in np_roots.items() if any(r is values[n] for n in names)}
-            pk, reason, _ = pickle_var(objs, store, secrets, view_roots=roots or None, top_defs=top_defs)
+            pk, reason, _ = pickle_var(objs, store, secrets, view_roots=roots or None, top_defs=top_defs,
+                                       by_source=by_source)
             spent = (time.perf_counter() - t0) / len(names)
             for n in names:
                 timing[n] = spent
@@ -293,7 +321,7 @@ def _capture_vars(candidates: list[tuple[str, Any]], ns: dict[str, Any], shell: 
             note = f"shares objects with {', '.join(n for n in names)} but could not be saved together ({reason})"
         for n in names:
             t1 = time.perf_counter()
-            pk, reason, replayable = pickle_var(values[n], store, secrets, top_defs=top_defs)
+            pk, reason, replayable = pickle_var(values[n], store, secrets, top_defs=top_defs, by_source=by_source)
             timing[n] = timing.get(n, 0.0) + time.perf_counter() - t1
             if pk is None:
                 failed[n] = (reason or "cannot be pickled", replayable)
@@ -302,8 +330,14 @@ def _capture_vars(candidates: list[tuple[str, Any]], ns: dict[str, Any], shell: 
                        timing, note, secrets)
             saved.add(n)
 
+    for v in manifest.variables:
+        if v.name in defs.cells and v.name in saved:
+            v.reason = f"rebuilt from its source (cell {defs.cells[v.name]})"
+    for r in report.variables:
+        if r.name in defs.cells and r.name in saved:
+            r.reason = f"rebuilt from its source (cell {defs.cells[r.name]})"
+
     # replays for live resources
-    secret_strs = [s.decode("utf-8", "replace") for s in secrets]
     plan = plan_replays(
         {n: r for n, (r, ok) in failed.items() if ok}, shell,
         restorable=saved | {v.name for v in manifest.variables if v.method == "import"},

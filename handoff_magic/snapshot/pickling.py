@@ -21,6 +21,7 @@ from typing import Any, Callable
 from ..chunks import CHUNK_SIZE, ChunkRef, ChunkStore
 from ..errors import Blocked, SecretFound
 from ..secrets import bytes_look_like_key
+from . import reducers, sources
 from .reducers import array_reducer
 
 SCAN_BUFFER_LIMIT = 16 * 1024 * 1024   # out-of-band buffers below this are scanned for secrets
@@ -120,18 +121,28 @@ class _FastPickler(pickle.Pickler):
     """
 
     def __init__(self, file: Any, *, reduce_array: Callable[[Any], Any] | None, top_defs: dict[int, Any],
-                 **kw: Any) -> None:
+                 by_source: frozenset[int] = frozenset(), **kw: Any) -> None:
         super().__init__(file, **kw)
         self.reduce_array = reduce_array
         self.top_defs = top_defs
+        self.by_source = by_source
         self.by_value = 0
+        self.reduced = 0
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, (type, types.FunctionType)):
+            if id(obj) in self.by_source:
+                return NotImplemented     # by name: the restore defines it from its source first
             if needs_by_value(obj):
                 self.by_value += 1
                 return _reduce_by_value(obj, self.top_defs)
             return NotImplemented
+        reduced = reducers.reduce(obj)
+        if reduced is not None:   # a live resource, saved by what it means
+            self.reduced += 1
+            return reduced
+        if type(obj).__module__ != "__main__":
+            sources.check_by_reference(obj, self.by_source)
         if self.reduce_array is not None:
             return self.reduce_array(obj)
         return NotImplemented
@@ -170,10 +181,23 @@ def _dill_pickler_class() -> type:
     import dill
 
     class SafeDillPickler(dill.Pickler):  # type: ignore[misc,valid-type]
-        """dill that refuses live resources instead of 'restoring' them as something else."""
+        """dill that uses the reducers and refuses other live resources instead of 'restoring' them
+        as something else; notebook definitions rebuilt from source go by name."""
+
+        by_source: frozenset[int] = frozenset()
+        reduced = 0
 
         def save(self, obj: Any, save_persistent_id: bool = True) -> None:  # noqa: D401
             if not isinstance(obj, _ATOMIC):
+                if id(obj) in self.by_source:
+                    self.save_global(obj)
+                    return
+                reduced = reducers.reduce(obj)
+                if reduced is not None:
+                    self.reduced += 1
+                    self.save_reduce(*reduced, obj=obj)
+                    return
+                sources.check_by_reference(obj, self.by_source)
                 kind = resource_kind(obj)
                 if kind is not None:
                     raise Blocked(*kind)
@@ -198,7 +222,8 @@ class Packed:
 
 
 def pack(obj: Any, store: ChunkStore, secrets: list[bytes], *, use_dill: bool,
-         view_roots: dict[int, Any] | None = None, top_defs: dict[int, Any] | None = None) -> Packed:
+         view_roots: dict[int, Any] | None = None, top_defs: dict[int, Any] | None = None,
+         by_source: frozenset[int] = frozenset()) -> Packed:
     """Pickle ``obj`` into chunks; raises on failure (the caller tries the next method)."""
     global _DILL
     sink = _PayloadSink(store, secrets)
@@ -220,28 +245,35 @@ def pack(obj: Any, store: ChunkStore, secrets: list[bytes], *, use_dill: bool,
         if _DILL is None:
             _DILL = _dill_pickler_class()
         p = _DILL(sink, protocol=5, buffer_callback=on_buffer, byref=False, recurse=False)
+        p.by_source = by_source
         if view_roots:
             p.reducer_override = array_reducer(view_roots)  # type: ignore[attr-defined]
     else:
-        p = _FastPickler(sink, protocol=5, buffer_callback=on_buffer, top_defs=top_defs or {},
+        p = _FastPickler(sink, protocol=5, buffer_callback=on_buffer, top_defs=top_defs or {}, by_source=by_source,
                          reduce_array=array_reducer(view_roots) if "numpy" in sys.modules else None)
     p.dump(obj)
     futs = sink.close()
     nbytes = sink.total + sum(n for n, _ in buffers)
     by_value = getattr(p, "by_value", 0)
-    packed = Packed("dill" if use_dill or by_value else "pickle5", futs, buffers, nbytes)
-    packed.stream = "pickle" if by_value and not use_dill else None  # C stream with embedded dill parts
+    if p.reduced:   # live resources saved by their meaning; the stream says which unpickler reads it
+        packed = Packed("reducer", futs, buffers, nbytes)
+        packed.stream = "dill" if use_dill else "pickle"
+    else:
+        packed = Packed("dill" if use_dill or by_value else "pickle5", futs, buffers, nbytes)
+        packed.stream = "pickle" if by_value and not use_dill else None  # C stream with embedded dill parts
     return packed
 
 
 def pickle_var(obj: Any, store: ChunkStore, secrets: list[bytes],
                 view_roots: dict[int, Any] | None = None, force_dill: bool = False,
-                top_defs: dict[int, Any] | None = None) -> tuple[Packed | None, str | None, bool]:
+                top_defs: dict[int, Any] | None = None,
+                by_source: frozenset[int] = frozenset()) -> tuple[Packed | None, str | None, bool]:
     """Try pickle5 then dill. Returns (packed, reason-if-failed, replayable)."""
     first: BaseException | None = None
     if not force_dill:
         try:
-            return pack(obj, store, secrets, use_dill=False, view_roots=view_roots, top_defs=top_defs), None, False
+            return pack(obj, store, secrets, use_dill=False, view_roots=view_roots, top_defs=top_defs,
+                        by_source=by_source), None, False
         except SecretFound as exc:
             return None, f"not saved: {exc}", False
         except RecursionError as exc:
@@ -249,7 +281,7 @@ def pickle_var(obj: Any, store: ChunkStore, secrets: list[bytes],
         except Exception as exc:  # noqa: BLE001 - any pickling error means "try the next method"
             first = exc
     try:
-        return pack(obj, store, secrets, use_dill=True, view_roots=view_roots), None, False
+        return pack(obj, store, secrets, use_dill=True, view_roots=view_roots, by_source=by_source), None, False
     except SecretFound as exc:
         return None, f"not saved: {exc}", False
     except Blocked as exc:

@@ -24,6 +24,7 @@ from ..chunks import CHUNKS, ChunkRef, ChunkStore
 from ..errors import BundleError, StateError
 from ..manifest import FileEntry, GroupEntry, Manifest, VariableEntry
 from ..state import RunState
+from . import reducers, sources
 from .capture import target_namespace
 from .files import file_sha, safe_target, write_file
 from .history import restore_history
@@ -213,33 +214,8 @@ def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path |
             file_plan.append((entry, safe_target(root, entry.path)))
         _verify_chunks(store, sorted({s for e, _ in file_plan for s in e.chunks}))
 
-    # phase 2: apply
-    staged: dict[str, Any] = {}
-    results: dict[str, VarReport] = {}
-    by_name = {v.name: v for v in manifest.variables}
-    for line in manifest.imports:
-        t0 = time.perf_counter()
-        scratch: dict[str, Any] = {}
-        name = line.rsplit(" ", 1)[-1].split(".")[0]
-        try:
-            exec(compile(line, "<handoff import>", "exec"), scratch)  # noqa: S102 - validated import line
-            staged[name] = scratch[name]
-            results[name] = VarReport(name, _declared_type(by_name, name, "module"), "import",
-                                      seconds=time.perf_counter() - t0)
-        except Exception as exc:  # noqa: BLE001 - one missing package must not sink the rest
-            results[name] = VarReport(name, _declared_type(by_name, name, "module"), "import", 0,
-                                      time.perf_counter() - t0, "skipped",
-                                      f"{line!r} failed here ({type(exc).__name__}: {exc}); install the package "
-                                      "and run the line yourself")
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # unpickling builds many containers; collections in between would dominate
-    try:
-        _unpickle_groups(groups, payloads, buffers, by_name, staged, results)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    ns.update(staged)
-
+    # phase 2: apply. Files first: local modules import from them and reopened files and
+    # databases find them; then imports, notebook definitions by source, the pickles, replays.
     touched_dirs: set[Path] = set()
     for entry, target in file_plan:
         rel = entry.path
@@ -262,6 +238,43 @@ def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path |
     for d in touched_dirs:
         fsync_dir(d)  # the renames themselves survive a crash too
 
+    for rel in manifest.module_paths:
+        path = str(safe_target(root, rel) if rel else root)
+        if path not in sys.path:
+            sys.path.insert(0, path)   # modules imported from the working directory
+    staged: dict[str, Any] = {}
+    results: dict[str, VarReport] = {}
+    by_name = {v.name: v for v in manifest.variables}
+    for line in manifest.imports:
+        t0 = time.perf_counter()
+        scratch: dict[str, Any] = {}
+        name = line.rsplit(" ", 1)[-1].split(".")[0]
+        try:
+            exec(compile(line, "<handoff import>", "exec"), scratch)  # noqa: S102 - validated import line
+            staged[name] = scratch[name]
+            results[name] = VarReport(name, _declared_type(by_name, name, "module"), "import",
+                                      seconds=time.perf_counter() - t0)
+        except Exception as exc:  # noqa: BLE001 - one missing package must not sink the rest
+            results[name] = VarReport(name, _declared_type(by_name, name, "module"), "import", 0,
+                                      time.perf_counter() - t0, "skipped",
+                                      f"{line!r} failed here ({type(exc).__name__}: {exc}); install the package "
+                                      "and run the line yourself")
+    ns.update(staged)   # definitions and pickles below may refer to imported names
+    for name, err in sources.define([d.to_dict() for d in manifest.definitions], ns).items():
+        if err is not None:
+            results[name] = VarReport(name, _declared_type(by_name, name, "?"), "replay", 0, 0.0, "skipped", err)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # unpickling builds many containers; collections in between would dominate
+    root_token = reducers.RESTORE_ROOT.set(root)   # reopened files and databases resolve in this directory
+    try:
+        _unpickle_groups(groups, payloads, buffers, by_name, staged, results)
+    finally:
+        reducers.RESTORE_ROOT.reset(root_token)
+        if gc_was_enabled:
+            gc.enable()
+    ns.update(staged)
+
+
     run_replays(manifest.replays, ns, root, by_name, results)
     for name, meta in by_name.items():
         if meta.method == "skipped" and name not in results:
@@ -282,7 +295,7 @@ def _unpickle_groups(groups: list[GroupEntry], payloads: dict[str, bytes], buffe
         t0 = time.perf_counter()
         names = g.names
         try:
-            if g.method == "dill" and g.stream != "pickle":
+            if g.stream == "dill" or (g.method == "dill" and g.stream != "pickle"):
                 import dill
                 obj = dill.loads(payloads[g.id], buffers=buffers[g.id])
             else:
@@ -297,7 +310,7 @@ def _unpickle_groups(groups: list[GroupEntry], payloads: dict[str, bytes], buffe
                 results[n] = VarReport(n, meta.type if meta else type(v).__name__, g.method,
                                        meta.size if meta else 0, spent, "ok", meta.reason if meta else None)
         except Exception as exc:  # noqa: BLE001 - e.g. a package missing here; others still restore
-            hint = " (install the missing package here)" if isinstance(exc, (ImportError, AttributeError)) else ""
+            hint = _load_hint(exc)
             for n in names:
                 meta = by_name.get(n)
                 results[n] = VarReport(n, _declared_type(by_name, n, "?"), g.method, meta.size if meta else 0,
@@ -309,3 +322,13 @@ def _unpickle_groups(groups: list[GroupEntry], payloads: dict[str, bytes], buffe
 def _declared_type(by_name: dict[str, VariableEntry], name: str, default: str) -> str:
     meta = by_name.get(name)
     return meta.type if meta is not None else default
+
+
+def _load_hint(exc: BaseException) -> str:
+    """What to do about an unpickling failure; a notebook name is never a missing package."""
+    if "__main__" in str(exc):
+        return (" (it refers to something defined in the notebook that was not rebuilt here: run its "
+                "defining cell, then load again)")
+    if isinstance(exc, (ImportError, AttributeError)):
+        return " (install the missing package here)"
+    return ""

@@ -8,6 +8,8 @@ import sys
 import types
 from typing import Any
 
+from . import reducers
+
 
 def singleton_ids(ns: dict[str, Any]) -> set[int]:
     """Objects shared by everything (module dicts, the namespace itself) that imply no sharing."""
@@ -49,6 +51,17 @@ def _rc_single() -> int:
 _RC_SINGLE = _rc_single()
 
 
+def _reduced_state(obj: Any) -> Any:
+    """What the reducer of ``obj`` would save (None if none applies or it declines)."""
+    if reducers.reducer_for(type(obj)) is None:
+        return None
+    try:
+        reduced = reducers.reduce(obj)
+    except Exception:  # noqa: BLE001 - the pickling pass reports the failure
+        return None
+    return None if reduced is None else reduced[1]
+
+
 def share_ids(root: Any, skip: set[int]) -> set[int]:
     """Ids of objects under ``root`` that another variable could also reach.
 
@@ -61,6 +74,9 @@ def share_ids(root: Any, skip: set[int]) -> set[int]:
     ids = {id(root)}
     if type(root) in _LEAVES or isinstance(root, _NO_DESCEND):
         return ids
+    reduced = _reduced_state(root)
+    if reduced is not None:
+        root = reduced
     if isinstance(root, (type, types.FunctionType)) and getattr(root, "__module__", None) != "__main__":
         return ids
     getrc = sys.getrefcount
@@ -91,6 +107,15 @@ def share_ids(root: Any, skip: set[int]) -> set[int]:
                     push(o)
                     continue
                 if isinstance(o, _NO_DESCEND):
+                    continue
+                if reducers.reducer_for(t) is not None:
+                    # a resource (connection, file, widget, weakref) is shared as itself and links
+                    # what its reducer saves (a weakref's referent), not its live internals
+                    if id(o) not in ids:
+                        ids.add(id(o))
+                        state = _reduced_state(o)
+                        if state is not None:
+                            push(state)
                     continue
                 if t is ndarray and o.dtype.kind == "O" and 0 < o.size <= 100_000:
                     push(o.ravel().tolist())     # object arrays do not report their items to gc

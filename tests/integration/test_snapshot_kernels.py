@@ -96,7 +96,7 @@ _c('views2', lambda: [bool(_np.shares_memory(vv, big)), vv.strides == view[::2].
 _c('nested_lock', lambda: [type(nested_lock['lock']).__name__, nested_lock['n']])
 _c('scratch', lambda: [limit, len(list(squares))])
 _c('socket', lambda: type(sock).__name__)
-_c('holder', lambda: 'holder' in globals())
+_c('holder', lambda: [holder['out'] is wfh, wfh.mode, wfh.closed])
 _c('subclass', lambda: [issubclass(Point3, Point), type(p3) is Point3, p3.norm2(), isinstance(p3, Point)])
 _c('instances', lambda: [len(items), all(type(i) is Item for i in items), items[7].qty, ops['inc'](1),
                          ops['sq'] is sq])
@@ -161,14 +161,14 @@ EXPECTED = {
     "lock": ["lock", True],
     "file": ["data.csv", "a,b\n1,2\n", "r"],
     "modules": ["numpy", "numpy.linalg", 4.0, "pandas"],
-    "names": ["Unpicklable"],  # the class travels; its instance cannot
+    "names": ["Unpicklable", "slider", "wfh"],  # the class travels, its instance cannot; no secret does
     "counter": 42,
     "out_log": "keep me\n",
     "views2": [True, True, True, True],
     "nested_lock": ["RLock", 1],
     "scratch": [5, 100],   # replaying the generator's cell did not clobber the restored `limit`
     "socket": "socket",
-    "holder": False,
+    "holder": [True, "a", False],   # an append handle travels by its reducer, shared with its holder
     "subclass": [True, True, 9, True],
     "instances": [1000, True, 7, 2, True],
     "decorated": ["logged", 4.0],
@@ -192,16 +192,15 @@ def test_each_variable_reports_method_and_reason(world: Any) -> None:
     assert sum(rows[n]["bytes"] for n in ("big", "view", "vv", "views")) >= 24_000_000
     assert rows["df"]["method"] == "pickle5"
     assert rows["sq"]["method"] == "dill" and rows["add5"]["method"] == "dill" and rows["pt"]["method"] == "dill"
-    for name in ("gen", "con", "lock", "fh", "nested_lock", "squares", "sock"):
+    for name in ("gen", "squares", "sock"):
         assert rows[name]["method"] == "replay", rows[name]
-    assert rows["wfh"]["outcome"] == "skipped" and "mode 'a'" in rows["wfh"]["reason"]
+    for name in ("con", "lock", "fh", "nested_lock", "wfh", "holder", "slider"):
+        assert rows[name]["method"] == "reducer" and rows[name]["outcome"] == "ok", rows[name]
     assert rows["bad"]["outcome"] == "skipped" and "refuses to be pickled" in rows["bad"]["reason"]
-    assert rows["holder"]["outcome"] == "skipped" and "mode 'a'" in rows["holder"]["reason"]
     assert rows["np"]["method"] == "import" and rows["s"]["method"] == "import"
     for name in ("OPENAI_API_KEY", "leak"):
         assert rows[name]["reason"] == "looks like a secret"
     assert rows["settings"]["outcome"] == "skipped" and "secret" in rows["settings"]["reason"]
-    assert rows["slider"]["outcome"] == "skipped" and "ipywidgets" in rows["slider"]["reason"]
     assert not any(n in rows for n in ("In", "Out", "_", "_i3", "get_ipython", "exit", "quit"))
 
 

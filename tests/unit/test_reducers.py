@@ -1,0 +1,36 @@
+"""register_reducer: a user's save/rebuild pair is used before any other method, and its
+instances keep their identity inside a sharing group."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import handoff_magic
+from handoff_magic import load_state, save_state
+from handoff_magic.errors import HandoffError
+
+
+class Client:
+    """Holds a live resource (a lock) that plain pickle refuses."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.session = url, threading.Lock()
+
+
+def test_user_reducer_saves_what_the_object_means(tmp_path: Path) -> None:
+    handoff_magic.register_reducer(Client, lambda c: c.url, Client)
+    c = Client("https://api.example.org")
+    rep = save_state(tmp_path / "b", ns={"client": c, "same": {"c": c}}, files=False, environ={})
+    assert {r.name: r.method for r in rep.variables} == {"client": "reducer", "same": "reducer"}
+    out: dict[str, Any] = {}
+    load_state(tmp_path / "b", ns=out, files=False)
+    assert out["client"].url == "https://api.example.org" and out["same"]["c"] is out["client"]
+
+
+@pytest.mark.parametrize("args", [("not a class", len, len), (Client, None, len)])
+def test_register_reducer_says_what_it_needs(args: tuple) -> None:
+    with pytest.raises(HandoffError, match="register_reducer needs"):
+        handoff_magic.register_reducer(*args)
