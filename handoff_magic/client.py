@@ -6,7 +6,6 @@ do next; the server's own ``{"error", "hint"}`` is passed through verbatim.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time
@@ -19,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 import httpx
 
 from .atomic import atomic_write_bytes
-from .chunks import CHUNKS, ChunkStore, is_sha, shard_path
+from .chunks import CHUNKS, ChunkStore, address_matches, is_sha, shard_path
 from .errors import AuthError, BundleTooLarge, ClientError, RunNotFound, ServerUnreachable
 from .manifest import read_manifest
 
@@ -214,23 +213,33 @@ class HandoffClient:
                 raise
             return False
 
-    def put_blob(self, sha: str, path: Path, progress: Callable[[int], None] | None = None,
+    def put_blob(self, sha: str, source: Path | bytes | memoryview, progress: Callable[[int], None] | None = None,
                  report: UploadReport | None = None) -> int:
-        """PUT one stored chunk, streamed; a connection cut mid-body is retried from the start
-        (progress is rewound). Returns the bytes sent."""
-        size = path.stat().st_size
+        """PUT one stored chunk (a file, or bytes in memory sent without a copy), streamed; a
+        connection cut mid-body is retried from the start (progress is rewound). Returns the
+        bytes sent."""
+        view = None if isinstance(source, Path) else memoryview(source).cast("B")
+        size = len(view) if view is not None else source.stat().st_size  # type: ignore[union-attr]
         attempt = 0
         while True:
             sent = 0
 
-            def body() -> Iterator[bytes]:
-                nonlocal sent
-                with open(path, "rb") as fh:
+            def pieces() -> Iterator[bytes | memoryview]:
+                if view is not None:
+                    for i in range(0, size, STREAM_PIECE):
+                        yield view[i: i + STREAM_PIECE]
+                    return
+                with open(source, "rb") as fh:  # type: ignore[arg-type]
                     while piece := fh.read(STREAM_PIECE):
                         yield piece
-                        sent += len(piece)
-                        if progress:
-                            progress(len(piece))
+
+            def body() -> Iterator[bytes]:
+                nonlocal sent
+                for piece in pieces():
+                    yield piece  # type: ignore[misc]
+                    sent += len(piece)
+                    if progress:
+                        progress(len(piece))
 
             try:
                 resp = self._http.put(f"/blobs/{sha}", content=body(), headers={
@@ -325,7 +334,7 @@ class HandoffClient:
         for sha in todo:
             resp = self._request("GET", f"/blobs/{sha}", what=f"downloading chunk {sha[:12]}")
             data = resp.content
-            if hashlib.sha256(data).hexdigest() != sha:
+            if not address_matches(sha, data):
                 raise ClientError(f"chunk {sha[:12]} arrived corrupted (hash mismatch)",
                                   "run %pull again; nothing was changed locally")
             atomic_write_bytes(store.path(sha), data)

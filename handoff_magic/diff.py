@@ -9,12 +9,12 @@ notebook's DiffView both render through it.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import html
 from typing import Any, Callable
 
 import zstandard
 
+from .chunks import address_matches
 from .errors import DiffError
 
 MAX_TEXT_BYTES = 1024 * 1024      # larger files are diffed by size and hash only
@@ -35,7 +35,7 @@ def _read_file(entry: dict[str, Any], manifest: dict[str, Any],
     parts: list[bytes] = []
     for sha in entry.get("chunks") or []:
         raw = read_chunk(sha)
-        if hashlib.sha256(raw).hexdigest() != sha:
+        if not address_matches(sha, raw):
             raise DiffError(f"chunk {sha} of {entry.get('path')} does not match its hash")
         meta = table.get(sha) or {}
         if meta.get("codec") == "zstd":

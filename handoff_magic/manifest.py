@@ -9,7 +9,6 @@ keys this version does not know are carried through untouched (``extra``).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .atomic import atomic_write_bytes, fsync_dir
-from .chunks import CHUNKS, CODECS, ChunkRef, ChunkStore, is_sha
+from .chunks import CHUNKS, CODECS, AddressHasher, ChunkRef, ChunkStore, is_sha, is_sha256
 from .errors import BundleError, BundleSchemaError, StateError
 
 SCHEMA_VERSION = 1
@@ -411,7 +410,7 @@ class _Parser:
                 self.problems.append(f"file {path!r} is listed twice")
             seen.add(path)
             refs = self._refs(f.get("chunks"), f"file {path!r}")
-            if not _is_int(f.get("size")) or not _is_int(f.get("mode")) or not is_sha(f.get("sha256")):
+            if not _is_int(f.get("size")) or not _is_int(f.get("mode")) or not is_sha256(f.get("sha256")):
                 self.problems.append(f"file {path!r} needs integer size and mode and a sha256")
                 continue
             mtime = f.get("mtime_ns")
@@ -433,12 +432,12 @@ def verify(dir: Path, shas: Iterable[str] | None = None,
     for i, sha in enumerate(todo):
         path = store.path(sha)
         try:
-            h = hashlib.sha256()
+            h = AddressHasher(sha)
             with open(path, "rb") as f:
                 while block := f.read(1 << 20):
                     h.update(block)
-            ok = h.hexdigest() == sha
-            why = "is corrupt (sha256 mismatch)"
+            ok = h.matches()
+            why = "is corrupt (hash mismatch)"
         except FileNotFoundError:
             ok, why = False, "is missing"
         if not ok:

@@ -30,7 +30,7 @@ from typing import Any, Callable
 from jupyter_core.utils import ensure_async
 
 from handoff_magic.atomic import atomic_write_json, link_or_copy
-from handoff_magic.chunks import chunk_relpath
+from handoff_magic.chunks import chunk_relpath, is_sha
 from handoff_magic.errors import BundleError
 from handoff_magic.manifest import Manifest
 from handoff_magic.secrets import is_secret_name
@@ -1077,7 +1077,7 @@ def gc_blobs(store: Any, blobs: Any, *, min_age: float = 3600.0) -> dict[str, in
             if now - st.st_mtime < min_age:
                 kept += 1
                 continue
-            if f.name.startswith(".tmp-") or (f.name not in referenced and len(f.name) == 64):
+            if f.name.startswith(".tmp-") or (f.name not in referenced and is_sha(f.name)):
                 f.unlink(missing_ok=True)
                 deleted += 1
                 freed += st.st_size

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import json
 import os
 import sqlite3
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from handoff_magic.atomic import fsync_dir
-from handoff_magic.chunks import is_sha, shard_path
+from handoff_magic.chunks import AddressHasher, address_matches, is_sha, shard_path
 from handoff_magic.state import TERMINAL_STATUSES, Event, RunState, new_run_id
 
 class BlobError(ValueError):
@@ -46,9 +45,10 @@ def _dumps(value: Any) -> str:
 
 
 def check_sha(sha: str) -> str:
-    """Return ``sha`` if it is a lowercase sha256 hex digest; a path can never come out of it."""
+    """Return ``sha`` if it is a chunk address (``blake3-<hex>`` or a sha256 hex digest); a path
+    can never come out of it."""
     if not is_sha(sha):
-        raise BlobError(f"{sha!r} is not a sha256 address (64 lowercase hex digits)")
+        raise BlobError(f"{sha!r} is not a chunk address (blake3-<64 hex digits> or 64 hex digits of sha256)")
     return sha
 
 
@@ -67,7 +67,7 @@ class BlobWriter:
         self.sha = check_sha(sha)
         self.max_bytes = max_bytes
         self.size = 0
-        self._hash = hashlib.sha256()
+        self._hash = AddressHasher(self.sha)   # the algorithm the address names
         final = store.path(sha)
         final.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = final.parent / f".tmp-{uuid.uuid4().hex}"
@@ -87,7 +87,7 @@ class BlobWriter:
         """Verify the hash and publish the blob atomically; True if it was new."""
         if self._file is None:
             raise BlobError("upload already finished")
-        digest = self._hash.hexdigest()
+        digest = self._hash.digest()
         if digest != self.sha:
             self.abort()
             raise BlobError(f"uploaded bytes hash to {digest}, not {self.sha}: the chunk was corrupted "
@@ -147,7 +147,7 @@ class BlobStore:
     def put(self, sha: str, data: bytes | memoryview) -> bool:
         """Store ``data`` under ``sha`` after verifying it; idempotent; True if it was new."""
         if self.has(sha):
-            if hashlib.sha256(data).hexdigest() != sha:
+            if not address_matches(sha, data):
                 raise BlobError(f"data does not hash to {sha}")
             return False
         w = self.writer(sha)

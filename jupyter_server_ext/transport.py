@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from handoff_magic.atomic import atomic_write_bytes, link_or_copy
-from handoff_magic.chunks import chunk_relpath
+from handoff_magic.chunks import address_matches, chunk_relpath
 from handoff_magic.errors import BundleError
 from handoff_magic.manifest import Manifest, check_relpath
 
@@ -222,7 +222,7 @@ for sub in os.listdir(chunks):
     d = os.path.join(chunks, sub)
     if len(sub) == 2 and os.path.isdir(d):
         for name in os.listdir(d):
-            if len(name) == 64:
+            if len(name) in (64, 71):  # sha256 hex, or blake3-<hex>
                 have[name] = os.path.getsize(os.path.join(d, name))
 return {'root': os.path.abspath(root), 'have': have}
 """
@@ -239,7 +239,8 @@ def inside(rel, verb):
 """
 
 _PUT = _INSIDE + """
-import base64, hashlib
+import base64
+from handoff_magic.chunks import AddressHasher
 done = []
 for it in a['items']:
     path = inside(it['path'], 'write')
@@ -251,10 +252,12 @@ for it in a['items']:
     if it['final']:
         with open(part, 'rb') as f:
             got = f.read()
-        if len(got) != it['size'] or hashlib.sha256(got).hexdigest() != it['sha']:
+        h = AddressHasher(it['sha'])
+        h.update(got)
+        if len(got) != it['size'] or not h.matches():
             os.unlink(part)
-            raise ValueError('%s arrived damaged in the kernel (%d bytes, sha256 %s)'
-                             % (it['path'], len(got), hashlib.sha256(got).hexdigest()))
+            raise ValueError('%s arrived damaged in the kernel (%d bytes, hash %s)'
+                             % (it['path'], len(got), h.digest()))
         with open(part, 'rb+') as f:
             os.fsync(f.fileno())
         os.replace(part, path)
@@ -395,8 +398,8 @@ class KernelChannelTransport(BundleTransport):
 
         for rel, sha, size, read in files:
             data = read()
-            if len(data) != size or hashlib.sha256(data).hexdigest() != sha:
-                raise TransportError(f"{rel} is damaged on this server (sha256 mismatch)",
+            if len(data) != size or not address_matches(sha, data):
+                raise TransportError(f"{rel} is damaged on this server (hash mismatch)",
                                      "hand the run off again to re-upload it")
             offset = 0
             while True:

@@ -15,6 +15,8 @@ from typing import Any
 
 from jupyter_client.manager import start_new_kernel
 
+from handoff_magic.chunks import shard_path
+
 TERMINAL = ("completed", "failed", "cancelled", "pulled")
 
 CAPTURE_CODE = """
@@ -80,7 +82,7 @@ def hand_off(srv: Any, bundle: Path, manifest: dict[str, Any], model: str | None
     c = srv.client
     missing = c.post("/handoff/api/blobs/missing", json={"shas": list(m["chunks"])}).json()["missing"]
     for sha in missing:
-        r = c.put(f"/handoff/api/blobs/{sha}", content=(bundle / "chunks" / sha[:2] / sha).read_bytes())
+        r = c.put(f"/handoff/api/blobs/{sha}", content=(shard_path(bundle / "chunks", sha)).read_bytes())
         assert r.status_code in (200, 201, 204), r.text
     r = c.post("/handoff/api/runs", json={"manifest": m, "idempotency_key": uuid.uuid4().hex})
     assert r.status_code == 201, r.text

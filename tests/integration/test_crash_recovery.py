@@ -12,6 +12,7 @@ from typing import Any, Callable
 import nbformat
 import pytest
 
+from handoff_magic.chunks import shard_path
 from tests.harness.runner_helpers import (all_events, capture_bundle, finish, hand_off, run_python,
                                           tool_results, wait_status, write_script)
 from tests.harness.server_process import JupyterServerProcess
@@ -270,7 +271,7 @@ def test_gc_deletes_only_unreferenced_old_chunks(tmp_path: Path, bundle: tuple[P
     store = RunStore(tmp_path / "handoff.sqlite")
     blobs = BlobStore(tmp_path / "blobs")
     for sha in manifest["chunks"]:
-        blobs.put(sha, (bdir / "chunks" / sha[:2] / sha).read_bytes())
+        blobs.put(sha, (shard_path(bdir / "chunks", sha)).read_bytes())
     store.create_run(RunState(goal="g"), manifest, None)
     import hashlib
     orphan_old, orphan_new = b"old orphan chunk", b"fresh upload, run not created yet"

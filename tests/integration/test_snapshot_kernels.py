@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from handoff_magic.chunks import shard_path
 from tests.harness.kernels import Kernel
 from tests.harness.kernels import kernel_env as _env
 
@@ -268,7 +269,7 @@ def test_damaged_bundle_changes_nothing(world: Any, damage: str, tmp_path: Path)
     manifest = json.loads((bad / "manifest.json").read_text())
     if damage == "corrupt_chunk":
         sha = next(g["buffers"][0]["chunks"][0] for g in manifest["groups"] if "big" in g["names"])
-        p = bad / "chunks" / sha[:2] / sha
+        p = shard_path(bad / "chunks", sha)
         data = bytearray(p.read_bytes())
         data[len(data) // 2] ^= 0x01
         p.write_bytes(bytes(data))
@@ -303,7 +304,7 @@ def test_snapshot_verify_magic_names_the_damaged_variable(world: Any, tmp_path: 
     shutil.copytree(world["bundle"], bad)
     manifest = json.loads((bad / "manifest.json").read_text())
     sha = next(g["payload"][0] for g in manifest["groups"] if "pt" in g["names"])
-    p = bad / "chunks" / sha[:2] / sha
+    p = shard_path(bad / "chunks", sha)
     p.write_bytes(p.read_bytes()[:-1] + b"\0")
     out = b.run(f"%snapshot verify {bad}")
     assert out["error"] and sha in out["error"] and "pt" in out["error"], out["error"]

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import pytest
 from jupyter_client.multikernelmanager import AsyncMultiKernelManager
 
+from handoff_magic.chunks import shard_path
 from jupyter_server_ext.kernel_executor import KernelExecutor
 from jupyter_server_ext.store import BlobStore
 from jupyter_server_ext.transport import (KernelChannelTransport, SharedDiskTransport, TransportError,
@@ -48,7 +49,7 @@ def blobs(tmp_path_factory: pytest.TempPathFactory, bundle: tuple[Path, dict[str
     bdir, manifest = bundle
     store = BlobStore(tmp_path_factory.mktemp("blobs"))
     for sha in manifest["chunks"]:
-        store.put(sha, (bdir / "chunks" / sha[:2] / sha).read_bytes())
+        store.put(sha, (shard_path(bdir / "chunks", sha)).read_bytes())
     return store
 
 
@@ -144,7 +145,7 @@ def test_damaged_chunks_are_caught_on_both_sides(
     fresh_blobs = BlobStore(tmp_path / "other-blobs")
     ckdir = Path(kb.root) / ".handoff" / "ckpt" / "chunks"
     csv_sha = next(f for f in manifest["files"] if f["path"] == "sales.csv")["chunks"][0]
-    victim = ckdir / csv_sha[:2] / csv_sha   # unchanged, so the checkpoint reuses this chunk
+    victim = shard_path(ckdir, csv_sha)   # unchanged, so the checkpoint reuses this chunk
     victim.write_bytes(b"bit rot" + victim.read_bytes()[7:])
     with pytest.raises(TransportError) as err:
         t.fetch_checkpoint(executor, "run2", dict(manifest["run"], id="run2"), fresh_blobs)
@@ -170,7 +171,7 @@ def test_shared_disk_transport_links_and_ingests(
     ws = kernel_dir / "handoff-runs" / "run4"
     assert kb.root == str(ws) and kb.bytes_sent == 0
     sha = next(iter(manifest["chunks"]))
-    assert (ws / ".handoff" / "ckpt" / "chunks" / sha[:2] / sha).stat().st_ino == blobs.path(sha).stat().st_ino
+    assert (shard_path(ws / ".handoff" / "ckpt" / "chunks", sha)).stat().st_ino == blobs.path(sha).stat().st_ino
     run_ok(executor, t.restore_code(kb))
     run_ok(executor, "shared_total = 7")
     ck = t.fetch_checkpoint(executor, "run4", dict(manifest["run"], id="run4"), blobs)

@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import blake3
 import numpy as np
 import pytest
 
 from handoff_magic import secrets
-from handoff_magic.chunks import CHUNK_SIZE, ChunkStore
+from handoff_magic.chunks import CHUNK_SIZE, ChunkStore, shard_path
 from handoff_magic.errors import BundleError, BundleSchemaError
 from handoff_magic.manifest import Manifest, read_manifest, verify, write_manifest
 from handoff_magic.snapshot.capture import save_state
@@ -28,13 +29,13 @@ def _save(bundle: Path, ns: dict[str, Any], **kw: Any) -> Any:
 
 
 # -- chunk store -------------------------------------------------------------------
-def test_chunk_address_is_sha_of_stored_bytes_and_dedups(tmp_path: Path) -> None:
+def test_chunk_address_is_blake3_of_stored_bytes_and_dedups(tmp_path: Path) -> None:
     store = ChunkStore(tmp_path / "chunks")
     text = b"hello world " * 10_000
     ref = store.put(text, compress=True)
     assert ref.codec == "zstd" and ref.stored < ref.size
     stored = store.path(ref.sha).read_bytes()
-    assert hashlib.sha256(stored).hexdigest() == ref.sha
+    assert ref.sha == "blake3-" + blake3.blake3(stored).hexdigest()
     assert store.get(ref.sha) == text
     again = store.put(text, compress=True)
     assert again.sha == ref.sha and not again.new
@@ -85,14 +86,14 @@ def test_verify_names_flipped_chunk_and_its_owner(tmp_path: Path) -> None:
     verify(bundle)
     g = next(g for g in rep.manifest["groups"] if g["names"] == ["weights"])
     sha = g["buffers"][0]["chunks"][0]
-    p = bundle / "chunks" / sha[:2] / sha
+    p = shard_path(bundle / "chunks", sha)
     data = bytearray(p.read_bytes())
     data[1234] ^= 0x10
     p.write_bytes(bytes(data))
     with pytest.raises(BundleError, match=f"chunk {sha} is corrupt.*variable weights"):
         verify(bundle)
     fsha = rep.manifest["files"][0]["chunks"][0]
-    (bundle / "chunks" / fsha[:2] / fsha).unlink()
+    (shard_path(bundle / "chunks", fsha)).unlink()
     with pytest.raises(BundleError, match="file notes.txt"):
         verify(bundle)
 
@@ -292,7 +293,7 @@ def test_mapped_loads_are_private_and_truncated_chunks_refused(tmp_path: Path) -
     load_state(tmp_path / "b", ns=again, files=False)
     assert np.array_equal(again["arr"], arr)
     sha = rep.manifest["groups"][0]["buffers"][0]["chunks"][1]
-    p = tmp_path / "b" / "chunks" / sha[:2] / sha
+    p = shard_path(tmp_path / "b" / "chunks", sha)
     p.write_bytes(p.read_bytes()[:-100])
     target = {"arr": "untouched"}
     with pytest.raises(BundleError, match="truncated|corrupt"):

@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import pytest
 
+from handoff_magic.chunks import shard_path
 from handoff_magic import save_state
 from handoff_magic.diff import DiffError, diff_manifests, render_diff_html
 
@@ -21,7 +22,7 @@ def _capture(root: Path, bundle: Path, ns: dict[str, Any]) -> dict[str, Any]:
 def _reader(*bundles: Path) -> Callable[[str], bytes]:
     def read(sha: str) -> bytes:
         for b in bundles:
-            p = b / "chunks" / sha[:2] / sha
+            p = shard_path(b / "chunks", sha)
             if p.exists():
                 return p.read_bytes()
         raise FileNotFoundError(sha)
