@@ -28,6 +28,45 @@ DEFAULT_MAX_FILE = 100 * 1024 * 1024
 
 
 DEFAULT_MAX_TOTAL = 2 * 1024 * 1024 * 1024
+DEFAULT_MAX_FILES = 20_000
+IGNORE_FILE = ".handoffignore"
+
+
+def listing(root: Path, skip_real: set[str]) -> list[tuple[str, list[str]]]:
+    """(directory, file names) of what may travel: the built-in ignores, then ``.handoffignore``
+    (gitignore syntax). Refuses, before anything is read or sent, a tree with more files than
+    HANDOFF_MAX_FILES, naming the largest directories and how to leave them out."""
+    import pathspec
+    ignore_file = root / IGNORE_FILE
+    spec = pathspec.GitIgnoreSpec.from_lines(ignore_file.read_text(errors="replace").splitlines()) \
+        if ignore_file.is_file() else None
+    root_s = str(root)
+    out: list[tuple[str, list[str]]] = []
+    per_dir: dict[str, int] = {}
+    count = 0
+    for dirpath, dirnames, filenames in os.walk(root_s, followlinks=False):
+        rel_dir = os.path.relpath(dirpath, root_s).replace(os.sep, "/")
+        prefix = "" if rel_dir == "." else rel_dir + "/"
+        dirnames[:] = sorted(d for d in dirnames if not _ignored_dir(os.path.join(dirpath, d), d, skip_real)
+                             and not (spec is not None and spec.match_file(prefix + d + "/")))
+        names = sorted(f for f in filenames if spec is None or not spec.match_file(prefix + f))
+        if names:
+            out.append((dirpath, names))
+            count += len(names)
+            top = prefix.split("/", 2)
+            for depth in (1, 2):
+                if len(top) > depth:
+                    key = "/".join(top[:depth]) + "/"
+                    per_dir[key] = per_dir.get(key, 0) + len(names)
+    limit = _env_int("HANDOFF_MAX_FILES", DEFAULT_MAX_FILES)
+    if count > limit:
+        largest = sorted(per_dir.items(), key=lambda kv: -kv[1])[:5]
+        where = ", ".join(f"{d} ({n} files)" for d, n in largest) or "the top directory"
+        raise BundleError(f"the working directory {root} has {count} files to send, more than the limit of {limit}; "
+                          f"the largest directories: {where}",
+                          f"list what should stay behind in {ignore_file} (gitignore syntax, e.g. "
+                          f"'{largest[0][0] if largest else 'data/'}'), or raise HANDOFF_MAX_FILES")
+    return out
 
 
 def _env_int(name: str, default: int) -> int:
@@ -56,9 +95,8 @@ def capture_files(root: Path, store: ChunkStore, secrets: list[bytes], skip: lis
     pending: list[tuple[str, list]] = []
     total = 0
     root_s = str(root)
-    for dirpath, dirnames, filenames in os.walk(root_s, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not _ignored_dir(os.path.join(dirpath, d), d, skip_real))
-        for fn in sorted(filenames):
+    for dirpath, filenames in listing(root, skip_real):
+        for fn in filenames:
             full = os.path.join(dirpath, fn)
             rel = os.path.relpath(full, root_s).replace(os.sep, "/")
             try:

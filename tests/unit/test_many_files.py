@@ -1,0 +1,32 @@
+"""A working directory of 50,000 small files: a clear error before anything is read or sent,
+naming the largest directories; with a .handoffignore (gitignore syntax) the capture succeeds."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from handoff_magic import save_state
+from handoff_magic.errors import BundleError
+
+
+def test_fifty_thousand_files_then_handoffignore(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    for d in range(50):
+        sub = work / "frames" / f"batch{d:02d}"
+        sub.mkdir(parents=True)
+        for i in range(1000):
+            (sub / f"{i}.txt").touch()
+    (work / "analysis.py").write_text("x = 1\n")
+    (work / "notes").mkdir()
+    (work / "notes" / "keep.md").write_text("keep\n")
+    (work / "notes" / "scratch.tmp").write_text("drop\n")
+    with pytest.raises(BundleError) as err:
+        save_state(tmp_path / "b", ns={}, root=work, environ={})
+    assert "50003 files" in str(err.value) and "frames/ (50000 files)" in str(err.value)
+    assert ".handoffignore" in str(err.value)
+    assert not (tmp_path / "b" / "manifest.json").exists()
+
+    (work / ".handoffignore").write_text("# generated frames stay here\nframes/\n*.tmp\n")
+    rep = save_state(tmp_path / "b", ns={}, root=work, environ={})
+    assert sorted(f["path"] for f in rep.files) == [".handoffignore", "analysis.py", "notes/keep.md"]
