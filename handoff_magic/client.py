@@ -7,6 +7,7 @@ do next; the server's own ``{"error", "hint"}`` is passed through verbatim.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import uuid
@@ -27,6 +28,7 @@ STREAM_PIECE = 256 * 1024          # bytes per progress update while streaming a
 Progress = Callable[[int, int], None]   # (bytes done, bytes total)
 
 _RETRY_STATUS = frozenset({500, 502, 503, 504})
+RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")   # the server's route pattern for a run id
 
 
 @dataclass
@@ -130,10 +132,13 @@ class HandoffClient:
             hint = body.get("hint")
         code = resp.status_code
         if code in (401, 403):
-            said = f": {error}" + (f" ({hint})" if hint else "") if error else ""
+            # Jupyter Server answers an unknown token on a POST with its form check ("'_xsrf'
+            # argument missing"): that only means the token was not accepted, so say that
+            refused = code == 401 or not error or "_xsrf" in str(error) or "no valid token" in str(error)
+            said = "" if refused else f": {error}" + (f" ({hint})" if hint else "")
             return AuthError(f"the server refused the token (HTTP {code} on {what}{said})",
-                             "set HANDOFF_TOKEN to a valid Jupyter Server token "
-                             "(`jupyter server list` shows it) or pass --token", code)
+                             "get one with `jupyter server list` on the server (the token=... part of "
+                             "its URL) and set HANDOFF_TOKEN, or pass --token", code)
         if code == 404 and not error:  # tornado's own 404 page: nobody serves /handoff/api here
             return ClientError(f"{self.url} has no jupyter-handoff API ({what} got HTTP 404)",
                                "is this the right server, with jupyter-handoff installed and enabled? "
@@ -351,8 +356,17 @@ class HandoffClient:
                              what="creating the remote run")
         return self._json(resp, "creating the remote run")
 
+    @staticmethod
+    def check_run_id(run_id: str) -> str:
+        """Checked before it goes into a URL: ``../../etc`` is not a run id, whatever the server says."""
+        if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+            raise RunNotFound(f"{run_id!r} is not a valid run id",
+                              "run ids are 1-64 letters, digits, '-' or '_'; %reattach (or "
+                              "`jupyter handoff list`) lists the runs on the server")
+        return run_id
+
     def get_run(self, run_id: str) -> dict[str, Any]:
-        return self._json(self._request("GET", f"/runs/{run_id}", what=f"run {run_id}"), "get run")
+        return self._json(self._request("GET", f"/runs/{self.check_run_id(run_id)}", what=f"run {run_id}"), "get run")
 
     def list_runs(self) -> list[dict[str, Any]]:
         data = self._json(self._request("GET", "/runs", what="listing runs"), "list runs")
@@ -361,32 +375,33 @@ class HandoffClient:
     def events(self, run_id: str, after: int = 0, timeout: float = 25.0) -> dict[str, Any]:
         """Long-poll: returns ``{"events", "last_seq", "status"}`` as soon as there is news or
         after ``timeout`` seconds."""
-        resp = self._request("GET", f"/runs/{run_id}/events",
+        resp = self._request("GET", f"/runs/{self.check_run_id(run_id)}/events",
                              params={"after": after, "timeout": timeout},
                              timeout=httpx.Timeout(timeout + 15.0, connect=10.0),
                              what=f"events of run {run_id}")
         return self._json(resp, "events")
 
     def answer(self, run_id: str, text: str) -> dict[str, Any]:
-        resp = self._request("POST", f"/runs/{run_id}/answer", json={"answer": text},
+        resp = self._request("POST", f"/runs/{self.check_run_id(run_id)}/answer", json={"answer": text},
                              idempotent=False, what=f"answering run {run_id}")
         return self._json(resp, "answer") if resp.content else {}
 
     def cancel(self, run_id: str) -> dict[str, Any]:
-        resp = self._request("POST", f"/runs/{run_id}/cancel", json={}, what=f"cancelling run {run_id}")
+        resp = self._request("POST", f"/runs/{self.check_run_id(run_id)}/cancel", json={}, what=f"cancelling run {run_id}")
         return self._json(resp, "cancel") if resp.content else {}
 
     def pull(self, run_id: str, timeout: float = 180.0) -> dict[str, Any]:
         """Ask the server to pause the run at a step boundary, checkpoint and end it ``pulled``."""
-        resp = self._request("POST", f"/runs/{run_id}/pull", json={},
+        resp = self._request("POST", f"/runs/{self.check_run_id(run_id)}/pull", json={},
                              timeout=httpx.Timeout(timeout, connect=10.0), what=f"pulling run {run_id}")
         return self._json(resp, "pull") if resp.content else {}
 
     def bundle(self, run_id: str) -> dict[str, Any]:
         """The run's latest checkpoint manifest (with ``run`` = the remote RunState)."""
-        data = self._json(self._request("GET", f"/runs/{run_id}/bundle", what=f"bundle of run {run_id}"),
-                          "bundle")
+        data = self._json(self._request("GET", f"/runs/{self.check_run_id(run_id)}/bundle",
+                                        what=f"bundle of run {run_id}"), "bundle")
         return data.get("manifest", data) if isinstance(data, dict) and "kind" not in data else data
 
     def diff(self, run_id: str) -> dict[str, Any]:
-        return self._json(self._request("GET", f"/runs/{run_id}/diff", what=f"diff of run {run_id}"), "diff")
+        return self._json(self._request("GET", f"/runs/{self.check_run_id(run_id)}/diff",
+                                        what=f"diff of run {run_id}"), "diff")

@@ -26,7 +26,7 @@ AGENT_USAGE = """usage:
 SPEC is openai:MODEL, anthropic:MODEL or scripted:PATH (default: HANDOFF_MODEL, ~/.jupyter/handoff.json, demo)."""
 HANDOFF_USAGE = "usage: %handoff [--to URL] [--token TOKEN] [--fork] [RUN_ID]"
 REATTACH_USAGE = "usage: %reattach [RUN_ID] [--to URL] [--token TOKEN]   (no RUN_ID: list the server's runs)"
-PULL_USAGE = "usage: %pull RUN_ID [--to URL] [--token TOKEN]"
+PULL_USAGE = "usage: %pull RUN_ID [--again] [--to URL] [--token TOKEN]"
 
 _FLAGS = {"--background"}
 _VALUED = {"--model", "--max-steps", "--max-tokens", "--max-cost"}
@@ -366,11 +366,13 @@ class HandoffMagics(Magics):
         """Bring a remote run back: its variables, files, plan and conversation; then %agent continue."""
         p = _ArgParser(PULL_USAGE)
         p.add_argument("run_id")
+        p.add_argument("--again", action="store_true")   # re-restore a run pulled here before
         p.add_argument("--to")
         p.add_argument("--token")
         a = p.parse_args(_split(line, PULL_USAGE))
         remote = _remote_module()
-        result = _call(remote.pull, a.run_id, to=a.to, token=a.token, shell=self.shell, display=False)
+        result = _call(remote.pull, a.run_id, to=a.to, token=a.token, shell=self.shell, display=False,
+                       again=a.again)
         report = getattr(result, "pull_report", None)
         _display(report)
         _show_remote_result(result)

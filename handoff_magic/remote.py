@@ -7,6 +7,7 @@ events in a background thread and drives the same RunWidget a local run uses.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import html
@@ -30,7 +31,7 @@ from .errors import HandoffError as HandoffError  # re-exported: callers catch r
 from .errors import JourneyError
 from .manifest import write_manifest
 from .snapshot.reports import fmt_bytes
-from .state import TERMINAL_STATUSES, Budgets, Event, PlanStep, RunState, StateError
+from .state import STATUS_LABELS, TERMINAL_STATUSES, Budgets, Event, PlanStep, RunState, StateError
 
 log = logging.getLogger(__name__)
 
@@ -332,10 +333,18 @@ class RemoteRun:
                 break
             if self.state.status in REMOTE_DONE and not events:
                 if self.widget is not None and hasattr(self.widget, "show_state"):
+                    self._refresh_steps()
                     self.widget.show_state(self.state)
                 break
         with self._changed:
             self._changed.notify_all()
+
+    def _refresh_steps(self) -> None:
+        """The server's step count (the events do not carry it) for the final view."""
+        try:
+            self.state.steps = int(self.refresh().get("steps") or self.state.steps)
+        except ClientError as exc:   # the view keeps the count it has; following is over anyway
+            log.info("could not refresh run %s: %s", self.run_id, exc)
 
     def stop(self) -> None:
         self._stop.set()
@@ -475,8 +484,16 @@ def handoff(run: Any, *, to: str | None = None, token: str | None = None, fork: 
     """Hand ``run`` (a LocalRun) to a server; returns a RemoteRun that follows it.
 
     On any failure the local run is left as it was (paused at a step boundary if it was running)
-    and the error says what to do.
+    and the error says what to do. The run's Hand off button stays disabled meanwhile (pausing
+    can take a whole step), whether the button or %handoff started it.
     """
+    widget = getattr(run, "widget", None)
+    with widget.busy("handoff") if hasattr(widget, "busy") else contextlib.nullcontext():
+        return _handoff(run, to=to, token=token, fork=fork, client=client, shell=shell)
+
+
+def _handoff(run: Any, *, to: str | None, token: str | None, fork: bool,
+             client: HandoffClient | None, shell: Any) -> RemoteRun:
     t0 = time.perf_counter()
     timings = HandoffTimings()
     cl = _client(to, token, client)
@@ -524,8 +541,14 @@ def handoff(run: Any, *, to: str | None = None, token: str | None = None, fork: 
                            f"nothing was sent. {intact}") from exc
     manifest = report.manifest
     timings.capture = time.perf_counter() - t
+    left_out = [f["path"] for f in getattr(report, "skipped_files", None) or []]
+    # said before the upload starts: a 2 GB handoff should not be a surprise
     _widget_message(widget, f"captured {len(manifest.get('variables') or [])} variables, "
-                            f"{len(manifest.get('files') or [])} files")
+                            f"{len(manifest.get('files') or [])} files: "
+                            f"{fmt_bytes(getattr(report, 'bytes_total', 0))} to hand off (only what the "
+                            "server lacks is sent)"
+                            + (f"; left out: {', '.join(left_out[:5])}" + (" ..." if len(left_out) > 5 else "")
+                               if left_out else ""))
 
     # create first: if the server already has every chunk (or refuses the bundle as too large)
     # we know without uploading a byte; a 400 listing missing chunks means: upload, then create
@@ -576,10 +599,14 @@ def handoff(run: Any, *, to: str | None = None, token: str | None = None, fork: 
         from_widget = widget
         if widget is not None:
             widget.show_event(ev)
-    remote = RemoteRun(cl, remote_id, widget=from_widget, state=state_from_summary(summary, []), shell=shell)
+    # the server copied the sent events as seq 1..n: the mirror starts from them, so the view
+    # keeps the local steps (and their numbers) when it is rebuilt from the mirror at the end
+    sent_events = [] if fork else list(sent_state.events)
+    remote = RemoteRun(cl, remote_id, widget=from_widget, state=state_from_summary(summary, sent_events),
+                       shell=shell)
     remote.links = links
-    if not fork:  # the server copied the sent events as seq 1..n; this widget already shows them
-        remote.last_seq = len((manifest.get("run") or {}).get("events") or [])
+    if not fork:  # this widget already shows the sent events
+        remote.last_seq = len(sent_events)
     if from_widget is not None:
         if hasattr(from_widget, "controller"):
             run._local_controller = from_widget.controller  # restored by pull back
@@ -695,8 +722,23 @@ class PullReport:
             lines.append(str(self.restore))
         for c in self.conflicts:
             lines.append(f"conflict: {_conflict_text(c)}")
-        lines.append("%agent continue goes on here with the full plan and messages")
+        lines.append(self.next_step())
         return "\n".join(lines)
+
+    def next_step(self) -> str:
+        """What to do now, for the status the run had when it was pulled."""
+        run = getattr(self.restore, "run", None)
+        status = getattr(run, "status", "paused")
+        if status == "completed":
+            return ('the run had completed; its results are here. %agent continue "what next" '
+                    "gives it follow-up instructions")
+        if status == "failed":
+            return "the run had failed; %agent continue retries the step that failed"
+        if status == "waiting_input":
+            return f'the agent waits for your answer: {run.question or ""} -> %agent continue "your answer"'
+        if status == "cancelled":
+            return "the run had been cancelled; its variables and files are here. Start a new one with %agent TASK"
+        return "%agent continue goes on here with the full plan and messages"
 
     __repr__ = __str__
 
@@ -705,7 +747,7 @@ class PullReport:
         conflicts = "".join(f"<li>{html.escape(_conflict_text(c))}</li>" for c in self.conflicts)
         return (f"<p>Pulled run <b>{html.escape(self.run_id)}</b> from {html.escape(self.server_url)} "
                 f"({fmt_bytes(self.bytes_downloaded)} downloaded in {self.seconds:.2f}s). "
-                f"<code>%agent continue</code> goes on here.</p>{body}"
+                f"{html.escape(self.next_step())}.</p>{body}"
                 + (f"<p>Conflicts:</p><ul>{conflicts}</ul>" if conflicts else ""))
 
 
@@ -729,15 +771,35 @@ def _file_conflicts(manifest: dict[str, Any], record: dict[str, Any] | None) -> 
     return {f["path"]: at_handoff.get(f["path"]) or ABSENT for f in manifest.get("files") or []}
 
 
+def pulled_here(server_url: str, run_id: str) -> Any:
+    """The LocalRun of this kernel that remote run ``run_id`` was pulled back into, if any."""
+    from . import runs
+    for local in runs.RUNS.values():
+        if any(ev.type == "pull" and ev.data.get("remote_id") == run_id and ev.data.get("server") == server_url
+               for ev in local.state.events):
+            return local
+    return None
+
+
 def pull(run_id: str, *, to: str | None = None, token: str | None = None, shell: Any = None,
-         client: HandoffClient | None = None, display: bool = True, widget: Any = None) -> Any:
+         client: HandoffClient | None = None, display: bool = True, widget: Any = None,
+         again: bool = False) -> Any:
     """Pause + checkpoint the remote run, restore its state here and make it a LocalRun.
 
     ``widget``: the view whose Pull back button was clicked (a %reattach view, a fork's view); it
-    shows the download and then becomes the pulled-back LocalRun's view."""
+    shows the download and then becomes the pulled-back LocalRun's view. A run pulled into this
+    kernel before is refused unless ``again``: then its last checkpoint replaces that local run's
+    state (same local run, no new id)."""
     t0 = time.perf_counter()
+    HandoffClient.check_run_id(run_id)   # before it names a cache dir or a record file
     cl = _client(to, token, client)
     shell = shell if shell is not None else _get_shell()
+    earlier = pulled_here(cl.url, run_id)
+    if earlier is not None and not again:
+        raise JourneyError(f"run {run_id} was already pulled back into this kernel as local run "
+                           f"{earlier.id} ({STATUS_LABELS.get(earlier.status, earlier.status)})",
+                           f"%agent continue goes on with it; %pull {run_id} --again restores the run's "
+                           "last checkpoint once more, replacing that run's variables, files and state")
     record = load_record(cl.url, run_id)
     bundle_dir = Path(record["bundle_dir"]) if record and record.get("bundle_dir") else \
         bundle_cache(f"pull-{run_id}")
@@ -766,13 +828,15 @@ def pull(run_id: str, *, to: str | None = None, token: str | None = None, shell:
                            f"nothing changed in this kernel. The checkpoint stays on the server "
                            f"(run {run_id}).") from exc
 
+    if hasattr(report, "title"):   # not the local cache dir it was restored from
+        report.title = f"Restored run {run_id} from {cl.url}"
     remote_state = getattr(report, "run", None)
     if remote_state is None and manifest.get("run"):
         remote_state = RunState.from_dict(manifest["run"])
     if remote_state is None:
         raise JourneyError(f"run {run_id}'s checkpoint carries no run state; the variables were "
                            "restored but the agent cannot continue: start a new %agent run")
-    local = _merge_into_local(remote_state, record, cl.url, run_id, shell)
+    local = _merge_into_local(remote_state, record, cl.url, run_id, shell, earlier)
     if widget is not None and getattr(local, "widget", None) is not widget:
         _adopt_view(local, widget)
     result = PullReport(run_id, cl.url, downloaded, report, list(getattr(report, "conflicts", []) or []),
@@ -800,7 +864,7 @@ def _local_widget(record: dict[str, Any] | None) -> Any:
 
 
 def _merge_into_local(remote_state: RunState, record: dict[str, Any] | None, server_url: str,
-                      run_id: str, shell: Any) -> Any:
+                      run_id: str, shell: Any, earlier: Any = None) -> Any:
     """The remote's plan, messages, steps and events become the local run's, status paused."""
     from . import runs
     state = RunState.from_dict(copy.deepcopy(remote_state.to_dict()))
@@ -812,8 +876,8 @@ def _merge_into_local(remote_state: RunState, record: dict[str, Any] | None, ser
     # the run handed off from this kernel takes its state back; a fork (or a run that went on
     # here) is left alone and the pulled run becomes a run of its own, named by its remote id
     local_id = (record or {}).get("local_run_id")
-    existing = None
-    for key in (local_id, state.id):
+    existing = earlier   # a re-pull (--again) refreshes the run it was pulled into
+    for key in () if existing is not None else (local_id, state.id):
         cand = runs.RUNS.get(key) if key else None
         if cand is not None and cand.state.status == "handed_off":
             existing = cand

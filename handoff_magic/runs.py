@@ -306,6 +306,10 @@ class LocalRun:
         """The widget's Send button: resume in the background so the kernel stays responsive."""
         self.continue_(text, background=True)
 
+    def resume(self) -> None:
+        """The widget's Continue button: resume a paused (or retry a failed) run in the background."""
+        self.continue_(background=True)
+
     def cancel(self) -> None:
         if self.remote is not None:
             self._remote_run().cancel()

@@ -14,7 +14,9 @@ import json
 import logging
 import threading
 import traceback
-from contextlib import ExitStack
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, runtime_checkable
 
@@ -62,6 +64,7 @@ BUTTONS: tuple[tuple[str, str, str], ...] = (
     ("diff", "Review diff", "review_diff"),
     ("pull", "Pull back", "pull_back"),
     ("notebook", "Open notebook", "open_notebook"),
+    ("continue", "Continue", "resume"),
     ("pause", "Pause", "request_pause"),
     ("cancel", "Cancel", "cancel"),
 )
@@ -105,6 +108,7 @@ def button_states(status: str, remote: bool, pausable: bool = True) -> dict[str,
                      else f"nothing to pull: the run is {STATUS_LABELS.get(status, status)}")
         s["notebook"] = (True, "open the remote result notebook")
         s["pause"] = (False, "remote runs pause through Pull back")
+        s["continue"] = (False, "the remote run goes on by itself; answer its question in the box")
         cancel_ok = not terminal
         s["cancel"] = (cancel_ok, "stop the remote run" if cancel_ok
                        else f"the run is already {STATUS_LABELS.get(status, status)}")
@@ -120,6 +124,10 @@ def button_states(status: str, remote: bool, pausable: bool = True) -> dict[str,
         else:
             s["pause"] = (status == "running", "pause at the next step boundary" if status == "running"
                           else "only while the run is running")
+        go_on = status in ("paused", "failed")
+        s["continue"] = (go_on, ("resume the run here, in the background" if status == "paused" else
+                                 "retry the step that failed") if go_on
+                         else "only for a paused or failed run")
         cancel_ok = status in ("idle", "running", "paused", "waiting_input")
         s["cancel"] = (cancel_ok, "stop this run" if cancel_ok
                        else f"the run is {STATUS_LABELS.get(status, status)}")
@@ -199,12 +207,14 @@ class _View:
                          for s in steps if isinstance(s, dict)]
         elif t == "assistant":
             self.entries.append(_Entry(text=str(d.get("text") or "")))
+            self.steps += 1   # a model turn; a remote run's count grows with its events
         elif t == "tool_call":
             # a turn without words starts with its first call; the loop emits a turn's calls
             # before any of their results, so a call after a result belongs to a new turn
             last = self.entries[-1] if self.entries else None
             if last is None or last.note or any(c.result is not None for c in last.calls):
                 self.entries.append(_Entry())
+                self.steps += 1
             args = d.get("arguments") if isinstance(d.get("arguments"), dict) else {}
             self.entries[-1].calls.append(_Call(str(d.get("id", "")), str(d.get("name", "")), args))
         elif t == "tool_result":
@@ -268,6 +278,7 @@ def _view_from_state(state: RunState) -> _View:
         v.apply(ev)
     # the state's own fields are the truth; events only fill in the log and messages
     v.status = state.status
+    v.steps = state.steps
     v.plan = [(p.text, p.status) for p in list(state.plan)]
     v.question = state.question if state.status == "waiting_input" else None
     v.summary = state.summary
@@ -459,6 +470,7 @@ class RunWidget(W.VBox):
         # what the buttons display (a diff, a link, a pull report) lands here, not in a cell
         self.action_output = W.Output()
         self._message = W.HTML()
+        self._busy: Counter[str] = Counter()   # actions under way: their buttons stay disabled
         self.buttons: dict[str, W.Button] = {}
         for key, label, method in BUTTONS:
             b = W.Button(description=label, layout=W.Layout(width="auto"))
@@ -564,7 +576,8 @@ class RunWidget(W.VBox):
         with ExitStack() as stack:
             for w in widgets:
                 stack.enter_context(w.hold_sync())
-            if what in (None, "status", "plan", "assistant", "handoff", "pull", "restore", "usage", "compacted"):
+            if what in (None, "status", "plan", "assistant", "tool_call", "handoff", "pull", "restore", "usage",
+                        "compacted"):
                 self._header.value = render_header_html(v)
             if what in (None, "plan"):
                 self._plan.value = render_plan_html(v.plan)
@@ -580,9 +593,10 @@ class RunWidget(W.VBox):
             self.answer_button.disabled = not waiting
             for key, (enabled, tip) in button_states(v.status, v.remote is not None, self.pausable).items():
                 b = self.buttons[key]
-                b.disabled = not enabled
-                b.tooltip = tip
+                b.disabled = not enabled or key in self._busy
+                b.tooltip = f"{_ACTION_LABELS[key]}: in progress" if key in self._busy else tip
             self.buttons["pause"].layout.display = "none" if v.remote else ""
+            self.buttons["continue"].layout.display = "none" if v.remote else ""
         if what in (None, "handoff", "pull"):   # a handoff/pull event ends its transfer's bar
             self._render_progress()
 
@@ -605,6 +619,21 @@ class RunWidget(W.VBox):
         self._progress.layout.display = ""
 
     # -- buttons ------------------------------------------------------------------------------
+    @contextmanager
+    def busy(self, key: str) -> Iterator[None]:
+        """Keep the ``key`` button disabled while its action is under way (a handoff pausing
+        the run, a pull downloading), so a second click cannot start it twice."""
+        with self._lock:
+            self._busy[key] += 1   # re-entrant: the button's click and the handoff both hold it
+            self._render("buttons")
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy[key] -= 1
+                self._busy += Counter()   # drops the keys at zero
+                self._render("buttons")
+
     def _make_handler(self, key: str, method: str) -> Callable[[W.Button], None]:
         def handler(_button: W.Button) -> None:
             self._invoke(key, method)
@@ -632,14 +661,17 @@ class RunWidget(W.VBox):
                 return exc
             return None
 
-        if key in DISPLAY_ACTIONS:
-            self.action_output.outputs = ()
-            with self.action_output:      # a diff view, a link, a report: shown in the widget
+        if key in self._busy:
+            return   # the same action is under way (a click that queued behind it)
+        with self.busy(key):
+            if key in DISPLAY_ACTIONS:
+                self.action_output.outputs = ()
+                with self.action_output:      # a diff view, a link, a report: shown in the widget
+                    exc = call()
+            else:
+                # answer/pause/cancel display nothing; a background run they start must not have
+                # its first outputs caught by the action area while the click is handled
                 exc = call()
-        else:
-            # answer/pause/cancel display nothing; a background run they start must not have
-            # its first outputs caught by the action area while the click is handled
-            exc = call()
         if exc is not None:   # one clear line; a (collapsed) traceback only for bugs
             if isinstance(exc, HandoffError):   # says what happened and what to do
                 log.debug("RunWidget: %s failed: %s", method, exc, exc_info=True)

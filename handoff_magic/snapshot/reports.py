@@ -78,8 +78,16 @@ class CaptureReport(_VariableRows):
 
     def _foot(self) -> str:
         return (f"{len(self.variables) - len(self.skipped)} variables saved, {len(self.skipped)} skipped, "
-                f"{len(self.files)} files ({len(self.skipped_files)} left out); "
+                f"{len(self.files)} files ({len(self.skipped_files)} left out{self._left_out()}); "
                 f"{fmt_bytes(self.bytes_new)} new of {fmt_bytes(self.bytes_total)} in {self.seconds:.2f}s")
+
+    def _left_out(self, shown: int = 5) -> str:
+        """Which files stayed behind and why, so "3 left out" is never a riddle."""
+        if not self.skipped_files:
+            return ""
+        names = [f"{f.get('path')} ({f.get('reason')})" for f in self.skipped_files[:shown]]
+        more = len(self.skipped_files) - shown
+        return ": " + ", ".join(names) + (f" and {more} more" if more > 0 else "")
 
     def __str__(self) -> str:
         return f"Snapshot saved to {self.path}\n{_table_text(self.variables)}\n{self._foot()}"
@@ -98,6 +106,7 @@ class RestoreReport(_VariableRows):
     conflicts: list[dict[str, str]] = field(default_factory=list)      # {path, written_as}
     seconds: float = 0.0
     run: Any = field(default=None, repr=False)                         # RunState | None
+    title: str = ""                # the heading; pull back names the run instead of its cache dir
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -110,10 +119,14 @@ class RestoreReport(_VariableRows):
         return (f"{len(self.variables) - len(self.skipped)} variables restored, {len(self.skipped)} skipped, "
                 f"{len(self.files)} files written{conf} in {self.seconds:.2f}s")
 
+    @property
+    def heading(self) -> str:
+        return self.title or f"Snapshot restored from {self.path}"
+
     def __str__(self) -> str:
-        return f"Snapshot restored from {self.path}\n{_table_text(self.variables)}\n{self._foot()}"
+        return f"{self.heading}\n{_table_text(self.variables)}\n{self._foot()}"
 
     __repr__ = __str__
 
     def _repr_html_(self) -> str:
-        return _table_html(f"Snapshot restored from {self.path}", self.variables, self._foot())
+        return _table_html(self.heading, self.variables, self._foot())

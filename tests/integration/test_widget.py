@@ -125,10 +125,10 @@ def test_step_log_shows_words_code_and_short_results_newest_last() -> None:
 LOCAL = {
     "idle": {"handoff", "cancel"},
     "running": {"handoff", "pause", "cancel"},
-    "paused": {"handoff", "cancel"},
+    "paused": {"handoff", "continue", "cancel"},
     "waiting_input": {"handoff", "cancel"},
     "completed": set(),
-    "failed": set(),
+    "failed": {"continue"},
     "cancelled": set(),
 }
 REMOTE = {
@@ -430,3 +430,65 @@ def test_model_key_never_reaches_state_or_widget(monkeypatch: pytest.MonkeyPatch
         assert key not in html and key not in run.widget.to_text() and key not in repr(run)
     finally:
         RUNS.pop(run.id, None)
+
+
+def test_continue_button_resumes_a_paused_run() -> None:
+    class Controller:
+        resumed = 0
+
+        def resume(self) -> None:
+            self.resumed += 1
+
+    state, w = make("paused")
+    w.controller = c = Controller()
+    assert "continue" in enabled(w) and "resume the run here" in w.buttons["continue"].tooltip
+    w.buttons["continue"].click()
+    assert c.resumed == 1
+    w.set_remote("http://srv:1", "abc")
+    assert "continue" not in enabled(w) and w.buttons["continue"].layout.display == "none"
+
+
+def test_hand_off_stays_disabled_while_the_handoff_pauses_the_run() -> None:
+    seen: list[bool] = []
+
+    class Controller:
+        def handoff(self) -> None:   # pausing at the step boundary happens in here
+            seen.append(w.buttons["handoff"].disabled)
+            w.buttons["handoff"].click()   # a second click meanwhile starts nothing
+            with w.busy("handoff"):        # remote.handoff holds it too (re-entrant)
+                seen.append(w.buttons["handoff"].disabled)
+            seen.append(w.buttons["handoff"].disabled)
+
+    state, w = make("running")
+    w.controller = Controller()
+    w.buttons["handoff"].click()
+    assert seen == [True, True, True]
+    assert not w.buttons["handoff"].disabled and "in progress" not in w.buttons["handoff"].tooltip
+
+
+def test_after_hand_off_the_log_keeps_local_steps_and_counts_on() -> None:
+    """The remote steps continue the local numbering and the header counts every step, also
+    when the view is rebuilt from the remote mirror (which starts from the sent events)."""
+    state, w = make("running")
+    state.budgets.max_steps = 40
+    for i in (1, 2):
+        state.steps = i
+        emit(state, w, "assistant", text=f"local step {i}")
+        emit(state, w, "tool_call", id=f"l{i}", name="run_python", arguments={"code": f"x{i} = {i}"})
+        emit(state, w, "tool_result", id=f"l{i}", name="run_python", content="[ok]")
+    set_status(state, w, "paused", reason="handoff")
+    mirror = RunState.from_dict(state.to_dict())    # what remote.handoff mirrors
+    set_status(state, w, "handed_off")
+    emit(state, w, "handoff", server="http://srv:1", remote_id="abc")
+    for i in (3, 4, 5):   # remote turns arrive as events only
+        for ev in (mirror.emit("tool_call", id=f"r{i}", name="run_python", arguments={"code": f"y = {i}"}),
+                   mirror.emit("tool_result", id=f"r{i}", name="run_python", content="[ok]")):
+            w.show_event(ev)
+    assert "5 steps of max 40" in w._header.value
+    log = w._log.value
+    assert log.index("local step 1") < log.index("#2") < log.index("x2 = 2") < log.index("#5") < log.index("y = 5")
+    assert w._log_box.titles == ("Step log · 5 steps",)
+    mirror.steps = 5                                   # the server's count, refreshed at the end
+    mirror.status = "completed"
+    w.show_state(mirror)
+    assert "5 steps of max 40" in w._header.value and "local step 1" in w._log.value and "#5" in w._log.value
