@@ -348,8 +348,7 @@ class DiffCommand(RunCommand):
         if self.json_output:
             self.print_json(diff)
         else:
-            print(f"run {run_id}: the handoff vs its latest checkpoint")
-            print(DiffView(diff))
+            print(DiffView(diff, run_id, cl.url))
         return EXIT_OK
 
 

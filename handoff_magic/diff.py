@@ -204,9 +204,12 @@ def _diff_lines(text: str) -> str:
     return "\n".join(rows)
 
 
-def render_diff_html(diff: dict[str, Any]) -> str:
-    """Self-contained HTML (inline styles, everything escaped) for notebooks and pages."""
+def render_diff_html(diff: dict[str, Any], title: str | None = None) -> str:
+    """Self-contained HTML (inline styles, everything escaped) for notebooks and pages;
+    ``title`` says what is compared with what (which run, handoff vs latest checkpoint)."""
     parts = ['<div class="handoff-diff" style="font-family:system-ui,sans-serif;font-size:13px">']
+    if title:
+        parts.append(f"<h3 style='margin:4px 0 8px'>{html.escape(title)}</h3>")
     parts.append("<h4 style='margin:4px 0'>Variables</h4>")
     variables = diff.get("variables") or []
     if variables:

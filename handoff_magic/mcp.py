@@ -218,8 +218,9 @@ def build_server(url: str | None = None, token: str | None = None, *, max_wait: 
         """What the run changed since it started (its latest checkpoint vs what it was given):
         files added/modified/deleted with unified diffs, and variables with before/after
         summaries. 'text' is the same as a readable report."""
+        cl = call(lambda cl: cl)
         diff = call(lambda cl: cl.diff(run_id))
-        return {"run_id": run_id, "text": str(DiffView(diff)), **diff}
+        return {"run_id": run_id, "text": str(DiffView(diff, run_id, cl.url)), **diff}
 
     @server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False,
                                              idempotent_hint=False, open_world_hint=True))

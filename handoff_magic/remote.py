@@ -161,11 +161,19 @@ class RunList(list):
 class DiffView:
     """The server's diff (files + variables) between the handoff and the latest checkpoint."""
 
-    def __init__(self, data: dict[str, Any]) -> None:
+    def __init__(self, data: dict[str, Any], run_id: str = "", server_url: str = "") -> None:
         self.data = data
+        self.run_id = run_id
+        self.server_url = server_url
+
+    @property
+    def title(self) -> str:
+        """What is compared with what: the state sent at handoff vs the run's latest checkpoint."""
+        run = f"run {self.run_id}" + (f" on {self.server_url}" if self.server_url else "") if self.run_id else "the run"
+        return f"What {run} changed: the handoff vs its latest checkpoint"
 
     def _repr_html_(self) -> str:
-        return render_diff_html(self.data)
+        return render_diff_html(self.data, self.title)
 
     def __str__(self) -> str:
         lines = []
@@ -178,7 +186,7 @@ class DiffView:
             summary = v.get("summary_after") or v.get("summary_before") or ""
             lines.append(f"var  {_change(v):8} {v.get('name')}: {v.get('type_after') or v.get('type_before')} "
                          f"{_short(summary)}".rstrip())
-        return "\n".join(lines) or "no changes since the handoff"
+        return "\n".join([self.title] + (lines or ["no changes since the handoff"]))
 
     __repr__ = __str__
 
@@ -383,7 +391,7 @@ class RemoteRun:
         self.client.cancel(self.run_id)
 
     def diff(self) -> DiffView:
-        return DiffView(self.client.diff(self.run_id))
+        return DiffView(self.client.diff(self.run_id), self.run_id, self.server_url)
 
     def review_diff(self) -> None:
         _display(self.diff())
@@ -700,7 +708,7 @@ def review_diff(run_id: str, *, to: str | None = None, token: str | None = None,
                 client: HandoffClient | None = None) -> DiffView:
     cl = _client(to, token, client)
     try:
-        return DiffView(cl.diff(run_id))
+        return DiffView(cl.diff(run_id), run_id, cl.url)
     except ClientError as exc:
         raise JourneyError(f"cannot get the diff of {run_id}: {exc}") from exc
 

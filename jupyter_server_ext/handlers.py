@@ -17,7 +17,7 @@ from jupyter_server.extension.handler import ExtensionHandlerMixin
 from markupsafe import Markup
 from tornado import web
 
-from handoff_magic.state import TERMINAL_STATUSES, RunState, StateError
+from handoff_magic.state import STATUS_LABELS, TERMINAL_STATUSES, RunState, StateError
 
 from .notify import links
 from .store import BlobError, check_sha
@@ -506,7 +506,8 @@ class PageHandler(_Base, JupyterHandler):  # type: ignore[misc]
     def render(self, name: str, **ns: Any) -> None:  # type: ignore[override]
         env = self.settings["handoff_jinja2_env"]
         html = env.get_template(name).render(
-            base_url=self.base_url.rstrip("/"), xsrf=Markup(self.xsrf_form_html()), **ns)
+            base_url=self.base_url.rstrip("/"), xsrf=Markup(self.xsrf_form_html()),
+            labels=STATUS_LABELS, **ns)   # the widget's and the terminal's words for a status
         self.finish(html)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
@@ -546,7 +547,10 @@ def _steps(events: list[Any], limit: int = 30) -> list[dict[str, Any]]:
                           "text": text if len(text) <= 1500 else text[:1500] + "\n…"})
         elif ev.type in ("question", "answer", "error", "interrupted"):
             text = d.get("question") or d.get("answer") or d.get("error") or d.get("reason")
-            steps.append({"kind": ev.type, "text": str(text or "")})
+            step = {"kind": ev.type, "text": str(text or "")}
+            if ev.type == "question" and any(s == step for s in steps[-3:]):
+                continue   # asked again when the run resumed: one question, shown once
+            steps.append(step)
     return steps[-limit:]
 
 
@@ -562,7 +566,9 @@ class RunPage(PageHandler):
                     # runner takes it, and the page must not look stuck (or invite a 2nd answer)
                     refresh=run["status"] in ("queued", "restoring", "running") or (
                         run["status"] == "waiting_input" and self.get_argument("message", "") == "Answer sent"),
-                    message=self.get_argument("message", ""),
+                    # "Answer sent" is news only while the run has not moved on yet
+                    message="" if (self.get_argument("message", "") == "Answer sent"
+                                   and run["status"] != "waiting_input") else self.get_argument("message", ""),
                     local={"notebook": f"{base}/lab/tree/handoff-runs/{run_id}/result.ipynb",
                            "diff_json": f"{base}/handoff/api/runs/{run_id}/diff",
                            "diff_html": f"{base}/handoff/runs/{run_id}/diff",

@@ -307,8 +307,17 @@ def test_background_run_pauses_at_step_boundary_for_handoff(cloud, client, tmp_p
         assert state["status"] == "handed_off" and state["steps"] == 1
         run_id = state["remote"]
         assert wait_status(client, run_id, {"completed", "failed"})["status"] == "completed"
-        a.ok(f"%pull {run_id}")
+        report = a.ok(f"%pull {run_id}")
         assert a.value("b") == 2 and a.run_state()["status"] == "completed"
+        assert "the run had completed" in report and "%agent continue goes on here" not in report
+        assert f"Restored run {run_id} from {cloud.url}" in report and ".cache" not in report
+        local_id = a.run_state()["id"]
+        twice = a.fails(f"%pull {run_id}")
+        assert "already pulled back into this kernel" in twice and f"%pull {run_id} --again" in twice
+        a.ok(f"%pull {run_id} --again")
+        assert a.run_state()["id"] == local_id, "a re-pull refreshes the same local run, no new id"
+        bad = a.fails("%pull ../../etc")
+        assert "'../../etc' is not a valid run id" in bad and "no jupyter-handoff API" not in bad
     finally:
         a.kill()
 

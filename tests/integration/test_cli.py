@@ -136,7 +136,7 @@ def test_follow_prints_each_step_as_the_server_commits_it(server: JupyterServerP
 
     diff = cli(env, "diff", run_id)
     assert diff.returncode == 0
-    assert "the handoff vs its latest checkpoint" in diff.stdout
+    assert f"What run {run_id} on {server.url} changed: the handoff vs its latest checkpoint" in diff.stdout
     assert "count.txt" in diff.stdout and "added" in diff.stdout
 
     listed = cli(env, "list")
@@ -197,6 +197,11 @@ def test_errors_say_what_to_do(server: JupyterServerProcess, env: dict[str, str]
     wrong = cli(dict(env, HANDOFF_TOKEN="not-the-token"), "list")
     assert wrong.returncode == 1
     assert "refused the token" in wrong.stderr and "jupyter server list" in wrong.stderr
+    assert "_xsrf" not in wrong.stderr
+    posted = cli(dict(env, HANDOFF_TOKEN="not-the-token"), "cancel", "abc")   # a POST: Jupyter's form check
+    assert posted.returncode == 1 and "refused the token" in posted.stderr and "_xsrf" not in posted.stderr
+    dots = cli(env, "show", "../../etc")
+    assert dots.returncode == 1 and "'../../etc' is not a valid run id" in dots.stderr
     missing = cli(env, "show", "nosuchrun")
     assert missing.returncode == 1 and "no run with id 'nosuchrun'" in missing.stderr
     usage = cli(env, "show")
