@@ -566,9 +566,9 @@ class RunPage(PageHandler):
                     # runner takes it, and the page must not look stuck (or invite a 2nd answer)
                     refresh=run["status"] in ("queued", "restoring", "running") or (
                         run["status"] == "waiting_input" and self.get_argument("message", "") == "Answer sent"),
-                    # "Answer sent" is news only while the run has not moved on yet
+                    # "Answer sent" is news until the run has ended (a bookmarked page must not keep it)
                     message="" if (self.get_argument("message", "") == "Answer sent"
-                                   and run["status"] != "waiting_input") else self.get_argument("message", ""),
+                                   and run["status"] in TERMINAL_STATUSES) else self.get_argument("message", ""),
                     local={"notebook": f"{base}/lab/tree/handoff-runs/{run_id}/result.ipynb",
                            "diff_json": f"{base}/handoff/api/runs/{run_id}/diff",
                            "diff_html": f"{base}/handoff/runs/{run_id}/diff",

@@ -484,6 +484,8 @@ def test_answer_form_on_the_status_page(srv: JupyterServerProcess) -> None:
     finally:
         browser.close()
     assert _wait(srv, rid, ("completed",))["summary"] == "North first."
+    done = srv.client.get(f"/handoff/runs/{rid}?message=Answer+sent").text   # the redirect, reloaded later
+    assert "Answer sent" not in done and "completed" in done
     answers = [e for e in _follow(srv, rid)[0] if e["type"] == "answer"]
     assert answers and answers[0]["data"]["answer"] == "north"
 

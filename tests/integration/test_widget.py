@@ -439,7 +439,7 @@ def test_continue_button_resumes_a_paused_run() -> None:
         def resume(self) -> None:
             self.resumed += 1
 
-    state, w = make("paused")
+    _, w = make("paused")
     w.controller = c = Controller()
     assert "continue" in enabled(w) and "resume the run here" in w.buttons["continue"].tooltip
     w.buttons["continue"].click()
@@ -459,7 +459,7 @@ def test_hand_off_stays_disabled_while_the_handoff_pauses_the_run() -> None:
                 seen.append(w.buttons["handoff"].disabled)
             seen.append(w.buttons["handoff"].disabled)
 
-    state, w = make("running")
+    _, w = make("running")
     w.controller = Controller()
     w.buttons["handoff"].click()
     assert seen == [True, True, True]
