@@ -32,6 +32,7 @@ from ..manifest import (
 )
 from ..secrets import is_secret_variable, redact, redact_obj, secret_values
 from . import reducers, sources
+from .digest import content_digest
 from .files import capture_files
 from .history import capture_history
 from .pickling import Packed, needs_by_value, pickle_var
@@ -367,5 +368,7 @@ def _add_group(manifest: Manifest, report: CaptureReport, group_id: str, names: 
     for n in names:
         v = values[n]
         text = redact(summary(v), [s.decode("utf-8", "replace") for s in secrets], patterns=True)
-        manifest.variables.append(VariableEntry(n, pk.method, _type_name(v), share, group_id, text, note))
+        digest = content_digest(v)
+        manifest.variables.append(VariableEntry(n, pk.method, _type_name(v), share, group_id, text, note,
+                                                {"digest": digest} if digest else {}))
         report.variables.append(VarReport(n, _type_name(v), pk.method, share, timing.get(n, 0.0), "ok", note))
