@@ -236,6 +236,16 @@ def _journey(page: Any, context: Any, lab: LabProcess, cloud: JupyterServerProce
     assert_legible(w)
     set_theme(page, LIGHT)
 
+    # the handed-off view follows the run to its end: the local steps stay, the remote ones are
+    # numbered on from them, and the header counts every step (the server's count)
+    ex(badge(w)).to_have_attribute("data-status", "completed", timeout=180_000)
+    ex(w.locator(".jh-step-n")).to_have_text(["#1", "#2", "#3", "#4"])
+    ex(w.locator(".jh-words", has_text="I'll load the sales first.")).to_have_count(1)
+    ex(w.locator(".jh-words", has_text="Totalling and writing the report.")).to_have_count(1)
+    ex(w.locator(".jh-meta")).to_contain_text(re.compile(r"\b4 steps\b"))
+    w.scroll_into_view_if_needed()
+    shot(page, "03b-widget-after-handoff-completed-light", w)
+
     # 3. the laptop's kernel goes away; a new one reattaches by id
     menu(page, "Kernel", "Shut Down Kernel")
     ex(page.locator(".jp-NotebookPanel:visible .jp-Notebook-ExecutionIndicator")).not_to_have_attribute(
