@@ -24,7 +24,7 @@ AGENT_USAGE = """usage:
   %agent continue [--background] [--model SPEC] ["answer or follow-up"]
   %agent pause | %agent cancel
 SPEC is openai:MODEL, anthropic:MODEL or scripted:PATH (default: HANDOFF_MODEL, ~/.jupyter/handoff.json, demo)."""
-HANDOFF_USAGE = "usage: %handoff [--to URL] [--token TOKEN] [--fork] [RUN_ID]"
+HANDOFF_USAGE = "usage: %handoff [--to URL] [--token TOKEN] [--fork] [--dry-run] [RUN_ID]"
 REATTACH_USAGE = "usage: %reattach [RUN_ID] [--to URL] [--token TOKEN]   (no RUN_ID: list the server's runs)"
 PULL_USAGE = "usage: %pull RUN_ID [--again] [--to URL] [--token TOKEN]"
 
@@ -189,11 +189,12 @@ class HandoffMagics(Magics):
 
     @line_magic
     def snapshot(self, line: str) -> Any:
-        """%snapshot save PATH | %snapshot load PATH | %snapshot verify PATH [--no-files]
+        """%snapshot save PATH | %snapshot load PATH | %snapshot verify PATH [--no-files] | %snapshot check
 
         save: variables, imports, In/Out history and working-directory files into bundle PATH;
         load: restore PATH into this kernel (nothing changes if the bundle is damaged);
-        verify: check every chunk's hash. --no-files leaves working-directory files out.
+        verify: check every chunk's hash. --no-files leaves working-directory files out;
+        check: what a handoff would carry, by which method, its size, and what stays behind and why.
         """
         from IPython.core.error import UsageError as IPyUsageError
 
@@ -202,9 +203,12 @@ class HandoffMagics(Magics):
         args = shlex.split(line)
         files = "--no-files" not in args
         args = [a for a in args if a != "--no-files"]
+        if args == ["check"]:
+            from .snapshot.preflight import preflight
+            return preflight(self.shell)
         if len(args) != 2 or args[0] not in ("save", "load", "verify"):
             raise IPyUsageError("usage: %snapshot save PATH | %snapshot load PATH | %snapshot verify PATH "
-                                "[--no-files]")
+                                "[--no-files] | %snapshot check")
         action, path = args
         if action == "save":
             return save_state(path, self.shell, files=files)
@@ -343,7 +347,14 @@ class HandoffMagics(Magics):
         p.add_argument("--to")
         p.add_argument("--token")
         p.add_argument("--fork", action="store_true")
+        p.add_argument("--dry-run", action="store_true")
         a = p.parse_args(_split(line, HANDOFF_USAGE))
+        if a.dry_run:   # what would travel and how, before anything is sent (no run or server needed)
+            from IPython.display import display
+
+            from .snapshot.preflight import preflight
+            display(preflight(self.shell))
+            return
         run = self._resolve_run(a.run_id, HANDOFF_USAGE)
         remote = _remote_module()
         result = _call(remote.handoff, run, to=a.to, token=a.token, fork=a.fork, shell=self.shell)

@@ -70,13 +70,24 @@ class CaptureReport(_VariableRows):
     bytes_total: int = 0
     seconds: float = 0.0
     manifest: dict[str, Any] = field(default_factory=dict, repr=False)
+    dry_run: bool = False           # a preflight: what would travel; nothing was kept or sent
+    problem: str | None = None      # why the handoff would fail as things stand (too many files...)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("manifest")
         return d
 
+    @property
+    def title(self) -> str:
+        return "Dry run: what would travel (nothing was sent)" if self.dry_run else f"Snapshot saved to {self.path}"
+
     def _foot(self) -> str:
+        problem = f"\nWOULD FAIL: {self.problem}" if self.problem else ""
+        if self.dry_run:
+            return (f"{len(self.variables) - len(self.skipped)} variables would travel, {len(self.skipped)} left out, "
+                    f"{len(self.files)} files ({len(self.skipped_files)} left out{self._left_out()}); "
+                    f"{fmt_bytes(self.bytes_total)} in all, checked in {self.seconds:.2f}s{problem}")
         return (f"{len(self.variables) - len(self.skipped)} variables saved, {len(self.skipped)} skipped, "
                 f"{len(self.files)} files ({len(self.skipped_files)} left out{self._left_out()}); "
                 f"{fmt_bytes(self.bytes_new)} new of {fmt_bytes(self.bytes_total)} in {self.seconds:.2f}s")
@@ -90,12 +101,12 @@ class CaptureReport(_VariableRows):
         return ": " + ", ".join(names) + (f" and {more} more" if more > 0 else "")
 
     def __str__(self) -> str:
-        return f"Snapshot saved to {self.path}\n{_table_text(self.variables)}\n{self._foot()}"
+        return f"{self.title}\n{_table_text(self.variables)}\n{self._foot()}"
 
     __repr__ = __str__
 
     def _repr_html_(self) -> str:
-        return _table_html(f"Snapshot saved to {self.path}", self.variables, self._foot())
+        return _table_html(self.title, self.variables, self._foot())
 
 
 @dataclass

@@ -173,13 +173,15 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Any:
         for cell in CELLS:
             a.ok(cell)
         a.ok("%load_ext handoff_magic")
+        dry = a.ok("%handoff --dry-run")
+        check = a.ok("%snapshot check")
         a.ok(f"%snapshot save {bundle}")
         report = json.loads(a.ok("import json; print(json.dumps(_.to_dict()))")["stdout"])
         b.ok("%load_ext handoff_magic")
         loaded = b.ok(f"%snapshot load {bundle}")
         checks = json.loads(b.ok(CHECK)["stdout"])
         yield {"a": a, "b": b, "bundle": bundle, "report": report, "checks": checks, "loaded": loaded,
-               "dst": dst}
+               "dst": dst, "dry": dry, "check": check, "base": base}
     finally:
         a.stop()
         b.stop()
@@ -227,3 +229,12 @@ def test_every_ok_variable_loaded(pair: Any) -> None:
     saved = {v["name"] for v in pair["report"]["variables"] if v["outcome"] == "ok"}
     out = pair["b"].ok(f"print(sorted(n for n in {sorted(saved)!r} if n not in globals()))")["stdout"]
     assert out.strip() == "[]", out
+
+
+def test_dry_run_says_what_would_travel_before_anything_is_sent(pair: Any) -> None:
+    text = pair["dry"]["data"][0]["text/plain"]
+    assert text.startswith("Dry run: what would travel (nothing was sent)")
+    assert "db " in text and "reducer" in text and "would travel" in text
+    assert "hf_token" in text and "looks like a secret" in text   # left out, and why
+    assert pair["check"]["data"][0]["text/plain"].startswith("Dry run")
+    assert not list(pair["base"].glob("handoff-dry-run-*"))

@@ -8,6 +8,7 @@ import pytest
 
 from handoff_magic import save_state
 from handoff_magic.errors import BundleError
+from handoff_magic.snapshot.preflight import preflight
 
 
 def test_fifty_thousand_files_then_handoffignore(tmp_path: Path) -> None:
@@ -26,6 +27,9 @@ def test_fifty_thousand_files_then_handoffignore(tmp_path: Path) -> None:
     assert "50003 files" in str(err.value) and "frames/ (50000 files)" in str(err.value)
     assert ".handoffignore" in str(err.value)
     assert not (tmp_path / "b" / "manifest.json").exists()
+    dry = preflight(ns={"n": 1}, root=work, environ={})   # the dry run answers, and says why it would fail
+    assert dry.dry_run and "frames/ (50000 files)" in (dry.problem or "") and dry.var("n").outcome == "ok"
+    assert "WOULD FAIL" in str(dry) and "nothing was sent" in str(dry)
 
     (work / ".handoffignore").write_text("# generated frames stay here\nframes/\n*.tmp\n")
     rep = save_state(tmp_path / "b", ns={}, root=work, environ={})
