@@ -42,7 +42,7 @@ from .remote import (
     RunList,
     state_from_summary,
 )
-from .state import STATUS_LABELS, Event
+from .state import STATUS_LABELS, Event, describe_usage
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -125,9 +125,9 @@ def summary_text(run: dict[str, Any]) -> str:
     if run.get("updated"):
         facts.append("updated: " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run["updated"])))
     lines.append("   ".join(facts))
-    usage = run.get("usage") or {}
+    usage = describe_usage(run.get("usage"))
     if usage:
-        lines.append("usage: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in usage.items()))
+        lines.append(f"usage: {usage}")
     if run.get("plan"):
         lines.append("plan:")
         lines += ["  " + line for line in _plan_text(run["plan"])]

@@ -71,7 +71,7 @@ CSS = """
 .jh-result {
   font-family: var(--jp-code-font-family, monospace); font-size: 11px; line-height: 1.3;
   color: var(--jp-ui-font-color2, rgba(0,0,0,.54)); white-space: pre-wrap; overflow-wrap: anywhere;
-  max-height: 9em; overflow-y: auto; margin: 1px 0 2px 0;
+  margin: 1px 0 2px 0;   /* no scroll box of its own: results are trimmed, the log scrolls */
 }
 .jh-result.jh-err { color: var(--jp-error-color1, #d32f2f); }
 .jh-msg { padding: 4px 8px; border-radius: 4px; border-left: 3px solid; margin: 6px 0 2px 0;

@@ -232,7 +232,7 @@ SELECT r.id, r.goal, r.status, r.created, r.updated,
        json_extract(r.state, '$.plan') AS plan, json_extract(r.state, '$.question') AS question,
        json_extract(r.state, '$.summary') AS summary, json_extract(r.state, '$.error') AS error,
        json_extract(r.state, '$.steps') AS steps, json_extract(r.state, '$.model') AS model,
-       json_extract(r.state, '$.origin') AS origin,
+       json_extract(r.state, '$.origin') AS origin, json_extract(r.state, '$.usage') AS usage,
        (SELECT MAX(seq) FROM events e WHERE e.run_id = r.id) AS last_seq
 FROM runs r
 """
@@ -250,6 +250,7 @@ def _summary(row: sqlite3.Row) -> dict[str, Any]:
         "steps": row["steps"] or 0,
         "model": row["model"] or "",
         "origin": json.loads(row["origin"]) if row["origin"] else {},
+        "usage": json.loads(row["usage"]) if row["usage"] else {},   # tokens and cost so far
         "created": row["created"],
         "updated": row["updated"],
         "last_seq": row["last_seq"] or 0,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -131,6 +132,7 @@ def test_follow_prints_each_step_as_the_server_commits_it(server: JupyterServerP
     assert shown.returncode == 0
     assert f"run {run_id}: completed" in shown.stdout and "summary: wrote count.txt" in shown.stdout
     assert f"/handoff/runs/{run_id}" in shown.stdout
+    assert re.search(r"usage: [\d,]+ tokens", shown.stdout), shown.stdout   # what the model replies reported
     as_json = json.loads(cli(env, "show", run_id, "--json").stdout)
     assert as_json["status"] == "completed" and as_json["id"] == run_id
 

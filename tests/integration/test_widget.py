@@ -492,3 +492,18 @@ def test_after_hand_off_the_log_keeps_local_steps_and_counts_on() -> None:
     mirror.status = "completed"
     w.show_state(mirror)
     assert "5 steps of max 40" in w._header.value and "local step 1" in w._log.value and "#5" in w._log.value
+
+
+def test_the_step_log_is_the_only_scroll_box() -> None:
+    """Step results are trimmed (lines and characters) instead of scrolling inside the log."""
+    import re as _re
+
+    from handoff_magic.widget_css import CSS
+    rules = dict(_re.findall(r"([^{}]+)\{([^}]*)\}", CSS))
+    scrolling = [sel.strip() for sel, body in rules.items() if "overflow-y: auto" in body or "overflow: auto" in body]
+    assert [s for s in scrolling if s.startswith(".jh-log") or s.startswith(".jh-result") or
+            s.startswith(".jh-code") or s.startswith(".jh-step")] == [".jh-log"]
+    state, w = make("running")
+    emit(state, w, "tool_call", id="c1", name="run_python", arguments={"code": "print(1)"})
+    emit(state, w, "tool_result", id="c1", name="run_python", content="\n".join(f"line {i}" for i in range(100)))
+    assert "line 11" in w._log.value and "line 12<" not in w._log.value and "88 more lines" in w._log.value
