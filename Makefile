@@ -1,11 +1,11 @@
 # Two commands on a fresh machine with only python3: `make demo` and `make test`.
 PY ?= python3
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 TESTSTAMP := $(VENV)/.test-installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test bench install clean
+.PHONY: demo test lint bench install clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,7 +26,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m handoff_magic.demo
 
-test: $(TESTSTAMP)
+# ruff + mypy, configured in pyproject.toml. From a checkout that borrows another venv:
+#   make lint VENV=/path/to/.venv TESTSTAMP=     (TESTSTAMP= skips the install step)
+lint: $(TESTSTAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)

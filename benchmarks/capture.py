@@ -139,7 +139,7 @@ def _fsync_path(path: Path) -> None:
 def _no_fsync() -> Callable[[], None]:
     """Turn os.fsync into a no-op (the "page cache" figure); returns the undo."""
     real = os.fsync
-    os.fsync = lambda fd: None  # type: ignore[assignment]
+    os.fsync = lambda fd: None
 
     def undo() -> None:
         os.fsync = real

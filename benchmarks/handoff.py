@@ -248,7 +248,7 @@ def warm_memory(nbytes: int) -> None:
     import numpy as np
     a = np.ones(max(1, nbytes // 8))
     with tempfile.NamedTemporaryFile(prefix="handoff-warm-") as f:
-        f.write(memoryview(a).cast("B"))
+        f.write(memoryview(a).cast("B"))  # type: ignore[arg-type]  # numpy arrays are buffers
         f.flush()
     del a
 

@@ -23,7 +23,6 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -36,12 +35,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import httpx  # noqa: E402
+import httpx
 
-from handoff_magic import save_state  # noqa: E402
-from handoff_magic.client import HandoffClient  # noqa: E402
-from handoff_magic.demo import Cloud  # noqa: E402
-from handoff_magic.state import TERMINAL_STATUSES, RunState  # noqa: E402
+from handoff_magic import save_state
+from handoff_magic.client import HandoffClient
+from handoff_magic.demo import Cloud
+from handoff_magic.state import TERMINAL_STATUSES, RunState
 
 API = "/handoff/api"
 ACTIVE = ("restoring", "running")
@@ -390,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(procs + 2):
             ready.get(timeout=120)
 
+        assert cloud.proc is not None  # started above
         busy0, server0, self0 = box_busy_seconds(), process_cpu(cloud.proc.pid), time.process_time()
         t = time.perf_counter()
         bundles = [make_bundle(base, i, script) for i in range(args.runs)]

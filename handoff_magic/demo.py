@@ -133,7 +133,7 @@ class WebhookReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server API)
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 try:
                     payload = json.loads(body or b"{}")
@@ -330,8 +330,9 @@ class Journey:
 
         nb_path = find_notebook()
         nb = nbformat.read(nb_path, as_version=4)
-        part1 = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and "local" in c.metadata.get("tags", [])]
-        part2 = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and "new-kernel" in c.metadata.get("tags", [])]
+        code = [(i, c.metadata.get("tags", [])) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+        part1 = [i for i, tags in code if "local" in tags]
+        part2 = [i for i, tags in code if "new-kernel" in tags]
         params = [i for i in part2 if "parameters" in nb.cells[i].metadata.get("tags", [])]
         if not part1 or not part2 or len(params) != 1:
             raise DemoError(f"{nb_path} must tag code cells 'local' and 'new-kernel' (one 'parameters' cell)")
@@ -413,7 +414,8 @@ class Journey:
 
         upto(stage_cells["diff"][0] - 1, "kernel B")
         events = self.probe(b, "len(__import__('handoff_magic.remote', fromlist=['x']).LAST_REATTACH.state.events)"
-                               " if getattr(__import__('handoff_magic.remote', fromlist=['x']), 'LAST_REATTACH', None) else None")
+                               " if getattr(__import__('handoff_magic.remote', fromlist=['x']), 'LAST_REATTACH', None)"
+                               " else None")
         self.t.stage("reattach", f"kernel B (new): %reattach listed the server's runs and rebuilt run {run_id}"
                                  + (f" from {events} events" if events else ""))
         upto(stage_cells["diff"][-1], "kernel B")
@@ -447,7 +449,7 @@ class Journey:
         for k in list(self.kernels):
             try:
                 k.kill()
-            except Exception as exc:  # keep cleaning the rest; say what was left
+            except Exception as exc:  # noqa: BLE001 - keep cleaning the rest; say what was left
                 print(f"warning: could not stop a kernel: {exc}", file=sys.stderr)
         self.kernels.clear()
         if self.cloud is not None:
@@ -479,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DemoError, TimeoutError) as exc:
         print(f"\nDEMO FAILED: {exc}\n(work dir kept: {base})", file=sys.stderr)
         return 1
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - reported with its traceback just below
         import traceback
         traceback.print_exc()
         print(f"\nDEMO FAILED with an unexpected {type(exc).__name__}: {exc}\n(work dir kept: {base})",

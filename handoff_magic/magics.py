@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
+from pathlib import Path
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -214,7 +215,7 @@ class HandoffMagics(Magics):
             return save_state(path, self.shell, files=files)
         if action == "verify":
             from .manifest import verify
-            verify(path)
+            verify(Path(path))
             print(f"{path}: manifest and every chunk verified")
             return None
         return load_state(path, self.shell, files=files)
@@ -239,7 +240,7 @@ class HandoffMagics(Magics):
         opts, task = parse_agent_line(line)
         self._start(_unquote(task), opts)
 
-    @cell_magic("agent")
+    @cell_magic("agent")  # type: ignore[arg-type]  # IPython types only the bare @cell_magic form
     def agent_cell(self, line: str, cell: str) -> None:
         """%%agent [--model SPEC] [--max-steps N] [--background] — the cell body is the task."""
         opts, extra = parse_agent_line(line)

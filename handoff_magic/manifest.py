@@ -209,7 +209,7 @@ def read_manifest(dir: Path) -> dict[str, Any]:
         raise BundleError(f"{path} does not exist: {dir} is not a handoff bundle (save one with "
                           "%snapshot save PATH)") from None
     try:
-        manifest = json.loads(raw)
+        manifest: dict[str, Any] = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise BundleError(f"{path} is not valid JSON ({exc}); the bundle is truncated or damaged — "
                           "copy or save it again") from exc

@@ -98,7 +98,7 @@ def load_record(server_url: str, run_id: str) -> dict[str, Any] | None:
         return None
     except (OSError, ValueError) as exc:
         raise JourneyError(f"the handoff record {path} is unreadable ({exc}): delete it and "
-                           "run %pull again (local files will then be kept, remote ones saved as .remote)")
+                           "run %pull again (local files will then be kept, remote ones saved as .remote)") from exc
 
 
 # -- display helpers --------------------------------------------------------------------------
@@ -820,7 +820,8 @@ def pull(run_id: str, *, to: str | None = None, token: str | None = None, shell:
         else:
             reply = cl.pull(run_id)
             manifest = reply.get("manifest") or cl.bundle(run_id)
-        downloaded = cl.download_chunks(manifest, ChunkStore(bundle_dir / CHUNKS), progress=_progress(progress_view, "pull"))
+        downloaded = cl.download_chunks(manifest, ChunkStore(bundle_dir / CHUNKS),
+                                        progress=_progress(progress_view, "pull"))
     except ClientError as exc:
         raise JourneyError(f"pull back failed: {exc}. Nothing changed in this kernel.") from exc
     finally:
@@ -849,7 +850,7 @@ def pull(run_id: str, *, to: str | None = None, token: str | None = None, shell:
         _adopt_view(local, widget)
     result = PullReport(run_id, cl.url, downloaded, report, list(getattr(report, "conflicts", []) or []),
                         time.perf_counter() - t0)
-    local.pull_report = result  # type: ignore[attr-defined]
+    local.pull_report = result
     if display:
         _display(result)
     return local

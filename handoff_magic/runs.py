@@ -419,7 +419,7 @@ def narrate(event: Event) -> str | None:
         return f"[agent] {STATUS_LABELS.get(str(d.get('status')), d.get('status'))}{reason}"
     if t == "plan":
         icons = {"pending": "○", "active": "◐", "done": "✓", "failed": "✗"}
-        return "[agent] plan: " + " · ".join(f"{icons.get(s.get('status'), '○')} {s.get('text', '')}"
+        return "[agent] plan: " + " · ".join(f"{icons.get(str(s.get('status')), '○')} {s.get('text', '')}"
                                             for s in d.get("steps") or [] if isinstance(s, dict))
     if t == "assistant" and d.get("text"):
         first = str(d["text"]).strip().splitlines()[0] if str(d["text"]).strip() else ""

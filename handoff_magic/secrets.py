@@ -35,9 +35,9 @@ _CREDENTIAL_WORDS = ("token", "secret", "password", "passwd", "passphrase", "cre
 # words, whose keys are data: a join column, a dict key, a cache key, a keyboard key.
 _DATA_KEY_WORDS = frozenset({"sort", "primary", "foreign", "join", "dict", "cache", "group", "groupby", "partition",
                              "index", "lookup", "row", "col", "column", "unique", "composite", "merge", "dedup",
-                             "map", "hash", "hot", "music", "piano", "sort", "by", "next", "prev", "last", "first",
+                             "map", "hash", "hot", "music", "piano", "by", "next", "prev", "last", "first",
                              "current", "cur", "max", "min", "default", "idempotency", "natural", "surrogate",
-                             "shard", "bucket", "attr", "field", "column", "config", "json", "yaml", "dataset",
+                             "shard", "bucket", "attr", "field", "config", "json", "yaml", "dataset",
                              "table", "record", "entry", "item", "node", "edge", "cluster", "label", "class",
                              "feature", "target", "match", "search", "query", "order", "result", "metric"})
 # Words that may follow the credential word and still mean its value (api_key_value, AWS_ACCESS_KEY_ID).
@@ -229,7 +229,7 @@ def contains_secret(data: bytes | bytearray | memoryview | str, values: Iterable
     """
     if isinstance(data, str):
         hay: Any = data
-        needles = [v for v in values if v]
+        needles: list[Any] = [v for v in values if v]
     else:
         hay = bytes(data) if isinstance(data, memoryview) else data
         needles = [v.encode("utf-8") for v in values if v]
@@ -259,12 +259,12 @@ def _target_names(node: ast.AST) -> list[str]:
     return out
 
 
-def _secret_spans(tree: ast.AST) -> list[ast.AST]:
+def _secret_spans(tree: ast.AST) -> list[ast.expr]:
     """Expressions whose value is a secret by where it goes: the right-hand side of an assignment
     to a secret name, a secret-named keyword argument, the value of a secret-named dict key."""
-    spans: list[ast.AST] = []
+    spans: list[ast.expr] = []
     for n in ast.walk(tree):
-        value: ast.AST | None = None
+        value: ast.expr | None = None
         if isinstance(n, ast.Assign):
             if any(is_secret_name(t, strict=True) for tg in n.targets for t in _target_names(tg)):
                 value = n.value
@@ -300,7 +300,8 @@ def _mask_magics(code: str) -> str:
 
 _MAGIC_START = re.compile(r"^(\s*)[%!]")
 _MAGIC_LINE = re.compile(r"^(\s*)\S")
-_LINE_ASSIGN = re.compile(r"^(?P<lhs>\s*[A-Za-z_][\w.]*(?:\[['\"][^'\"]+['\"]\])?\s*(?::[^=]+)?[+]?=(?!=)\s*)(?P<rhs>.+)$")
+_LINE_ASSIGN = re.compile(r"^(?P<lhs>\s*[A-Za-z_][\w.]*(?:\[['\"][^'\"]+['\"]\])?\s*(?::[^=]+)?[+]?=(?!=)\s*)"
+                          r"(?P<rhs>.+)$")
 
 
 def redact_cell(code: str, values: Iterable[str] = ()) -> str:

@@ -11,7 +11,8 @@ import uuid
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from .errors import SchemaVersionError, StateError
+# re-exported: the parsers' callers catch them here
+from .errors import SchemaVersionError as SchemaVersionError, StateError as StateError
 
 SCHEMA_VERSION = 1
 

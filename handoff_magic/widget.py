@@ -173,7 +173,7 @@ class _View:
     entries: list[_Entry] = field(default_factory=list)
     question: str | None = None
     summary: str | None = None
-    message: tuple[str, ...] | None = None   # (text, level, link[, details]): details = a traceback
+    message: tuple[Any, ...] | None = None   # (text, level, link | None[, details]): details = a traceback
     remote: tuple[str, str, dict[str, Any]] | None = None  # (server_url, run_id, links)
     progress: tuple[str, int, int] | None = None
     usage: dict[str, Any] | None = None    # the run's usage totals (RunState.usage as a dict)
@@ -215,7 +215,7 @@ class _View:
             if last is None or last.note or any(c.result is not None for c in last.calls):
                 self.entries.append(_Entry())
                 self.steps += 1
-            args = d.get("arguments") if isinstance(d.get("arguments"), dict) else {}
+            args: dict[str, Any] = d["arguments"] if isinstance(d.get("arguments"), dict) else {}
             self.entries[-1].calls.append(_Call(str(d.get("id", "")), str(d.get("name", "")), args))
         elif t == "tool_result":
             call = self._find_call(str(d.get("id", "")))
@@ -389,7 +389,7 @@ def render_log_html(entries: list[_Entry]) -> str:
     return f'<div class="jh-log"><div>{"".join(parts)}</div></div>'
 
 
-def render_message_html(message: tuple[str, ...] | None) -> str:
+def render_message_html(message: tuple[Any, ...] | None) -> str:
     if not message or not message[0]:
         return ""
     text, level, link, *rest = message
@@ -657,7 +657,7 @@ class RunWidget(W.VBox):
             # caught here, inside any Output context: Output.__exit__ would print a red traceback
             try:
                 fn(*args)
-            except Exception as exc:  # shown in the widget just below
+            except Exception as exc:  # noqa: BLE001 - shown in the widget just below
                 return exc
             return None
 

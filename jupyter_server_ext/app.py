@@ -52,7 +52,7 @@ def split_urls(value: object) -> list[str]:
 class UrlList(List):
     """A List of URL strings that also accepts one string holding several URLs (see split_urls)."""
 
-    def validate(self, obj: object, value: object) -> object:
+    def validate(self, obj: Any, value: Any) -> list[Any] | None:
         return super().validate(obj, split_urls(value) if isinstance(value, (str, list, tuple)) else value)
 
 

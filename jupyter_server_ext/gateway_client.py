@@ -112,7 +112,7 @@ class GatewayKernelChannels:
                 if channel == "iopub" and msg.get("msg_type") == "status" and \
                         (msg.get("content") or {}).get("execution_state") in ("restarting", "dead"):
                     await self._on_kernel_lost(msg["content"]["execution_state"])
-        except Exception as exc:  # the socket broke: say so to whoever waits next
+        except Exception as exc:  # noqa: BLE001 - the socket broke: say so to whoever waits next
             self.close_reason = f"{type(exc).__name__}: {exc}"
             log.warning("jupyter-handoff: websocket to gateway kernel %s failed: %s", self.kernel_id, exc)
         except asyncio.CancelledError:
@@ -140,7 +140,7 @@ class GatewayKernelChannels:
         try:
             await gateway_request(url_path_join(gc.url or "", gc.kernels_endpoint, url_escape(self.kernel_id)),
                                   method="DELETE")
-        except Exception as exc:  # already gone (404) or the gateway is down: either way it is lost
+        except Exception as exc:  # noqa: BLE001 - already gone (404) or the gateway is down: either way it is lost
             log.info("jupyter-handoff: deleting lost gateway kernel %s: %s", self.kernel_id, exc)
 
     def start_channels(self) -> None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from typing import Any
+from typing import Any, cast
 
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 from markupsafe import Markup
 from tornado import web
+from tornado.http1connection import HTTP1Connection
 
 from handoff_magic.state import STATUS_LABELS, TERMINAL_STATUSES, RunState, StateError
 
@@ -87,7 +88,13 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-class HandoffAPIHandler(_Base, APIHandler):  # type: ignore[misc]
+
+def _connection(handler: web.RequestHandler) -> HTTP1Connection:
+    """The request's connection as tornado's HTTP server makes it (body-size limit, client stream)."""
+    return cast(HTTP1Connection, handler.request.connection)
+
+
+class HandoffAPIHandler(_Base, APIHandler):
     """JSON in, JSON out, JSON errors."""
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
@@ -173,11 +180,11 @@ class BlobHandler(HandoffAPIHandler):
             if length is not None and length.isdigit() and int(length) > cap:
                 raise HandoffError(413, f"chunk of {int(length)} bytes is over the {cap} byte limit",
                                    "split data into smaller chunks or raise HandoffApp.max_chunk_bytes")
-            self.request.connection.set_max_body_size(cap + DISCARD_BYTES)
+            _connection(self).set_max_body_size(cap + DISCARD_BYTES)
             self._writer = self.handoff.blobs.writer(sha, cap)
         except web.HTTPError as exc:
             self._deferred = exc
-            self.request.connection.set_max_body_size(DISCARD_BYTES)
+            _connection(self).set_max_body_size(DISCARD_BYTES)
 
     def data_received(self, chunk: bytes) -> None:
         if self._writer is None:
@@ -236,7 +243,7 @@ class BlobHandler(HandoffAPIHandler):
     async def get(self, sha: str) -> None:
         path = self._existing(sha)
         self.set_header("Content-Length", str(path.stat().st_size))
-        with open(path, "rb") as f:
+        with open(path, "rb") as f:  # noqa: ASYNC230 - local 1 MiB reads, the loop runs between flushes
             while piece := f.read(1024 * 1024):
                 self.write(piece)
                 await self.flush()
@@ -371,7 +378,8 @@ class EventsHandler(HandoffAPIHandler):
         timeout = max(0.0, min(timeout, self.handoff.max_events_wait))
         limit = max(1, min(limit, 5000))
         events = await store.wait_events(run_id, after, timeout, limit=limit)
-        if self.request.connection.stream is not None and self.request.connection.stream.closed():
+        stream = _connection(self).stream
+        if stream is not None and stream.closed():
             return  # the client went away while we waited
         last = store.last_seq(run_id)
         self.send({"events": [_event_dict(e) for e in events],
@@ -403,7 +411,7 @@ async def submit_answer(handler: _Base, run_id: str, summary: dict[str, Any], te
         await handler.runner().answer(run_id, text)
 
 
-class runner_errors:  # noqa: N801 (used as a context manager like contextlib helpers)
+class runner_errors:  # lower case: used as a context manager, like contextlib's helpers
     """Map the runner's refusals onto HTTP: a run that changed state meanwhile is a 409."""
 
     def __init__(self, run_id: str) -> None:
@@ -500,7 +508,7 @@ class DiffHandler(HandoffAPIHandler):
 # ---------------------------------------------------------------------------------------------
 # HTML pages
 # ---------------------------------------------------------------------------------------------
-class PageHandler(_Base, JupyterHandler):  # type: ignore[misc]
+class PageHandler(_Base, JupyterHandler):
     """HTML pages: login redirect when not authenticated, XSRF on form posts."""
 
     def render(self, name: str, **ns: Any) -> None:  # type: ignore[override]

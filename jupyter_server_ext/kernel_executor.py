@@ -116,7 +116,7 @@ class KernelExecutor:
         for event in ("restart", "dead"):
             try:
                 km.add_restart_callback(gone, event)
-            except Exception as exc:  # a manager without a restarter: nothing to listen to
+            except Exception as exc:  # noqa: BLE001 - a manager without a restarter: nothing to listen to
                 log.debug("kernel %s: no restart callbacks (%s)", self.kernel_id, exc)
 
     # -- kernel-manager calls, run on the server loop ------------------------------------------
@@ -136,7 +136,7 @@ class KernelExecutor:
             return False
         try:
             return bool(self._on_loop(lambda: ensure_async(km.is_alive())))
-        except Exception as exc:  # loop busy or gone (server stopping): not evidence of death
+        except Exception as exc:  # noqa: BLE001 - loop busy or gone (server stopping): not evidence of death
             log.warning("jupyter-handoff: liveness check of kernel %s failed: %s", self.kernel_id, exc)
             return True
 
@@ -145,7 +145,7 @@ class KernelExecutor:
         self._interrupted = True
         try:
             self._on_loop(lambda: ensure_async(self.kernel_manager.interrupt_kernel(self.kernel_id)))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - logged: interrupting is best effort
             log.warning("jupyter-handoff: interrupting kernel %s failed: %s", self.kernel_id, exc)
 
     def close(self) -> None:
@@ -157,7 +157,7 @@ class KernelExecutor:
         for event in ("restart", "dead"):
             try:
                 km.remove_restart_callback(self._on_gone, event)
-            except Exception as exc:  # already gone with its restarter
+            except Exception as exc:  # noqa: BLE001 - already gone with its restarter
                 log.debug("kernel %s: restart callback not removed (%s)", self.kernel_id, exc)
 
     # -- execution -------------------------------------------------------------------------------

@@ -157,7 +157,7 @@ def restore_table(report: dict[str, Any] | None) -> str:
         lines += ["", "| variable | type | method | outcome | note |", "|---|---|---|---|---|"]
         for v in rows:
             lines.append("| {} | {} | {} | {} | {} |".format(*(
-                _md_escape(v.get(k) if v.get(k) is not None else "")
+                _md_escape(str(v[k]) if v.get(k) is not None else "")
                 for k in ("name", "type", "method", "outcome", "reason"))))
     if report.get("variables_not_listed"):
         lines += ["", f"*…and {int(report['variables_not_listed'])} more variables not listed.*"]

@@ -214,7 +214,8 @@ class RunManager:
         """Queue a run; at most ``app.max_concurrent_runs`` execute at once."""
         check_run_id(run_id)
         loop = self._ensure_loop()
-        if run_id in self.runs and self.runs[run_id].task and not self.runs[run_id].task.done():
+        task = self.runs[run_id].task if run_id in self.runs else None
+        if task and not task.done():
             return
         run = _Run(id=run_id)
         self.runs[run_id] = run
@@ -502,7 +503,7 @@ class RunManager:
         for obj, attr in ((getattr(sa, "identity_provider", None), "token"), (sa, "token")):
             try:
                 value = getattr(obj, attr, "") if obj is not None else ""
-            except Exception:  # traitlets may raise on deprecated access
+            except Exception:  # noqa: BLE001 - traitlets may raise on deprecated access
                 value = ""
             if isinstance(value, str) and value:
                 return value
@@ -588,7 +589,7 @@ class RunManager:
         try:  # we recover crashed kernels ourselves (from the checkpoint), not by a blank restart
             km.stop_restarter()
             km.autorestart = False
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - logged; the run goes on with the restarter on
             log.warning("jupyter-handoff: could not disable autorestart of kernel %s: %s", kid, exc)
         loop = asyncio.get_running_loop()
         ready = asyncio.ensure_future(self._in_thread(
@@ -627,7 +628,7 @@ class RunManager:
             return None
         try:
             kid, ex = await task
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - logged; a fresh kernel is started instead
             log.warning("jupyter-handoff: the warm kernel failed to start (%s); starting one for the run", exc)
             self._refill_warm()
             return None
@@ -641,7 +642,7 @@ class RunManager:
     async def _shutdown_quietly(self, kid: str) -> None:
         try:
             await ensure_async(self.kernel_manager.shutdown_kernel(kid, now=True))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - logged; nothing else to do with a kernel on its way out
             log.warning("jupyter-handoff: shutting down kernel %s failed: %s", kid, exc)
 
     def _seed_kernel_info(self, kid: str, info: dict[str, Any] | None) -> None:
@@ -662,7 +663,7 @@ class RunManager:
                 fut: Future[dict[str, Any]] = Future()
                 fut.set_result(info)
                 km._kernel_info_future = fut
-        except Exception as exc:  # only an optimisation of other clients' handshakes
+        except Exception as exc:  # noqa: BLE001 - only an optimisation of other clients' handshakes
             log.warning("jupyter-handoff: could not cache kernel_info of kernel %s: %s", kid, exc)
 
     def _materialise(self, run_id: str, manifest: dict[str, Any]) -> None:
@@ -700,7 +701,7 @@ class RunManager:
             await ensure_async(self.kernel_manager.shutdown_kernel(kid, now=bool(ex and ex.dead)))
         except KeyError:
             pass
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - logged; nothing else to do with a kernel on its way out
             log.warning("jupyter-handoff: shutting down kernel %s failed: %s", kid, exc)
 
     async def _recover_crash(self, run: _Run) -> None:
@@ -789,7 +790,7 @@ class RunManager:
                                      base_dir=self.workspace(run.id))
         except ProviderError as exc:
             raise RunFailure(f"cannot use model {spec!r} on this server: {exc.message}",
-                             exc.hint or "check c.HandoffApp.model and the key in the server's environment")
+                             exc.hint or "check c.HandoffApp.model and the key in the server's environment") from exc
         run.model = spec
         return provider
 
@@ -911,7 +912,7 @@ class RunManager:
             return
         state.events.pop()
         final = state.status
-        state.status = next((e.data.get("status") for e in reversed(state.events)
+        state.status = next((str(e.data["status"]) for e in reversed(state.events)
                              if e.type == "status" and e.data.get("status")), "running")
         try:
             self._announce_checkpoint(run, taken, "the run ended; pulling it back restores the "
@@ -1040,7 +1041,7 @@ class RunManager:
     def _public_url(self) -> str:
         try:
             return str(self.app.get_public_url())
-        except Exception:
+        except Exception:  # noqa: BLE001 - no public URL known: links stay relative
             return ""
 
     async def _in_thread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

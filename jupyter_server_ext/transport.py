@@ -24,6 +24,7 @@ import logging
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -358,8 +359,8 @@ class KernelChannelTransport(BundleTransport):
     def _call(self, executor: Executor, body: str, args: dict[str, Any], what: str) -> Any:
         if self.bulk_in_content:
             try:
-                res = executor.execute(_kernel_call_bulk(body), CALL_TIMEOUT, silent=True, store_history=False,
-                                       extra_content={ARGS_KEY: args})
+                res = executor.execute(_kernel_call_bulk(body), CALL_TIMEOUT, silent=True,  # type: ignore[call-arg]
+                                       store_history=False, extra_content={ARGS_KEY: args})  # see TypeError
             except TypeError:  # an executor without extra_content: literals in the code still work
                 res = None
             if res is not None and (res.error or {}).get("ename") != "KeyError":
@@ -429,7 +430,7 @@ class KernelChannelTransport(BundleTransport):
                 offset += max(n, 1)
         batch: list[dict[str, Any]] = []
         batch_size = 0
-        for it in items + [None]:  # type: ignore[list-item]
+        for it in items + [None]:
             if batch and (it is None or batch_size + it["length"] > self.batch_bytes):
                 got = self._call(executor, _GET, {"root": root, "items": batch}, "sending checkpoint chunks")
                 data = got.get("data") if isinstance(got, dict) else None
@@ -440,7 +441,8 @@ class KernelChannelTransport(BundleTransport):
                     piece = base64.b64decode(b64)
                     if len(piece) != req["length"]:  # the kernel runs the agent's code: trust no size it sends
                         raise TransportError(f"{req['path']}: the kernel sent {len(piece)} bytes where "
-                                             f"{req['length']} were asked", "the run goes on; the next checkpoint tries again")
+                                             f"{req['length']} were asked",
+                                             "the run goes on; the next checkpoint tries again")
                     parts[req["path"]].append(piece)
                 batch, batch_size = [], 0
             if it is not None:
@@ -454,8 +456,9 @@ class KernelChannelTransport(BundleTransport):
         root, have = self._open(executor, run_id)
         sizes = {sha: int((manifest.get("chunks") or {}).get(sha, {}).get("stored", -1)) for sha in shas}
         todo = [sha for sha in shas if have.get(sha) != sizes[sha]]
-        files = [(f".handoff/ckpt/{chunk_relpath(sha)}", sha, blobs.path(sha).stat().st_size,
-                  (lambda s=sha: blobs.read(s))) for sha in todo]
+        files: list[tuple[str, str, int, Callable[[], bytes]]] = [
+            (f".handoff/ckpt/{chunk_relpath(sha)}", sha, blobs.path(sha).stat().st_size, partial(blobs.read, sha))
+            for sha in todo]
         raw = json.dumps(manifest).encode("utf-8")
         files.append((".handoff/ckpt/manifest.json", hashlib.sha256(raw).hexdigest(), len(raw), lambda: raw))
         sent = self._put_files(executor, root, files)
@@ -526,7 +529,8 @@ class KernelChannelTransport(BundleTransport):
                 stored = blobs.read(sha)
                 meta = chunks.get(sha) or {}
                 if meta.get("codec") == "zstd":
-                    stored = zstandard.ZstdDecompressor().decompress(stored, max_output_size=int(meta.get("size", 0)) or 0)
+                    stored = zstandard.ZstdDecompressor().decompress(
+                        stored, max_output_size=int(meta.get("size", 0)) or 0)
                 parts.append(stored)
             data = b"".join(parts)
             if hashlib.sha256(data).hexdigest() != want:

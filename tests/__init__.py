@@ -1,1 +1,2 @@
-"""The test suite: unit/ (pure), integration/ (real server, kernels), e2e/ (browser, clusters), harness/ (shared helpers)."""
+"""The test suite: unit/ (pure), integration/ (real server, kernels), e2e/ (browser, clusters),
+harness/ (shared helpers)."""

@@ -15,7 +15,8 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, runtime_checkable
+from functools import partial
+from typing import Any, Callable, Protocol, cast, runtime_checkable
 
 ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
@@ -120,7 +121,7 @@ class _Capture:
         shell = self.shell
         for name in ("stdout", "stderr"):
             inner = getattr(sys, name)
-            tee = _Tee(inner, lambda t, n=name: self._stream(n, t), self)
+            tee = _Tee(inner, partial(self._stream, name), self)
             setattr(sys, name, tee)
 
             def undo(name: str = name, inner: Any = inner, tee: Any = tee) -> None:
@@ -214,7 +215,7 @@ def _interrupt_main_thread() -> None:
     a simulated one, which takes effect at the next bytecode.
     """
     if callable(signal.getsignal(signal.SIGINT)):
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        signal.pthread_kill(cast(int, threading.main_thread().ident), signal.SIGINT)  # it has started
     else:
         _thread.interrupt_main()
 

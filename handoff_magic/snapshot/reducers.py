@@ -443,7 +443,8 @@ def array_reducer(roots: dict[int, Any] | None) -> Callable[[Any], Any]:
             # numpy pickles datetime64/timedelta64 data in-band (a copy); send it out of band instead
             order = "C" if obj.flags.c_contiguous else "F"
             ints = obj.view(f"<i{obj.dtype.itemsize}" if obj.dtype.byteorder != ">" else f">i{obj.dtype.itemsize}")
-            return (_rebuild_from_buffer, (pickle.PickleBuffer(ints), obj.dtype.str, obj.shape, order,
+            return (_rebuild_from_buffer, (pickle.PickleBuffer(ints),  # type: ignore[arg-type]  # numpy: a buffer
+                                           obj.dtype.str, obj.shape, order,
                                            bool(obj.flags.writeable)))
         return NotImplemented
     return reduce

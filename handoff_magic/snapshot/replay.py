@@ -198,7 +198,7 @@ def run_replays(replays: list[ReplayEntry], ns: dict[str, Any], root: Path, by_n
                 os.chdir(root)  # the cell's relative paths mean the restored working directory
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 exec(compile(r.code, f"<handoff replay of cell {r.cell}>", "exec"), scratch)  # noqa: S102
-        except BaseException as exc:  # noqa: BLE001 - a failed replay only loses its own names
+        except BaseException as exc:  # a failed replay only loses its own names (interrupts re-raised)
             if isinstance(exc, KeyboardInterrupt):
                 raise
             err = f"replaying cell {r.cell} failed: {type(exc).__name__}: {exc}"

@@ -297,9 +297,9 @@ def _unpickle_groups(groups: list[GroupEntry], payloads: dict[str, bytes], buffe
         try:
             if g.stream == "dill" or (g.method == "dill" and g.stream != "pickle"):
                 import dill
-                obj = dill.loads(payloads[g.id], buffers=buffers[g.id])
+                obj = dill.loads(payloads[g.id], buffers=buffers[g.id])  # noqa: S301 - in a kernel, never the server
             else:
-                obj = pickle.loads(payloads[g.id], buffers=buffers[g.id])
+                obj = pickle.loads(payloads[g.id], buffers=buffers[g.id])  # noqa: S301 - in a kernel, never the server
             values = (obj,) if len(names) == 1 else tuple(obj)
             if len(values) != len(names):
                 raise ValueError(f"group holds {len(values)} values for {len(names)} names")

@@ -140,7 +140,8 @@ def assert_legible(widget: Any) -> None:
         return rgb(getComputedStyle(document.body).backgroundColor); };
       let worst = {ratio: 99, text: ''};
       for (const el of root.querySelectorAll('*')) {
-        const own = [...el.childNodes].filter(n => n.nodeType === 3 && n.textContent.trim()).map(n => n.textContent.trim()).join(' ');
+        const own = [...el.childNodes].filter(n => n.nodeType === 3 && n.textContent.trim())
+                                      .map(n => n.textContent.trim()).join(' ');
         if (!own || el.getClientRects().length === 0) continue;
         const st = getComputedStyle(el);
         if (st.visibility === 'hidden' || Number(st.opacity) < 0.3) continue;
@@ -328,7 +329,8 @@ def _waiting_run(cloud: JupyterServerProcess) -> str:
         {"text": "", "tool_calls": [{"name": "ask_user", "arguments": {
             "question": "Which region should the forecast focus on: north or south?"}}]},
         {"text": "Using your answer.", "tool_calls": [_py("print('focus chosen')")]},
-        {"text": "", "tool_calls": [{"name": "finish", "arguments": {"summary": "Forecast done for the chosen region."}}]},
+        {"text": "", "tool_calls": [{"name": "finish",
+                                     "arguments": {"summary": "Forecast done for the chosen region."}}]},
     ]))
     data = b"region,amount\nnorth,10\nsouth,32\n"
     h = hashlib.sha256(data).hexdigest()

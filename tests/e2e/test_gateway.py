@@ -18,7 +18,8 @@ import pytest
 
 from tests.harness.cluster_harness import EnterpriseGateway, cleanup_dir, gateway_server, tmpdir
 from handoff_magic.demo import Kernel, output_text
-from tests.harness.runner_helpers import all_events, finish, hand_off, run_python, tool_results, wait_status, write_script
+from tests.harness.runner_helpers import (all_events, finish, hand_off, run_python, tool_results, wait_status,
+                                          write_script)
 from tests.harness.server_process import JupyterServerProcess
 
 pytestmark = pytest.mark.slow

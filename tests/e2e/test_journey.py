@@ -165,7 +165,8 @@ def test_full_journey_handoff_kill_notify_reattach_diff_pull_continue(cloud, cli
     assert "completed" in hook["message"] and f"/handoff/runs/{run_id}" in hook["message"]
     deadline = time.monotonic() + 30
     while not any(run_id in mail_text(m) for m in mailbox.messages):
-        assert time.monotonic() < deadline, f"no mail about the run ({len(mailbox.messages)} mails)\n{cloud.log()[-3000:]}"
+        assert time.monotonic() < deadline, \
+            f"no mail about the run ({len(mailbox.messages)} mails)\n{cloud.log()[-3000:]}"
         time.sleep(0.2)
 
     b = Laptop(laptop_dir, cloud, f"scripted:{JOURNEY_SCRIPT}")

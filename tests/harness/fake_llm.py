@@ -228,7 +228,8 @@ class FakeLLM:
         except (json.JSONDecodeError, UnicodeDecodeError):
             body = raw.decode("utf-8", "replace")
         path = h.path.split("?")[0]
-        api = "openai" if path.endswith("/chat/completions") else "anthropic" if path.endswith("/messages") else "unknown"
+        api = ("openai" if path.endswith("/chat/completions")
+               else "anthropic" if path.endswith("/messages") else "unknown")
         rec = Recorded("POST", path, {k.lower(): v for k, v in h.headers.items()}, body, api)
         with self._lock:
             self.requests.append(rec)

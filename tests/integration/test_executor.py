@@ -182,7 +182,8 @@ def test_in_a_real_kernel_background_thread_and_kernel_interrupt(kernel):
     run_in_kernel(kc, SETUP)
     code = textwrap.dedent("""
         box = {}
-        t = threading.Thread(target=lambda: box.update(r=ex.execute("import time\\nfor _ in range(1000): time.sleep(0.01)")))
+        code = "import time\\nfor _ in range(1000): time.sleep(0.01)"
+        t = threading.Thread(target=lambda: box.update(r=ex.execute(code)))
         t.start(); time.sleep(0.3); ex.interrupt(); t.join(5)
         print('BG', box['r'].status)
     """)

@@ -312,7 +312,8 @@ def test_answer_sent_from_the_widget_front_end_resumes_and_mirrors_outputs(kerne
     content, _, errors = kernel.run(f"%agent --model scripted:{workdir / 'ask.json'} which region pays most?")
     assert content["status"] == "ok", errors
     _, out, _ = kernel.run("from handoff_magic.runs import current_run\nw = current_run().widget\n"
-                           "print(w.answer_text.model_id, w.answer_button.model_id, w.answer_box.layout.display == '')\n"
+                           "print(w.answer_text.model_id, w.answer_button.model_id,"
+                           " w.answer_box.layout.display == '')\n"
                            "print(current_run().state.goal)")
     ids, goal = out.splitlines()
     text_id, button_id, visible = ids.split()

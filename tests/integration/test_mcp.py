@@ -46,7 +46,7 @@ async def session(server: JupyterServerProcess, project: Path) -> AsyncIterator[
         env={"HANDOFF_SERVER_URL": server.url, "HANDOFF_TOKEN": server.token,
              "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
              "JUPYTER_CONFIG_DIR": os.environ["JUPYTER_CONFIG_DIR"]})
-    with open(project.parent / "mcp-stderr.log", "w") as errlog:  # noqa: ASYNC230 (opened once, before any await)
+    with open(project.parent / "mcp-stderr.log", "w") as errlog:  # noqa: ASYNC230 - opened once, before any await
         async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as s:
             await s.initialize()
             yield s

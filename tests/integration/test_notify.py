@@ -177,6 +177,6 @@ def test_notify_urls_bad_json_says_how_to_write_it() -> None:
     from jupyter_server_ext.app import HandoffApp
     app = HandoffApp()
     with pytest.raises(TraitError, match="not valid JSON.*comma-separated"):
-        app.notify_urls = '["json://a",'
-    app.notify_urls = "json://a, json://b"          # a plain string in a config file works too
+        app.notify_urls = '["json://a",'  # type: ignore[assignment]  # the trait parses strings
+    app.notify_urls = "json://a, json://b"  # type: ignore[assignment]  # a plain string (config file) works too
     assert app.notify_urls == ["json://a", "json://b"]

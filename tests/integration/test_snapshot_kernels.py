@@ -179,7 +179,7 @@ EXPECTED = {
 @pytest.mark.parametrize("item", sorted(EXPECTED))
 def test_corpus_item_restored_in_fresh_kernel(world: Any, item: str) -> None:
     got = world["checks"][item]
-    want = EXPECTED[item]
+    want: Any = EXPECTED[item]
     if item == "df":  # pandas picks the datetime unit
         assert got[1].startswith("datetime64[") and got[1].endswith("Europe/Paris]"), got
         got = got[:1] + [want[1]] + got[2:]
@@ -283,7 +283,8 @@ def test_damaged_bundle_changes_nothing(world: Any, damage: str, tmp_path: Path)
         (bad / "manifest.json").write_text(json.dumps(manifest))
         expect = "upgrade jupyter-handoff"
     b = world["b"]
-    b.ok("import json\nbig[0] = -1.0\ncounter = 'changed here'\n_before = sorted(k for k in globals() if not k.startswith('_'))")
+    b.ok("import json\nbig[0] = -1.0\ncounter = 'changed here'\n"
+         "_before = sorted(k for k in globals() if not k.startswith('_'))")
     (world["dst"] / "data.csv").write_text("local edit\n")
     out = b.run(f"%snapshot load {bad}")
     assert out["error"] is not None and out["error"].startswith("Bundle") and expect in out["error"], out["error"]

@@ -112,7 +112,8 @@ def test_step_log_shows_words_code_and_short_results_newest_last() -> None:
     emit(state, w, "tool_call", id="c4", name="finish", arguments={"summary": "done"})
     log = w._log.value
     assert '<div class="jh-step jh-note"><div class="jh-tool">You answered: use &lt;metres&gt;</div></div>' in log
-    assert log.index("You answered") < log.index("#3") < log.index("x = 1") < log.index("#4") < log.index("finished: done")
+    assert log.index("You answered") < log.index("#3") < log.index("x = 1") < log.index("#4") \
+        < log.index("finished: done")
     assert w._log_box.titles == ("Step log · 4 steps",)
     for i in range(60):
         emit(state, w, "assistant", text=f"step {i}")
@@ -223,12 +224,12 @@ class _Failing:
         raise ServerUnreachable("cannot reach http://srv:1", "start the server or fix the URL")
 
     def pull_back(self) -> None:
-        return {}["missing"]   # a bug: KeyError
+        return {}["missing"]   # type: ignore[return-value, index]  # a bug: KeyError
 
 
 def test_failed_action_shows_one_clear_line_and_a_traceback_only_for_bugs() -> None:
     _, w = make("paused")
-    w.controller = _Failing()
+    w.controller = _Failing()  # type: ignore[assignment]  # a stand-in with the same methods
     w.buttons["handoff"].click()
     msg = w._message.value
     assert 'data-level="error"' in msg and "Hand off failed: no server configured" in msg
@@ -310,7 +311,7 @@ def test_concurrent_updates_from_threads_are_consistent() -> None:
                     ev = state.emit("assistant", text=f"t{n}-{i}")
                 w.show_event(ev)
                 w.set_progress("upload", i, 50)
-        except BaseException as exc:  # reported by the assertion below
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
@@ -340,7 +341,8 @@ SOLVE = [
 ]
 ASK = [
     {"text": "", "tool_calls": [{"name": "ask_user", "arguments": {"question": "Which unit?"}}]},
-    {"text": "", "tool_calls": [{"name": "run_python", "arguments": {"code": "unit_answered = True\nprint('converted to metres')"}},
+    {"text": "", "tool_calls": [{"name": "run_python",
+                                 "arguments": {"code": "unit_answered = True\nprint('converted to metres')"}},
                                 {"name": "finish", "arguments": {"summary": "ok"}}]},
 ]
 

@@ -48,7 +48,8 @@ def long_run_model(steps: int) -> Callable[[Recorded], Turn]:
         nonlocal taken
         seen = facts_in(rec.prompt)
         if rec.is_compaction:
-            return Turn(text="Findings so far:\n" + "\n".join(f"FACT {k}: fact_{k} = {v}" for k, v in sorted(seen.items())))
+            return Turn(text="Findings so far:\n"
+                        + "\n".join(f"FACT {k}: fact_{k} = {v}" for k, v in sorted(seen.items())))
         taken += 1
         if taken <= steps:
             return Turn(tool_calls=[("run_python", {"code": step_code(taken)})])
@@ -203,7 +204,8 @@ def test_an_empty_reply_never_becomes_a_null_assistant_turn(shell):
 def test_tool_ids_of_another_provider_are_normalised_when_the_run_switches(shell):
     with FakeLLM() as llm:
         llm.reply(tool_calls=[("run_python", {"code": "switched = 1"}, "functions.run_python:0"),
-                              ("update_plan", {"steps": [{"text": "a", "status": "active"}]}, "functions.update_plan:1")])
+                              ("update_plan", {"steps": [{"text": "a", "status": "active"}]},
+                               "functions.update_plan:1")])
         state = RunState(goal="g", budgets=Budgets(max_steps=1))
         AgentLoop(state, provider_for(llm, "openai"), InProcessExecutor(shell)).run()
         assert state.status == "paused"
@@ -246,7 +248,8 @@ def test_token_budget_pauses_at_the_step_that_reaches_it(shell, api):
         loop = AgentLoop(state, provider_for(llm, api), InProcessExecutor(shell))
         loop.run()
         assert state.status == "paused" and state.steps == 3
-        assert f"token budget reached ({totals[2].total_tokens:,} of {budget:,} tokens)" in state.events[-1].data["reason"]
+        assert f"token budget reached ({totals[2].total_tokens:,} of {budget:,} tokens)" \
+            in state.events[-1].data["reason"]
         assert state.usage.total_tokens == totals[2].total_tokens
         usage_events = [e for e in state.events if e.type == "usage"]
         assert [e.data["total"]["total_tokens"] for e in usage_events] == [t.total_tokens for t in totals[:3]]

@@ -95,8 +95,9 @@ def test_time_budget_pauses_without_failing(shell, tmp_path):
 
 def test_ask_user_round_trip_over_openai_wire(shell):
     with FakeLLM() as llm:
-        llm.reply("I need one thing.", tool_calls=[("ask_user", {"question": "Which column is the target?"}, "call_ask"),
-                                                   ("run_python", {"code": "after_ask = 1"}, "call_after")])
+        llm.reply("I need one thing.",
+                  tool_calls=[("ask_user", {"question": "Which column is the target?"}, "call_ask"),
+                              ("run_python", {"code": "after_ask = 1"}, "call_after")])
         llm.reply(tool_calls=[("run_python", {"code": "target = 'revenue'"}, "call_use")])
         llm.reply(tool_calls=[("finish", {"summary": "target set"}, "call_fin")])
         provider = make_provider("openai:m", api_key=llm.api_key, base_url=llm.openai_base_url, backoff_base=0.01)
@@ -202,7 +203,8 @@ def test_unknown_tools_and_bad_arguments_go_back_to_the_model(shell, tmp_path):
     loop.run()
     assert state.status == "completed"
     unknown, missing, bad_status = results(state)[:3]
-    assert unknown.is_error and "unknown tool 'delete_everything'" in unknown.content and "run_python" in unknown.content
+    assert unknown.is_error and "unknown tool 'delete_everything'" in unknown.content \
+        and "run_python" in unknown.content
     assert missing.is_error and "needs the argument 'code'" in missing.content
     assert bad_status.is_error and "'started'" in bad_status.content
 

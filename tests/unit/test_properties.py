@@ -244,7 +244,7 @@ def test_read_manifest_raises_only_bundle_error(bundle_dir: Path, raw: bytes) ->
 
 
 # -- path traversal -------------------------------------------------------------------------------------
-safe_segment = st.text(st.characters(blacklist_characters="/\\\x00:", blacklist_categories=("Cs",)),
+safe_segment = st.text(st.characters(blacklist_characters="/\\\x00:", blacklist_categories=("Cs",)),  # type: ignore[arg-type]
                        min_size=1, max_size=12).filter(lambda s: s not in (".", ".."))
 safe_paths = st.lists(safe_segment, min_size=1, max_size=4).map("/".join)
 

@@ -308,7 +308,8 @@ def test_scripted_yaml_and_relative_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     convo = [Message(role="user", text="go")]
     assert make_provider("scripted:plan.yaml", base_dir=workspace).complete("", convo, []).text == "from the workspace"
-    assert make_provider("scripted:plan.yaml", base_dir=tmp_path / "none").complete("", convo, []).text == "from the cwd"
+    provider = make_provider("scripted:plan.yaml", base_dir=tmp_path / "none")
+    assert provider.complete("", convo, []).text == "from the cwd"
     assert make_provider("scripted:plan.yaml").complete("", convo, []).text == "from the cwd"
 
 

@@ -7,6 +7,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ def _state(goal: str = "clean the data") -> RunState:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> RunStore:
+def store(tmp_path: Path) -> Iterator[RunStore]:
     s = RunStore(tmp_path / "handoff.sqlite")
     yield s
     s.close()
@@ -201,7 +202,7 @@ def test_concurrent_puts_of_one_chunk(tmp_path: Path) -> None:
     def put() -> None:
         try:
             blobs.put(sha, data)
-        except BaseException as exc:  # collected and asserted below
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
 
     threads = [threading.Thread(target=put) for _ in range(8)]
