@@ -67,7 +67,8 @@ def uncompacted_input_tokens(state: RunState, provider: object) -> int:
         elif e.type == "tool_result":
             if msgs[-1].role != "tool":
                 msgs.append(Message(role="tool"))
-            msgs[-1].tool_results.append(ToolResult(call_id=e.data["id"], name=e.data["name"], content=e.data["content"]))
+            msgs[-1].tool_results.append(ToolResult(call_id=e.data["id"], name=e.data["name"],
+                                                    content=e.data["content"]))
     body = provider.request_body(SYSTEM_PROMPT, [], TOOLS)  # type: ignore[attr-defined]
     fixed = count_tokens(json.dumps(body))
     total, prefix = 0, fixed
@@ -104,7 +105,7 @@ def main() -> None:
         compactions = [e for e in state.events if e.type == "compacted"]
         sent = sum(r.tokens for r in answered)
         full = uncompacted_input_tokens(state, provider)
-        facts = int(re.match(r"(\d+)", state.summary or "0").group(1)) if state.summary else 0
+        facts = int(re.match(r"(\d+)", state.summary or "0").group(1)) if state.summary else 0  # type: ignore[union-attr]
         print(f"long run, {args.api} wire format, window {args.window:,} tokens, {args.steps} steps of ~6 KB output")
         print(f"  status {state.status}; steps completed {state.steps} (of {args.steps} + finish) in {elapsed:.1f}s")
         print(f"  compactions {len(compactions)} (by the model: {sum(c.data['by_model'] for c in compactions)}); "

@@ -14,6 +14,7 @@ BlobStore uses the same shard under its own root (``shard_path``). Bytes only: s
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import re
 import threading
@@ -21,6 +22,7 @@ import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import EllipsisType
 from typing import Any, Mapping
 
 import blake3
@@ -63,18 +65,18 @@ class AddressHasher:
         self.address = address
         self._h: Any = blake3.blake3() if address.startswith(BLAKE3) else hashlib.sha256()
 
-    def update(self, data: bytes | bytearray | memoryview) -> None:
+    def update(self, data: bytes | bytearray | memoryview | mmap.mmap) -> None:
         self._h.update(data)
 
     def digest(self) -> str:
         """The address the bytes seen so far have (same algorithm as the expected one)."""
-        return (BLAKE3 if self.address.startswith(BLAKE3) else "") + self._h.hexdigest()
+        return (BLAKE3 if self.address.startswith(BLAKE3) else "") + str(self._h.hexdigest())
 
     def matches(self) -> bool:
         return self.digest() == self.address
 
 
-def address_matches(address: str, stored: bytes | bytearray | memoryview) -> bool:
+def address_matches(address: str, stored: bytes | bytearray | memoryview | mmap.mmap) -> bool:
     """Whether ``stored`` hashes to ``address`` (in the algorithm the address names)."""
     h = AddressHasher(address)
     h.update(stored)
@@ -351,7 +353,7 @@ class ChunkStore:
         return removed
 
     # -- reading -----------------------------------------------------------------
-    def intact(self, sha: str, stored: bytes | memoryview) -> bool:
+    def intact(self, sha: str, stored: bytes | memoryview | mmap.mmap) -> bool:
         """Check stored bytes: a legacy chunk's crc32 from the manifest when known (4x cheaper than
         its SHA-256), else the hash its address names (BLAKE3 is as cheap as crc32)."""
         crc = self.crcs.get(sha)
@@ -371,7 +373,7 @@ class ChunkStore:
                               "the bundle")
         return data
 
-    def decode(self, sha: str, stored: bytes, codec: str | None = ...) -> bytes:  # type: ignore[assignment]
+    def decode(self, sha: str, stored: bytes, codec: str | None | EllipsisType = ...) -> bytes:
         if codec is ...:
             codec = self.codecs.get(sha, "zstd" if stored[:4] == ZSTD_MAGIC else None)
         if codec is None:
@@ -383,7 +385,7 @@ class ChunkStore:
         except zstandard.ZstdError as exc:
             raise BundleError(f"chunk {sha} cannot be decompressed ({exc}); re-save the bundle") from exc
 
-    def get(self, sha: str, codec: str | None = ...) -> bytes:  # type: ignore[assignment]
+    def get(self, sha: str, codec: str | None | EllipsisType = ...) -> bytes:
         """Raw (decompressed) bytes of a chunk; verifies its hash first."""
         return self.decode(sha, self.read_stored(sha), codec)
 

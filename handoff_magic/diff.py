@@ -112,7 +112,8 @@ def _var_evidence(var: dict[str, Any], manifest: dict[str, Any]) -> tuple[Any, .
     return (var.get("type"), var.get("method"), var.get("summary"), replay)
 
 
-def _group_bytes(var: dict[str, Any], groups: dict[Any, dict[str, Any]]) -> tuple[frozenset[str], tuple[Any, ...]] | None:
+def _group_bytes(var: dict[str, Any],
+                 groups: dict[Any, dict[str, Any]]) -> tuple[frozenset[str], tuple[Any, ...]] | None:
     g = groups.get(var.get("group")) if var.get("group") is not None else None
     if g is None:
         return None

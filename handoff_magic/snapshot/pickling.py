@@ -172,22 +172,22 @@ def _reduce_by_value(obj: Any, top_defs: dict[int, Any]) -> Any:
 
 def _rebuild_by_value(payload: bytes, deps: tuple) -> Any:
     import dill
-    u = dill.Unpickler(io.BytesIO(payload))
-    u.persistent_load = lambda pid: deps[pid]  # type: ignore[method-assign]
+    u = dill.Unpickler(io.BytesIO(payload))  # noqa: S301 - only inside a kernel's load_state (nested pickle)
+    u.persistent_load = lambda pid: deps[pid]
     return u.load()
 
 
 def _dill_pickler_class() -> type:
     import dill
 
-    class SafeDillPickler(dill.Pickler):  # type: ignore[misc,valid-type]
+    class SafeDillPickler(dill.Pickler):
         """dill that uses the reducers and refuses other live resources instead of 'restoring' them
         as something else; notebook definitions rebuilt from source go by name."""
 
         by_source: frozenset[int] = frozenset()
         reduced = 0
 
-        def save(self, obj: Any, save_persistent_id: bool = True) -> None:  # noqa: D401
+        def save(self, obj: Any, save_persistent_id: bool = True) -> None:
             if not isinstance(obj, _ATOMIC):
                 if id(obj) in self.by_source:
                     self.save_global(obj)
@@ -247,7 +247,7 @@ def pack(obj: Any, store: ChunkStore, secrets: list[bytes], *, use_dill: bool,
         p = _DILL(sink, protocol=5, buffer_callback=on_buffer, byref=False, recurse=False)
         p.by_source = by_source
         if view_roots:
-            p.reducer_override = array_reducer(view_roots)  # type: ignore[attr-defined]
+            p.reducer_override = array_reducer(view_roots)
     else:
         p = _FastPickler(sink, protocol=5, buffer_callback=on_buffer, top_defs=top_defs or {}, by_source=by_source,
                          reduce_array=array_reducer(view_roots) if "numpy" in sys.modules else None)

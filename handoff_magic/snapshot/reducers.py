@@ -164,7 +164,7 @@ def _rebuild_sqlite(state: dict[str, Any]) -> sqlite3.Connection:
     else:
         con = sqlite3.connect(":memory:")
         if "image" in state:
-            con.deserialize(state["image"])
+            con.deserialize(state["image"])  # type: ignore[attr-defined]  # Python 3.11+, like serialize at save
         else:
             con.executescript(state.get("script", ""))
     con.isolation_level = state.get("isolation_level", "")
@@ -228,7 +228,7 @@ def _rebuild_file(state: dict[str, Any]) -> Any:
         fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o666)
     raw = io.FileIO(fd, rawmode, closefd=True)
     # open('data.csv').name is 'data.csv': a relative name stays relative (to the new working dir)
-    raw.name = state["path"] if state.get("relative_name") and not os.path.isabs(state["path"]) else path  # type: ignore[misc]
+    raw.name = state["path"] if state.get("relative_name") and not os.path.isabs(state["path"]) else path
     obj: Any = raw
     if state["kind"] != "raw":
         if raw.readable() and raw.writable():
@@ -241,7 +241,7 @@ def _rebuild_file(state: dict[str, Any]) -> Any:
             obj = io.TextIOWrapper(obj, encoding=state.get("encoding"), errors=state.get("errors"),
                                    line_buffering=state.get("line_buffering", False),
                                    write_through=state.get("write_through", False))
-            obj.mode = mode  # type: ignore[misc]
+            obj.mode = mode
     if closed:
         obj.close()
     elif state.get("pos") and "a" not in mode:
@@ -322,7 +322,7 @@ def _rebuild_condition(lock: Any) -> threading.Condition:
 
 
 def _save_semaphore(sem: threading.Semaphore) -> tuple[type, int, int]:
-    return type(sem), sem._value, getattr(sem, "_initial_value", sem._value)  # type: ignore[attr-defined]
+    return type(sem), sem._value, getattr(sem, "_initial_value", sem._value)
 
 
 def _rebuild_semaphore(state: tuple[type, int, int]) -> threading.Semaphore:
@@ -350,7 +350,7 @@ def _rebuild_queue(state: tuple[type, int, list[Any], int]) -> queue.Queue:
     cls, maxsize, items, unfinished = state
     q = cls(maxsize)
     for item in items:
-        q._put(item)   # type: ignore[attr-defined]  # the queue's own order (FIFO, LIFO, heap)
+        q._put(item)   # the queue's own order (FIFO, LIFO, heap)
     q.unfinished_tasks = unfinished
     return q
 
@@ -382,7 +382,7 @@ def _rebuild_widget(state: tuple[type, dict[str, Any]]) -> Any:
     return cls(**traits)   # a new model with its own comm, holding the same state
 
 
-_REGISTRY.update({
+_BUILT_IN: dict[type, tuple[Save, Rebuild]] = {
     sqlite3.Connection: (_save_sqlite, _rebuild_sqlite),
     sqlite3.Cursor: (_save_cursor, _rebuild_cursor),
     **{t: (_save_file, _rebuild_file) for t in (io.TextIOWrapper, io.BufferedReader, io.BufferedWriter,
@@ -399,7 +399,8 @@ _REGISTRY.update({
     queue.Queue: (_save_queue, _rebuild_queue),
     ThreadPoolExecutor: (_save_pool, _rebuild_pool),
     ProcessPoolExecutor: (_save_pool, _rebuild_pool),
-})
+}
+_REGISTRY.update(_BUILT_IN)
 _BY_NAME["ipywidgets.widgets.widget.Widget"] = (_save_widget, _rebuild_widget)
 
 

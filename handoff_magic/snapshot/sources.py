@@ -42,7 +42,7 @@ def check_by_reference(obj: Any, by_source: frozenset[int]) -> None:
         qual = getattr(obj, "__qualname__", None)
         if not isinstance(qual, str) or getattr(obj, "__module__", None) != "__main__":
             return
-    except Exception:
+    except Exception:  # noqa: BLE001 - attributes that raise: not a notebook definition
         return
     main = sys.modules.get("__main__")
     if getattr(main, qual, None) is obj:
@@ -81,7 +81,7 @@ def plan(candidates: list[tuple[str, Any]], shell: Any, secrets: list[str]) -> S
             continue   # the statement itself holds a secret: it cannot travel
         found[name] = hit
         wanted += [u for u in uses if u in values and u not in found and _is_notebook_definition(values[u])]
-    for name, (cell, line, code, _uses) in sorted(found.items(), key=lambda kv: kv[1][:2]):
+    for name, (cell, _line, code, _uses) in sorted(found.items(), key=lambda kv: kv[1][:2]):
         out.definitions.append({"names": [name], "cell": cell, "code": code})
         out.objects[id(values[name])] = values[name]
         out.cells[name] = cell
@@ -152,9 +152,9 @@ def define(definitions: list[dict[str, Any]], ns: dict[str, Any]) -> dict[str, s
     results: dict[str, str | None] = {}
     for d in definitions:
         try:
-            exec(compile(d["code"], f"<handoff source of cell {d['cell']}>", "exec"), ns)
+            exec(compile(d["code"], f"<handoff source of cell {d['cell']}>", "exec"), ns)  # noqa: S102 - the user's cell
             err = None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - reported per name in the load report
             err = f"defining it from its source (cell {d['cell']}) failed: {type(exc).__name__}: {exc}"
         for n in d["names"]:
             results[n] = err

@@ -110,7 +110,8 @@ _c('blob', lambda: [blob.tell(), list(blob.read(4)), blob.mode, type(blob).__nam
 _c('appender', lambda: [appender.mode, appender.write('third\n'), appender.flush(), open('log.txt').read()])
 _c('writer', lambda: [open('out.txt').read(), writer.tell(), writer.write('+more'), writer.flush(),
                       open('out.txt').read(), writer.mode])
-_c('paths', lambda: [reader.name, __import__('os').fstat(reader.fileno()).st_ino == __import__('os').stat('data.csv').st_ino,
+_c('paths', lambda: [reader.name,
+                     __import__('os').fstat(reader.fileno()).st_ino == __import__('os').stat('data.csv').st_ino,
                      __import__('os').fstat(writer.fileno()).st_ino == __import__('os').stat('out.txt').st_ino])
 _c('weakref', lambda: [ref() is target, registry['t'] is target, dead() is None, type(registry).__name__])
 _c('locks', lambda: [lock.locked(), held.locked(), rlock.acquire(blocking=False), ready.is_set(),

@@ -28,7 +28,7 @@ def _buffer(chunks: float) -> np.ndarray:
 def test_only_written_chunks_are_reported_changed() -> None:
     t = BufferTracker()
     a = _buffer(5.5)
-    mv = memoryview(a).cast("B")
+    mv = memoryview(a).cast("B")  # type: ignore[arg-type]  # numpy: a buffer
     refs = [f"r{i}" for i in range(6)]
     assert t.reusable(mv, CHUNK_SIZE) == [None] * 6            # first sight: hash everything
     t.record(mv, CHUNK_SIZE, refs)
@@ -64,13 +64,13 @@ def test_only_written_chunks_are_reported_changed() -> None:
 def test_a_new_buffer_at_an_old_address_is_hashed_again() -> None:
     t = BufferTracker()
     a = _buffer(4)
-    mv = memoryview(a).cast("B")
+    mv = memoryview(a).cast("B")  # type: ignore[arg-type]  # numpy: a buffer
     t.reusable(mv, CHUNK_SIZE)
     t.record(mv, CHUNK_SIZE, ["r0", "r1", "r2", "r3"])
     addr, n = buffer_address(mv), len(mv)
     del mv, a
     b = np.full(n // 8, 3.0)           # freed mapping, new mapping: not registered any more
-    mv2 = memoryview(b).cast("B")
+    mv2 = memoryview(b).cast("B")  # type: ignore[arg-type]  # numpy: a buffer
     if buffer_address(mv2) == addr:
         assert t.reusable(mv2, CHUNK_SIZE) == [None] * 4
 
