@@ -387,7 +387,8 @@ class HandoffClient:
         return self._json(resp, "answer") if resp.content else {}
 
     def cancel(self, run_id: str) -> dict[str, Any]:
-        resp = self._request("POST", f"/runs/{self.check_run_id(run_id)}/cancel", json={}, what=f"cancelling run {run_id}")
+        resp = self._request("POST", f"/runs/{self.check_run_id(run_id)}/cancel", json={},
+                             what=f"cancelling run {run_id}")
         return self._json(resp, "cancel") if resp.content else {}
 
     def pull(self, run_id: str, timeout: float = 180.0) -> dict[str, Any]:

@@ -495,8 +495,8 @@ def handoff(run: Any, *, to: str | None = None, token: str | None = None, fork: 
     and the error says what to do. The run's Hand off button stays disabled meanwhile (pausing
     can take a whole step), whether the button or %handoff started it.
     """
-    widget = getattr(run, "widget", None)
-    with widget.busy("handoff") if hasattr(widget, "busy") else contextlib.nullcontext():
+    busy = getattr(getattr(run, "widget", None), "busy", None)
+    with busy("handoff") if busy is not None else contextlib.nullcontext():
         return _handoff(run, to=to, token=token, fork=fork, client=client, shell=shell)
 
 
@@ -743,7 +743,8 @@ class PullReport:
         if status == "failed":
             return "the run had failed; %agent continue retries the step that failed"
         if status == "waiting_input":
-            return f'the agent waits for your answer: {run.question or ""} -> %agent continue "your answer"'
+            question = getattr(run, "question", None) or ""
+            return f'the agent waits for your answer: {question} -> %agent continue "your answer"'
         if status == "cancelled":
             return "the run had been cancelled; its variables and files are here. Start a new one with %agent TASK"
         return "%agent continue goes on here with the full plan and messages"

@@ -554,8 +554,8 @@ def _steps(events: list[Any], limit: int = 30) -> list[dict[str, Any]]:
             steps.append({"kind": "error" if d.get("is_error") else "output",
                           "text": text if len(text) <= 1500 else text[:1500] + "\n…"})
         elif ev.type in ("question", "answer", "error", "interrupted"):
-            text = d.get("question") or d.get("answer") or d.get("error") or d.get("reason")
-            step = {"kind": ev.type, "text": str(text or "")}
+            text = str(d.get("question") or d.get("answer") or d.get("error") or d.get("reason") or "")
+            step = {"kind": ev.type, "text": text}
             if ev.type == "question" and any(s == step for s in steps[-3:]):
                 continue   # asked again when the run resumed: one question, shown once
             steps.append(step)

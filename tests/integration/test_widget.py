@@ -442,7 +442,7 @@ def test_continue_button_resumes_a_paused_run() -> None:
             self.resumed += 1
 
     _, w = make("paused")
-    w.controller = c = Controller()
+    w.controller = c = Controller()  # type: ignore[assignment]  # a stand-in with the methods used
     assert "continue" in enabled(w) and "resume the run here" in w.buttons["continue"].tooltip
     w.buttons["continue"].click()
     assert c.resumed == 1
@@ -462,7 +462,7 @@ def test_hand_off_stays_disabled_while_the_handoff_pauses_the_run() -> None:
             seen.append(w.buttons["handoff"].disabled)
 
     _, w = make("running")
-    w.controller = Controller()
+    w.controller = Controller()  # type: ignore[assignment]  # a stand-in with the methods used
     w.buttons["handoff"].click()
     assert seen == [True, True, True]
     assert not w.buttons["handoff"].disabled and "in progress" not in w.buttons["handoff"].tooltip
