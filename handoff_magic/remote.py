@@ -495,13 +495,29 @@ def handoff(run: Any, *, to: str | None = None, token: str | None = None, fork: 
     and the error says what to do. The run's Hand off button stays disabled meanwhile (pausing
     can take a whole step), whether the button or %handoff started it.
     """
-    busy = getattr(getattr(run, "widget", None), "busy", None)
+    widget = getattr(run, "widget", None)
+    busy = getattr(widget, "busy", None)
+    created: list[bool] = []   # set once the server holds the run: from then on it is not undone
     with busy("handoff") if busy is not None else contextlib.nullcontext():
-        return _handoff(run, to=to, token=token, fork=fork, client=client, shell=shell)
+        try:
+            return _handoff(run, to=to, token=token, fork=fork, client=client, shell=shell, created=created)
+        except KeyboardInterrupt:
+            # a kernel interrupt while pausing, capturing or uploading cancels the handoff only:
+            # a pause request the running step has not reached yet is withdrawn, so a background
+            # step finishes as if nothing happened
+            if created:
+                raise
+            cancel_pause = getattr(run, "cancel_pause", None)
+            resumed = cancel_pause() if callable(cancel_pause) else False
+            _widget_message(widget, "handoff cancelled, your run is unchanged", "warn")
+            paused = not resumed and run.state.status == "paused"
+            raise JourneyError("handoff cancelled, your run is unchanged" +
+                               (" (it had reached a step boundary and is paused: %agent continue resumes it)"
+                                if paused else "")) from None
 
 
 def _handoff(run: Any, *, to: str | None, token: str | None, fork: bool,
-             client: HandoffClient | None, shell: Any) -> RemoteRun:
+             client: HandoffClient | None, shell: Any, created: list[bool]) -> RemoteRun:
     t0 = time.perf_counter()
     timings = HandoffTimings()
     cl = _client(to, token, client)
@@ -583,6 +599,7 @@ def _handoff(run: Any, *, to: str | None, token: str | None, fork: bool,
     except ClientError as exc:
         _widget_message(widget, f"handoff failed: {exc}", "error")
         raise JourneyError(f"handoff failed: {exc}. {intact}") from exc
+    created.append(True)
     timings.create += time.perf_counter() - t
     timings.bytes_total, timings.bytes_sent = up.bytes_total, up.bytes_sent
     timings.chunks_total, timings.chunks_sent = up.chunks_total, up.chunks_sent

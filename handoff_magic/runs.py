@@ -80,6 +80,10 @@ class LocalRun:
         self.executor = executor           # InProcessExecutor(shell) on first use
         self._loop: Any = None
         self._thread: threading.Thread | None = None
+        # set while no background loop runs. Waiting on it, never Thread.join: a kernel interrupt
+        # inside join() marks a live thread as stopped in CPython < 3.12 and the run's step breaks
+        self._idle = threading.Event()
+        self._idle.set()
         self._pause = threading.Event()
         self._cancel_requested = False
         self._run_lock = threading.Lock()  # one loop at a time per run
@@ -148,7 +152,7 @@ class LocalRun:
     @property
     def running(self) -> bool:
         """True while the loop runs in a background thread (foreground runs block the cell)."""
-        return self._thread is not None and self._thread.is_alive()
+        return not self._idle.is_set()
 
     def use_model(self, spec: str, provider: Any = None) -> None:
         """Switch the model for the next steps (e.g. a pulled-back run without the server's key)."""
@@ -211,6 +215,7 @@ class LocalRun:
             t = threading.Thread(target=self._run_in_thread, args=(loop, answer, parent),
                                  name=f"handoff-agent-{self.id}", daemon=True)
             self._thread = t
+            self._idle.clear()
             t.start()
         else:
             self._run_loop(loop, answer, False)
@@ -241,6 +246,7 @@ class LocalRun:
                     obj.reset_thread_parent(token)
                 except (ValueError, RuntimeError) as exc:  # a token from another context
                     log.debug("could not reset the output parent of %r: %s", obj, exc)
+            self._idle.set()
 
     def _run_loop(self, loop: Any, answer: str | None, background: bool) -> None:
         if not self._run_lock.acquire(blocking=False):
@@ -293,12 +299,19 @@ class LocalRun:
     def pause(self) -> None:
         self.request_pause()
 
+    def cancel_pause(self) -> bool:
+        """Withdraw a pause request the running step has not reached yet (a cancelled handoff);
+        True if the run goes on as if it had never been asked."""
+        if self.running and self._pause.is_set() and not self._cancel_requested:
+            self._pause.clear()
+            self.widget.show_message("", "info")
+            return True
+        return False
+
     def wait_paused(self, timeout: float) -> bool:
         """Wait until the loop has stopped (paused, waiting, finished); False on timeout."""
-        t = self._thread
-        if t is not None:
-            t.join(timeout)
-            return not t.is_alive()
+        if self._thread is not None:
+            return self._idle.wait(timeout)
         return self._state.status != "running"
 
     # -- RunController (what the widget's buttons call) --------------------------------------
