@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -30,29 +29,8 @@ from handoff_magic.agent import (
     make_provider,
 )
 from handoff_magic.state import Budgets, Message, RunState, ToolCall, ToolResult
-from tests.harness.fake_llm import FakeLLM, Recorded, Turn, count_tokens
-
-FACT = re.compile(r"FACT (\d+): fact_\d+ = (\d+)")
-
-
-def step_code(n: int) -> str:
-    return (f"fact_{n} = {n * 7919 % 10007}\nprint(f'FACT {n}: fact_{n} = {{fact_{n}}}')\n"
-            f"for j in range(260):\n    print(f'row {{j}}: {{j * 0.37:.3f}} {{j * {n}.91:.3f}}')")
-
-
-def model(steps: int):
-    taken = 0
-
-    def respond(rec: Recorded) -> Turn:
-        nonlocal taken
-        seen = dict(FACT.findall(rec.prompt))
-        if rec.is_compaction:
-            return Turn(text="Findings:\n" + "\n".join(f"FACT {k}: fact_{k} = {v}" for k, v in seen.items()))
-        taken += 1
-        if taken <= steps:
-            return Turn(tool_calls=[("run_python", {"code": step_code(taken)})])
-        return Turn(tool_calls=[("finish", {"summary": f"{len(seen)} facts known at the end"})])
-    return respond
+from tests.harness.fake_llm import FakeLLM, count_tokens
+from tests.harness.long_run_model import facts_in, long_run_model
 
 
 def uncompacted_input_tokens(state: RunState, provider: object) -> int:
@@ -86,7 +64,7 @@ def main() -> None:
     ap.add_argument("--api", choices=["openai", "anthropic"], default="openai")
     args = ap.parse_args()
     shell = InteractiveShell.instance()
-    with FakeLLM(window=args.window, responder=model(args.steps)) as llm:
+    with FakeLLM(window=args.window, responder=long_run_model(args.steps)) as llm:
         base = llm.openai_base_url if args.api == "openai" else llm.anthropic_base_url
         provider = make_provider(f"{args.api}:loopback", api_key=llm.api_key, base_url=base)
         state = RunState(goal="collect one fact per step", budgets=Budgets(max_steps=args.steps + 10))
@@ -105,7 +83,7 @@ def main() -> None:
         compactions = [e for e in state.events if e.type == "compacted"]
         sent = sum(r.tokens for r in answered)
         full = uncompacted_input_tokens(state, provider)
-        facts = int(re.match(r"(\d+)", state.summary or "0").group(1)) if state.summary else 0  # type: ignore[union-attr]
+        facts = len(facts_in(state.summary or ""))
         print(f"long run, {args.api} wire format, window {args.window:,} tokens, {args.steps} steps of ~6 KB output")
         print(f"  status {state.status}; steps completed {state.steps} (of {args.steps} + finish) in {elapsed:.1f}s")
         print(f"  compactions {len(compactions)} (by the model: {sum(c.data['by_model'] for c in compactions)}); "

@@ -165,6 +165,12 @@ def describe_usage(usage: dict[str, Any] | None) -> str:
     return text
 
 
+def describe_compaction(data: dict[str, Any]) -> str:
+    """A ``compacted`` event for people: how many turns were folded, tokens before and after."""
+    return (f"Context compacted: {data.get('turns', '?')} earlier turns summarised "
+            f"({int(data.get('tokens_before') or 0):,} → {int(data.get('tokens_after') or 0):,} tokens)")
+
+
 @dataclass
 class Message:
     """Provider-neutral message. role: system | user | assistant | tool.

@@ -24,7 +24,7 @@ import ipywidgets as W
 
 from .errors import HandoffError
 from .snapshot.reports import fmt_bytes
-from .state import STATUS_LABELS, TERMINAL_STATUSES, Event, RunState, describe_usage
+from .state import STATUS_LABELS, TERMINAL_STATUSES, Event, RunState, describe_compaction, describe_usage
 from .widget_css import CSS
 
 log = logging.getLogger(__name__)
@@ -257,9 +257,7 @@ class _View:
         elif t == "refusal":
             self.entries.append(_Entry(text=f"The model refused: {d.get('text', '')}"))
         elif t == "compacted":
-            self.entries.append(_Entry(note=(
-                f"Context compacted: {d.get('turns', '?')} earlier turns summarised "
-                f"({int(d.get('tokens_before') or 0):,} → {int(d.get('tokens_after') or 0):,} tokens)")))
+            self.entries.append(_Entry(note=describe_compaction(d)))
         if t in ("usage", "compacted") and isinstance(d.get("total"), dict):
             self.usage = d["total"]
 

@@ -86,9 +86,23 @@ class HandoffApp(ExtensionAppJinjaMixin, ExtensionApp):
     warm_kernels = Integer(0, help="Keep this many (0 or 1) spare kernels booted so a handoff skips "
                                    "kernel start-up (same-disk kernels only).").tag(config=True)
     max_events_wait = Float(60.0, help="Longest a long-poll for events may wait, in seconds.").tag(config=True)
+    exec_timeout = Float(3600.0, help="Longest one run_python call of a remote run may take, in "
+                                      "seconds; then it is stopped and the agent told.").tag(config=True)
+    stuck_after = Float(help="Notify 'stuck' (with links to answer, cancel or pull the run back) when "
+                             "a running run shows no progress for this many seconds. Default: "
+                             "exec_timeout + 5 minutes; 0 turns it off.").tag(config=True)
+    context_tokens = Integer(0, help="The model's context window in tokens, for models jupyter-handoff "
+                                     "does not know (0: the known window, else HANDOFF_CONTEXT_TOKENS, "
+                                     "else 128000).").tag(config=True)
+    max_tokens_per_run = Integer(0, help="Token budget (input + output) of a remote run before it "
+                                         "pauses and asks whether to go on (0: no limit).").tag(config=True)
     transport = Unicode("auto", help="How bundles reach run kernels: 'shared' (same disk), 'kernel' (over "
                                      "the kernel's channels, for gateways), 'auto' (kernel when "
                                      "--gateway-url is set).").tag(config=True)
+
+    @default("stuck_after")
+    def _default_stuck_after(self) -> float:
+        return self.exec_timeout + 300.0
 
     @default("data_dir")
     def _default_data_dir(self) -> str:

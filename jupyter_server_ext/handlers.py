@@ -18,7 +18,8 @@ from markupsafe import Markup
 from tornado import web
 from tornado.http1connection import HTTP1Connection
 
-from handoff_magic.state import STATUS_LABELS, TERMINAL_STATUSES, RunState, StateError
+from handoff_magic.state import (STATUS_LABELS, TERMINAL_STATUSES, RunState, StateError, describe_compaction,
+                                  describe_usage)
 
 from .notify import links
 from .store import BlobError, check_sha
@@ -559,6 +560,10 @@ def _steps(events: list[Any], limit: int = 30) -> list[dict[str, Any]]:
             if ev.type == "question" and any(s == step for s in steps[-3:]):
                 continue   # asked again when the run resumed: one question, shown once
             steps.append(step)
+        elif ev.type == "refusal":
+            steps.append({"kind": "refusal", "text": f"The model refused: {d.get('text', '')}"})
+        elif ev.type == "compacted":
+            steps.append({"kind": "compacted", "text": describe_compaction(d)})
     return steps[-limit:]
 
 
@@ -569,7 +574,7 @@ class RunPage(PageHandler):
         run = self.run_summary(run_id)
         events = self.handoff.store.events(run_id, 0, limit=None)
         base = self.base_url.rstrip("/")
-        self.render("run.html", run=run, steps=_steps(events),
+        self.render("run.html", run=run, steps=_steps(events), usage=describe_usage(run.get("usage")),
                     # also right after an answer: the run is still "waiting_input" until the
                     # runner takes it, and the page must not look stuck (or invite a 2nd answer)
                     refresh=run["status"] in ("queued", "restoring", "running") or (

@@ -17,7 +17,7 @@ import nbformat
 from nbformat import v4
 
 from handoff_magic.atomic import atomic_write_text
-from handoff_magic.state import Event, RunState
+from handoff_magic.state import Event, RunState, describe_compaction
 
 _STATUS_MARK = {"completed": "✔", "failed": "✘", "cancelled": "■", "pulled": "↩", "waiting_input": "?",
                 "running": "▶", "restoring": "…", "queued": "…", "paused": "‖"}  # text glyphs, no emoji font needed
@@ -94,6 +94,7 @@ def _header(state: RunState, model: str | None) -> str:
         f"| Last update | {_when(state.updated)} |",
         f"| Model | {_md_escape(model or state.model or 'unknown')} |",
         f"| Steps | {state.steps} |",
+        *([f"| Usage | {_md_escape(state.usage.describe())} |"] if state.usage.requests else []),
         "",
         "## Plan",
         "",
@@ -240,6 +241,13 @@ def build_result_notebook(state: RunState, *, model: str | None = None,
             cells.append(v4.new_markdown_cell(
                 f"> ❌ **Error:** {d.get('error', '')}" + (f"\n>\n> {d['hint']}" if d.get("hint") else ""),
                 id=_cell_id("err", ev.seq)))
+        elif t == "refusal":
+            cells.append(v4.new_markdown_cell(f"> 🚫 **The model refused:** {_md_escape(str(d.get('text', '')))}",
+                                              id=_cell_id("ref", ev.seq)))
+        elif t == "compacted":
+            cells.append(v4.new_markdown_cell(
+                f"*{describe_compaction(d)}.*\n\n<details><summary>Summary the model continues from</summary>\n\n"
+                f"{_md_escape(str(d.get('summary', '')))}\n\n</details>", id=_cell_id("cmp", ev.seq)))
         elif t == "finish":
             cells.append(v4.new_markdown_cell(f"## Summary\n\n{d.get('summary', '')}",
                                               id=_cell_id("fin", ev.seq)))

@@ -17,6 +17,8 @@ from typing import Any
 
 import apprise
 
+from handoff_magic.state import describe_usage
+
 from .store import RunStore
 
 KINDS = ("completed", "failed", "cancelled", "waiting_input")
@@ -25,6 +27,7 @@ _HEADLINE = {
     "failed": "failed",
     "cancelled": "was cancelled",
     "waiting_input": "needs your input",
+    "stuck": "is stuck",
 }
 
 
@@ -61,6 +64,11 @@ def compose(summary: dict[str, Any], kind: str, public_url: str) -> tuple[str, s
         para = summary.get("summary") or "The agent finished without a summary."
     elif kind == "failed":
         para = f"Error: {summary.get('error') or 'unknown error'}"
+    elif kind == "stuck":
+        idle = max(0.0, time.time() - float(summary.get("updated") or time.time()))
+        para = (f"No progress for {idle / 60:.0f} min (since its last event); the run may be hanging. "
+                "Open the status page to answer or cancel it, or pull it back to your notebook "
+                f"(%pull {summary['id']}).")
     else:
         para = "The run was cancelled; its workspace and notebook are kept."
     plan = summary.get("plan") or []
@@ -69,6 +77,7 @@ def compose(summary: dict[str, Any], kind: str, public_url: str) -> tuple[str, s
     body = "\n".join([
         f"Goal: {goal}",
         f"Status: {summary.get('status')} (plan {done}/{len(plan)} done, {summary.get('steps', 0)} steps)",
+        *([f"Usage: {used}"] if (used := describe_usage(summary.get("usage"))) else []),
         "",
         para,
         "",

@@ -114,6 +114,7 @@ class _Run:
     nb_gen: int = 0                       # snapshots of result.ipynb asked for, in order
     nb_written: int = 0                   # the newest snapshot on disk
     nb_key: tuple[int, str] = (0, "")     # (last_seq, status) of that snapshot
+    stuck_since: float | None = None      # the last progress time a 'stuck' notice was sent for
 
 
 class _RunExecutor:
@@ -153,6 +154,7 @@ class RunManager:
         self._sem: asyncio.Semaphore | None = None
         self._stopping = False
         self._gc_task: asyncio.Task[None] | None = None
+        self._stuck_task: asyncio.Task[None] | None = None
         self._warm: asyncio.Future[tuple[str, KernelExecutor]] | None = None  # spare kernel (opt-in)
         workers = max(4, 2 * int(getattr(app, "max_concurrent_runs", 2)) + 2)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="handoff-run")
@@ -170,6 +172,9 @@ class RunManager:
         interval = float(getattr(self.app, "gc_interval", GC_INTERVAL))
         if interval > 0:
             self._gc_task = loop.create_task(self._gc_every(interval), name="handoff-blob-gc")
+        stuck_after = float(getattr(self.app, "stuck_after", 0) or 0)
+        if stuck_after > 0:
+            self._stuck_task = loop.create_task(self._watch_stuck(stuck_after), name="handoff-stuck-watch")
         self._refill_warm()
 
     async def _gc_every(self, interval: float) -> None:
@@ -182,11 +187,33 @@ class RunManager:
             except Exception:
                 log.exception("jupyter-handoff: blob gc failed; it runs again in %.0fs", interval)
 
+    async def _watch_stuck(self, stuck_after: float) -> None:
+        """Notify ``stuck`` once per stall: a running run whose last event is older than
+        ``stuck_after`` seconds (a hung kernel call, a model that never answers)."""
+        while not self._stopping:
+            await asyncio.sleep(min(30.0, max(0.2, stuck_after / 4)))
+            now = time.time()
+            for run in list(self.runs.values()):
+                state = run.state
+                if state is None or state.status not in ("restoring", "running"):
+                    continue
+                if now - state.updated < stuck_after or run.stuck_since == state.updated:
+                    continue
+                run.stuck_since = state.updated
+                log.warning("jupyter-handoff: run %s made no progress for %.0fs", run.id, now - state.updated)
+                notifier = getattr(self.app, "notifier", None)
+                if notifier is not None:
+                    try:
+                        notifier.enqueue(run.id, "stuck")
+                    except Exception:
+                        log.exception("jupyter-handoff: queueing the stuck notice for %s failed", run.id)
+
     async def stop(self) -> None:
         """Stop driving runs; they stay unfinished in the store and resume on the next start."""
         self._stopping = True
-        if self._gc_task is not None:
-            self._gc_task.cancel()
+        for task in (self._gc_task, self._stuck_task):
+            if task is not None:
+                task.cancel()
         for run in list(self.runs.values()):
             run.pause.set()
             run.wake.set()
@@ -383,9 +410,13 @@ class RunManager:
         self._rollback_cut_off(run, "the Jupyter Server stopped while this step ran")
         provider = self._provider(run)
         from handoff_magic.agent.loop import AgentLoop
+        cap = int(getattr(self.app, "max_tokens_per_run", 0) or 0)
+        if cap > 0:
+            state.budgets.max_tokens = min(cap, state.budgets.max_tokens or cap)
         loop = AgentLoop(state, provider, _RunExecutor(run), on_event=self._on_event_cb(run),
                          should_pause=lambda: self._should_pause(run),
-                         exec_timeout=float(getattr(self.app, "exec_timeout", 3600.0)))
+                         exec_timeout=float(getattr(self.app, "exec_timeout", 3600.0)),
+                         context_tokens=int(getattr(self.app, "context_tokens", 0) or 0) or None)
         answer: str | None = None
         if state.status == "waiting_input":
             answer = await self._wait_answer(run)

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 
 from handoff_magic.atomic import fsync_dir
 from handoff_magic.chunks import AddressHasher, address_matches, is_sha, shard_path
-from handoff_magic.state import TERMINAL_STATUSES, Event, RunState, new_run_id
+from handoff_magic.state import TERMINAL_STATUSES, Event, RunState, Usage, new_run_id
 
 class BlobError(ValueError):
     """An upload that cannot be stored (bad address, hash mismatch, too large)."""
@@ -250,7 +250,8 @@ def _summary(row: sqlite3.Row) -> dict[str, Any]:
         "steps": row["steps"] or 0,
         "model": row["model"] or "",
         "origin": json.loads(row["origin"]) if row["origin"] else {},
-        "usage": json.loads(row["usage"]) if row["usage"] else {},   # tokens and cost so far
+        # tokens and cost so far
+        "usage": Usage.from_dict(json.loads(row["usage"]) if row["usage"] else None).to_dict(),
         "created": row["created"],
         "updated": row["updated"],
         "last_seq": row["last_seq"] or 0,

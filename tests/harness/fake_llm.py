@@ -59,6 +59,19 @@ class Recorded:
         return json.dumps(self.body, ensure_ascii=False)
 
     @property
+    def counted(self) -> dict[str, int]:
+        """The reply's usage in one shape for both formats: the whole prompt (cached part
+        included), the output, the cache reads and the cache writes; zeros if no reply."""
+        u = self.usage or {}
+        if self.api == "openai":
+            return {"input_tokens": u.get("prompt_tokens", 0), "output_tokens": u.get("completion_tokens", 0),
+                    "cached_tokens": (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
+                    "cache_write_tokens": 0}
+        read, written = u.get("cache_read_input_tokens", 0), u.get("cache_creation_input_tokens", 0)
+        return {"input_tokens": u.get("input_tokens", 0) + read + written, "output_tokens": u.get("output_tokens", 0),
+                "cached_tokens": read, "cache_write_tokens": written}
+
+    @property
     def is_compaction(self) -> bool:
         """A request with no tools: the client asking for a summary, not for an agent turn."""
         return isinstance(self.body, dict) and not self.body.get("tools")
@@ -215,6 +228,15 @@ class FakeLLM:
     def pending(self) -> int:
         with self._lock:
             return len(self._queue)
+
+    def reported_usage(self, requests: list[Recorded] | None = None) -> dict[str, int]:
+        """The sum of the usage the replies reported (all requests, or those given)."""
+        replied = [r for r in (self.requests if requests is None else requests) if r.usage is not None]
+        total = {"requests": len(replied)}
+        for rec in replied:
+            for key, value in rec.counted.items():
+                total[key] = total.get(key, 0) + value
+        return total
 
     def bodies(self, api: str | None = None) -> list[Any]:
         return [r.body for r in self.requests if api is None or r.api == api]

@@ -8,7 +8,6 @@ from a compacted turn reaches the final answer only if the summary kept it.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,9 +16,9 @@ from IPython.core.interactiveshell import InteractiveShell
 from handoff_magic.agent import AgentLoop, InProcessExecutor, make_provider
 from handoff_magic.state import Budgets, RunState, Usage, describe_usage
 from handoff_magic.widget import RunWidget
-from tests.harness.fake_llm import FakeLLM, Recorded, Turn
+from tests.harness.fake_llm import FakeLLM
+from tests.harness.long_run_model import fact_value, facts_in, long_run_model, step_code
 
-FACT = re.compile(r"FACT (\d+): fact_\d+ = (\d+)")
 WINDOW = 12_000
 
 
@@ -28,57 +27,14 @@ def shell():
     return InteractiveShell.instance()
 
 
-def step_code(n: int) -> str:
-    """~6 KB of output per step, its one finding on the first line."""
-    return (f"fact_{n} = {n * 7919 % 10007}\n"
-            f"print(f'FACT {n}: fact_{n} = {{fact_{n}}}')\n"
-            f"for j in range(260):\n    print(f'row {{j}}: {{j * 0.37:.3f}} {{j * {n}.91:.3f}}')")
-
-
-def facts_in(text: str) -> dict[int, str]:
-    return {int(k): v for k, v in FACT.findall(text)}
-
-
-def long_run_model(steps: int) -> Callable[[Recorded], Turn]:
-    """An agent that runs ``steps`` steps, then finishes with every fact its prompt holds;
-    asked to summarise, it keeps every fact it sees."""
-    taken = 0
-
-    def respond(rec: Recorded) -> Turn:
-        nonlocal taken
-        seen = facts_in(rec.prompt)
-        if rec.is_compaction:
-            return Turn(text="Findings so far:\n"
-                        + "\n".join(f"FACT {k}: fact_{k} = {v}" for k, v in sorted(seen.items())))
-        taken += 1
-        if taken <= steps:
-            return Turn(tool_calls=[("run_python", {"code": step_code(taken)})])
-        found = " ".join(f"FACT {k}: fact_{k} = {v}" for k, v in sorted(seen.items()))
-        return Turn(tool_calls=[("finish", {"summary": f"facts found: {found}"})])
-    return respond
-
-
 def provider_for(llm: FakeLLM, api: str):
     base = llm.openai_base_url if api == "openai" else llm.anthropic_base_url
     return make_provider(f"{api}:fake-model", api_key=llm.api_key, base_url=base, backoff_base=0.01)
 
 
-def usage_of(rec: Recorded) -> Usage:
-    u = rec.usage or {}
-    if rec.api == "openai":
-        return Usage(input_tokens=u["prompt_tokens"], output_tokens=u["completion_tokens"],
-                     cached_tokens=u["prompt_tokens_details"]["cached_tokens"], requests=1)
-    read, written = u["cache_read_input_tokens"], u["cache_creation_input_tokens"]
-    return Usage(input_tokens=u["input_tokens"] + read + written, output_tokens=u["output_tokens"],
-                 cached_tokens=read, cache_write_tokens=written, requests=1)
-
-
-def reported_total(llm: FakeLLM) -> Usage:
-    total = Usage()
-    for rec in llm.requests:
-        if rec.usage is not None:
-            total.add(usage_of(rec))
-    return total
+def reported(llm: FakeLLM) -> Usage:
+    """What the model reported over the whole run, as a Usage."""
+    return Usage.from_dict(llm.reported_usage())
 
 
 @pytest.mark.parametrize("api", ["openai", "anthropic"])
@@ -110,17 +66,17 @@ def test_sixty_step_run_with_big_outputs_completes_inside_the_window(shell, api)
         # the final answer still knows facts that were compacted away long ago
         final = facts_in(state.summary or "")
         assert set(range(1, steps + 1)) <= set(final), sorted(set(range(1, steps + 1)) - set(final))
-        assert all(final[n] == str(n * 7919 % 10007) for n in final)
+        assert all(final[n] == str(fact_value(n)) for n in final)
         # the full output stays in the state (In/Out), only the model's view was trimmed
         first = next(r for m in state.messages if m.role == "tool" for r in m.tool_results)
         assert "row 259" in first.content or state.messages[1].compacted_turns
         # every reply's usage is counted: the run's total is the sum of what the model reported
-        assert state.usage.input_tokens == reported_total(llm).input_tokens
-        assert state.usage.output_tokens == reported_total(llm).output_tokens
-        assert state.usage.cached_tokens == reported_total(llm).cached_tokens > 0
-        assert state.usage.requests == sum(1 for r in llm.requests if r.usage is not None)
+        total = reported(llm)
+        assert (state.usage.input_tokens, state.usage.output_tokens, state.usage.requests) == (
+            total.input_tokens, total.output_tokens, total.requests)
+        assert state.usage.cached_tokens == total.cached_tokens > 0
         # ... and the widget shows that total in its header, and each compaction in its log
-        assert describe_usage(reported_total(llm).to_dict()) in widget._header.value
+        assert describe_usage(total.to_dict()) in widget._header.value
         assert shown_compaction and all(shown_compaction)
 
 
@@ -147,7 +103,7 @@ def test_a_scripted_run_compacts_by_itself_and_resumes_from_json(shell, tmp_path
     state.budgets.max_steps = 40
     AgentLoop(state, make_provider(f"scripted:{path}"), InProcessExecutor(shell)).run()
     assert state.status == "completed" and state.summary == "all thirty" and state.steps == 31
-    assert shell.user_ns["fact_30"] == 30 * 7919 % 10007
+    assert shell.user_ns["fact_30"] == fact_value(30)
 
 
 def _refusal_run(shell, llm: FakeLLM, api: str) -> tuple[RunState, AgentLoop]:
@@ -176,7 +132,7 @@ def test_openai_refusal_is_shown_and_the_next_request_is_valid(shell):
 
 def test_anthropic_refusal_is_shown_with_its_stop_details_and_the_next_request_is_valid(shell):
     with FakeLLM() as llm:
-        state, _ = _refusal_run(shell, llm, "anthropic")
+        _refusal_run(shell, llm, "anthropic")
         cache = {"type": "ephemeral"}
         assert llm.requests[1].body["messages"] == [
             {"role": "user", "content": [{"type": "text", "text": "scan the network", "cache_control": cache}]},
@@ -229,11 +185,7 @@ def _totals_per_step(shell, api: str, steps: int) -> list[Usage]:
             llm.reply(tool_calls=[("run_python", {"code": f"print({n} * 3)"})])
         llm.reply(tool_calls=[("finish", {"summary": "x"})])
         AgentLoop(RunState(goal="budget me"), provider_for(llm, api), InProcessExecutor(shell)).run()
-        out, total = [], Usage()
-        for rec in llm.requests:
-            total.add(usage_of(rec))
-            out.append(Usage(**total.__dict__))
-        return out
+        return [Usage.from_dict(llm.reported_usage(llm.requests[:n])) for n in range(1, len(llm.requests) + 1)]
 
 
 @pytest.mark.parametrize("api", ["openai", "anthropic"])
