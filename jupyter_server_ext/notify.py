@@ -53,6 +53,10 @@ def links(public_url: str, run_id: str) -> dict[str, str]:
     }
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
 def compose(summary: dict[str, Any], kind: str, public_url: str) -> tuple[str, str]:
     """Title and plain-text body: goal, status, one paragraph, links."""
     goal = " ".join(str(summary.get("goal") or "").split())
@@ -66,7 +70,7 @@ def compose(summary: dict[str, Any], kind: str, public_url: str) -> tuple[str, s
         para = f"Error: {summary.get('error') or 'unknown error'}"
     elif kind == "stuck":
         idle = max(0.0, time.time() - float(summary.get("updated") or time.time()))
-        para = (f"No progress for {idle / 60:.0f} min (since its last event); the run may be hanging. "
+        para = (f"No progress for {_duration(idle)} (since its last event); the run may be hanging. "
                 "Open the status page to answer or cancel it, or pull it back to your notebook "
                 f"(%pull {summary['id']}).")
     else:
