@@ -45,10 +45,24 @@ def webhook() -> Iterator[Webhook]:
     hook.stop()
 
 
-def _server(llm: FakeLLM, webhook: Webhook, model: str, *extra: str) -> JupyterServerProcess:
-    return JupyterServerProcess(extra_args=[f"--HandoffApp.model={model}", f"--HandoffApp.context_tokens={WINDOW}",
+def _server(llm: FakeLLM, webhook: Webhook, *extra: str) -> JupyterServerProcess:
+    return JupyterServerProcess(extra_args=[f"--HandoffApp.context_tokens={WINDOW}",
                                             f"--HandoffApp.notify_urls={webhook.url}", *extra],
                                 env={**llm.env(), "HANDOFF_MODEL_BACKOFF": "0.05"}).start()
+
+
+TOKEN_CAP = 2000
+
+
+@pytest.fixture(scope="module")
+def watched(webhook: Webhook) -> Iterator[JupyterServerProcess]:
+    """A server that calls a run stuck after 2 s without progress and caps a run's tokens."""
+    with FakeLLM() as llm:
+        srv = _server(llm, webhook, "--HandoffApp.stuck_after=2", f"--HandoffApp.max_tokens_per_run={TOKEN_CAP}")
+        try:
+            yield srv
+        finally:
+            srv.cleanup()
 
 
 def _notice(webhook: Webhook, run_id: str, word: str, timeout: float = 30) -> dict[str, Any]:
@@ -77,7 +91,7 @@ def test_long_run_compacts_locally_and_finishes_after_a_handoff_in_the_other_for
         assert refused, "the local part never met the window"
         local_requests = len(llm.requests)
 
-        srv = _server(llm, webhook, f"{OTHER[local_api]}:fake-model")
+        srv = _server(llm, webhook, f"--HandoffApp.model={OTHER[local_api]}:fake-model")
         try:
             bdir, manifest = bundle
             manifest = json.loads(json.dumps(manifest))
@@ -113,36 +127,57 @@ def test_long_run_compacts_locally_and_finishes_after_a_handoff_in_the_other_for
 
 
 def test_a_run_without_progress_notifies_stuck_with_links_to_act(
-        bundle: tuple[Path, dict[str, Any]], webhook: Webhook, tmp_path: Path) -> None:
+        bundle: tuple[Path, dict[str, Any]], webhook: Webhook, watched: JupyterServerProcess, tmp_path: Path) -> None:
     script = write_script(tmp_path / "slow.json", [
-        {"tool_calls": [{"name": "run_python", "arguments": {"code": step_code(1)}}]},
+        {"tool_calls": [{"name": "run_python", "arguments": {"code": "print('quick')"}}]},
         {"tool_calls": [{"name": "run_python", "arguments": {"code": "import time; time.sleep(60)"}}]},
         {"tool_calls": [{"name": "finish", "arguments": {"summary": "never"}}]}])
-    with FakeLLM() as llm:
-        srv = _server(llm, webhook, f"scripted:{script}", "--HandoffApp.stuck_after=2")
-        try:
-            bdir, manifest = bundle
-            run_id = hand_off(srv, bdir, manifest)
+    srv = watched
+    bdir, manifest = bundle
+    run_id = hand_off(srv, bdir, manifest, model=f"scripted:{script}")
 
-            def stuck() -> list[dict[str, Any]]:
-                return [m for m in webhook.received if run_id in m["title"] and "is stuck" in m["title"]]
-            deadline = time.monotonic() + 120
-            while not any("time.sleep(60)" in str(e["data"].get("arguments")) for e in all_events(srv, run_id)):
-                assert time.monotonic() < deadline, all_events(srv, run_id)[-3:]
-                time.sleep(0.2)
-            before = len(stuck())       # a slow kernel start may have been a stall of its own
-            while len(stuck()) == before:
-                assert time.monotonic() < deadline, "no stuck notice for the hanging step"
-                time.sleep(0.1)
-            notice = stuck()[-1]
-            assert "No progress for" in notice["message"]
-            assert f"/handoff/runs/{run_id}" in notice["message"]          # status page: answer or cancel
-            assert f"%pull {run_id}" in notice["message"]
-            time.sleep(3)                                                    # once per stall
-            assert len(stuck()) == before + 1
-            summary = srv.client.get(f"/handoff/api/runs/{run_id}").json()
-            assert summary["status"] == "running" and summary["usage"]["estimated"] is True
-            assert srv.client.post(f"/handoff/api/runs/{run_id}/cancel").status_code in (200, 202)
-            assert wait_status(srv, run_id, timeout=60)["status"] == "cancelled"
-        finally:
-            srv.cleanup()
+    def stuck() -> list[dict[str, Any]]:
+        return [m for m in webhook.received if run_id in m["title"] and "is stuck" in m["title"]]
+    deadline = time.monotonic() + 120
+    while not any("time.sleep(60)" in str(e["data"].get("arguments")) for e in all_events(srv, run_id)):
+        assert time.monotonic() < deadline, all_events(srv, run_id)[-3:]
+        time.sleep(0.2)
+    before = len(stuck())       # a slow kernel start may have been a stall of its own
+    while len(stuck()) == before:
+        assert time.monotonic() < deadline, "no stuck notice for the hanging step"
+        time.sleep(0.1)
+    notice = stuck()[-1]
+    assert "No progress for" in notice["message"]
+    assert f"/handoff/runs/{run_id}" in notice["message"]          # status page: answer or cancel
+    assert f"%pull {run_id}" in notice["message"]
+    time.sleep(3)                                                    # once per stall
+    assert len(stuck()) == before + 1
+    summary = srv.client.get(f"/handoff/api/runs/{run_id}").json()
+    assert summary["status"] == "running" and summary["usage"]["estimated"] is True
+    assert srv.client.post(f"/handoff/api/runs/{run_id}/cancel").status_code in (200, 202)
+    assert wait_status(srv, run_id, timeout=60)["status"] == "cancelled"
+
+
+def test_max_tokens_per_run_pauses_at_the_step_that_reaches_it_and_asks(
+        bundle: tuple[Path, dict[str, Any]], webhook: Webhook, watched: JupyterServerProcess, tmp_path: Path) -> None:
+    script = write_script(tmp_path / "many.json", [
+        {"tool_calls": [{"name": "run_python", "arguments": {"code": step_code(n)}}]} for n in range(1, 7)]
+        + [{"tool_calls": [{"name": "finish", "arguments": {"summary": "six facts"}}]}])
+    srv = watched
+    bdir, manifest = bundle
+    run_id = hand_off(srv, bdir, manifest, model=f"scripted:{script}")
+    summary = wait_status(srv, run_id, statuses=("waiting_input", "completed", "failed"), timeout=120)
+    assert summary["status"] == "waiting_input", summary
+    assert f"of {TOKEN_CAP:,} tokens" in summary["question"] and "continue" in summary["question"]
+    totals = [e["data"]["total"]["total_tokens"] for e in all_events(srv, run_id) if e["type"] == "usage"]
+    # paused at the first step whose running total reached the cap, not one step later
+    assert totals[-1] >= TOKEN_CAP and all(t < TOKEN_CAP for t in totals[:-1])
+    assert summary["steps"] == len(totals)
+    notice = _notice(webhook, run_id, "needs your input")
+    assert "token budget reached" in notice["message"]
+    assert srv.client.post(f"/handoff/api/runs/{run_id}/answer", json={"answer": "continue"}).status_code in (200, 202)
+    deadline = time.monotonic() + 60
+    while srv.client.get(f"/handoff/api/runs/{run_id}").json()["steps"] <= len(totals):
+        assert time.monotonic() < deadline, "the answer did not resume the run"
+        time.sleep(0.2)
+    srv.client.post(f"/handoff/api/runs/{run_id}/cancel")
