@@ -363,7 +363,7 @@ def test_status_page_on_a_phone(browser: Any, cloud: JupyterServerProcess) -> No
     ex = expect()
     try:
         page.goto(cloud_lab_url(cloud, f"handoff/runs/{rid}"))
-        ex(page.locator("#status")).to_have_text("waiting input")
+        ex(page.locator("#status")).to_have_text("waiting for input")
         ex(page.locator("#question")).to_contain_text("north or south")
         shot(page, "09-status-page-phone-waiting")
         page.emulate_media(color_scheme="dark")     # the page follows the phone's dark mode
