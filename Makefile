@@ -32,8 +32,11 @@ lint: $(TESTSTAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# pytest exits 5 when it collected nothing: that is a broken suite, said out loud.
+# PYTEST_ARGS narrows a local run, e.g. make test PYTEST_ARGS="-m unit".
 test: lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) || { rc=$$?; [ $$rc -ne 5 ] || \
+	  echo "make test: pytest collected no tests (exit 5): check testpaths and the tests/ tree" >&2; exit $$rc; }
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/capture.py

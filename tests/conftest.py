@@ -22,6 +22,20 @@ for _name in ("HANDOFF_MODEL", "HANDOFF_SERVER_URL", "HANDOFF_TOKEN", "OPENAI_AP
     os.environ.pop(_name, None)
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+_TESTS = Path(__file__).resolve().parent
+_TIERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with its folder's tier (``-m unit`` for a quick loop); e2e tests are slow."""
+    for item in items:
+        path = item.path.resolve()
+        tier = path.relative_to(_TESTS).parts[0] if path.is_relative_to(_TESTS) else None
+        if tier in _TIERS:
+            item.add_marker(tier)
+            if tier == "e2e":
+                item.add_marker("slow")
+
 
 @pytest.fixture(scope="module")
 def handoff_server() -> Iterator[JupyterServerProcess]:

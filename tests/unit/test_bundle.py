@@ -357,7 +357,7 @@ def test_other_bundles_under_the_root_are_not_captured_as_files(tmp_path: Path) 
 def test_repetitive_text_columns_round_trip_as_a_string_table(tmp_path: Path) -> None:
     """Text columns with repeated values load as few shared strs, every value and flag intact;
     columns with a missing value, a str subclass or all-unique values take the plain path."""
-    pd = pytest.importorskip("pandas")
+    import pandas as pd  # a test dependency: missing means a broken install, not a skip
     n = 100_000
     labels = np.array([f"item-{i % 500}" for i in range(n)], dtype=object)
     grid = np.array([f"é{i % 7}" for i in range(n)], dtype=object).reshape(250, 400, order="F")
