@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 from jupyter_core.utils import ensure_async
 
+from handoff_magic.agent.context import turn_index
 from handoff_magic.atomic import atomic_write_json, link_or_copy
 from handoff_magic.chunks import chunk_relpath, is_sha
 from handoff_magic.errors import BundleError
@@ -106,7 +107,9 @@ class _Run:
     crashed: bool = False
     crash_detail: str = ""                # how the kernel ended, e.g. "killed by SIGKILL"
     crashes: dict[int, int] = field(default_factory=dict)
-    ckpt_messages: int = -1               # len(messages) at the last checkpoint
+    # (steps, len(messages)) at the last checkpoint: steps, because a compaction can give the
+    # conversation back the length it had
+    ckpt_key: tuple[int, int] = (-1, -1)
     last_exec_count: int | None = None
     pull_result: asyncio.Future[dict[str, Any]] | None = None
     holds_slot: bool = False
@@ -591,8 +594,8 @@ class RunManager:
         report["reason"] = reason
         report["source"] = kind
         self._emit(run, "restore", report=report)
-        run.ckpt_messages = len(manifest.get("run", {}).get("messages", []) if isinstance(
-            manifest.get("run"), dict) else [])
+        held: dict[str, Any] = manifest["run"] if isinstance(manifest.get("run"), dict) else {}
+        run.ckpt_key = (int(held.get("steps") or 0), len(held.get("messages") or []))
         self._write_notebook(run)
 
     async def _start_kernel(self, run: _Run, materialised: "asyncio.Future[Any]") -> None:
@@ -755,37 +758,34 @@ class RunManager:
         self._status(run, "running", reason="recovered from a kernel crash")
 
     def _cut_off_turn(self, run: _Run) -> int:
-        state = run.state
-        assert state is not None
-        base = max(run.ckpt_messages, 0)
-        idx = next((i for i in range(base, len(state.messages)) if state.messages[i].role == "assistant"),
-                   len(state.messages))
-        return sum(1 for m in state.messages[:idx] if m.role == "assistant")
+        """Model turns before the step a crash cut off (the turns the last checkpoint holds)."""
+        return max(run.ckpt_key[0], 0)
+
+    def _checkpoint_steps(self, run_id: str) -> tuple[dict[str, Any] | None, int]:
+        """The latest checkpoint's run state and its model turns (steps; messages may have
+        been compacted since, so turns, not message counts, say what the checkpoint holds)."""
+        manifest, _ = self.latest_manifest(run_id)
+        base_run = manifest.get("run") if isinstance(manifest.get("run"), dict) else None
+        return base_run, int(base_run.get("steps") or 0) if base_run else 0
 
     def _has_cut_off_step(self, run: _Run) -> bool:
         """True if the state holds a model turn after the latest checkpoint (it will be redone)."""
         state = run.state
         assert state is not None
-        manifest, _ = self.latest_manifest(run.id)
-        base_run = manifest.get("run") if isinstance(manifest.get("run"), dict) else None
-        base_len = len(base_run.get("messages") or []) if base_run else 0
-        return any(m.role == "assistant" for m in state.messages[base_len:])
+        return state.steps > self._checkpoint_steps(run.id)[1]
 
     def _rollback_cut_off(self, run: _Run, why: str) -> None:
         """Drop a step the restored kernel never saw (after the last checkpoint) and tell the
         agent, so it redoes the step; a scripted model replays the same turn."""
         state = run.state
         assert state is not None
-        manifest, _ = self.latest_manifest(run.id)
-        base_run = manifest.get("run") if isinstance(manifest.get("run"), dict) else None
-        base_len = len(base_run.get("messages") or []) if base_run else 0
-        cut = next((i for i in range(base_len, len(state.messages))
-                    if state.messages[i].role == "assistant"), None)
+        base_run, base_steps = self._checkpoint_steps(run.id)
+        turn = base_steps + 1
+        cut = turn_index(state.messages, turn) if state.steps >= turn else None
         if cut is None:
             return
         lost = state.messages[cut]
         codes = [str(c.arguments.get("code", "")) for c in lost.tool_calls if c.name == "run_python"]
-        turn = sum(1 for m in state.messages[:cut] if m.role == "assistant") + 1
         shown = "\n\n".join(c if len(c) < 2000 else c[:2000] + "\n# ... (trimmed)" for c in codes)
         note = (f"[interrupted] Your step {turn} was cut off: {why}. The kernel was restored to the "
                 "checkpoint taken before that step, so its effects are gone. Redo the step."
@@ -798,7 +798,7 @@ class RunManager:
                 state.steps = base.steps
             except StateError as exc:
                 log.warning("jupyter-handoff: checkpoint run state of %s unreadable: %s", run.id, exc)
-        run.ckpt_messages = len(state.messages) - 1
+        run.ckpt_key = (state.steps, len(state.messages) - 1)   # the note is news for the next checkpoint
         self._emit(run, "interrupted", reason=f"step {turn} was cut off ({why}); it will be redone",
                    step=turn)
         self._emit(run, "plan", steps=[{"text": p.text, "status": p.status} for p in state.plan])
@@ -845,7 +845,7 @@ class RunManager:
             self._write_notebook(run)
         if run.executor is None or run.executor.dead:
             return
-        if len(state.messages) != run.ckpt_messages:
+        if (state.steps, len(state.messages)) != run.ckpt_key:
             self._checkpoint(run, False)
 
     def _checkpoint(self, run: _Run, full: bool) -> dict[str, Any] | None:
@@ -880,7 +880,7 @@ class RunManager:
             return None
         manifest, new_bytes = ck.manifest, ck.bytes_new
         self.store.save_manifest(run.id, "checkpoint", manifest)
-        run.ckpt_messages = len(state.messages)
+        run.ckpt_key = (state.steps, len(state.messages))
         self._prune_checkpoints(run.id)
         total = sum(int(m.get("stored", 0)) for m in manifest.get("chunks", {}).values())
         return manifest, new_bytes, total
@@ -914,7 +914,7 @@ class RunManager:
         error message, or None (nothing new, or called on the event loop where it must not block)."""
         state = run.state
         if (state is None or run.executor is None or run.executor.dead or run.crashed
-                or len(state.messages) == run.ckpt_messages or _has_running_loop()):
+                or (state.steps, len(state.messages)) == run.ckpt_key or _has_running_loop()):
             return None  # nothing new since the last checkpoint (or on the event loop: no blocking)
         try:
             return self._take_checkpoint(run, False)

@@ -97,6 +97,17 @@ def overflow_limit(text: str) -> int | None:
     return None
 
 
+def turn_index(messages: list[Message], turn: int) -> int | None:
+    """Index of the assistant message of model turn ``turn`` (1-based), counting the turns a
+    summary replaced; None if that turn is not in ``messages`` as itself."""
+    seen = 0
+    for i, m in enumerate(messages):
+        seen += m.compacted_turns + (m.role == "assistant")
+        if m.role == "assistant" and seen == turn:
+            return i
+    return None
+
+
 def _chars(m: Message) -> int:
     n = len(m.text)
     for c in m.tool_calls:

@@ -238,3 +238,12 @@ def test_usage_travels_as_json_and_old_states_still_load():
     for m in old["messages"]:
         m.pop("usage", None)
     assert RunState.from_dict(old).usage == Usage()
+
+
+def test_turn_index_counts_the_turns_a_summary_replaced():
+    """Crash recovery finds the step a crash cut off by its turn number, even after compaction."""
+    from handoff_magic.agent.context import turn_index
+    from handoff_magic.state import Message
+    msgs = [Message(role="user", text="goal"), Message(role="user", text="summary", compacted_turns=5),
+            Message(role="assistant", text="six"), Message(role="tool"), Message(role="assistant", text="seven")]
+    assert [turn_index(msgs, n) for n in (5, 6, 7, 8)] == [None, 2, 4, None]
