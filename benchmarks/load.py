@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT))
 import httpx
 
 from handoff_magic import save_state
-from handoff_magic.client import HandoffClient
 from handoff_magic.demo import Cloud
+from handoff_magic.remote.http import HandoffClient
 from handoff_magic.state import TERMINAL_STATUSES, RunState
 
 API = "/handoff/api"

@@ -1,13 +1,19 @@
 """jupyter-handoff: run an agent in your notebook, hand it off to a Jupyter Server, pull it back.
 
-Public API (a contract): ``save_state``, ``load_state``, ``register_reducer``, ``%load_ext handoff_magic``.
+Public API (a contract): ``save_state``, ``load_state``, ``register_reducer``, ``errors`` (the
+HandoffError tree), ``RunState``, ``%load_ext handoff_magic``. The rest is reached lazily, so
+importing the package stays cheap (no widgets, no HTTP client).
 """
 from __future__ import annotations
 
 from typing import Any
 
+from . import errors
+from .state import RunState
+
 __version__ = "0.1.0"
-__all__ = ["save_state", "load_state", "register_reducer", "load_ipython_extension", "__version__"]
+__all__ = ["save_state", "load_state", "register_reducer", "errors", "RunState", "load_ipython_extension",
+           "__version__"]
 
 
 def save_state(path: Any, shell: Any = None, **kwargs: Any) -> Any:
@@ -34,6 +40,7 @@ def register_reducer(cls: type, save: Any, rebuild: Any) -> None:
 
 
 def load_ipython_extension(ip: Any) -> None:
+    from . import remote  # noqa: F401 - plugs handoff/pull into local runs' widget buttons
     from .magics import HandoffMagics
     ip.register_magics(HandoffMagics)
 

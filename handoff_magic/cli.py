@@ -33,15 +33,10 @@ from jupyter_core.application import JupyterApp
 from traitlets import Bool, Float, Int, Unicode
 
 from . import __version__
-from .client import HandoffClient
-from .remote import (
-    REMOTE_DONE,
-    DiffView,
-    HandoffError,
-    RemoteRun,
-    RunList,
-    state_from_summary,
-)
+from .errors import HandoffError
+from .remote.follow import REMOTE_DONE, RemoteRun, state_from_summary
+from .remote.http import HandoffClient
+from .remote.views import DiffView, RunList
 from .state import STATUS_LABELS, Event, describe_usage
 
 EXIT_OK = 0

@@ -1,4 +1,4 @@
-"""Where the model spec and the server address come from: arguments, environment, handoff.json.
+"""Where the model spec comes from: arguments, environment, handoff.json (the server address: remote/settings.py).
 
 handoff.json lives in the Jupyter config dir (``jupyter --config-dir``, usually ~/.jupyter;
 JUPYTER_CONFIG_DIR moves it). Keys are never read from it: they come from the environment.
@@ -51,21 +51,3 @@ def resolve_model_spec(explicit: str | None = None) -> str:
     if isinstance(model, str) and model.strip():
         return model.strip()
     return default_model_spec()
-
-
-def server_settings(url: str | None = None, token: str | None = None) -> tuple[str, str | None]:
-    """(server URL, token): arguments, else HANDOFF_SERVER_URL/HANDOFF_TOKEN, else handoff.json."""
-    url = url or os.environ.get("HANDOFF_SERVER_URL") or None
-    token = token or os.environ.get("HANDOFF_TOKEN") or None
-    if not url or not token:
-        cfg = load_config()
-        url = url or cfg.get("server_url") or None
-        token = token or cfg.get("token") or None
-    if not url:
-        raise ConfigError(
-            "no handoff server configured: pass --to URL, or set HANDOFF_SERVER_URL (and HANDOFF_TOKEN), "
-            f"or put {{\"server_url\": ..., \"token\": ...}} in {config_path()}"
-        )
-    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-        raise ConfigError(f"server URL {url!r} must start with http:// or https://")
-    return url.rstrip("/"), token

@@ -326,7 +326,7 @@ class Journey:
     def run(self) -> dict[str, Any]:
         import nbformat
 
-        from .client import HandoffClient
+        from .remote.http import HandoffClient
 
         nb_path = find_notebook()
         nb = nbformat.read(nb_path, as_version=4)
@@ -353,7 +353,7 @@ class Journey:
         self.run_cells(a, nb, before, "kernel A")
         local = self.probe(a, "(lambda r: {'id': r.id, 'status': r.status, 'steps': r.state.steps, "
                               "'plan': [(p.text, p.status) for p in r.state.plan]})"
-                              "(__import__('handoff_magic.runs', fromlist=['x']).current_run())")
+                              "(__import__('handoff_magic.local.run', fromlist=['x']).current_run())")
         self.t.stage("local", f"agent ran {local['steps']} steps in kernel A, now {local['status']}; plan:\n"
                               + "\n".join(f"  [{s:7}] {t}" for t, s in local["plan"]))
         t0, wall0 = time.perf_counter(), time.time()
@@ -413,9 +413,9 @@ class Journey:
             done.update(cells)
 
         upto(stage_cells["diff"][0] - 1, "kernel B")
-        events = self.probe(b, "len(__import__('handoff_magic.remote', fromlist=['x']).LAST_REATTACH.state.events)"
-                               " if getattr(__import__('handoff_magic.remote', fromlist=['x']), 'LAST_REATTACH', None)"
-                               " else None")
+        journey = "__import__('handoff_magic.remote.journey', fromlist=['x'])"
+        events = self.probe(b, f"len({journey}.LAST_REATTACH.state.events)"
+                               f" if getattr({journey}, 'LAST_REATTACH', None) else None")
         self.t.stage("reattach", f"kernel B (new): %reattach listed the server's runs and rebuilt run {run_id}"
                                  + (f" from {events} events" if events else ""))
         upto(stage_cells["diff"][-1], "kernel B")
@@ -426,12 +426,12 @@ class Journey:
         upto(stage_cells["pull"][-1], "kernel B")
         pulled = self.probe(b, "(lambda r: {'id': r.id, 'status': r.status, 'steps': r.state.steps, "
                                "'messages': len(r.state.messages), 'r2': globals().get('r2')})"
-                               "(__import__('handoff_magic.runs', fromlist=['x']).current_run())")
+                               "(__import__('handoff_magic.local.run', fromlist=['x']).current_run())")
         self.t.stage("pull", f"%pull restored the run into kernel B: {pulled['steps']} steps, "
                              f"{pulled['messages']} messages, status {pulled['status']}; r2 = {pulled['r2']}")
         upto(part2[-1], "kernel B")
         final = self.probe(b, "(lambda r: {'status': r.status, 'steps': r.state.steps, 'summary': r.state.summary})"
-                              "(__import__('handoff_magic.runs', fromlist=['x']).current_run())")
+                              "(__import__('handoff_magic.local.run', fromlist=['x']).current_run())")
         self.t.stage("continue", f"%agent continue ran locally: {final['status']} after {final['steps']} steps\n"
                                  f"{final['summary']}")
         b.kill()

@@ -28,7 +28,7 @@ else is a bug and keeps its traceback. Built-in bases are kept where callers cat
         └── Blocked (pickle.PicklingError)    a live resource dill would restore wrongly
 
 This module imports nothing from the package, so any module can raise from it without a cycle.
-The classes are also importable from the modules that raise them (``handoff_magic.client.ClientError``...).
+The classes are also importable from the modules that raise them (``handoff_magic.remote.http.ClientError``...).
 """
 from __future__ import annotations
 

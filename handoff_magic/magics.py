@@ -1,6 +1,7 @@
 """IPython magics: %snapshot, %agent/%%agent, %handoff, %reattach, %pull, %runs.
 
-Each magic is a thin parser; the work lives in capture/restore, runs (LocalRun) and remote.
+Each magic is a thin parser; the work lives in snapshot/ (save/load), local/run.py (LocalRun)
+and remote/journey.py (handoff, reattach, pull).
 Bad arguments raise IPython's UsageError (a one-line red message with the usage, no traceback);
 a run that cannot do what was asked says why and what to type instead.
 """
@@ -123,15 +124,6 @@ def _split(line: str, usage: str) -> list[str]:
         raise UsageError(f"cannot parse the arguments ({exc})\n{usage}") from None
 
 
-def _remote_module() -> Any:
-    try:
-        from . import remote
-    except ImportError as exc:
-        raise UsageError(f"remote actions are not available in this install ({exc}); "
-                         "reinstall jupyter-handoff") from exc
-    return remote
-
-
 def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Call an action; our own errors become one clean line (they already say what to do)."""
     try:
@@ -249,7 +241,7 @@ class HandoffMagics(Magics):
 
     def _start(self, task: str, opts: dict[str, Any]) -> None:
         from .config import resolve_model_spec
-        from .runs import RUNS, LocalRun
+        from .local.run import RUNS, LocalRun
 
         if not task:
             raise UsageError(f"no task given: say what the agent should do\n{AGENT_USAGE}")
@@ -269,7 +261,7 @@ class HandoffMagics(Magics):
             _refresh(handle, run.widget)
 
     def _continue(self, tail: str) -> None:
-        from .runs import RUNS, current_run
+        from .local.run import RUNS, current_run
 
         usage = AGENT_USAGE
         opts, rest = parse_agent_line(tail, usage)
@@ -295,7 +287,7 @@ class HandoffMagics(Magics):
             raise UsageError(str(exc)) from exc
 
     def _pause_or_cancel(self, what: str) -> None:
-        from .runs import current_run
+        from .local.run import current_run
         run = current_run()
         if run is None:
             raise UsageError("no agent run in this kernel: start one with %agent TASK")
@@ -316,7 +308,7 @@ class HandoffMagics(Magics):
     @line_magic
     def runs(self, line: str) -> Any:
         """List the agent runs in this kernel: id, goal, status, steps, where they run."""
-        from .runs import RUNS, RunTable
+        from .local.run import RUNS, RunTable
         if line.strip():
             raise UsageError("usage: %runs   (no arguments; %reattach lists the runs on a server)")
         seen: list[Any] = []
@@ -327,7 +319,7 @@ class HandoffMagics(Magics):
 
     # -- remote actions -------------------------------------------------------------------------
     def _resolve_run(self, run_id: str | None, usage: str) -> Any:
-        from .runs import RUNS, current_run
+        from .local.run import RUNS, current_run
         if run_id:
             run = RUNS.get(run_id)
             if run is None:
@@ -357,7 +349,7 @@ class HandoffMagics(Magics):
             display(preflight(self.shell))
             return
         run = self._resolve_run(a.run_id, HANDOFF_USAGE)
-        remote = _remote_module()
+        from . import remote
         result = _call(remote.handoff, run, to=a.to, token=a.token, fork=a.fork, shell=self.shell)
         _show_remote_result(result)
 
@@ -369,7 +361,7 @@ class HandoffMagics(Magics):
         p.add_argument("--to")
         p.add_argument("--token")
         a = p.parse_args(_split(line, REATTACH_USAGE))
-        remote = _remote_module()
+        from . import remote
         result = _call(remote.reattach, a.run_id, to=a.to, token=a.token, display=False)
         _show_remote_result(result)
 
@@ -382,7 +374,7 @@ class HandoffMagics(Magics):
         p.add_argument("--to")
         p.add_argument("--token")
         a = p.parse_args(_split(line, PULL_USAGE))
-        remote = _remote_module()
+        from . import remote
         result = _call(remote.pull, a.run_id, to=a.to, token=a.token, shell=self.shell, display=False,
                        again=a.again)
         report = getattr(result, "pull_report", None)

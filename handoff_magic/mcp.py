@@ -23,9 +23,9 @@ from typing import Any
 from .atomic import atomic_write_text, link_or_copy
 from .snapshot.files import IGNORE_DIRS
 from .cli import STOP_STATUSES, cancel, event_text, follow
-from .client import HandoffClient
+from .remote.http import HandoffClient
 from .errors import HandoffError
-from .remote import DiffView
+from .remote.views import DiffView
 from .state import STATUS_LABELS, Event, RunState
 
 MAX_EVENTS = 200            # per follow_run call; the model calls again with after=last_seq

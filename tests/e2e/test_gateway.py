@@ -68,7 +68,7 @@ class Laptop:
 
 
 RUN_STATE = ("(lambda r: {'status': r.status, 'steps': r.state.steps, 'remote': getattr(r.remote, 'run_id', None)})"
-             "(__import__('handoff_magic.runs', fromlist=['x']).current_run())")
+             "(__import__('handoff_magic.local.run', fromlist=['x']).current_run())")
 
 
 def test_handoff_runs_in_a_gateway_kernel_and_pulls_back(

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
-from handoff_magic.client import HandoffClient
+from handoff_magic.remote.http import HandoffClient
 from handoff_magic.demo import JOURNEY_SCRIPT, Kernel, WebhookReceiver, output_text
 from tests.harness.server_process import JupyterServerProcess, Mailbox, free_port
 from tests.harness.cutting_proxy import CuttingProxy
@@ -107,7 +107,7 @@ class Laptop:
         return self.value("(lambda r: {'id': r.id, 'status': r.status, 'steps': r.state.steps, "
                           "'messages': len(r.state.messages), 'plan': [p.status for p in r.state.plan], "
                           "'remote': getattr(r.remote, 'run_id', None)})"
-                          "(__import__('handoff_magic.runs', fromlist=['x']).current_run())")
+                          "(__import__('handoff_magic.local.run', fromlist=['x']).current_run())")
 
     def kill(self) -> None:
         self.kernel.kill()
@@ -149,7 +149,7 @@ def test_full_journey_handoff_kill_notify_reattach_diff_pull_continue(cloud, cli
         assert after["status"] == "handed_off" and run_id, out
         assert run_id in out, out
         # the upload bar went away once the upload was done (it must not sit there for the whole run)
-        assert a.value("__import__('handoff_magic.runs', fromlist=['x']).current_run()"
+        assert a.value("__import__('handoff_magic.local.run', fromlist=['x']).current_run()"
                        ".widget._progress.layout.display") == "none"
     finally:
         a.kill()  # the laptop closes right after the prompt came back
@@ -176,7 +176,7 @@ def test_full_journey_handoff_kill_notify_reattach_diff_pull_continue(cloud, cli
         assert run_id in listing and "completed" in listing
         view = b.ok(f"%reattach {run_id}")
         assert "completed" in view.lower() and "5/5" in view, view
-        assert b.value("len(__import__('handoff_magic.remote', fromlist=['x']).LAST_REATTACH.state.events)") \
+        assert b.value("len(__import__('handoff_magic.remote.journey', fromlist=['x']).LAST_REATTACH.state.events)") \
             == client.get_run(run_id)["last_seq"], "the widget was rebuilt from the whole event log"
 
         diff = client.diff(run_id)
@@ -188,7 +188,7 @@ def test_full_journey_handoff_kill_notify_reattach_diff_pull_continue(cloud, cli
         assert "report.md" in shown and "r2" in shown
 
         # Pull back from the reattached view: it becomes the view of the run now living here
-        pulled = b.ok("from handoff_magic.remote import LAST_REATTACH\nw = LAST_REATTACH.widget\n"
+        pulled = b.ok("from handoff_magic.remote.journey import LAST_REATTACH\nw = LAST_REATTACH.widget\n"
                       "w.buttons['pull'].click()\nprint(w._message.value)")
         assert f"pulled run {run_id}" in pulled.lower(), pulled   # the report, shown in the widget
         assert "report.md" in pulled and ".remote" in pulled, pulled
@@ -196,7 +196,7 @@ def test_full_journey_handoff_kill_notify_reattach_diff_pull_continue(cloud, cli
         view_after = b.value("(lambda r: {'controller_is_run': w.controller is r, 'status': w.status, "
                              "'header': w._header.value, 'pull': w.buttons['pull'].disabled, "
                              "'reattach': w.buttons['reattach'].disabled, 'run_widget': r.widget is w})"
-                             "(__import__('handoff_magic.runs', fromlist=['x']).current_run())")
+                             "(__import__('handoff_magic.local.run', fromlist=['x']).current_run())")
         assert view_after["controller_is_run"] and view_after["run_widget"], view_after
         assert view_after["status"] == "completed" and "local · run" in view_after["header"], view_after
         assert view_after["pull"] and view_after["reattach"], "Pull back/Reattach are done once pulled"
@@ -282,7 +282,7 @@ def test_fork_second_handoff_only_changed_chunks_and_answer(cloud, client, webho
         assert client.get_run(r2)["status"] == "pulled"
         pulled = a.run_state()
         assert pulled["id"] != local["id"] and pulled["status"] == "waiting_input"
-        assert a.value(f"__import__('handoff_magic.runs', fromlist=['x']).RUNS[{local['id']!r}].status") \
+        assert a.value(f"__import__('handoff_magic.local.run', fromlist=['x']).RUNS[{local['id']!r}].status") \
             == "completed", "the forked local run was not touched by the pull"
         assert a.value("small") == 2
         a.ok('%agent continue "f1"')

@@ -78,7 +78,7 @@ def test_handoff_to_a_hub_single_user_server_with_a_narrow_token(hub: JupyterHub
         ok("%load_ext handoff_magic")
         ok("%agent --max-steps 1 total the sales")
         out = ok("%handoff")
-        run_id = value("__import__('handoff_magic.runs', fromlist=['x']).current_run().remote.run_id")
+        run_id = value("__import__('handoff_magic.local.run', fromlist=['x']).current_run().remote.run_id")
         assert run_id in out, out
 
         deadline = time.monotonic() + 90
@@ -98,7 +98,7 @@ def test_handoff_to_a_hub_single_user_server_with_a_narrow_token(hub: JupyterHub
 
         ok(f"%pull {run_id}")
         assert value("total") == 42.0
-        assert value("__import__('handoff_magic.runs', fromlist=['x']).current_run().status") == "completed"
+        assert value("__import__('handoff_magic.local.run', fromlist=['x']).current_run().status") == "completed"
     finally:
         laptop.kill()
         api.close()

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from handoff_magic.client import HandoffClient
+from handoff_magic.remote.http import HandoffClient
 from handoff_magic.mcp import delegate
 from tests.harness.fake_llm import FakeLLM, Turn
 from tests.harness.runner_helpers import all_events, wait_status

@@ -16,7 +16,7 @@ import pytest
 
 from handoff_magic.chunks import ChunkStore
 from handoff_magic.manifest import Manifest, write_manifest
-from handoff_magic.client import (AuthError, BundleTooLarge, ClientError, HandoffClient, RunNotFound,
+from handoff_magic.remote.http import (AuthError, BundleTooLarge, ClientError, HandoffClient, RunNotFound,
                                   ServerUnreachable)
 from handoff_magic.state import RunState
 from tests.harness.cutting_proxy import CuttingProxy
@@ -122,7 +122,7 @@ def test_create_run_is_idempotent_and_events_long_poll(client, tmp_path):
     assert page["events"] == [] and 0.8 < time.monotonic() - t0 < 10
 
     # a notebook following the run (as after %reattach) ends with every event the server has
-    from handoff_magic.remote import RemoteRun
+    from handoff_magic.remote.follow import RemoteRun
 
     class Shown:
         def __init__(self) -> None:
@@ -196,7 +196,7 @@ def test_too_large_bundle_gets_the_servers_hint(client, tmp_path):
 
 # -- the notebook-side views (no server needed) --------------------------------------------------
 def test_run_list_renders_text_and_html():
-    from handoff_magic.remote import RunList
+    from handoff_magic.remote.views import RunList
     runs = RunList("http://h:1", [{"id": "abc123", "status": "waiting_input", "steps": 3, "updated": 0,
                                    "goal": "clean <sales> & fit"}])
     text = str(runs)
@@ -207,7 +207,7 @@ def test_run_list_renders_text_and_html():
 
 
 def test_pull_conflict_map_protects_files_changed_or_created_here():
-    from handoff_magic.remote import ABSENT, _file_conflicts
+    from handoff_magic.remote.journey import ABSENT, _file_conflicts
     manifest = {"files": [{"path": "a.csv", "sha256": "1" * 64}, {"path": "new.md", "sha256": "2" * 64}]}
     record = {"files": {"a.csv": "3" * 64}}
     assert _file_conflicts(manifest, record) == {"a.csv": "3" * 64, "new.md": ABSENT}
@@ -215,7 +215,7 @@ def test_pull_conflict_map_protects_files_changed_or_created_here():
 
 
 def test_remote_run_links_to_the_result_notebook(handoff_server):
-    from handoff_magic.remote import RemoteRun
+    from handoff_magic.remote.follow import RemoteRun
     with HandoffClient(handoff_server.url, handoff_server.token) as c:
         r = RemoteRun(c, "abc123")
         assert r.notebook_url() == f"{handoff_server.url}/lab/tree/handoff-runs/abc123/result.ipynb"

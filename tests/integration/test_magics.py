@@ -53,7 +53,7 @@ ASK = [
         {"name": "ask_user", "arguments": {"question": "Which region should I report on?"}}]},
     {"text": "Using your answer.", "tool_calls": [
         plan(("Ask which region", "done"), ("Revenue of that region", "active")),
-        py("import pandas as pd\nfrom handoff_magic.runs import current_run\n"
+        py("import pandas as pd\nfrom handoff_magic.local.run import current_run\n"
            "said = [r.content for m in current_run().state.messages if m.role == 'tool'\n"
            "        for r in m.tool_results if r.name == 'ask_user'][-1]\n"
            "chosen = said.rsplit(':', 1)[-1].strip()\n"
@@ -88,7 +88,7 @@ BACKGROUND = [
 
 STATE_PROBE = """
 import json as _json
-from handoff_magic.runs import current_run as _cr
+from handoff_magic.local.run import current_run as _cr
 _r = _cr()
 print(_json.dumps({"status": _r.state.status, "question": _r.state.question, "steps": _r.state.steps,
                    "plan": [[p.text, p.status] for p in _r.state.plan],
@@ -276,7 +276,7 @@ def test_interrupt_pauses_with_state_kept_and_continue_finishes(kernel: Kernel, 
     assert done["vars"] == {"after_interrupt": "42"}
     assert done["plan"] == [["Long step", "done"], ["Short step", "done"]]
     # the model was told its step was cut off
-    _, out, _ = kernel.run("from handoff_magic.runs import current_run\n"
+    _, out, _ = kernel.run("from handoff_magic.local.run import current_run\n"
                            "print([r.content[:25] for m in current_run().state.messages "
                            "for r in m.tool_results if r.name == 'run_python'])")
     assert "'[interrupted by the user" in out
@@ -289,7 +289,7 @@ def test_background_run_keeps_notebook_usable_and_pauses_on_request(kernel: Kern
     assert time.monotonic() - t0 < 5, "a --background run must give the cell back at once"
     # while its first step sleeps, the notebook runs other cells; the Pause button asks for a pause
     content, out, errors = kernel.run(
-        "from handoff_magic.runs import current_run\nr = current_run()\nprint(r.running, 6 * 7)\n"
+        "from handoff_magic.local.run import current_run\nr = current_run()\nprint(r.running, 6 * 7)\n"
         "r.widget.buttons['pause'].click()\nprint(r.wait_paused(20))")
     assert content["status"] == "ok", errors
     # the background step printed while this cell ran: its output stays with the run, not here
@@ -311,7 +311,7 @@ def test_answer_sent_from_the_widget_front_end_resumes_and_mirrors_outputs(kerne
     # a task ending in "?" is a task, not IPython's object-help syntax
     content, _, errors = kernel.run(f"%agent --model scripted:{workdir / 'ask.json'} which region pays most?")
     assert content["status"] == "ok", errors
-    _, out, _ = kernel.run("from handoff_magic.runs import current_run\nw = current_run().widget\n"
+    _, out, _ = kernel.run("from handoff_magic.local.run import current_run\nw = current_run().widget\n"
                            "print(w.answer_text.model_id, w.answer_button.model_id,"
                            " w.answer_box.layout.display == '')\n"
                            "print(current_run().state.goal)")

@@ -13,7 +13,7 @@ from IPython.lib.pretty import pretty
 from nbclient import NotebookClient
 
 from handoff_magic.state import RUN_STATUSES, RunState
-from handoff_magic.widget import STATUS_LABELS, RunWidget
+from handoff_magic.local.widget import STATUS_LABELS, RunWidget
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -220,7 +220,7 @@ class _Failing:
                            "HANDOFF_TOKEN. The local run is unchanged.")
 
     def review_diff(self) -> None:
-        from handoff_magic.client import ServerUnreachable
+        from handoff_magic.remote.http import ServerUnreachable
         raise ServerUnreachable("cannot reach http://srv:1", "start the server or fix the URL")
 
     def pull_back(self) -> None:
@@ -357,7 +357,7 @@ def executed(tmp_path_factory: pytest.TempPathFactory) -> nbformat.NotebookNode:
         "%load_ext handoff_magic",
         f"%agent --model scripted:{d / 'solve.json'} total revenue",
         # Hand off with no server configured: the widget tells the user what to set
-        "from handoff_magic.runs import current_run\nw = current_run().widget\n"
+        "from handoff_magic.local.run import current_run\nw = current_run().widget\n"
         "w.buttons['handoff'].click()\nprint(w._message.value)",
         f"%agent --model scripted:{d / 'ask.json'} convert units",
         # the answer box and Send button resume the run (in the background)
@@ -421,7 +421,7 @@ def test_answer_box_send_resumes_run(executed: nbformat.NotebookNode) -> None:
 
 
 def test_model_key_never_reaches_state_or_widget(monkeypatch: pytest.MonkeyPatch) -> None:
-    from handoff_magic.runs import RUNS, LocalRun
+    from handoff_magic.local.run import RUNS, LocalRun
     key = "sk-test-" + "K3y" * 10
     monkeypatch.setenv("OPENAI_API_KEY", key)
     run = LocalRun.new("fit a forecast", model="openai:gpt-4o")   # the provider holds the key
@@ -500,7 +500,7 @@ def test_the_step_log_is_the_only_scroll_box() -> None:
     """Step results are trimmed (lines and characters) instead of scrolling inside the log."""
     import re as _re
 
-    from handoff_magic.widget_css import CSS
+    from handoff_magic.local.widget_css import CSS
     rules = dict(_re.findall(r"([^{}]+)\{([^}]*)\}", CSS))
     scrolling = [sel.strip() for sel, body in rules.items() if "overflow-y: auto" in body or "overflow: auto" in body]
     assert [s for s in scrolling if s.startswith(".jh-log") or s.startswith(".jh-result") or

@@ -15,7 +15,7 @@ from IPython.core.interactiveshell import InteractiveShell
 
 from handoff_magic.agent import AgentLoop, InProcessExecutor, make_provider
 from handoff_magic.state import Budgets, RunState, Usage, describe_usage
-from handoff_magic.widget import RunWidget
+from handoff_magic.local.widget import RunWidget
 from tests.harness.fake_llm import FakeLLM
 from tests.harness.long_run_model import fact_value, facts_in, long_run_model, step_code
 

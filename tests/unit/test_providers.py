@@ -362,7 +362,8 @@ def test_model_spec_resolution_order(tmp_path, monkeypatch):
 
 
 def test_server_settings_order_and_errors(tmp_path, monkeypatch):
-    from handoff_magic.config import ConfigError, server_settings
+    from handoff_magic.errors import ConfigError
+    from handoff_magic.remote.settings import server_settings
     monkeypatch.setenv("JUPYTER_CONFIG_DIR", str(tmp_path))
     monkeypatch.delenv("HANDOFF_SERVER_URL", raising=False)
     monkeypatch.delenv("HANDOFF_TOKEN", raising=False)

@@ -5,6 +5,11 @@ the provider and the RunWidget, and decides *where* the loop runs: in the cell (
 Ctrl-C / kernel interrupt pauses it at a step boundary) or in a daemon thread (background,
 the notebook stays usable, a pause request takes effect at the next step boundary).
 The provider holds the model key; the RunState and the widget only ever see the spec name.
+
+The remote buttons of a local run (hand off, reattach, diff, pull back) go through a
+``RemoteSide`` this module never imports: ``handoff_magic.remote`` plugs itself in with
+``use_remote`` when it is imported (``%load_ext handoff_magic`` does), so the dependency runs one
+way, remote -> local.
 """
 from __future__ import annotations
 
@@ -13,19 +18,18 @@ import logging
 import os
 import platform
 import socket
-import sys
 import threading
 from importlib import metadata
-from typing import Any
+from typing import Any, Protocol
 
-from .errors import RunError
-
-from .state import Budgets, Event, Origin, RunState, TERMINAL_STATUSES
+from ..errors import RunError
+from ..state import TERMINAL_STATUSES, Budgets, Event, Origin, RunState
+from .shell import current_parent, get_shell, pin_outputs, renders_widgets
 from .widget import STATUS_LABELS, RunWidget
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LocalRun", "RunError", "RUNS", "current_run", "RunTable"]
+__all__ = ["LocalRun", "RunError", "RUNS", "current_run", "register_run", "RunTable", "RemoteSide", "use_remote"]
 
 RUNS: dict[str, "LocalRun"] = {}
 _current_id: str | None = None
@@ -43,7 +47,33 @@ def current_run() -> "LocalRun | None":
         return next(reversed(RUNS.values()), None) if RUNS else None
 
 
-def _register(run: "LocalRun") -> None:
+class RemoteSide(Protocol):
+    """What the remote side does for a local run (``handoff_magic.remote.journey`` is one)."""
+
+    def handoff(self, run: "LocalRun") -> Any: ...
+    def reattach(self, run_id: str | None = None, *, to: str | None = None) -> Any: ...
+    def review_diff(self, run_id: str, *, to: str | None = None) -> Any: ...
+    def pull(self, run_id: str, *, to: str | None = None, shell: Any = None) -> Any: ...
+
+
+_remote: RemoteSide | None = None
+
+
+def use_remote(side: RemoteSide) -> None:
+    """Plug in the remote side (called once by ``handoff_magic.remote`` when it is imported)."""
+    global _remote
+    _remote = side
+
+
+def _remote_side() -> RemoteSide:
+    if _remote is None:
+        raise RunError("remote actions are not loaded in this kernel",
+                       "run %load_ext handoff_magic (or import handoff_magic.remote) first")
+    return _remote
+
+
+def register_run(run: "LocalRun") -> None:
+    """Add ``run`` to this kernel's runs and make it the current one (new, pulled back, taken back)."""
     global _current_id
     with _registry_lock:
         RUNS[run.state.id] = run
@@ -70,12 +100,10 @@ class LocalRun:
 
     def __init__(self, state: RunState, shell: Any = None, *, provider: Any = None,
                  executor: Any = None, widget: RunWidget | None = None, register: bool = True) -> None:
-        if shell is None:
-            from IPython import get_ipython
-            shell = get_ipython()
-        self.shell = shell
+        self.shell = shell if shell is not None else get_shell()
         self._state = state
-        self.remote: Any = None            # a remote.RemoteRef once handed off
+        self.remote: Any = None            # a remote.follow.RemoteRef once handed off
+        self.pull_report: Any = None       # set by the pull back that brought this run here
         self.provider = provider           # built from state.model on first use
         self.executor = executor           # InProcessExecutor(shell) on first use
         self._loop: Any = None
@@ -89,9 +117,9 @@ class LocalRun:
         self._run_lock = threading.Lock()  # one loop at a time per run
         self.widget = widget if widget is not None else RunWidget(state, controller=self)
         # terminal IPython shows no widgets: narrate the run as text lines instead
-        self.narrate = not _renders_widgets(shell)
+        self.narrate = not renders_widgets(shell)
         if register:
-            _register(self)
+            register_run(self)
 
     @classmethod
     def new(cls, goal: str, *, shell: Any = None, model: str | None = None,
@@ -103,10 +131,10 @@ class LocalRun:
         if not goal or not goal.strip():
             raise RunError("the task is empty: write what the agent should do, e.g. %agent clean sales.csv")
         if model is None:
-            from .config import resolve_model_spec
+            from ..config import resolve_model_spec
             model = resolve_model_spec(None)
         if provider is None:
-            from .agent.providers import make_provider
+            from ..agent.providers import make_provider
             provider = make_provider(model)
         budgets = Budgets()
         if max_steps is not None:
@@ -116,7 +144,7 @@ class LocalRun:
         budgets.max_tokens, budgets.max_cost = max_tokens, max_cost
         spec = getattr(provider, "spec", None) or model
         if max_cost is not None:
-            from .agent.pricing import price_for
+            from ..agent.pricing import price_for
             if price_for(spec) is None:
                 raise RunError(f"--max-cost needs the price of {spec}, which jupyter-handoff does not know",
                                'add it to HANDOFF_PRICES, e.g. {"MODEL": {"input": 2.5, "output": 10}} '
@@ -157,7 +185,7 @@ class LocalRun:
     def use_model(self, spec: str, provider: Any = None) -> None:
         """Switch the model for the next steps (e.g. a pulled-back run without the server's key)."""
         if provider is None:
-            from .agent.providers import make_provider
+            from ..agent.providers import make_provider
             provider = make_provider(spec)
         self.provider = provider
         self._state.model = getattr(provider, "spec", None) or spec
@@ -173,7 +201,7 @@ class LocalRun:
     def continue_(self, answer: str | None = None, background: bool = False) -> None:
         """Resume a paused run, answer a waiting one, retry a failed one, or follow up a completed one."""
         self.check_continue(answer)
-        _register(self)   # the run you just resumed is the one %agent continue / %handoff act on
+        register_run(self)   # the run you just resumed is the one %agent continue / %handoff act on
         self._launch(answer.strip() if answer else None, background)
 
     def check_continue(self, answer: str | None = None) -> None:
@@ -205,7 +233,7 @@ class LocalRun:
         self._pause.clear()
         self._cancel_requested = False
         loop = self._ensure_loop()
-        parent = _current_parent(self.shell)
+        parent = current_parent(self.shell)
         # a background run's outputs go to the request that launched it: a cell shows them under
         # itself, but a widget click (comm message) has no output area, so the widget mirrors them
         self.widget.pausable = background
@@ -223,12 +251,12 @@ class LocalRun:
     def _ensure_loop(self) -> Any:
         if self._loop is not None and getattr(self._loop, "state", self._state) is self._state:
             return self._loop
-        from .agent.loop import AgentLoop
+        from ..agent.loop import AgentLoop
         if self.provider is None:
-            from .agent.providers import make_provider
+            from ..agent.providers import make_provider
             self.provider = make_provider(self._state.model or _default_spec())
         if self.executor is None:
-            from .agent.executors import InProcessExecutor
+            from ..agent.executors import InProcessExecutor
             self.executor = InProcessExecutor(self.shell)
         self._loop = AgentLoop(self._state, self.provider, self.executor,
                                on_event=self._on_event, should_pause=self._pause.is_set)
@@ -237,7 +265,7 @@ class LocalRun:
     def _run_in_thread(self, loop: Any, answer: str | None, parent: dict[str, Any] | None) -> None:
         """Background body: this thread's outputs carry the launching request as parent, so
         they never show up under whatever cell the user happens to run next."""
-        tokens = _pin_outputs(self.shell, parent)
+        tokens = pin_outputs(self.shell, parent)
         try:
             self._run_loop(loop, answer, True)
         finally:
@@ -335,8 +363,7 @@ class LocalRun:
             self._emit_status("cancelled", reason="cancelled by the user")
 
     def handoff(self) -> Any:
-        from . import remote
-        return remote.handoff(self)
+        return _remote_side().handoff(self)
 
     def _require_remote(self) -> Any:
         if self.remote is None:
@@ -348,26 +375,20 @@ class LocalRun:
         controller = getattr(self.widget, "controller", None)
         if controller is not None and controller is not self and hasattr(controller, "cancel"):
             return controller
-        ref = self._require_remote()
-        from . import remote
-        return remote.reattach(ref.run_id, to=ref.server_url)
+        return self.reattach()
 
     def reattach(self) -> Any:
         ref = self._require_remote()
-        from . import remote
-        return remote.reattach(ref.run_id, to=ref.server_url)
+        return _remote_side().reattach(ref.run_id, to=ref.server_url)
 
     def review_diff(self) -> None:
         ref = self._require_remote()
         from IPython.display import display
-
-        from . import remote
-        display(remote.review_diff(ref.run_id, to=ref.server_url))
+        display(_remote_side().review_diff(ref.run_id, to=ref.server_url))
 
     def pull_back(self) -> Any:
         ref = self._require_remote()
-        from . import remote
-        return remote.pull(ref.run_id, to=ref.server_url, shell=self.shell)
+        return _remote_side().pull(ref.run_id, to=ref.server_url, shell=self.shell)
 
     def open_notebook(self) -> None:
         ref = self._require_remote()
@@ -392,35 +413,10 @@ class LocalRun:
         return "local"
 
 
-def _current_parent(shell: Any) -> dict[str, Any] | None:
-    """The request (cell execution or widget comm message) being handled right now."""
-    kernel = getattr(shell, "kernel", None)
-    get_parent = getattr(kernel, "get_parent", None)
-    if get_parent is None:
-        return None
-    try:
-        parent = get_parent("shell")
-    except TypeError:  # older ipykernel: get_parent() without a channel
-        parent = get_parent()
-    return parent if isinstance(parent, dict) and parent.get("header") else None
 
 
-def _pin_outputs(shell: Any, parent: dict[str, Any] | None) -> list[tuple[Any, Any]]:
-    """Set the calling thread's output parent on stdout/stderr/display publisher/display hook
-    (ipykernel >= 6.20 keeps a per-thread parent); returns the reset tokens."""
-    if not parent:
-        return []
-    tokens = []
-    for obj in (sys.stdout, sys.stderr, getattr(shell, "display_pub", None), getattr(shell, "displayhook", None)):
-        setter = getattr(obj, "set_thread_parent", None)
-        if setter is not None:
-            tokens.append((obj, setter(parent)))
-    return tokens
 
 
-def _renders_widgets(shell: Any) -> bool:
-    """A kernel (ZMQ) shell has a front end that may render widgets; terminal IPython has not."""
-    return shell is not None and (hasattr(shell, "kernel") or type(shell).__name__ == "ZMQInteractiveShell")
 
 
 def narrate(event: Event) -> str | None:
@@ -451,7 +447,7 @@ def narrate(event: Event) -> str | None:
 
 
 def _default_spec() -> str:
-    from .config import resolve_model_spec
+    from ..config import resolve_model_spec
     return resolve_model_spec(None)
 
 

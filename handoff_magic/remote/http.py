@@ -18,10 +18,11 @@ from typing import Any, Callable, Iterable, Iterator
 
 import httpx
 
-from .atomic import atomic_write_bytes
-from .chunks import CHUNKS, ChunkStore, address_matches, is_sha, shard_path
-from .errors import AuthError, BundleTooLarge, ClientError, RunNotFound, ServerUnreachable
-from .manifest import read_manifest
+from ..atomic import atomic_write_bytes
+from ..chunks import CHUNKS, ChunkStore, address_matches, is_sha, shard_path
+from ..errors import AuthError, BundleTooLarge, ClientError, ConfigError, RunNotFound, ServerUnreachable
+from ..manifest import read_manifest
+from .settings import server_settings
 
 API_PREFIX = "/handoff/api"
 STREAM_PIECE = 256 * 1024          # bytes per progress update while streaming a chunk
@@ -50,30 +51,17 @@ def _chunk_path(bundle_dir: Path, sha: str) -> Path:
     return shard_path(bundle_dir / CHUNKS, sha)
 
 
-def _resolve_settings(url: str | None, token: str | None) -> tuple[str, str | None]:
-    """args > env (HANDOFF_SERVER_URL / HANDOFF_TOKEN) > handoff.json, via config."""
-    from .config import ConfigError, server_settings
-    try:
-        return server_settings(url, token)
-    except ConfigError as exc:
-        raise ClientError(str(exc)) from exc
-
-
 class HandoffClient:
     """One server. Retries connect errors and 5xx with backoff; maps status codes to clear errors."""
 
     def __init__(self, url: str | None = None, token: str | None = None, *, timeout: float = 30.0,
                  retries: int = 3, backoff: float = 0.25, upload_workers: int = 3,
                  transport: httpx.BaseTransport | None = None) -> None:
-        url, token = _resolve_settings(url, token)
-        if not url:
-            raise ClientError(
-                "no handoff server configured",
-                "set HANDOFF_SERVER_URL (and HANDOFF_TOKEN), or pass --to URL to %handoff")
-        if not url.startswith(("http://", "https://")):
-            raise ClientError(f"server URL {url!r} is not an http(s) URL",
-                              "use e.g. http://127.0.0.1:8888 (the Jupyter Server's base URL)")
-        self.url = url.rstrip("/")
+        try:   # arguments > HANDOFF_SERVER_URL / HANDOFF_TOKEN > handoff.json
+            url, token = server_settings(url, token)
+        except ConfigError as exc:
+            raise ClientError(str(exc)) from exc
+        self.url = url
         self.token = token
         self.retries = max(0, retries)
         self.upload_workers = upload_workers

@@ -22,9 +22,9 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 import ipywidgets as W
 
-from .errors import HandoffError
-from .snapshot.reports import fmt_bytes
-from .state import STATUS_LABELS, TERMINAL_STATUSES, Event, RunState, describe_compaction, describe_usage
+from ..errors import HandoffError
+from ..snapshot.reports import fmt_bytes
+from ..state import STATUS_LABELS, TERMINAL_STATUSES, Event, RunState, describe_compaction, describe_usage
 from .widget_css import CSS
 
 log = logging.getLogger(__name__)

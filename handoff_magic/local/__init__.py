@@ -1,0 +1,2 @@
+"""The notebook side of a run: shell.py (the shell, output routing), run.py (LocalRun and this
+kernel's registry), widget.py + widget_css.py (RunWidget, the live view local and remote runs share)."""
