@@ -7,9 +7,12 @@ the file passes ``nbformat.validate`` at every moment.
 """
 from __future__ import annotations
 
+import copy
 import datetime as _dt
+import functools
 import html
 import json
+import logging
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -18,6 +21,8 @@ from nbformat import v4
 
 from handoff_magic.atomic import atomic_write_text
 from handoff_magic.state import Event, RunState, describe_compaction
+
+log = logging.getLogger(__name__)
 
 _STATUS_MARK = {"completed": "✔", "failed": "✘", "cancelled": "■", "pulled": "↩", "waiting_input": "?",
                 "running": "▶", "restoring": "…", "queued": "…", "paused": "‖"}  # text glyphs, no emoji font needed
@@ -182,14 +187,30 @@ def _cell_id(prefix: str, seq: int) -> str:
     return f"{prefix}-{seq}"
 
 
+@functools.lru_cache(maxsize=1)
+def kernel_metadata() -> tuple[dict[str, str], dict[str, Any]]:
+    """The kernelspec and language_info exactly as JupyterLab writes them once it has connected
+    a python3 kernel: equal values leave the opened notebook unmodified (no unsaved mark, so no
+    autosave racing the runner's rewrites and no "file changed on disk" dialog)."""
+    spec = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+    try:
+        from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+        found = KernelSpecManager().get_kernel_spec("python3")
+        spec = {"name": "python3", "display_name": found.display_name, "language": found.language}
+    except (ImportError, NoSuchKernel, OSError, ValueError) as exc:
+        log.info("no python3 kernel spec (%s); the result notebook names the default one", exc)
+    from ipykernel.ipkernel import IPythonKernel   # what the kernel's kernel_info reply says
+    return spec, dict(IPythonKernel.language_info)
+
+
 def build_result_notebook(state: RunState, *, model: str | None = None,
                           events: Iterable[Event] | None = None) -> nbformat.NotebookNode:
     """A notebook telling the run's story from its events; pure function of the state."""
     events = list(events if events is not None else state.events)
     nb = v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)",
-                                 "language": "python"}
-    nb.metadata["language_info"] = {"name": "python"}
+    kernelspec, language_info = kernel_metadata()
+    nb.metadata["kernelspec"] = dict(kernelspec)
+    nb.metadata["language_info"] = copy.deepcopy(language_info)
     nb.metadata["handoff"] = {"run_id": state.id, "status": state.status, "last_seq": state.last_seq}
     cells = [v4.new_markdown_cell(_header(state, model), id="header")]
     restores = [e for e in events if e.type == "restore"]

@@ -207,14 +207,14 @@ class _View:
                          for s in steps if isinstance(s, dict)]
         elif t == "assistant":
             self.entries.append(_Entry(text=str(d.get("text") or "")))
-            self.steps += 1   # a model turn; a remote run's count grows with its events
+            self._count_turn()
         elif t == "tool_call":
             # a turn without words starts with its first call; the loop emits a turn's calls
             # before any of their results, so a call after a result belongs to a new turn
             last = self.entries[-1] if self.entries else None
             if last is None or last.note or any(c.result is not None for c in last.calls):
                 self.entries.append(_Entry())
-                self.steps += 1
+                self._count_turn()
             args: dict[str, Any] = d["arguments"] if isinstance(d.get("arguments"), dict) else {}
             self.entries[-1].calls.append(_Call(str(d.get("id", "")), str(d.get("name", "")), args))
         elif t == "tool_result":
@@ -260,6 +260,13 @@ class _View:
             self.entries.append(_Entry(note=describe_compaction(d)))
         if t in ("usage", "compacted") and isinstance(d.get("total"), dict):
             self.usage = d["total"]
+
+    def _count_turn(self) -> None:
+        """A model turn seen in a remote run's events: its state here (the one handed off, or
+        a reattach mirror) does not count them, the server does. A local run's own state counts
+        its turns (``steps``), so events never add to that."""
+        if self.remote is not None:
+            self.steps += 1
 
     def _find_call(self, call_id: str) -> _Call | None:
         for entry in reversed(self.entries[-5:]):

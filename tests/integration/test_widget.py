@@ -509,3 +509,12 @@ def test_the_step_log_is_the_only_scroll_box() -> None:
     emit(state, w, "tool_call", id="c1", name="run_python", arguments={"code": "print(1)"})
     emit(state, w, "tool_result", id="c1", name="run_python", content="\n".join(f"line {i}" for i in range(100)))
     assert "line 11" in w._log.value and "line 12<" not in w._log.value and "88 more lines" in w._log.value
+
+
+def test_a_local_refresh_mid_turn_never_counts_a_step_twice() -> None:
+    state, w = make("running")
+    state.steps = 1            # the loop counts the turn before it emits its events
+    w.show_state(state)        # e.g. the run's launch refreshing the view meanwhile
+    emit(state, w, "assistant", text="one")
+    emit(state, w, "tool_call", id="c1", name="run_python", arguments={"code": "x = 1"})
+    assert "1 step of max" in w._header.value
