@@ -25,7 +25,7 @@ from typing import Any
 import nbformat
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.harness.kernels import Kernel, kernel_env  # noqa: E402
+from tests.harness.kernels import Kernel, kernel_env
 
 # (checkout folder in CORPUS_DIR, notebook path, source repository @ commit, license)
 CORPUS = [
