@@ -333,13 +333,13 @@ class AgentLoop:
                                             content=INTERRUPTED_RESULT, is_error=True))
         if answer is not None and not used:
             self._emit("answer", answer=answer)
-            last = st.messages[-1]
             if answer.strip().lower() not in RETRY_WORDS:
                 st.messages.append(Message(role="user", text=answer))
-            elif last.role == "assistant" and not last.tool_calls:
-                # after a refusal or a plain-text reply the next turn must be the user's: resending
-                # a history that ends with the model's own words would get the same reply
-                st.messages.append(Message(role="user", text=CONTINUE_TEXT))
+        last = st.messages[-1]
+        if last.role == "assistant" and not last.tool_calls:
+            # after a refusal or a plain-text reply the next turn must be the user's: resending
+            # a history that ends with the model's own words would get the same reply
+            st.messages.append(Message(role="user", text=CONTINUE_TEXT))
         st.question = None
         st.error = None
         if st.status == "completed":

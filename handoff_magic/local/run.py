@@ -225,7 +225,8 @@ class LocalRun:
                            "start a new one with %agent TASK")
         elif s.status not in RESUMABLE and s.status != "running":
             raise RunError(f"run {s.id} is {s.status} and cannot be continued here")
-        if s.status == "waiting_input" and not (answer and answer.strip()):
+        refused = bool(s.messages) and s.messages[-1].refusal   # a bare continue asks again
+        if s.status == "waiting_input" and not (answer and answer.strip()) and not refused:
             raise RunError(f'the agent is waiting for your answer to: {s.question or "(no question)"}\n'
                            'answer with %agent continue "your answer"')
 

@@ -7,6 +7,7 @@ from a compacted turn reaches the final answer only if the summary kept it.
 """
 from __future__ import annotations
 
+import html
 import re
 from typing import Any
 
@@ -120,9 +121,20 @@ def _refusal_run(shell, llm: FakeLLM, api: str) -> tuple[RunState, AgentLoop]:
     return state, loop
 
 
-def test_openai_refusal_is_shown_and_the_next_request_is_valid(shell):
+def test_openai_refusal_is_shown_and_a_bare_agent_continue_goes_on(shell):
+    """Through LocalRun, as %agent continue drives it: no answer is needed after a refusal."""
+    from handoff_magic.runs import LocalRun
     with FakeLLM() as llm:
-        _refusal_run(shell, llm, "openai")
+        llm.refuse("I can't help with scanning that network.")
+        run = LocalRun.new("scan the network", shell=shell, provider=provider_for(llm, "openai"))
+        run.start()
+        assert run.status == "waiting_input"
+        assert "The model refused: I can't help with scanning that network." in run.state.question
+        assert html.escape("The model refused: I can't help with scanning that network.") in run.widget._log.value
+        llm.reply(tool_calls=[("finish", {"summary": "went on"})])
+        run.check_continue(None)                         # what a bare %agent continue checks
+        run.continue_(None)
+        assert run.status == "completed" and run.state.summary == "went on"
         assert llm.requests[1].body["messages"][1:] == [
             {"role": "user", "content": "scan the network"},
             {"role": "assistant", "content": "I can't help with scanning that network."},
