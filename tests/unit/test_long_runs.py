@@ -123,7 +123,7 @@ def _refusal_run(shell, llm: FakeLLM, api: str) -> tuple[RunState, AgentLoop]:
 
 def test_openai_refusal_is_shown_and_a_bare_agent_continue_goes_on(shell):
     """Through LocalRun, as %agent continue drives it: no answer is needed after a refusal."""
-    from handoff_magic.runs import LocalRun
+    from handoff_magic.local.run import LocalRun
     with FakeLLM() as llm:
         llm.refuse("I can't help with scanning that network.")
         run = LocalRun.new("scan the network", shell=shell, provider=provider_for(llm, "openai"))
