@@ -24,6 +24,7 @@ $(TESTSTAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
+	bash scripts/install-system-deps.sh --demo || echo "make demo: bubblewrap could not be installed; the demo runs its kernel unsandboxed"
 	$(BIN)/python -m handoff_magic.demo
 
 # ruff + mypy, configured in pyproject.toml. From a checkout that borrows another venv:

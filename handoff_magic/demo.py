@@ -72,6 +72,10 @@ class Cloud:
             cmd.append(f"--HandoffApp.model={self.model}")
         # one flag per URL: traitlets reads a JSON list given once as a single string
         cmd += [f"--HandoffApp.notify_urls={u}" for u in self.notify_urls]
+        if shutil.which("bwrap") is None:  # make demo installs bubblewrap; say so when it could not
+            print("demo: bubblewrap (bwrap) is not installed, so the demo server runs its kernel "
+                  "UNSANDBOXED (--HandoffApp.sandbox=none); apt-get install bubblewrap to sandbox it")
+            cmd.append("--HandoffApp.sandbox=none")
         return cmd + self.extra_args
 
     def start(self, timeout: float = 60.0) -> "Cloud":

@@ -13,8 +13,9 @@ from typing import Any
 
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp, ExtensionAppJinjaMixin
-from traitlets import Bool, Float, Integer, List, TraitError, Unicode, default
+from traitlets import Bool, Enum, Float, Integer, List, TraitError, Unicode, Union, default
 
+from .run.sandbox import SandboxState, default_memory_limit, parse_size, prepare
 from .store import BlobStore, RunStore
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -84,7 +85,8 @@ class HandoffApp(ExtensionAppJinjaMixin, ExtensionApp):
     kernel_name = Unicode("python3", help="Kernel spec for remote runs.").tag(config=True)
     keep_kernel = Bool(False, help="Keep a finished run's kernel alive (for inspection).").tag(config=True)
     warm_kernels = Integer(0, help="Keep this many (0 or 1) spare kernels booted so a handoff skips "
-                                   "kernel start-up (same-disk kernels only).").tag(config=True)
+                                   "kernel start-up (same-disk, unsandboxed kernels only: "
+                                   "sandbox='none').").tag(config=True)
     max_events_wait = Float(60.0, help="Longest a long-poll for events may wait, in seconds.").tag(config=True)
     exec_timeout = Float(3600.0, help="Longest one run_python call of a remote run may take, in "
                                       "seconds; then it is stopped and the agent told.").tag(config=True)
@@ -100,6 +102,22 @@ class HandoffApp(ExtensionAppJinjaMixin, ExtensionApp):
                                      "the kernel's channels, for gateways), 'auto' (kernel when "
                                      "--gateway-url is set).").tag(config=True)
 
+    sandbox = Enum(["auto", "bwrap", "none"], "auto",
+                   help="Isolation of run kernels: 'auto' and 'bwrap' start them under bubblewrap "
+                        "(workspace the only writable place; server files, other runs, home, other "
+                        "processes and the network invisible) and refuse runs when bwrap does not "
+                        "work here; 'none' runs them unsandboxed (a warning on the status pages). "
+                        "Gateway kernels are isolated by the gateway.").tag(config=True)
+    kernel_network = Bool(False, help="Let sandboxed run kernels use the network (e.g. to "
+                                      "download data); off by default.").tag(config=True)
+    kernel_memory_limit = Union([Integer(), Unicode()], default_value="",
+                                help="Address-space limit of a sandboxed run kernel: bytes or "
+                                     "'4G', '512M'; '' = half this machine's memory; 0 = none. "
+                                     "Past it the kernel gets MemoryError and the run an 'error' "
+                                     "event.").tag(config=True)
+    kernel_max_processes = Integer(512, help="Most processes a sandboxed run kernel may have "
+                                             "(a pids cgroup where writable; 0 = no cap).").tag(config=True)
+
     @default("stuck_after")
     def _default_stuck_after(self) -> float:
         return self.exec_timeout + 300.0
@@ -113,6 +131,46 @@ class HandoffApp(ExtensionAppJinjaMixin, ExtensionApp):
     blobs: BlobStore
     run_manager: Any = None
     notifier: Any = None
+    sandbox_state: SandboxState
+
+    def memory_limit_bytes(self) -> int:
+        """``kernel_memory_limit`` in bytes (0: no limit)."""
+        value = self.kernel_memory_limit
+        if value == "":
+            return default_memory_limit()
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            raise TraitError(f"HandoffApp.kernel_memory_limit: {exc}") from None
+
+    def _prepare_sandbox(self, data: Path) -> SandboxState:
+        """Probe bwrap once and install the sandbox kernel spec (see run/sandbox.py)."""
+        from jupyter_core.paths import jupyter_config_path, jupyter_runtime_dir
+
+        from .gateway_client import is_gateway_kernel_manager
+        sa = self.serverapp
+        assert sa is not None
+        root = Path(sa.root_dir).resolve()
+        hidden = {str(data.resolve()), str(Path(jupyter_runtime_dir()).resolve()),
+                  str(Path(jupyter_data_dir()).resolve()), str(Path.home()), str(root),
+                  *(str(Path(p).resolve()) for p in jupyter_config_path())}
+        runtime = getattr(sa, "runtime_dir", "")
+        if runtime:
+            hidden.add(str(Path(runtime).resolve()))
+        config = {"workspaces": str(root / "handoff-runs"), "hidden": sorted(hidden),
+                  "network": bool(self.kernel_network), "memory_limit": self.memory_limit_bytes(),
+                  "max_processes": int(self.kernel_max_processes)}
+        state = prepare(self.sandbox, self.kernel_name, sa.kernel_spec_manager, data / "kernelspecs",
+                        config, gateway=is_gateway_kernel_manager(sa.kernel_manager))
+        if state.mode == "bwrap":
+            self.log.info("jupyter-handoff: run kernels start in a bubblewrap sandbox (network %s, "
+                          "memory limit %s bytes)", "on" if config["network"] else "off",
+                          config["memory_limit"] or "none")
+        elif state.mode == "gateway":
+            self.log.info("jupyter-handoff: run kernels come from a gateway, which isolates them")
+        elif state.warning:
+            self.log.warning("jupyter-handoff: %s", state.warning)
+        return state
 
     def get_public_url(self) -> str:
         """Base for links, without a trailing slash (e.g. ``http://host:8888/base``)."""
@@ -132,6 +190,7 @@ class HandoffApp(ExtensionAppJinjaMixin, ExtensionApp):
         data.mkdir(parents=True, exist_ok=True)
         self.store = RunStore(data / "handoff.sqlite")
         self.blobs = BlobStore(data / "blobs", max_chunk_bytes=self.max_chunk_bytes)
+        self.sandbox_state = self._prepare_sandbox(data)
         from .notify import Notifier
         self.notifier = Notifier(self.store, self.notify_urls, self.get_public_url, log=self.log,
                                  retry_base=self.notify_retry_seconds)

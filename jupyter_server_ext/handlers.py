@@ -285,6 +285,9 @@ class RunsHandler(HandoffAPIHandler):
     @web.authenticated
     @authorized
     async def post(self) -> None:
+        sandbox = getattr(self.handoff, "sandbox_state", None)
+        if sandbox is not None and sandbox.problem:  # refuse before anything is stored
+            raise HandoffError(503, sandbox.problem, sandbox.hint)
         body = self.json_body()
         key = body.get("idempotency_key")
         if key is not None and (not isinstance(key, str) or not IDEMPOTENCY_KEY.match(key)):
@@ -514,8 +517,10 @@ class PageHandler(_Base, JupyterHandler):
 
     def render(self, name: str, **ns: Any) -> None:  # type: ignore[override]
         env = self.settings["handoff_jinja2_env"]
+        sandbox = getattr(self.handoff, "sandbox_state", None)
         html = env.get_template(name).render(
             base_url=self.base_url.rstrip("/"), xsrf=Markup(self.xsrf_form_html()),
+            sandbox_warning=sandbox.warning if sandbox is not None else "",
             labels=STATUS_LABELS, **ns)   # the widget's and the terminal's words for a status
         self.finish(html)
 

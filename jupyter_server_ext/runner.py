@@ -124,8 +124,9 @@ class _RunExecutor:
     """The Executor the loop sees: forwards to the run's current kernel; flags a crash so the
     loop pauses at the step boundary and the manager can restore a fresh kernel."""
 
-    def __init__(self, run: _Run) -> None:
+    def __init__(self, run: _Run, on_out_of_memory: Callable[[], None]) -> None:
         self.run = run
+        self.on_out_of_memory = on_out_of_memory
 
     def execute(self, code: str, timeout: float | None = None) -> Any:
         ex = self.run.executor
@@ -135,6 +136,8 @@ class _RunExecutor:
         if res.status == "dead":
             self.run.crashed = True
             self.run.crash_detail = str((res.error or {}).get("evalue", ""))
+        elif (res.error or {}).get("ename") == "MemoryError":  # past c.HandoffApp.kernel_memory_limit
+            self.on_out_of_memory()
         return res
 
     def interrupt(self) -> None:
@@ -416,7 +419,8 @@ class RunManager:
         cap = int(getattr(self.app, "max_tokens_per_run", 0) or 0)
         if cap > 0:
             state.budgets.max_tokens = min(cap, state.budgets.max_tokens or cap)
-        loop = AgentLoop(state, provider, _RunExecutor(run), on_event=self._on_event_cb(run),
+        loop = AgentLoop(state, provider, _RunExecutor(run, lambda: self._out_of_memory(run)),
+                         on_event=self._on_event_cb(run),
                          should_pause=lambda: self._should_pause(run),
                          exec_timeout=float(getattr(self.app, "exec_timeout", 3600.0)),
                          context_tokens=int(getattr(self.app, "context_tokens", 0) or 0) or None)
@@ -462,6 +466,15 @@ class RunManager:
                 return
             raise RunFailure(f"the agent loop stopped with status {state.status!r}",
                              "this is a bug in jupyter-handoff; pull the run back to continue locally")
+
+    def _out_of_memory(self, run: _Run) -> None:
+        """A step hit the kernel's memory limit: say so as an event (the agent sees the
+        MemoryError as the step's result and the kernel lives on)."""
+        limit = getattr(self.app, "memory_limit_bytes", lambda: 0)()
+        self._emit(run, "error", error="the run's kernel ran out of memory" + (
+            f" (limit {limit / 2**30:.1f} GiB)" if limit else "") + "; the step failed with MemoryError",
+            hint="use less memory in the step (smaller pieces, fewer copies), or raise "
+                 "c.HandoffApp.kernel_memory_limit on the server")
 
     async def _wait_answer(self, run: _Run) -> str | None:
         """Wait (without holding a run slot) for an answer; None if cancelled/pulled/stopping."""
@@ -617,8 +630,12 @@ class RunManager:
     async def _boot_kernel(self, api_path: str) -> tuple[str, "asyncio.Future[KernelExecutor]"]:
         """Start a kernel with the scrubbed env, no autorestart; returns its id and a future of
         its ready ``KernelExecutor``."""
+        sandbox = getattr(self.app, "sandbox_state", None)
+        if sandbox is not None and sandbox.problem:  # c.HandoffApp.sandbox: never run unisolated unasked
+            raise RunFailure(sandbox.problem, sandbox.hint)
+        kernel_name = sandbox.kernel_name if sandbox is not None else self.app.kernel_name
         kid = await ensure_async(self.kernel_manager.start_kernel(
-            path=api_path, kernel_name=self.app.kernel_name, env=self.kernel_env()))
+            path=api_path, kernel_name=kernel_name, env=self.kernel_env()))
         km = self.kernel_manager.get_kernel(kid)
         try:  # we recover crashed kernels ourselves (from the checkpoint), not by a blank restart
             km.stop_restarter()
@@ -633,9 +650,11 @@ class RunManager:
 
     # -- warm kernel (opt-in: c.HandoffApp.warm_kernels = 1) ----------------------------------
     def _warm_enabled(self) -> bool:
-        """Only on a shared disk: the restore chdirs the booted kernel into the run's workspace."""
+        """Only on a shared disk and unsandboxed: the restore chdirs the booted kernel into the
+        run's workspace, which a sandbox started elsewhere cannot see."""
+        sandbox = getattr(self.app, "sandbox_state", None)
         return int(getattr(self.app, "warm_kernels", 0) or 0) > 0 and self.transport.name == "shared" \
-            and not self._stopping
+            and not self._stopping and (sandbox is None or sandbox.mode == "none")
 
     def _refill_warm(self) -> None:
         if self._warm_enabled() and self._warm is None:

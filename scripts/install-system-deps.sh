@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# Debian packages the tests need: chromium (browser tests) and bubblewrap (the run kernel's
-# sandbox, /usr/bin/bwrap). Idempotent, quiet when already there; apt-get update runs at most once.
+# Debian packages jupyter-handoff needs; idempotent, quiet when already there.
+#   install-system-deps.sh          bubblewrap (the run kernels' sandbox) and chromium (browser tests)
+#   install-system-deps.sh --demo   bubblewrap only (make demo)
 set -euo pipefail
+want=(bwrap:bubblewrap)
+[ "${1:-}" = "--demo" ] || want+=(chromium:chromium)
 missing=()
-command -v chromium >/dev/null 2>&1 || missing+=(chromium)
-command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
+for item in "${want[@]}"; do
+  command -v "${item%%:*}" >/dev/null 2>&1 || missing+=("${item#*:}")
+done
 [ ${#missing[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null 2>&1; then
-  echo "missing: ${missing[*]}, and apt-get is not available: install them to run the tests" >&2
+  echo "missing: ${missing[*]}, and apt-get is not available: install them with your package manager" >&2
+  echo "(without bubblewrap the server refuses remote runs; c.HandoffApp.sandbox = 'none' runs them unsandboxed)" >&2
   exit 1
 fi
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

@@ -478,7 +478,10 @@ def test_a_warm_kernel_takes_the_handoff_and_a_new_one_is_booted(
     the run's own directory, with the restored state), and another spare is booted for the next."""
     bdir, manifest = bundle
     model = _scripted(tmp_path, [run_python("import os\nprint(os.getcwd(), len(df))"), finish()])
-    with JupyterServerProcess(extra_args=["--HandoffApp.warm_kernels=1"]) as server:
+    # a spare kernel cannot be sandboxed in a workspace that does not exist yet: warm kernels
+    # are for unsandboxed servers (c.HandoffApp.sandbox = "none")
+    with JupyterServerProcess(extra_args=["--HandoffApp.warm_kernels=1",
+                                          "--HandoffApp.sandbox=none"]) as server:
         deadline = time.monotonic() + 60
         while not _kernels(server) and time.monotonic() < deadline:
             time.sleep(0.1)
