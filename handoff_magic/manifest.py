@@ -29,6 +29,8 @@ IMPORT_RE = re.compile(
     r"^(import [A-Za-z_][\w.]*( as [A-Za-z_]\w*)?|from [A-Za-z_][\w.]* import [A-Za-z_]\w*( as [A-Za-z_]\w*)?)$"
 )
 MAX_ENTRIES = 1_000_000   # a working dir of 50k files is 50k file entries plus their chunks
+RESERVED_DIR = ".handoff"   # a run's own files (bundle, checkpoints) in its workspace
+SAFE_MODE_BITS = 0o775      # rwxrwxr-x at most
 
 
 def _is_int(v: Any) -> bool:
@@ -229,6 +231,12 @@ def check_header(manifest: Any) -> None:
             "upgrade jupyter-handoff here (pip install -U jupyter-handoff)")
 
 
+def safe_mode(mode: int) -> int:
+    """A file's mode as it may be written: plain permission bits, never setuid, setgid, sticky
+    or world-writable (a manifest is untrusted input on both sides)."""
+    return int(mode) & SAFE_MODE_BITS
+
+
 def check_relpath(path: Any) -> str | None:
     """Why ``path`` is not a safe relative POSIX path inside a root, or None if it is."""
     if not isinstance(path, str) or not path:
@@ -406,6 +414,9 @@ class _Parser:
                 self.problems.append(f"file: {why}")
                 continue
             path = f["path"]
+            if path.split("/")[0] == RESERVED_DIR:
+                self.problems.append(f"file {path!r} is inside {RESERVED_DIR}/, the run's own directory")
+                continue
             if path in seen:
                 self.problems.append(f"file {path!r} is listed twice")
             seen.add(path)
@@ -414,7 +425,7 @@ class _Parser:
                 self.problems.append(f"file {path!r} needs integer size and mode and a sha256")
                 continue
             mtime = f.get("mtime_ns")
-            out.append(FileEntry(path, f["size"], f["mode"], f["sha256"], refs,
+            out.append(FileEntry(path, f["size"], safe_mode(f["mode"]), f["sha256"], refs,
                                  mtime if _is_int(mtime) else None,
                                  _extra(f, ("path", "size", "mode", "sha256", "chunks", "mtime_ns"))))
         return out

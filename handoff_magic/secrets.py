@@ -304,11 +304,29 @@ _LINE_ASSIGN = re.compile(r"^(?P<lhs>\s*[A-Za-z_][\w.]*(?:\[['\"][^'\"]+['\"]\])
                           r"(?P<rhs>.+)$")
 
 
+# ``--token T``, ``--token=T``, ``--api-key "T"``: an option naming a credential and its value,
+# in a magic line (``%handoff``) or the call IPython turns it into (``run_line_magic(..., '--token T')``)
+_SECRET_OPTION = re.compile(r"""(?P<opt>--?[A-Za-z][\w-]*)(?P<sep>[ \t]*=[ \t]*|[ \t]+)"""
+                            r"""(?P<value>"[^"\n]*"|'[^'\n]*'|[^\s'"\\)]+)""")
+
+
+def redact_options(text: str) -> str:
+    """``text`` with the value of every credential-named command-line option redacted."""
+    def cut(m: re.Match[str]) -> str:
+        if not is_secret_name(m.group("opt").lstrip("-").replace("-", "_"), strict=True) \
+                or m.group("value").startswith("-"):
+            return m.group(0)
+        return m.group("opt") + m.group("sep") + REDACTED
+    return _SECRET_OPTION.sub(cut, text)
+
+
 def redact_cell(code: str, values: Iterable[str] = ()) -> str:
     """A cell's text with every secret in it replaced by ``<redacted>``: by position (what is
-    assigned to a secret name, however it is built), by value and by shape."""
+    assigned to a secret name, however it is built), credential-named options (``--token T``),
+    by value and by shape."""
     if not isinstance(code, str) or not code:
         return code
+    code = redact_options(code)
     try:
         tree = ast.parse(_mask_magics(code))
     except (SyntaxError, ValueError):

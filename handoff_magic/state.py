@@ -6,6 +6,7 @@ shows it, so it must never need to execute anything to understand a run.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
@@ -246,8 +247,19 @@ class Origin:
         return cls(**_pick(cls, data))
 
 
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
 def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
+
+
+def check_run_id(run_id: object) -> str:
+    """``run_id`` if it is a safe run id (it names a directory and a URL segment), else StateError."""
+    if not isinstance(run_id, str) or not RUN_ID_RE.match(run_id):
+        raise StateError(f"{str(run_id)[:80]!r} is not a valid run id",
+                         "a run id is 1-64 letters, digits, '-' or '_' (%agent makes one)")
+    return run_id
 
 
 @dataclass

@@ -13,7 +13,17 @@ from typing import Any
 
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp, ExtensionAppJinjaMixin
-from traitlets import Bool, Enum, Float, Integer, List, TraitError, Unicode, Union, default
+from traitlets import (
+    Bool,
+    Enum,
+    Float,
+    Integer,
+    List,
+    TraitError,
+    Unicode,
+    Union,
+    default,
+)
 
 from .run.sandbox import SandboxState, default_memory_limit, parse_size, prepare
 from .store import BlobStore, RunStore

@@ -18,8 +18,8 @@ from markupsafe import Markup
 from tornado import web
 from tornado.http1connection import HTTP1Connection
 
-from handoff_magic.state import (STATUS_LABELS, TERMINAL_STATUSES, RunState, StateError, describe_compaction,
-                                  describe_usage)
+from handoff_magic.state import (STATUS_LABELS, TERMINAL_STATUSES, RunState, StateError, check_run_id,
+                                  describe_compaction, describe_usage)
 
 from .notify import links
 from .store import BlobError, check_sha
@@ -333,6 +333,7 @@ class RunsHandler(HandoffAPIHandler):
                                "start a run with %agent, then %handoff it")
         try:
             state = RunState.from_dict(run)
+            check_run_id(state.id)
         except StateError as exc:
             raise HandoffError(400, f"run state rejected: {exc}", "capture the run again with %handoff") from None
         blobs = self.handoff.blobs

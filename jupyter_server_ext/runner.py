@@ -35,7 +35,8 @@ from handoff_magic.chunks import chunk_relpath, is_sha
 from handoff_magic.errors import BundleError
 from handoff_magic.manifest import Manifest
 from handoff_magic.secrets import is_secret_name
-from handoff_magic.state import TERMINAL_STATUSES, Event, Message, PlanStep, RunState, StateError
+from handoff_magic.state import (TERMINAL_STATUSES, Event, Message, PlanStep, RunState, StateError,
+                                 check_run_id)
 
 from .kernel_executor import KernelExecutor
 from .notebook import write_for_state
@@ -43,7 +44,6 @@ from .transport import KernelGone, TransportError, make_transport
 
 log = logging.getLogger(__name__)
 
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 NOTIFY_ON = frozenset({"completed", "failed", "cancelled", "waiting_input"})
 REPORT_MARK = "@@HANDOFF-JSON@@"
 SDK_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
@@ -67,12 +67,6 @@ class RunFailure(RuntimeError):
         super().__init__(message)
         self.message = message
         self.hint = hint
-
-
-def check_run_id(run_id: str) -> str:
-    if not isinstance(run_id, str) or not RUN_ID_RE.match(run_id):
-        raise ValueError(f"{run_id!r} is not a valid run id (letters, digits, '-', '_')")
-    return run_id
 
 
 def _kernel_code(func_body: str, name: str) -> str:
@@ -174,7 +168,12 @@ class RunManager:
         loop = self._ensure_loop()
         for run_id in self.store.unfinished_runs():
             log.info("jupyter-handoff: resuming run %s", run_id)
-            self.submit(run_id)
+            try:
+                self.submit(run_id)
+            except Exception as exc:  # one bad stored run never stops the others (or the GC)
+                log.exception("jupyter-handoff: run %r cannot be resumed; marking it failed", run_id)
+                self.store.fail_unresumable(run_id, f"this run cannot be resumed: {exc}",
+                                            "hand the run off again from the notebook")
         interval = float(getattr(self.app, "gc_interval", GC_INTERVAL))
         if interval > 0:
             self._gc_task = loop.create_task(self._gc_every(interval), name="handoff-blob-gc")

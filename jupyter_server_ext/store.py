@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 
 from handoff_magic.atomic import fsync_dir
 from handoff_magic.chunks import AddressHasher, address_matches, is_sha, shard_path
-from handoff_magic.state import TERMINAL_STATUSES, Event, RunState, Usage, new_run_id
+from handoff_magic.state import TERMINAL_STATUSES, Event, RunState, Usage, check_run_id, new_run_id
 
 class BlobError(ValueError):
     """An upload that cannot be stored (bad address, hash mismatch, too large)."""
@@ -322,6 +322,7 @@ class RunStore:
         Same idempotency key → the existing run and ``False``. Keeps the client's run id when
         free so both sides talk about the same id; otherwise picks a new one.
         """
+        check_run_id(state.id)  # it names a directory: never stored unless safe
         with self._tx() as db:
             if idempotency_key:
                 row = db.execute("SELECT id FROM runs WHERE idempotency_key=?", (idempotency_key,)).fetchone()
@@ -408,6 +409,12 @@ class RunStore:
         rows = self._q(f"SELECT id FROM runs WHERE status NOT IN ({marks}) ORDER BY created",
                        tuple(sorted(TERMINAL_STATUSES)))
         return [r["id"] for r in rows]
+
+    def fail_unresumable(self, run_id: str, message: str, hint: str) -> None:
+        """End a stored run that cannot even be loaded (bad id, damaged state): an ``error``
+        event, then the ``failed`` status, written without parsing its state."""
+        self.append_event(run_id, "error", {"error": message, "hint": hint})
+        self.append_event(run_id, "status", {"status": "failed", "reason": message})
 
     # -- events ----------------------------------------------------------------------------
     def append_event(self, run_id: str, type: str, data: dict[str, Any]) -> Event:

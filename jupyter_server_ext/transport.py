@@ -31,7 +31,7 @@ from typing import Any, Callable, Protocol
 from handoff_magic.atomic import atomic_write_bytes, link_or_copy
 from handoff_magic.chunks import address_matches, chunk_relpath
 from handoff_magic.errors import BundleError
-from handoff_magic.manifest import Manifest, check_relpath
+from handoff_magic.manifest import Manifest, check_relpath, safe_mode
 
 log = logging.getLogger(__name__)
 
@@ -538,7 +538,7 @@ class KernelChannelTransport(BundleTransport):
                 continue
             atomic_write_bytes(dest, data)
             try:
-                os.chmod(dest, int(f.get("mode", 0o644)) & 0o777)
+                os.chmod(dest, safe_mode(int(f.get("mode", 0o644))))
             except OSError:
                 pass
             written.append(str(rel))

@@ -69,13 +69,18 @@ class HandoffClient:
         headers = {"Accept": "application/json"}
         if token:
             headers["Authorization"] = f"token {token}"
-        self._http = httpx.Client(base_url=self.url + API_PREFIX, headers=headers,
-                                  timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+        limits = httpx.Timeout(timeout, connect=min(timeout, 10.0))
+        self._http = httpx.Client(base_url=self.url + API_PREFIX, headers=headers, timeout=limits,
                                   transport=transport, follow_redirects=False)
+        # the identity check goes without the token (see _verify_server)
+        self._anon = httpx.Client(base_url=self.url + API_PREFIX, headers={"Accept": "application/json"},
+                                  timeout=limits, transport=transport, follow_redirects=False)
+        self._verified = token is None  # nothing to protect without a token
 
     # -- plumbing ---------------------------------------------------------------------------
     def close(self) -> None:
         self._http.close()
+        self._anon.close()
 
     def __enter__(self) -> "HandoffClient":
         return self
@@ -145,6 +150,8 @@ class HandoffClient:
                  ok: Iterable[int] = (200, 201, 204), **kwargs: Any) -> httpx.Response:
         """Send with retries: connect errors always (nothing was sent), read errors and 5xx
         only for idempotent requests."""
+        if not self._verified:
+            self._verify_server()
         attempt = 0
         while True:
             try:
@@ -165,6 +172,33 @@ class HandoffClient:
                     raise self._error(resp, what)
             self._sleep(attempt)
             attempt += 1
+
+    def _verify_server(self) -> None:
+        """Before the token goes anywhere: an unauthenticated ``GET /runs`` must answer as a
+        jupyter-handoff API does (the run list, or a JSON 401/403 with error and hint), so a
+        mistyped or hostile URL never receives the token or a manifest."""
+        try:
+            resp = self._anon.get("/runs")
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise self._unreachable(exc) from exc
+        except httpx.HTTPError as exc:
+            raise ClientError(f"checking that {self.url} is a jupyter-handoff server failed "
+                              f"({type(exc).__name__}: {exc})", "try again; no token was sent") from exc
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        shaped = isinstance(body, dict) and (
+            (resp.status_code == 200 and isinstance(body.get("runs"), list))
+            or (resp.status_code in (401, 403) and isinstance(body.get("error"), str) and "hint" in body))
+        if not shaped:
+            raise ClientError(
+                f"{self.url} does not answer like a jupyter-handoff server (GET {API_PREFIX}/runs gave "
+                f"{resp.status_code} {resp.headers.get('content-type', 'without a content type')}); "
+                "no token and no data were sent",
+                "check --to / HANDOFF_SERVER_URL: it must be the base URL of a Jupyter Server with "
+                "jupyter-handoff installed")
+        self._verified = True
 
     def _json(self, resp: httpx.Response, what: str) -> Any:
         try:

@@ -14,14 +14,24 @@ from ..config import config_path, load_config
 from ..errors import ConfigError
 
 
+def _same_server(a: object, b: object) -> bool:
+    return isinstance(a, str) and isinstance(b, str) and a.rstrip("/") == b.rstrip("/")
+
+
 def server_settings(url: str | None = None, token: str | None = None) -> tuple[str, str | None]:
-    """(server URL, token): arguments, else HANDOFF_SERVER_URL/HANDOFF_TOKEN, else handoff.json."""
-    url = url or os.environ.get("HANDOFF_SERVER_URL") or None
-    token = token or os.environ.get("HANDOFF_TOKEN") or None
-    if not url or not token:
-        cfg = load_config()
-        url = url or cfg.get("server_url") or None
-        token = token or cfg.get("token") or None
+    """(server URL, token): arguments, else HANDOFF_SERVER_URL/HANDOFF_TOKEN, else handoff.json.
+
+    A stored token is bound to the server it was stored for: ``HANDOFF_TOKEN`` belongs to
+    ``HANDOFF_SERVER_URL`` (or, without it, to handoff.json's ``server_url``) and handoff.json's
+    ``token`` to its ``server_url``. ``--to`` another server takes none of them: it needs its
+    own ``--token``, so a token never reaches a server it was not given for."""
+    cfg = load_config()
+    env_url = os.environ.get("HANDOFF_SERVER_URL") or None
+    cfg_url = cfg.get("server_url") or None
+    url = url or env_url or cfg_url
+    if not token:
+        stored = ((os.environ.get("HANDOFF_TOKEN"), env_url or cfg_url), (cfg.get("token"), cfg_url))
+        token = next((t for t, owner in stored if t and _same_server(url, owner)), None)
     if not url:
         raise ConfigError(
             "no handoff server configured: pass --to URL, or set HANDOFF_SERVER_URL (and HANDOFF_TOKEN), "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..chunks import CHUNK_SIZE, CHUNKS, ChunkStore, worth_compressing
 from ..errors import BundleError, SecretFound
-from ..manifest import FileEntry, check_relpath
+from ..manifest import FileEntry, check_relpath, safe_mode
 
 IGNORE_DIRS = frozenset({".git", ".hg", ".svn", "__pycache__", ".ipynb_checkpoints", ".handoff", "handoff-runs",
                          "node_modules", ".venv", "venv", ".tox", ".nox", ".mypy_cache", ".pytest_cache",
@@ -194,7 +194,7 @@ def write_file(store: ChunkStore, entry: FileEntry, target: Path) -> None:
             os.fsync(f.fileno())
         if h.hexdigest() != entry.sha256:
             raise BundleError(f"file {entry.path} does not match its sha256 after decoding; not written")
-        os.chmod(tmp, entry.mode & 0o7777)
+        os.chmod(tmp, safe_mode(entry.mode))
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -163,7 +163,8 @@ def probe(bwrap: str = "bwrap") -> str:
         return f"{bwrap!r} is not installed"
     spec = SandboxSpec(workspace="/tmp", private_dirs=[], bwrap=exe)
     try:
-        res = subprocess.run([*spec.bwrap_args(), "/bin/true"], capture_output=True, text=True, timeout=30)
+        res = subprocess.run([*spec.bwrap_args(), "/bin/true"], capture_output=True, text=True,
+                             timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"running {exe} failed: {exc}"
     if res.returncode != 0:

@@ -6,8 +6,9 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import nbformat
 import pytest
@@ -75,10 +76,10 @@ def test_graceful_restart_mid_step_resumes_the_run(
         handoff_server_factory: Callable[..., JupyterServerProcess],
         bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     bdir, manifest = bundle
-    mark = tmp_path / "slept-once"
+    mark = "slept-once"  # in the workspace, the one place the sandboxed kernel can write
     model = "scripted:" + str(write_script(tmp_path / "script.json", [
-        run_python(f"import os, time\nSLOW_STEP = 1\nfirst = not os.path.exists({str(mark)!r})\n"
-                   f"open({str(mark)!r}, 'w').close()\ntime.sleep(20 if first else 0.1)\nc = 3"),
+        run_python(f"import os, time\nSLOW_STEP = 1\nfirst = not os.path.exists({mark!r})\n"
+                   f"open({mark!r}, 'w').close()\ntime.sleep(20 if first else 0.1)\nc = 3"),
         run_python("print('c is', c)"),
         finish(),
     ]))
@@ -141,10 +142,10 @@ def test_a_kill_while_the_question_step_is_saved_redoes_it_and_refuses_early_ans
         handoff_server_factory: Callable[..., JupyterServerProcess],
         bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     bdir, manifest = bundle
-    slow = tmp_path / "slow-checkpoints"
+    # the switch lives in the run's workspace: the sandboxed kernel sees nothing else of ours
     model = "scripted:" + str(write_script(tmp_path / "script.json", [
-        run_python(f"import os, time\nclass Slow:\n    def __reduce__(self):\n"
-                   f"        time.sleep(4 if os.path.exists({str(slow)!r}) else 0)\n        return (Slow, ())\n"
+        run_python("import os, time\nclass Slow:\n    def __reduce__(self):\n"
+                   "        time.sleep(4 if os.path.exists('slow-checkpoints') else 0)\n        return (Slow, ())\n"
                    "s = Slow()\nk = 7"),
         {"text": "", "tool_calls": [{"name": "ask_user", "arguments": {"question": "Scale by?"}}]},
         run_python("print('scaled', k * 10)"),
@@ -152,6 +153,7 @@ def test_a_kill_while_the_question_step_is_saved_redoes_it_and_refuses_early_ans
     ]))
     srv = handoff_server_factory()
     run_id = hand_off(srv, bdir, manifest, model=model)
+    slow = srv.root_dir / "handoff-runs" / run_id / "slow-checkpoints"
     _wait_event(srv, run_id, lambda e: e["type"] == "checkpoint")  # step 1 saved (fast)
     slow.touch()  # from now on a checkpoint takes 4 s
     _wait_event(srv, run_id, lambda e: e["type"] == "tool_call" and e["data"]["name"] == "ask_user")
@@ -187,10 +189,10 @@ def test_kernel_crash_is_recovered_once_and_the_agent_is_told(
         shared_srv: JupyterServerProcess,
         bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     bdir, manifest = bundle
-    marker = tmp_path / f"crashed-{uuid.uuid4().hex}"
+    marker = f"crashed-{uuid.uuid4().hex}"  # in the workspace: the sandboxed kernel sees nothing else
     model = "scripted:" + str(write_script(tmp_path / "script.json", [
         run_python("a = 20"),
-        run_python(f"import os, pathlib\np = pathlib.Path({str(marker)!r})\n"
+        run_python(f"import os, pathlib\np = pathlib.Path({marker!r})\n"
                    "if not p.exists():\n    p.touch()\n    os._exit(1)\nb = a + 1"),
         run_python("print('b =', b)"),
         finish(),
@@ -205,7 +207,21 @@ def test_kernel_crash_is_recovered_once_and_the_agent_is_told(
     assert len(died) == 1
     assert any(e["type"] == "interrupted" and "kernel died" in e["data"]["reason"] for e in events)
     assert "b = 21" in tool_results(events)[-1]["content"]  # a was restored from the checkpoint
-    assert marker.exists()
+    assert (srv.root_dir / "handoff-runs" / run_id / marker).exists()
+
+
+def _kernel_pid(workspace: Path) -> int:
+    """The pid (seen from here) of the ipykernel whose cwd is ``workspace``: inside its sandbox
+    the kernel is PID 1 and cannot tell us."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"ipykernel" in (proc / "cmdline").read_bytes() \
+                    and os.readlink(proc / "cwd") == str(workspace) \
+                    and "python" in os.path.basename(os.readlink(proc / "exe")):  # not bwrap
+                return int(proc.name)
+        except OSError:
+            continue
+    raise AssertionError(f"no kernel runs in {workspace}")
 
 
 def test_a_kernel_sigkilled_mid_step_recovers_from_the_checkpoint_within_seconds(
@@ -215,20 +231,20 @@ def test_a_kernel_sigkilled_mid_step_recovers_from_the_checkpoint_within_seconds
     a step runs. The run must notice in seconds (not after the execution timeout) and redo the
     step in a kernel restored from the last checkpoint."""
     bdir, manifest = bundle
-    pid_file = tmp_path / f"kernel-{uuid.uuid4().hex}.pid"
     model = "scripted:" + str(write_script(tmp_path / "script.json", [
         run_python("a = 20"),
-        run_python(f"import os, pathlib, time\np = pathlib.Path({str(pid_file)!r})\n"
-                   "if not p.exists():\n    p.write_text(str(os.getpid()))\n    time.sleep(600)\nb = a + 1"),
+        run_python("import os, pathlib, time\np = pathlib.Path('sleeping')\n"
+                   "if not p.exists():\n    p.touch()\n    time.sleep(600)\nb = a + 1"),
         run_python("print('b =', b)"),
         finish(),
     ]))
     run_id = hand_off(shared_srv, bdir, manifest, model=model)
+    ws = shared_srv.root_dir / "handoff-runs" / run_id
     deadline = time.monotonic() + 120
-    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+    while not (ws / "sleeping").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     killed_at = time.time()
-    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    os.kill(_kernel_pid(ws), signal.SIGKILL)
 
     assert wait_status(shared_srv, run_id, timeout=120)["status"] == "completed"
     events = all_events(shared_srv, run_id)

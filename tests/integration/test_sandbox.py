@@ -11,13 +11,22 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-from tests.harness.runner_helpers import (all_events, capture_bundle, finish, hand_off, run_python,
-                                          tool_results, wait_status, write_script)
+from tests.harness.runner_helpers import (
+    all_events,
+    capture_bundle,
+    finish,
+    hand_off,
+    run_python,
+    tool_results,
+    wait_status,
+    write_script,
+)
 from tests.harness.server_process import JupyterServerProcess
 
 SECRET = "sandbox-probe-secret-4f1c2e"
@@ -164,7 +173,7 @@ def test_no_sandbox_is_explicit_and_shown_as_a_warning(tmp_path: Path) -> None:
 
 def test_without_bubblewrap_auto_refuses_runs_and_says_how_to_fix_it(
         bundle: tuple[Path, dict[str, Any]]) -> None:
-    bdir, manifest = bundle
+    manifest = bundle[1]
     path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
                            if not (Path(p) / "bwrap").exists())
     with JupyterServerProcess(env={"PATH": path}) as server:
