@@ -23,6 +23,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import ipywidgets as W
 
 from ..errors import HandoffError
+from ..sanitize import safe_output
 from ..snapshot.reports import fmt_bytes
 from ..state import STATUS_LABELS, TERMINAL_STATUSES, Event, RunState, describe_compaction, describe_usage
 from .widget_css import CSS
@@ -530,8 +531,9 @@ class RunWidget(W.VBox):
 
     def show_outputs(self, outputs: list[dict[str, Any]]) -> None:
         """Append nbformat output dicts (stream, display_data, execute_result, error) to the
-        Outputs area; only the newest MAX_OUTPUTS / MAX_OUTPUT_BYTES are kept."""
-        keep = [dict(o) for o in outputs if isinstance(o, dict) and o.get("output_type") in _OUTPUT_TYPES]
+        Outputs area, sanitised (they may come from a remote run: text, images and clean HTML
+        only, see sanitize.py); only the newest MAX_OUTPUTS / MAX_OUTPUT_BYTES are kept."""
+        keep = [safe_output(o) for o in outputs if isinstance(o, dict) and o.get("output_type") in _OUTPUT_TYPES]
         if not keep:
             return
         with self._lock:

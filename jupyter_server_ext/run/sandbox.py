@@ -208,6 +208,14 @@ class _PidsCgroup:
                 pass  # processes still exiting; an empty cgroup left behind is harmless
 
 
+def _as_signal(returncode: int | None) -> int | None:
+    """bwrap exits 128+N when the kernel dies of signal N; report it as Popen would for an
+    unsandboxed kernel (-N), so "killed by SIGKILL" reads the same either way."""
+    if returncode is not None and 128 < returncode < 128 + 65:
+        return -(returncode - 128)
+    return returncode
+
+
 class SandboxProvisioner(LocalProvisioner):  # type: ignore[misc]
     """LocalProvisioner that launches the kernel inside bwrap, over IPC instead of TCP."""
 
@@ -253,6 +261,12 @@ class SandboxProvisioner(LocalProvisioner):  # type: ignore[misc]
             cmd = ["prlimit", *limits, "--", *cmd]
         kwargs["cmd"] = cmd
         return kwargs
+
+    async def poll(self) -> int | None:
+        return _as_signal(await super().poll())
+
+    async def wait(self) -> int | None:
+        return _as_signal(await super().wait())
 
     def _kernel_pid(self) -> int | None:
         """The kernel's pid seen from outside: the one process bwrap started (PID 1 inside)."""

@@ -1,0 +1,46 @@
+"""What a remote run produced, made safe to show on the laptop: text, images, sanitised HTML.
+
+A remote run's outputs are written by code an LLM chose, so in the laptop's JupyterLab (whose
+origin holds the Lab token) they must not run script. Outputs shown in the widget keep only
+``text/plain``, raster images and ``text/html`` cleaned by nh3 (the ammonia sanitiser: no
+``<script>``, no event handlers, no ``javascript:`` URLs, no SVG, no forms or iframes);
+JavaScript, SVG, Markdown (which may carry raw HTML), widget views and any other MIME type are
+dropped, and a note says so when nothing else remains.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import nh3
+
+SAFE_IMAGES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
+
+
+def sanitize_html(html: str) -> str:
+    """HTML with everything that can run script removed (tags, attributes, URL schemes)."""
+    return nh3.clean(str(html))  # ammonia's allowlist: no script, on*, javascript:, svg, iframe
+
+
+def _text(value: Any) -> str:
+    return "".join(value) if isinstance(value, list) else str(value)
+
+
+def safe_output(output: dict[str, Any]) -> dict[str, Any]:
+    """One nbformat output dict as the laptop may display it (streams and errors are text)."""
+    if output.get("output_type") not in ("display_data", "execute_result"):
+        return dict(output)
+    data = output.get("data") if isinstance(output.get("data"), dict) else {}
+    kept: dict[str, Any] = {}
+    for mime, value in data.items():
+        if mime == "text/plain" or mime in SAFE_IMAGES:
+            kept[mime] = value
+        elif mime == "text/html":
+            kept[mime] = sanitize_html(_text(value))
+    dropped = sorted(set(data) - set(kept))
+    if "text/plain" not in kept and (dropped or not kept):
+        kept["text/plain"] = (f"[{', '.join(dropped)} output not shown: it could run code on this "
+                              "machine; open the run's result.ipynb to see it]" if dropped else "")
+    safe = {k: v for k, v in output.items() if k not in ("data", "metadata")}
+    safe["data"] = kept
+    safe["metadata"] = {}
+    return safe
