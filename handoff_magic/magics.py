@@ -28,7 +28,7 @@ AGENT_USAGE = """usage:
 SPEC is openai:MODEL, anthropic:MODEL or scripted:PATH (default: HANDOFF_MODEL, ~/.jupyter/handoff.json, demo)."""
 HANDOFF_USAGE = "usage: %handoff [--to URL] [--token TOKEN] [--fork] [--dry-run] [RUN_ID]"
 REATTACH_USAGE = "usage: %reattach [RUN_ID] [--to URL] [--token TOKEN]   (no RUN_ID: list the server's runs)"
-PULL_USAGE = "usage: %pull RUN_ID [--again] [--to URL] [--token TOKEN]"
+PULL_USAGE = "usage: %pull RUN_ID [--again] [--trust] [--to URL] [--token TOKEN]"
 
 _FLAGS = {"--background"}
 _VALUED = {"--model", "--max-steps", "--max-tokens", "--max-cost"}
@@ -371,12 +371,14 @@ class HandoffMagics(Magics):
         p = _ArgParser(PULL_USAGE)
         p.add_argument("run_id")
         p.add_argument("--again", action="store_true")   # re-restore a run pulled here before
+        p.add_argument("--trust", action="store_true",
+                       help="also load what can run code on load (objects the remote run made)")
         p.add_argument("--to")
         p.add_argument("--token")
         a = p.parse_args(_split(line, PULL_USAGE))
         from . import remote
         result = _call(remote.pull, a.run_id, to=a.to, token=a.token, shell=self.shell, display=False,
-                       again=a.again)
+                       again=a.again, trust=a.trust)
         report = getattr(result, "pull_report", None)
         _display(report)
         _show_remote_result(result)

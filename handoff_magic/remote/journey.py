@@ -26,6 +26,7 @@ from ..manifest import write_manifest
 from ..snapshot.capture import save_state
 from ..snapshot.reports import fmt_bytes
 from ..snapshot.restore import load_state
+from ..snapshot.trust import PullTrust
 from ..state import STATUS_LABELS, Budgets, Event, RunState
 from .cache import bundle_cache, kernel_key, load_record, save_record
 from .follow import REMOTE_DONE, HandoffTimings, RemoteRef, RemoteRun, state_from_summary
@@ -227,6 +228,7 @@ def _handoff(run: Any, *, to: str | None, token: str | None, fork: bool,
             "server": cl.url, "run_id": remote_id, "local_run_id": state.id, "bundle_dir": str(bundle_dir),
             "root": os.getcwd(), "time": time.time(),
             "files": {f["path"]: f.get("sha256") for f in manifest.get("files") or []},
+            "sent": PullTrust.sent_in(manifest),   # what %pull may load without --trust
         })
     except OSError as exc:  # the run exists remotely now; only pull's conflict check gets stricter
         widget_message(widget, f"could not record the handoff locally ({exc}); a later %pull will keep "
@@ -359,13 +361,16 @@ def pulled_here(server_url: str, run_id: str) -> Any:
 
 def pull(run_id: str, *, to: str | None = None, token: str | None = None, shell: Any = None,
          client: HandoffClient | None = None, display: bool = True, widget: Any = None,
-         again: bool = False) -> Any:
+         again: bool = False, trust: bool = False) -> Any:
     """Pause + checkpoint the remote run, restore its state here and make it a LocalRun.
 
     ``widget``: the view whose Pull back button was clicked (a %reattach view, a fork's view); it
     shows the download and then becomes the pulled-back LocalRun's view. A run pulled into this
     kernel before is refused unless ``again``: then its last checkpoint replaces that local run's
-    state (same local run, no new id)."""
+    state (same local run, no new id).
+
+    Without ``trust`` only plain data and objects byte-identical to what this laptop sent are
+    loaded; the rest is listed in the report as left out (snapshot/trust.py)."""
     t0 = time.perf_counter()
     HandoffClient.check_run_id(run_id)   # before it names a cache dir or a record file
     cl = _client(to, token, client)
@@ -380,6 +385,7 @@ def pull(run_id: str, *, to: str | None = None, token: str | None = None, shell:
     bundle_dir = Path(record["bundle_dir"]) if record and record.get("bundle_dir") else \
         bundle_cache(f"pull-{run_id}")
     bundle_dir.mkdir(parents=True, exist_ok=True)
+    laptop = None if trust else PullTrust.from_sent((record or {}).get("sent"))
     progress_view = widget if widget is not None else _local_widget(record)
     try:
         summary = cl.get_run(run_id)
@@ -398,7 +404,7 @@ def pull(run_id: str, *, to: str | None = None, token: str | None = None, shell:
     write_manifest(bundle_dir, manifest)
     conflicts = _file_conflicts(manifest, record)
     try:
-        report = load_state(bundle_dir, shell, file_conflicts=conflicts)
+        report = load_state(bundle_dir, shell, file_conflicts=conflicts, trust=laptop)
     except Exception as exc:
         raise JourneyError(f"restoring the pulled state failed ({type(exc).__name__}: {exc}); "
                            f"nothing changed in this kernel. The checkpoint stays on the server "

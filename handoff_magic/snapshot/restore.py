@@ -25,6 +25,7 @@ from ..errors import BundleError, StateError
 from ..manifest import FileEntry, GroupEntry, Manifest, VariableEntry
 from ..state import RunState
 from . import reducers, sources
+from .trust import PullTrust
 from .capture import target_namespace
 from .files import file_sha, safe_target, write_file
 from .history import restore_history
@@ -179,9 +180,16 @@ def _verify_chunks(store: ChunkStore, shas: list[str]) -> None:
 # -- phase 2: apply ----------------------------------------------------------------
 
 
+TRUST_HINT = "left out: it came from the remote run and can run code on load; %pull ID --trust loads it"
+
+
 def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path | None = None,
-               file_conflicts: dict[str, str] | None = None, ns: dict[str, Any] | None = None) -> RestoreReport:
+               file_conflicts: dict[str, str] | None = None, ns: dict[str, Any] | None = None,
+               trust: PullTrust | None = None) -> RestoreReport:
     """Restore bundle ``path`` into this kernel. Validates everything before changing anything.
+
+    ``trust`` (a pull back without ``--trust``): only plain data and what this laptop sent is
+    loaded; every other variable is reported as skipped with the reason (see trust.py).
 
     Raises BundleError (a StateError) naming the problem when the bundle is unreadable,
     corrupt or from a newer version; then the namespace and files are untouched.
@@ -239,6 +247,8 @@ def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path |
         fsync_dir(d)  # the renames themselves survive a crash too
 
     for rel in manifest.module_paths:
+        if trust is not None and not trust.allows_module_path(rel):
+            continue   # a remote folder on sys.path would let a planted module run on import
         path = str(safe_target(root, rel) if rel else root)
         if path not in sys.path:
             sys.path.insert(0, path)   # modules imported from the working directory
@@ -249,6 +259,10 @@ def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path |
         t0 = time.perf_counter()
         scratch: dict[str, Any] = {}
         name = line.rsplit(" ", 1)[-1].split(".")[0]
+        if trust is not None and not trust.allows_import(line):
+            results[name] = VarReport(name, _declared_type(by_name, name, "module"), "import", 0, 0.0,
+                                      "skipped", f"{line!r} {TRUST_HINT}")
+            continue
         try:
             exec(compile(line, "<handoff import>", "exec"), scratch)  # noqa: S102 - validated import line
             staged[name] = scratch[name]
@@ -260,14 +274,22 @@ def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path |
                                       f"{line!r} failed here ({type(exc).__name__}: {exc}); install the package "
                                       "and run the line yourself")
     ns.update(staged)   # definitions and pickles below may refer to imported names
-    for name, err in sources.define([d.to_dict() for d in manifest.definitions], ns).items():
+    definitions = manifest.definitions
+    if trust is not None:
+        for d in definitions:
+            if not trust.allows_code("definitions", d):
+                for name in d.names:
+                    results[name] = VarReport(name, _declared_type(by_name, name, "?"), "replay", 0, 0.0,
+                                              "skipped", f"its definition {TRUST_HINT}")
+        definitions = [d for d in definitions if trust.allows_code("definitions", d)]
+    for name, err in sources.define([d.to_dict() for d in definitions], ns).items():
         if err is not None:
             results[name] = VarReport(name, _declared_type(by_name, name, "?"), "replay", 0, 0.0, "skipped", err)
     gc_was_enabled = gc.isenabled()
     gc.disable()  # unpickling builds many containers; collections in between would dominate
     root_token = reducers.RESTORE_ROOT.set(root)   # reopened files and databases resolve in this directory
     try:
-        _unpickle_groups(groups, payloads, buffers, by_name, staged, results)
+        _unpickle_groups(groups, payloads, buffers, by_name, staged, results, trust)
     finally:
         reducers.RESTORE_ROOT.reset(root_token)
         if gc_was_enabled:
@@ -275,7 +297,15 @@ def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path |
     ns.update(staged)
 
 
-    run_replays(manifest.replays, ns, root, by_name, results)
+    replays = manifest.replays
+    if trust is not None:
+        for r in replays:
+            if not trust.allows_code("replays", r):
+                for name in r.names:
+                    results[name] = VarReport(name, _declared_type(by_name, name, "?"), "replay", 0, 0.0,
+                                              "skipped", f"its cell {TRUST_HINT}")
+        replays = [r for r in replays if trust.allows_code("replays", r)]
+    run_replays(replays, ns, root, by_name, results)
     for name, meta in by_name.items():
         if meta.method == "skipped" and name not in results:
             results[name] = VarReport(name, meta.type, "skipped", 0, 0.0, "skipped", meta.reason)
@@ -289,11 +319,21 @@ def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path |
 
 
 def _unpickle_groups(groups: list[GroupEntry], payloads: dict[str, bytes], buffers: dict[str, list[Any]],
-                     by_name: dict[str, VariableEntry], staged: dict[str, Any], results: dict[str, VarReport]) -> None:
+                     by_name: dict[str, VariableEntry], staged: dict[str, Any], results: dict[str, VarReport],
+                     trust: PullTrust | None = None) -> None:
     """Unpickle each group on its own, so one that fails (a package missing here) loses only itself."""
     for g in groups:
         t0 = time.perf_counter()
         names = g.names
+        refusal = trust.group_refusal([*g.payload, *(c for b in g.buffers for c in b.chunks)],
+                                      payloads[g.id]) if trust is not None else None
+        if refusal is not None:
+            for n in names:
+                meta = by_name.get(n)
+                results[n] = VarReport(n, _declared_type(by_name, n, "?"), g.method, meta.size if meta else 0,
+                                       0.0, "skipped", f"{refusal}; {TRUST_HINT}")
+            payloads.pop(g.id, None)
+            continue
         try:
             if g.stream == "dill" or (g.method == "dill" and g.stream != "pickle"):
                 import dill

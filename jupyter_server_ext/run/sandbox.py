@@ -216,6 +216,23 @@ def _as_signal(returncode: int | None) -> int | None:
     return returncode
 
 
+class _BwrapProcess:
+    """The bwrap Popen, with the kernel's own end reported (see _as_signal) to everyone who
+    polls it: the provisioner, the restarter, the run's executor."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+
+    def poll(self) -> int | None:
+        return _as_signal(self._popen.poll())
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        return _as_signal(self._popen.wait(timeout))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._popen, name)
+
+
 class SandboxProvisioner(LocalProvisioner):  # type: ignore[misc]
     """LocalProvisioner that launches the kernel inside bwrap, over IPC instead of TCP."""
 
@@ -262,11 +279,10 @@ class SandboxProvisioner(LocalProvisioner):  # type: ignore[misc]
         kwargs["cmd"] = cmd
         return kwargs
 
-    async def poll(self) -> int | None:
-        return _as_signal(await super().poll())
-
-    async def wait(self) -> int | None:
-        return _as_signal(await super().wait())
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
+        info = await super().launch_kernel(cmd, **kwargs)
+        self.process = _BwrapProcess(self.process)
+        return info
 
     def _kernel_pid(self) -> int | None:
         """The kernel's pid seen from outside: the one process bwrap started (PID 1 inside)."""

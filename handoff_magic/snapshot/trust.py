@@ -1,0 +1,139 @@
+"""What a pull back may load without being asked: plain data, and what this laptop sent.
+
+A remote run's checkpoint is written by code an LLM chose; unpickling it can run anything a
+``__reduce__`` names (``exec``, ``os.system``...). ``%pull ID`` therefore loads a pickled
+group only when either every chunk of it is one this laptop itself produced (byte-identical to
+what it sent, by chunk address), or the pickle's opcodes, read with :mod:`pickletools` and never
+executed, import nothing outside an allowlist of plain data types (builtins' containers and
+scalars, datetime, decimal, fractions, uuid, pathlib, collections, numpy, pandas, scipy.sparse).
+The same rule covers the other ways a bundle runs code on load: import lines, notebook
+definitions rebuilt from source, replayed cells and local module folders are kept only when the
+laptop sent them. Everything left out is listed with its type; ``%pull ID --trust`` loads it.
+"""
+from __future__ import annotations
+
+import pickletools
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ..manifest import ReplayEntry
+
+# module -> allowed names ("*": any name in that module, minus DENY_WORDS)
+_EXACT: dict[str, frozenset[str]] = {
+    "builtins": frozenset({"list", "dict", "set", "frozenset", "tuple", "bytearray", "bytes", "complex",
+                           "int", "float", "str", "bool", "slice", "range", "NoneType", "Ellipsis"}),
+    "copyreg": frozenset({"_reconstructor"}),   # calls base.__new__(cls): cls is checked as its own global
+    "datetime": frozenset({"date", "datetime", "time", "timedelta", "timezone", "tzinfo"}),
+    "decimal": frozenset({"Decimal"}),
+    "fractions": frozenset({"Fraction"}),
+    "uuid": frozenset({"UUID", "SafeUUID"}),
+    "pathlib": frozenset({"Path", "PosixPath", "PurePath", "PurePosixPath", "WindowsPath", "PureWindowsPath"}),
+    "collections": frozenset({"OrderedDict", "defaultdict", "deque", "Counter", "ChainMap"}),
+    "zoneinfo": frozenset({"ZoneInfo"}),
+    "zoneinfo._zoneinfo": frozenset({"ZoneInfo"}),
+    "_codecs": frozenset({"encode"}),           # protocol 2 bytes: _codecs.encode(str, 'latin1')
+}
+_PACKAGES = ("numpy", "pandas", "scipy.sparse")
+# reading files, evaluating strings or loading libraries would run code even inside those packages
+DENY_WORDS = ("load", "read", "eval", "exec", "system", "popen", "spawn", "compile", "import", "open",
+              "f2py", "distutils", "ctypes", "testing", "subprocess", "io", "query", "getattr", "apply")
+
+_STRINGS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING",
+            "STRING"}
+_NO_PUSH = {"PROTO", "FRAME", "MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT", "STOP", "POP", "POP_MARK"}
+
+
+def allowed_global(module: str, name: str) -> bool:
+    """Whether unpickling may import ``module.name`` from an untrusted pickle."""
+    if name in _EXACT.get(module, ()):
+        return True
+    if not any(module == p or module.startswith(p + ".") for p in _PACKAGES):
+        return False
+    words = [w for part in (*module.split("."), *name.split(".")) for w in part.lower().split("_") if w]
+    return not any(w.startswith(d) for w in words for d in DENY_WORDS)
+
+
+def pickle_globals(data: bytes) -> list[tuple[str, str]]:
+    """Every (module, name) a pickle imports, read from its opcodes without running it; a
+    STACK_GLOBAL whose operands are not plain strings shows as ("?", "?")."""
+    found: list[tuple[str, str]] = []
+    memo: dict[int, object] = {}
+    pushed: list[object] = []   # the recent pushes, strings or None, enough for STACK_GLOBAL
+    for op, arg, _ in pickletools.genops(data):
+        name = op.name
+        if name in ("GLOBAL", "INST"):
+            module, _, attr = str(arg).partition(" ")
+            found.append((module, attr))
+            pushed.append(None)
+        elif name == "STACK_GLOBAL":
+            module, attr = (pushed[-2], pushed[-1]) if len(pushed) >= 2 else (None, None)
+            found.append((module, attr) if isinstance(module, str) and isinstance(attr, str) else ("?", "?"))
+            pushed.append(None)
+        elif name in _STRINGS:
+            pushed.append(arg if isinstance(arg, str) else None)
+        elif name == "MEMOIZE":
+            memo[len(memo)] = pushed[-1] if pushed else None
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[int(arg)] = pushed[-1] if pushed else None   # type: ignore[arg-type]
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            pushed.append(memo.get(int(arg)))   # type: ignore[arg-type]
+        elif name not in _NO_PUSH:
+            pushed.append(None)
+        del pushed[:-2]
+    return found
+
+
+@dataclass
+class PullTrust:
+    """What this laptop sent in the handoff a pull brings back (recorded at handoff time)."""
+    sent_chunks: frozenset[str] = frozenset()
+    imports: frozenset[str] = frozenset()
+    code: frozenset[tuple[str, tuple[str, ...], str]] = frozenset()   # (kind, names, code)
+    module_paths: frozenset[str] = frozenset()
+
+    @classmethod
+    def sent_in(cls, manifest: dict[str, Any]) -> dict[str, Any]:
+        """The part of a handoff manifest a later pull needs (JSON, kept in the handoff record)."""
+        return {"chunks": sorted(manifest.get("chunks") or {}), "imports": list(manifest.get("imports") or []),
+                "module_paths": list(manifest.get("module_paths") or []),
+                "code": [[kind, list(e.get("names") or []), str(e.get("code") or "")]
+                         for kind in ("definitions", "replays") for e in manifest.get(kind) or []
+                         if isinstance(e, dict)]}
+
+    @classmethod
+    def from_sent(cls, sent: dict[str, Any] | None) -> PullTrust:
+        """From ``sent_in``'s record; none (a run handed off elsewhere): trust nothing remote."""
+        sent = sent or {}
+        return cls(frozenset(sent.get("chunks") or ()), frozenset(sent.get("imports") or ()),
+                   frozenset((k, tuple(n), c) for k, n, c in sent.get("code") or ()),
+                   frozenset(sent.get("module_paths") or ()))
+
+    def group_refusal(self, chunk_ids: Iterable[str], payload: bytes) -> str | None:
+        """Why a pickled group must not be unpickled here, or None to load it."""
+        if set(chunk_ids) <= self.sent_chunks:
+            return None   # byte-identical to what this laptop sent
+        bad = unsafe_globals(payload)
+        if not bad:
+            return None
+        return (f"its pickle would import {', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''}, "
+                "which can run code on load")
+
+    def allows_import(self, line: str) -> bool:
+        return line in self.imports
+
+    def allows_code(self, kind: str, entry: ReplayEntry) -> bool:
+        """A definition (``definitions``) or replayed cell (``replays``) this laptop sent."""
+        return (kind, tuple(entry.names), entry.code) in self.code
+
+    def allows_module_path(self, rel: str) -> bool:
+        return rel in self.module_paths
+
+
+def unsafe_globals(data: bytes) -> list[str]:
+    """The globals of a pickle that are not plain data (empty: safe to load untrusted)."""
+    try:
+        found = pickle_globals(data)
+    except Exception as exc:  # noqa: BLE001 - unreadable opcodes are refused, never run
+        return [f"<unreadable pickle: {exc}>"]
+    return sorted({f"{m}.{n}" for m, n in found if not allowed_global(m, n)})
