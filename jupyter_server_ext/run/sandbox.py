@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -388,6 +389,11 @@ def prepare(mode: str, kernel_name: str, kernel_spec_manager: Any, spec_dir: Pat
     if mode == "none":
         return SandboxState("none", kernel_name)
     why = probe(config.get("bwrap", "bwrap"))
+    if not why and not entry_points(group="jupyter_client.kernel_provisioners", name=PROVISIONER_NAME):
+        return SandboxState("unavailable", kernel_name, f"the {PROVISIONER_NAME} kernel provisioner is not "
+                            "registered in this Python environment",
+                            "reinstall jupyter-handoff here (pip install jupyter-handoff, or pip install -e . "
+                            "in a checkout) so its entry point is installed")
     if why:
         return SandboxState("unavailable", kernel_name, f"the run sandbox is not available: {why}",
                             INSTALL_HINT)
