@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from handoff_magic.chunks import shard_path
 from tests.harness.runner_helpers import (
     all_events,
     capture_bundle,
@@ -32,7 +33,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, An
 
 def _upload(srv: JupyterServerProcess, bdir: Path, manifest: dict[str, Any]) -> None:
     for sha in srv.client.post("/handoff/api/blobs/missing", json={"shas": list(manifest["chunks"])}).json()["missing"]:
-        srv.client.put(f"/handoff/api/blobs/{sha}", content=(bdir / "chunks" / sha[:2] / sha).read_bytes())
+        srv.client.put(f"/handoff/api/blobs/{sha}", content=shard_path(bdir / "chunks", sha).read_bytes())
 
 
 def _written(srv: JupyterServerProcess) -> set[str]:
