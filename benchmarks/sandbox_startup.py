@@ -26,7 +26,7 @@ async def start_once(mkm: AsyncMultiKernelManager, name: str, cwd: Path) -> floa
     kc = mkm.get_kernel(kid).client()
     kc.start_channels()
     try:
-        await kc.wait_for_ready(timeout=120)
+        await kc.wait_for_ready(timeout=120)  # type: ignore[misc]  # an AsyncKernelClient
         return time.perf_counter() - t0
     finally:
         kc.stop_channels()
@@ -51,7 +51,8 @@ async def main(rounds: int) -> None:
     for name, ts in times.items():
         label = "sandboxed (bwrap)" if name == sandboxed else "plain"
         print(f"{label:18} median {statistics.median(ts):.3f} s  runs {' '.join(f'{t:.3f}' for t in ts)}")
-    print(f"sandbox cost: {statistics.median(times[sandboxed]) - statistics.median(times['python3']):+.3f} s per kernel")
+    cost = statistics.median(times[sandboxed]) - statistics.median(times["python3"])
+    print(f"sandbox cost: {cost:+.3f} s per kernel")
 
 
 if __name__ == "__main__":

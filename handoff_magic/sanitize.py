@@ -29,7 +29,8 @@ def safe_output(output: dict[str, Any]) -> dict[str, Any]:
     """One nbformat output dict as the laptop may display it (streams and errors are text)."""
     if output.get("output_type") not in ("display_data", "execute_result"):
         return dict(output)
-    data = output.get("data") if isinstance(output.get("data"), dict) else {}
+    raw = output.get("data")
+    data: dict[str, Any] = raw if isinstance(raw, dict) else {}
     kept: dict[str, Any] = {}
     for mime, value in data.items():
         if mime == "text/plain" or mime in SAFE_IMAGES:

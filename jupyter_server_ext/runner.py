@@ -18,7 +18,6 @@ import functools
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 import time

@@ -276,9 +276,9 @@ def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path |
     ns.update(staged)   # definitions and pickles below may refer to imported names
     definitions = manifest.definitions
     if trust is not None:
-        for d in definitions:
-            if not trust.allows_code("definitions", d):
-                for name in d.names:
+        for definition in definitions:
+            if not trust.allows_code("definitions", definition):
+                for name in definition.names:
                     results[name] = VarReport(name, _declared_type(by_name, name, "?"), "replay", 0, 0.0,
                                               "skipped", f"its definition {TRUST_HINT}")
         definitions = [d for d in definitions if trust.allows_code("definitions", d)]

@@ -67,8 +67,8 @@ def pickle_globals(data: bytes) -> list[tuple[str, str]]:
             found.append((module, attr))
             pushed.append(None)
         elif name == "STACK_GLOBAL":
-            module, attr = (pushed[-2], pushed[-1]) if len(pushed) >= 2 else (None, None)
-            found.append((module, attr) if isinstance(module, str) and isinstance(attr, str) else ("?", "?"))
+            mod, att = (pushed[-2], pushed[-1]) if len(pushed) >= 2 else (None, None)
+            found.append((mod, att) if isinstance(mod, str) and isinstance(att, str) else ("?", "?"))
             pushed.append(None)
         elif name in _STRINGS:
             pushed.append(arg if isinstance(arg, str) else None)

@@ -221,7 +221,7 @@ class _BwrapProcess:
     """The bwrap Popen, with the kernel's own end reported (see _as_signal) to everyone who
     polls it: the provisioner, the restarter, the run's executor."""
 
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+    def __init__(self, popen: subprocess.Popen[Any]) -> None:
         self._popen = popen
 
     def poll(self) -> int | None:
@@ -234,7 +234,7 @@ class _BwrapProcess:
         return getattr(self._popen, name)
 
 
-class SandboxProvisioner(LocalProvisioner):  # type: ignore[misc]
+class SandboxProvisioner(LocalProvisioner):
     """LocalProvisioner that launches the kernel inside bwrap, over IPC instead of TCP."""
 
     workspaces = Unicode(help="Directory holding the run workspaces; a kernel's cwd must be one "
@@ -249,40 +249,49 @@ class SandboxProvisioner(LocalProvisioner):  # type: ignore[misc]
     _cgroup: _PidsCgroup | None = None
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
-        cwd = os.path.realpath(str(kwargs.get("cwd") or ""))
-        root = os.path.realpath(self.workspaces)
-        if not self.workspaces or not _inside(cwd, root) or cwd == root:
-            raise RuntimeError(f"the handoff sandbox kernel starts only in a run workspace under "
-                               f"{root}, not in {cwd}")
+        cwd = self._workspace(str(kwargs.get("cwd") or ""))
         km = self.parent
+        assert km is not None, "the sandbox provisioner is always owned by a KernelManager"
         if self._private is None:  # kept across restarts: the connection file lives there
             self._private = tempfile.mkdtemp(prefix="handoff-k-")
         km.transport = "ipc"
         km.cache_ports = False
-        km.connection_file = os.path.join(self._private, "kernel.json")
-        km.ip = os.path.join(self._private, "k")
+        km.connection_file = f"{self._private}/kernel.json"
+        km.ip = f"{self._private}/k"
         env = dict(kwargs.get("env") or os.environ)
         env.update(HOME="/tmp", TMPDIR="/tmp")
         kwargs["env"] = env
         kwargs = await super().pre_launch(**kwargs)
+        kwargs["cmd"] = self._command(cwd, env, list(kwargs["cmd"]))
+        return kwargs
+
+    def _workspace(self, cwd: str) -> str:
+        """The kernel's cwd, which must be one run's workspace (never the workspaces' root)."""
+        real, root = os.path.realpath(cwd), os.path.realpath(self.workspaces)
+        if not self.workspaces or not _inside(real, root) or real == root:
+            raise RuntimeError(f"the handoff sandbox kernel starts only in a run workspace under "
+                               f"{root}, not in {real}")
+        return real
+
+    def _command(self, cwd: str, env: dict[str, str], kernel_cmd: list[str]) -> list[str]:
+        """prlimit (memory, processes) -> bwrap -> the kernel, joined to a pids cgroup if any."""
+        assert self._private is not None
         spec = SandboxSpec(workspace=cwd, private_dirs=[self._private], readonly=python_paths(env),
                            hidden=[os.path.realpath(h) for h in self.hidden], network=self.network,
                            bwrap=shutil.which(self.bwrap) or self.bwrap)
-        cmd = spec.bwrap_args() + list(kwargs["cmd"])
+        cmd = spec.bwrap_args() + kernel_cmd
         limits = [f"--as={self.memory_limit}"] if self.memory_limit > 0 else []
         if self.max_processes > 0:
             self._cgroup = self._cgroup or _PidsCgroup(f"handoff-{self.kernel_id}", self.max_processes)
             if self._cgroup.path is None and os.getuid() != 0:
                 limits.append(f"--nproc={self.max_processes}")
-            cmd = self._cgroup.wrap(["prlimit", *limits, "--", *cmd] if limits else cmd)
-        elif limits:
-            cmd = ["prlimit", *limits, "--", *cmd]
-        kwargs["cmd"] = cmd
-        return kwargs
+            return self._cgroup.wrap(["prlimit", *limits, "--", *cmd] if limits else cmd)
+        return ["prlimit", *limits, "--", *cmd] if limits else cmd
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
         info = await super().launch_kernel(cmd, **kwargs)
-        self.process = _BwrapProcess(self.process)
+        assert self.process is not None
+        self.process = _BwrapProcess(self.process)  # type: ignore[assignment]
         return info
 
     def _kernel_pid(self) -> int | None:
