@@ -311,9 +311,8 @@ class AnswerCommand(RunCommand):
         run_id, *words = self.args(2)
         text = sys.stdin.read() if words == ["-"] else " ".join(words)
         with self.client() as cl:
-            run = cl.answer(run_id, text)
-        print(f"answer sent; run {run_id} is {STATUS_LABELS.get(run.get('status', ''), run.get('status'))} "
-              f"(jupyter handoff follow {run_id} shows what it does next)")
+            cl.answer(run_id, text)   # the run takes it up at once; its status follows
+        print(f"answer sent to run {run_id}; jupyter handoff follow {run_id} shows what it does next")
         return EXIT_OK
 
 
