@@ -182,6 +182,11 @@ class _PidsCgroup:
             base = Path(root)
             if not (base / "cgroup.procs").exists():
                 continue  # not a cgroup hierarchy (e.g. the tmpfs holding v1 hierarchies)
+            for stale in base.glob("handoff-*"):  # left by kernels whose cleanup came before their exit
+                try:
+                    stale.rmdir()   # succeeds only for an empty cgroup
+                except OSError:
+                    pass
             p = base / name
             try:
                 p.mkdir(exist_ok=True)
