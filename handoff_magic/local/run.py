@@ -319,6 +319,12 @@ class LocalRun:
         except Exception:  # the display must never stop the agent; the failure is logged
             log.exception("RunWidget could not show event %s of run %s", event.type, state.id)
 
+    @property
+    def pause_requested(self) -> bool:
+        """True from a pause request (Pause button, %handoff) until the loop stops at the step
+        boundary: what a long step may poll to end early, and what "pausing…" means."""
+        return self.running and self._pause.is_set()
+
     def request_pause(self) -> None:
         """Pause at the next step boundary (the running step finishes first)."""
         if self.running:

@@ -38,12 +38,18 @@ def _py(code: str) -> dict[str, Any]:
     return {"name": "run_python", "arguments": {"code": code}}
 
 
+# the slow step lasts until the test clicks Hand off (an event, not a guess at how slow the machine is)
+WAIT_FOR_HANDOFF = ("runs = __import__('handoff_magic.local.run', fromlist=['RUNS']).RUNS.values()\n"
+                    "while not any(r.pause_requested for r in runs):\n"
+                    "    time.sleep(0.05)  # until Hand off is clicked\n"
+                    "del runs\n")
+
 JOURNEY = [
     {"text": "I'll load the sales first.",
      "tool_calls": [_plan(0), _py("import time\nsales = [120.5, 98.0, 143.25, 87.0, 110.0]\n"
                                   "print(f'loaded {len(sales)} sales')")]},
     {"text": "Dropping the small sales; this takes a moment.",
-     "tool_calls": [_plan(1), _py("time.sleep(6)\nclean = [s for s in sales if s > 90]\n"
+     "tool_calls": [_plan(1), _py(WAIT_FOR_HANDOFF + "clean = [s for s in sales if s > 90]\n"
                                   "print(f'kept {len(clean)} of {len(sales)}')")]},
     {"text": "Totalling and writing the report.",
      "tool_calls": [_plan(2), _py("from pathlib import Path\ntime.sleep(1)\ntotal = round(sum(clean), 2)\n"
@@ -206,7 +212,7 @@ def _journey(page: Any, context: Any, lab: LabProcess, cloud: JupyterServerProce
     agent_cell = run_cell(page, f"%agent --background --model scripted:{script} total the clean sales")
     w = widget_in(agent_cell)
     ex(w.locator(".jh-plan li")).to_have_count(len(PLAN))
-    ex(w.locator(".jh-log")).to_contain_text("time.sleep(6)")   # the slow second step is running
+    ex(w.locator(".jh-log")).to_contain_text("until Hand off is clicked")   # the slow second step runs
     ex(badge(w)).to_have_attribute("data-status", "running")
     ex(w.locator(".jh-plan li").nth(0)).to_have_attribute("data-status", "done")
     shot(page, "01-local-run-light")

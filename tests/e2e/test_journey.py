@@ -295,7 +295,9 @@ def test_fork_second_handoff_only_changed_chunks_and_answer(cloud, client, webho
 
 def test_background_run_pauses_at_step_boundary_for_handoff(cloud, client, tmp_path):
     model = script(tmp_path, [
-        {"text": "slow", "tool_calls": [py("import time\ntime.sleep(1.5)\na = 1")]},
+        {"text": "slow", "tool_calls": [py(  # lasts until %handoff asks for the pause
+            "import time\nruns = __import__('handoff_magic.local.run', fromlist=['RUNS']).RUNS.values()\n"
+            "while not any(r.pause_requested for r in runs):\n    time.sleep(0.05)\ndel runs\na = 1")]},
         {"text": "next", "tool_calls": [py("b = a + 1")]},
         {"text": "done", "tool_calls": [{"name": "finish", "arguments": {"summary": "b is ready"}}]},
     ])

@@ -12,9 +12,9 @@ from typing import Any
 from tests.harness.kernels import Kernel, kernel_env
 
 STEP = ("import pathlib, time\n"
-        "from handoff_magic.runs import current_run\n"
+        "from handoff_magic.local.run import current_run\n"
         "pathlib.Path('step-started').touch()\n"
-        "while not current_run()._pause.is_set():\n    time.sleep(0.05)\n"
+        "while not current_run().pause_requested:\n    time.sleep(0.05)\n"
         "pathlib.Path('pause-requested').touch()\n"
         "while not pathlib.Path('go-on').exists():\n    time.sleep(0.05)\n"
         "step_result = 6 * 7\nprint('step result', step_result)")
@@ -60,7 +60,7 @@ def test_interrupt_cancels_handoff_and_spares_the_background_step(tmp_path: Path
         assert error is None, error
         assert shown.strip() == "UsageError: handoff cancelled, your run is unchanged", shown
         (tmp_path / "go-on").touch()
-        out = k.ok("from handoff_magic.runs import current_run as _cr\nprint(_cr().wait_paused(60))\n"
+        out = k.ok("from handoff_magic.local.run import current_run as _cr\nprint(_cr().wait_paused(60))\n"
                    "import json\nprint(json.dumps([_cr().state.status, globals().get('step_result'), "
                    "[r.content for m in _cr().state.messages for r in m.tool_results if r.name == 'run_python']]))")
         finished, status = out["stdout"].splitlines()[0], json.loads(out["stdout"].splitlines()[1])
