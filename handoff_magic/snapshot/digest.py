@@ -26,7 +26,7 @@ def content_digest(value: Any) -> str | None:
         return None
     try:
         dtypes = list(value.dtypes) if isinstance(value, pd.DataFrame) else [value.dtype]
-        text_cells = sum(len(value) for t in dtypes if t == object)  # noqa: E721 - a dtype equals object, is not it
+        text_cells = sum(len(value) for t in dtypes if t == object)  # noqa: E721 - numpy dtypes compare equal to object; `is` never would
         if len(value) * len(dtypes) > MAX_DIGEST_CELLS or text_cells > MAX_TEXT_CELLS:
             return None
         h = blake3.blake3()
