@@ -26,7 +26,6 @@ import sys
 import textwrap
 import time
 import webbrowser
-from collections.abc import Callable, Iterable
 from typing import Any
 
 from jupyter_core.application import JupyterApp
@@ -34,9 +33,9 @@ from traitlets import Bool, Float, Int, Unicode
 
 from . import __version__
 from .errors import HandoffError
-from .remote.follow import REMOTE_DONE, RemoteRun, state_from_summary
+from .remote.follow import RemoteRun, cancel, follow
 from .remote.http import HandoffClient
-from .remote.views import DiffView, RunList
+from .remote.views import DiffView, RunList, event_text, plan_text
 from .state import STATUS_LABELS, Event, describe_usage
 
 EXIT_OK = 0
@@ -49,57 +48,14 @@ EXIT_PULLED = 6
 EXIT_DETACHED = 130
 FOLLOW_EXIT = {"completed": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED,
                "waiting_input": EXIT_WAITING, "pulled": EXIT_PULLED}
-STOP_STATUSES = REMOTE_DONE | {"waiting_input"}   # where `follow` stops: nothing happens by itself
 
-MAX_OUTPUT_LINES = 20
 
 
 # -- what a terminal shows --------------------------------------------------------------------
-def _indent(text: str, max_lines: int | None = None) -> list[str]:
-    lines = str(text).rstrip("\n").splitlines() or [""]
-    if max_lines is not None and len(lines) > max_lines:
-        hidden = len(lines) - max_lines
-        lines = lines[:max_lines] + [f"... ({hidden} more lines; the run's notebook has them all)"]
-    return ["  " + line for line in lines]
 
 
-def _plan_text(steps: Iterable[dict[str, Any]]) -> list[str]:
-    marks = {"done": "[x]", "active": "[>]", "failed": "[!]"}
-    return [f"{marks.get(str(s.get('status')), '[ ]')} {s.get('text', '')}" for s in steps]
 
 
-def event_text(ev: Event) -> list[str]:
-    """One event as plain-ASCII lines (any locale prints them), the first naming what happened;
-    [] for the bookkeeping events a reader does not need (checkpoints, usage)."""
-    d = ev.data or {}
-    if ev.type == "assistant":
-        return ["agent:"] + _indent(str(d.get("text") or ""))
-    if ev.type in ("tool_call", "tool_result") and d.get("name") != "run_python":
-        return []   # plan updates, questions and the finish have events of their own
-    if ev.type == "tool_call":
-        args = d.get("arguments") or {}
-        return ["python:"] + _indent(args.get("code", "") if isinstance(args, dict) else str(args))
-    if ev.type == "tool_result":
-        content = str(d.get("content") or "")
-        label = "error:" if d.get("is_error") else "output:"
-        return [label] + (_indent(content, MAX_OUTPUT_LINES) if content.strip() else [])
-    if ev.type == "plan":
-        return ["plan:"] + ["  " + line for line in _plan_text(d.get("steps") or [])]
-    if ev.type == "status":
-        status = str(d.get("status") or "")
-        reason = f" ({d['reason']})" if d.get("reason") else ""
-        return [f"status: {STATUS_LABELS.get(status, status)}{reason}"]
-    if ev.type == "error":
-        return [f"error: {d.get('error')}" + (f" ({d['hint']})" if d.get("hint") else "")]
-    one_line = {"question": lambda: f"question: {d.get('question')}",
-                "answer": lambda: f"answer: {d.get('answer')}",
-                "finish": lambda: f"finished: {d.get('summary')}",
-                "interrupted": lambda: f"interrupted: {d.get('reason') or ''}",
-                "compacted": lambda: "compacted the older conversation into a summary",
-                "handoff": lambda: f"handed off to {d.get('server')} as {d.get('remote_id')}",
-                "pull": lambda: "pulled back into a notebook",
-                "restore": lambda: "restored the handed-off kernel state"}
-    return [one_line[ev.type]().rstrip()] if ev.type in one_line else []
 
 
 def event_lines(ev: Event) -> list[str]:
@@ -125,7 +81,7 @@ def summary_text(run: dict[str, Any]) -> str:
         lines.append(f"usage: {usage}")
     if run.get("plan"):
         lines.append("plan:")
-        lines += ["  " + line for line in _plan_text(run["plan"])]
+        lines += ["  " + line for line in plan_text(run["plan"])]
     if status == "waiting_input":
         lines.append(f"question: {run.get('question') or '(no question text)'}")
         lines.append(f"  answer it: jupyter handoff answer {rid} \"YOUR ANSWER\"")
@@ -156,37 +112,8 @@ def ending_text(run_id: str, status: str, state: Any) -> str:
 
 
 # -- following --------------------------------------------------------------------------------
-def follow(client: HandoffClient, run_id: str, on_event: Callable[[Event], None], *, after: int = 0,
-           deadline: float | None = None, poll_seconds: float = 25.0,
-           until: frozenset[str] = STOP_STATUSES) -> RemoteRun:
-    """Feed the run's events after ``after`` to ``on_event`` as the server commits them, until
-    the run reaches a status in ``until`` (default: it ends or waits for input) or ``deadline``
-    (a ``time.monotonic()`` value) passes.
-    Returns the RemoteRun mirror: its ``status``, ``state.question`` and ``last_seq``."""
-    summary = client.get_run(run_id)
-    remote = RemoteRun(client, run_id, state=state_from_summary(summary, []))
-    remote.links = summary.get("links") or {}
-    remote.last_seq = max(0, after)
-    remote.on_event = on_event
-    while True:
-        settled = remote.status in until
-        wait = 0.0 if settled else poll_seconds
-        if deadline is not None:
-            wait = max(0.0, min(wait, deadline - time.monotonic()))
-        events = remote.poll(timeout=wait)
-        if not events and (remote.status in until
-                           or (deadline is not None and time.monotonic() >= deadline)):
-            return remote
 
 
-def cancel(client: HandoffClient, run_id: str, wait: float = 60.0) -> str:
-    """Cancel the run and wait (up to ``wait`` s) until the server shows it ended; its status."""
-    run = client.cancel(run_id)
-    status = str(run.get("status") or "")
-    if status in REMOTE_DONE:
-        return status
-    return follow(client, run_id, lambda ev: None, after=int(run.get("last_seq") or 0),
-                  deadline=time.monotonic() + wait, until=REMOTE_DONE).status
 
 
 # -- the commands -----------------------------------------------------------------------------

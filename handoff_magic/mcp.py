@@ -22,10 +22,10 @@ from typing import Any
 
 from .atomic import atomic_write_text, link_or_copy
 from .snapshot.files import IGNORE_DIRS
-from .cli import STOP_STATUSES, cancel, event_text, follow
 from .remote.http import HandoffClient
 from .errors import HandoffError
-from .remote.views import DiffView
+from .remote.follow import STOP_STATUSES, cancel, follow
+from .remote.views import DiffView, event_text
 from .state import STATUS_LABELS, Event, RunState
 
 MAX_EVENTS = 200            # per follow_run call; the model calls again with after=last_seq

@@ -10,6 +10,9 @@ The remote buttons of a local run (hand off, reattach, diff, pull back) go throu
 ``RemoteSide`` this module never imports: ``handoff_magic.remote`` plugs itself in with
 ``use_remote`` when it is imported (``%load_ext handoff_magic`` does), so the dependency runs one
 way, remote -> local.
+
+(Over 400 lines for one class: LocalRun's foreground/background/pause/cancel lifecycle and its
+thread handling only make sense read together.)
 """
 from __future__ import annotations
 

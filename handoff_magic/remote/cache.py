@@ -56,9 +56,11 @@ def save_record(server_url: str, run_id: str, record: dict[str, Any]) -> None:
 
 
 def load_record(server_url: str, run_id: str) -> dict[str, Any] | None:
+    """The record ``save_record`` wrote for this run, or None (no handoff from this laptop)."""
     path = _record_path(server_url, run_id)
     try:
-        return json.loads(path.read_text("utf-8"))
+        record: dict[str, Any] = json.loads(path.read_text("utf-8"))
+        return record
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:

@@ -282,3 +282,40 @@ class RemoteRun:
             raise
         self.widget = None   # this RemoteRun no longer drives any view
         return local
+
+
+# -- following from a terminal (the CLI and the MCP server) ---------------------------------
+STOP_STATUSES = REMOTE_DONE | {"waiting_input"}   # where `follow` stops: nothing happens by itself
+
+
+def follow(client: HandoffClient, run_id: str, on_event: Callable[[Event], None], *, after: int = 0,
+           deadline: float | None = None, poll_seconds: float = 25.0,
+           until: frozenset[str] = STOP_STATUSES) -> RemoteRun:
+    """Feed the run's events after ``after`` to ``on_event`` as the server commits them, until
+    the run reaches a status in ``until`` (default: it ends or waits for input) or ``deadline``
+    (a ``time.monotonic()`` value) passes.
+    Returns the RemoteRun mirror: its ``status``, ``state.question`` and ``last_seq``."""
+    summary = client.get_run(run_id)
+    remote = RemoteRun(client, run_id, state=state_from_summary(summary, []))
+    remote.links = summary.get("links") or {}
+    remote.last_seq = max(0, after)
+    remote.on_event = on_event
+    while True:
+        settled = remote.status in until
+        wait = 0.0 if settled else poll_seconds
+        if deadline is not None:
+            wait = max(0.0, min(wait, deadline - time.monotonic()))
+        events = remote.poll(timeout=wait)
+        if not events and (remote.status in until
+                           or (deadline is not None and time.monotonic() >= deadline)):
+            return remote
+
+
+def cancel(client: HandoffClient, run_id: str, wait: float = 60.0) -> str:
+    """Cancel the run and wait (up to ``wait`` s) until the server shows it ended; its status."""
+    run = client.cancel(run_id)
+    status = str(run.get("status") or "")
+    if status in REMOTE_DONE:
+        return status
+    return follow(client, run_id, lambda ev: None, after=int(run.get("last_seq") or 0),
+                  deadline=time.monotonic() + wait, until=REMOTE_DONE).status

@@ -3,6 +3,9 @@ diff, pull it back. Each step is a short sequence of calls into the parts that d
 snapshot (capture/restore), http (the server), cache (bundle dirs and handoff records), follow
 (RemoteRun) and views (what the notebook shows); the local run registry is only read and told
 to adopt a pulled-back run. After ``handoff`` returns, the server needs nothing from this kernel.
+
+(Over 400 lines because each of the four user actions is kept whole, in order, in one place:
+handoff's pause -> capture -> create/upload -> switch the view, pull's fetch -> restore -> merge.)
 """
 from __future__ import annotations
 

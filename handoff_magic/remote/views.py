@@ -1,5 +1,6 @@
-"""What the remote actions show in a notebook: the server's run list, a diff, a pull report, and
-the small display helpers they share (progress on a widget, a message on a widget).
+"""What the remote actions show: in a notebook the server's run list, a diff, a pull report and the
+small display helpers they share (progress and messages on a widget); in a terminal (CLI, MCP)
+an event as plain text lines.
 """
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import html
 import json
 import time
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any, Callable
 
 from ..diff import render_diff_html
 from ..snapshot.reports import fmt_bytes
+from ..state import STATUS_LABELS, Event
 
 def show(obj: Any) -> None:
     try:
@@ -179,3 +182,54 @@ def _conflict_text(c: Any) -> str:
         return (f"{c.get('path')} changed here since the handoff: your version was kept, the run's "
                 f"version is in {c.get('written_as')}")
     return str(c)
+
+
+# -- what a terminal shows (the CLI and the MCP server) --------------------------------------
+MAX_OUTPUT_LINES = 20
+
+
+def _indent(text: str, max_lines: int | None = None) -> list[str]:
+    lines = str(text).rstrip("\n").splitlines() or [""]
+    if max_lines is not None and len(lines) > max_lines:
+        hidden = len(lines) - max_lines
+        lines = lines[:max_lines] + [f"... ({hidden} more lines; the run's notebook has them all)"]
+    return ["  " + line for line in lines]
+
+
+def plan_text(steps: Iterable[dict[str, Any]]) -> list[str]:
+    marks = {"done": "[x]", "active": "[>]", "failed": "[!]"}
+    return [f"{marks.get(str(s.get('status')), '[ ]')} {s.get('text', '')}" for s in steps]
+
+
+def event_text(ev: Event) -> list[str]:
+    """One event as plain-ASCII lines (any locale prints them), the first naming what happened;
+    [] for the bookkeeping events a reader does not need (checkpoints, usage)."""
+    d = ev.data or {}
+    if ev.type == "assistant":
+        return ["agent:"] + _indent(str(d.get("text") or ""))
+    if ev.type in ("tool_call", "tool_result") and d.get("name") != "run_python":
+        return []   # plan updates, questions and the finish have events of their own
+    if ev.type == "tool_call":
+        args = d.get("arguments") or {}
+        return ["python:"] + _indent(args.get("code", "") if isinstance(args, dict) else str(args))
+    if ev.type == "tool_result":
+        content = str(d.get("content") or "")
+        label = "error:" if d.get("is_error") else "output:"
+        return [label] + (_indent(content, MAX_OUTPUT_LINES) if content.strip() else [])
+    if ev.type == "plan":
+        return ["plan:"] + ["  " + line for line in plan_text(d.get("steps") or [])]
+    if ev.type == "status":
+        status = str(d.get("status") or "")
+        reason = f" ({d['reason']})" if d.get("reason") else ""
+        return [f"status: {STATUS_LABELS.get(status, status)}{reason}"]
+    if ev.type == "error":
+        return [f"error: {d.get('error')}" + (f" ({d['hint']})" if d.get("hint") else "")]
+    one_line = {"question": lambda: f"question: {d.get('question')}",
+                "answer": lambda: f"answer: {d.get('answer')}",
+                "finish": lambda: f"finished: {d.get('summary')}",
+                "interrupted": lambda: f"interrupted: {d.get('reason') or ''}",
+                "compacted": lambda: "compacted the older conversation into a summary",
+                "handoff": lambda: f"handed off to {d.get('server')} as {d.get('remote_id')}",
+                "pull": lambda: "pulled back into a notebook",
+                "restore": lambda: "restored the handed-off kernel state"}
+    return [one_line[ev.type]().rstrip()] if ev.type in one_line else []
