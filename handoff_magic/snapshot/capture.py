@@ -164,26 +164,40 @@ def save_state(path: Any, shell: Any = None, *, run: Any = None, files: bool = T
     ``ns`` (optional) captures a plain dict instead of the shell's user namespace (scripts, benchmarks).
     """
     t_start = time.perf_counter()
-    shell, ns = target_namespace(shell, ns, "save_state")
-    hidden = getattr(shell, "user_ns_hidden", {}) if shell is not None else {}
     bundle = Path(path).expanduser().absolute()
-    root = Path(root if root is not None else os.getcwd()).absolute()
     bundle.mkdir(parents=True, exist_ok=True)
     store = ChunkStore(bundle / CHUNKS, batch=True)
-    previous_files: dict[str, FileEntry] = {}
-    previous_chunks: dict[str, ChunkRef] = {}
+    previous: Manifest | None = None
     try:
-        prev = Manifest.read(bundle)
-        previous_chunks = prev.chunks
-        store.register(previous_chunks)
-        previous_files = {f.path: f for f in prev.files}
+        previous = Manifest.read(bundle)
+        store.register(previous.chunks)
     except BundleError:
         pass
-    report = CaptureReport(path=str(bundle))
+    manifest, report = capture_into(store, shell, run=run, files=files, root=root, ns=ns, environ=environ,
+                                    skip=[bundle], previous=previous)
+    manifest.write(bundle)
+    report.path = str(bundle)
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def capture_into(store: Any, shell: Any = None, *, run: Any = None, files: bool = True, root: Path | None = None,
+                 ns: dict[str, Any] | None = None, environ: dict[str, str] | None = None,
+                 skip: list[Path] | None = None, previous: Manifest | None = None) -> tuple[Manifest, CaptureReport]:
+    """The capture itself, into any chunk store: a bundle's ``ChunkStore``, or an upload sink that
+    streams chunks to a server (remote/upload.py). Returns once ``store.commit()`` made every chunk
+    durable (or uploaded); the caller then writes or sends the manifest. ``previous``: the last
+    manifest sent there, so unchanged working files are not read again."""
+    t_start = time.perf_counter()
+    shell, ns = target_namespace(shell, ns, "save_state")
+    hidden = getattr(shell, "user_ns_hidden", {}) if shell is not None else {}
+    root = Path(root if root is not None else os.getcwd()).absolute()
+    previous_files: dict[str, FileEntry] = {f.path: f for f in previous.files} if previous else {}
+    previous_chunks: dict[str, ChunkRef] = previous.chunks if previous else {}
+    report = CaptureReport(path="")
     manifest = Manifest()
     secret_vals = secret_values(ns, environ)
     secret_bytes = sorted({v.encode("utf-8") for v in secret_vals}, key=len, reverse=True)
-
     # 1. sort the namespace: internals out, secrets out, modules/functions as imports
     candidates: list[tuple[str, Any]] = []
     for name, value in list(ns.items()):
@@ -226,7 +240,7 @@ def save_state(path: Any, shell: Any = None, *, run: Any = None, files: bool = T
             if r.reason:
                 r.reason = redact(r.reason, secret_vals, patterns=True)
         if files:
-            entries, skipped, pending = capture_files(root, store, secret_bytes, [bundle], previous_files)
+            entries, skipped, pending = capture_files(root, store, secret_bytes, list(skip or []), previous_files)
             by_path = {e.path: e for e in entries}
             for rel, futs in pending:
                 by_path[rel].chunks = [f.result().sha for f in futs]
@@ -240,7 +254,6 @@ def save_state(path: Any, shell: Any = None, *, run: Any = None, files: bool = T
         store.discard_new(set(referenced))  # trial pickles that ended up in a shared group
         store.commit()
         store.flush()
-        manifest.write(bundle)
     finally:
         reducers.CAPTURE_ROOT.reset(root_token)
         store.close()
@@ -251,7 +264,8 @@ def save_state(path: Any, shell: Any = None, *, run: Any = None, files: bool = T
     report.bytes_total = manifest.stored_bytes
     report.manifest = manifest.to_dict()
     report.seconds = time.perf_counter() - t_start
-    return report
+    return manifest, report
+
 
 
 def _prev_ref(store: ChunkStore, sha: str, known: ChunkRef | None) -> ChunkRef:

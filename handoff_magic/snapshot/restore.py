@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import fsync_dir
-from ..chunks import CHUNKS, ChunkRef, ChunkStore
+from ..chunks import CHUNK_SIZE, CHUNKS, ChunkRef, ChunkStore
 from ..errors import BundleError, StateError
 from ..manifest import FileEntry, GroupEntry, Manifest, VariableEntry
 from ..state import RunState
+from ..tracking import TRACKER
 from . import reducers, sources
 from .trust import PullTrust
 from .capture import target_namespace
@@ -36,17 +37,22 @@ log = logging.getLogger(__name__)
 
 
 # -- phase 1: read and verify ------------------------------------------------------
-def _read_buffers(store: ChunkStore, chunks: dict[str, ChunkRef], groups: list[GroupEntry]) -> dict[str, list[Any]]:
+def _read_buffers(store: Any, chunks: dict[str, ChunkRef], groups: list[GroupEntry]) -> dict[str, list[Any]]:
     """Every out-of-band buffer, verified: small single chunks memory-mapped copy-on-write, others read
-    straight into their destination bytearray (no intermediate copies), in parallel."""
+    straight into their destination bytearray (no intermediate copies), in parallel. A store without
+    local files (``store.local`` False: chunks arriving over HTTP) fills the buffers as they come.
+    Buffers are then handed to the change tracker with their chunk refs, so the next capture does
+    not read them again unless they were written to."""
     out: dict[str, list[Any]] = {}
     tasks: list[tuple[str, memoryview, str | None]] = []
     checks: list[tuple[str, memoryview, list[str]]] = []
+    track: list[tuple[memoryview, list[ChunkRef], bool]] = []
+    local = getattr(store, "local", True)
     for g in groups:
         bufs: list[Any] = []
         for b in g.buffers:
             shas = b.chunks
-            if len(shas) == 1 and chunks[shas[0]].codec is None and b.size > 0:
+            if local and len(shas) == 1 and chunks[shas[0]].codec is None and b.size > 0:
                 path = store.path(shas[0])
                 try:
                     with open(path, "rb") as f:
@@ -64,7 +70,7 @@ def _read_buffers(store: ChunkStore, chunks: dict[str, ChunkRef], groups: list[G
                 continue
             refs = [chunks[s] for s in shas]
             mapped = None
-            if all(ref.codec is None for ref in refs):
+            if local and all(ref.codec is None for ref in refs):
                 mapped = _stitched_map([(store.path(ref.sha), ref.size) for ref in refs], b.size, g.names)
             if mapped is not None:
                 off = 0
@@ -72,6 +78,7 @@ def _read_buffers(store: ChunkStore, chunks: dict[str, ChunkRef], groups: list[G
                     checks.append((ref.sha, mapped[off: off + ref.size], g.names))
                     off += ref.size
                 bufs.append(mapped)
+                track.append((mapped, refs, False))
                 continue
             dest = _empty_buffer(b.size)
             mv = memoryview(dest).cast("B")
@@ -80,6 +87,7 @@ def _read_buffers(store: ChunkStore, chunks: dict[str, ChunkRef], groups: list[G
                 tasks.append((ref.sha, mv[off: off + ref.size], ref.codec))
                 off += ref.size
             bufs.append(dest)
+            track.append((mv, refs, True))
         out[g.id] = bufs
     def check(item: tuple[str, memoryview, list[str]]) -> None:
         sha, view, names = item
@@ -88,9 +96,14 @@ def _read_buffers(store: ChunkStore, chunks: dict[str, ChunkRef], groups: list[G
                               "save or copy the bundle again")
 
     if tasks or checks:
-        with ThreadPoolExecutor(2, thread_name_prefix="handoff-load") as pool:
+        with ThreadPoolExecutor(getattr(store, "readers", 2), thread_name_prefix="handoff-load") as pool:
             list(pool.map(lambda t: store.read_into(*t), tasks))
             list(pool.map(check, checks))
+    for view, refs, anonymous in track:   # cut at CHUNK_SIZE, as a capture would cut them
+        if all(r.size == CHUNK_SIZE for r in refs[:-1]):
+            if anonymous:
+                TRACKER.track_loaded(view)
+            TRACKER.record(view, CHUNK_SIZE, refs)
     return out
 
 
@@ -155,9 +168,18 @@ def _stitched_map(parts: list[tuple[Path, int]], total: int, names: list[str]) -
     except BaseException:
         lib.munmap(base, length)
         raise
+    off = 0
+    for path, n in parts:   # their pages stay the files' until written: the tracker can tell
+        TRACKER.track_file_map(base + off, n, str(path))
+        off += n
     region = (ctypes.c_char * total).from_address(base)
-    weakref.finalize(region, lib.munmap, base, length)  # unmapped when the last array using it is gone
+    weakref.finalize(region, _unmap, lib, base, length)  # when the last array using it is gone
     return memoryview(region).cast("B")
+
+
+def _unmap(lib: Any, base: int, length: int) -> None:
+    TRACKER.forget_file_maps(base, length)
+    lib.munmap(base, length)
 
 
 def _empty_buffer(size: int) -> Any:
@@ -195,13 +217,25 @@ def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path |
     corrupt or from a newer version; then the namespace and files are untouched.
     """
     t_start = time.perf_counter()
-    shell, ns = target_namespace(shell, ns, "load_state")
     bundle = Path(path).expanduser().absolute()
-    root = Path(root if root is not None else os.getcwd()).absolute()
     manifest = Manifest.read(bundle)
     store = ChunkStore(bundle / CHUNKS)
     store.register(manifest.chunks)
-    report = RestoreReport(path=str(bundle))
+    report = restore_from(manifest, store, shell, files=files, root=root, file_conflicts=file_conflicts, ns=ns)
+    report.path = str(bundle)
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def restore_from(manifest: Manifest, store: Any, shell: Any = None, *, files: bool = True,
+                 root: Path | None = None, file_conflicts: dict[str, str] | None = None,
+                 ns: dict[str, Any] | None = None) -> RestoreReport:
+    """``load_state`` from any chunk source: a bundle's ``ChunkStore``, or chunks fetched from a
+    server as they are needed (pull back, remote/download.py) with no local bundle in between."""
+    t_start = time.perf_counter()
+    shell, ns = target_namespace(shell, ns, "load_state")
+    root = Path(root if root is not None else os.getcwd()).absolute()
+    report = RestoreReport(path="")
     try:
         report.run = RunState.from_dict(manifest.run) if manifest.run else None
     except StateError as exc:

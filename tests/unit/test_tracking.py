@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from handoff_magic import load_state, save_state
+from handoff_magic import chunks, load_state, save_state
 from handoff_magic.chunks import CHUNK_SIZE
-from handoff_magic.tracking import PAGE, BufferTracker, buffer_address
+from handoff_magic.tracking import PAGE, TRACKER, buffer_address
 
-TRACKING = BufferTracker()._userfaultfd() is not None
+TRACKING = TRACKER._userfaultfd() is not None
 needs_uffd = pytest.mark.skipif(not TRACKING, reason="this kernel has no userfaultfd async write-protect "
                                                      "(Linux >= 6.7); buffers are simply re-hashed")
 
@@ -26,7 +26,7 @@ def _buffer(chunks: float) -> np.ndarray:
 
 @needs_uffd
 def test_only_written_chunks_are_reported_changed() -> None:
-    t = BufferTracker()
+    t = TRACKER
     a = _buffer(5.5)
     mv = memoryview(a).cast("B")  # type: ignore[arg-type]  # numpy: a buffer
     refs = [f"r{i}" for i in range(6)]
@@ -62,7 +62,7 @@ def test_only_written_chunks_are_reported_changed() -> None:
 
 @needs_uffd
 def test_a_new_buffer_at_an_old_address_is_hashed_again() -> None:
-    t = BufferTracker()
+    t = TRACKER
     a = _buffer(4)
     mv = memoryview(a).cast("B")  # type: ignore[arg-type]  # numpy: a buffer
     t.reusable(mv, CHUNK_SIZE)
@@ -75,16 +75,30 @@ def test_a_new_buffer_at_an_old_address_is_hashed_again() -> None:
         assert t.reusable(mv2, CHUNK_SIZE) == [None] * 4
 
 
-def test_recapture_after_small_change_is_right_and_reads_little(tmp_path: Path) -> None:
+@pytest.fixture
+def hashed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Bytes hashed into chunk addresses (what a re-capture had to read)."""
+    seen: list[int] = []
+    real = chunks.address_of
+
+    def spy(stored: Any) -> str:
+        seen.append(len(stored))
+        return real(stored)
+    monkeypatch.setattr(chunks, "address_of", spy)
+    return seen
+
+
+def test_recapture_after_small_change_is_right_and_reads_little(tmp_path: Path, hashed: list[int]) -> None:
     """The user-visible promise: values after a re-capture are the new ones, and (where tracking
-    works) only the changed chunk is written again."""
+    works) only the changed chunk is read again."""
     ns: dict[str, Any] = {"a": _buffer(6), "b": _buffer(3)}
     bundle = tmp_path / "b"
     save_state(bundle, ns=ns, files=False, environ={})
     ns["a"][12345] = -1.0
-    again = save_state(bundle, ns=ns, files=False, environ={})
-    if TRACKING:
-        assert again.bytes_new <= CHUNK_SIZE + 64 * 1024
+    hashed.clear()
+    save_state(bundle, ns=ns, files=False, environ={})
+    if TRACKING:   # the changed chunk, plus at most one whose edge page it shares with other heap objects
+        assert sum(hashed) <= 2 * CHUNK_SIZE + 64 * 1024
     out: dict[str, Any] = {}
     load_state(bundle, ns=out, files=False)
     assert out["a"][12345] == -1.0 and np.array_equal(out["a"], ns["a"]) and np.array_equal(out["b"], ns["b"])
@@ -93,3 +107,24 @@ def test_recapture_after_small_change_is_right_and_reads_little(tmp_path: Path) 
     out2: dict[str, Any] = {}
     load_state(fresh, ns=out2, files=False)
     assert np.array_equal(out2["a"], ns["a"])
+
+
+def test_a_loaded_bundle_saved_again_reads_only_what_was_written(tmp_path: Path, hashed: list[int]) -> None:
+    """Restored arrays map the chunk files privately; saving them again (a server checkpoint)
+    reuses every chunk whose pages are still the file's, and re-hashes a written one."""
+    bundle = tmp_path / "b"
+    save_state(bundle, ns={"a": _buffer(6)}, files=False, environ={})
+    ns: dict[str, Any] = {}
+    load_state(bundle, ns=ns, files=False)
+    first = ns["a"].copy()
+    hashed.clear()
+    save_state(bundle, ns=ns, files=False, environ={})
+    assert sum(hashed) < 64 * 1024                      # nothing but the small pickle stream
+    ns["a"][3 * CHUNK_SIZE // 8 + 100] = -5.0
+    hashed.clear()
+    third = save_state(bundle, ns=ns, files=False, environ={})
+    assert 0 < third.bytes_new and sum(hashed) <= CHUNK_SIZE + 64 * 1024     # the written chunk only
+    out: dict[str, Any] = {}
+    load_state(bundle, ns=out, files=False)
+    first[3 * CHUNK_SIZE // 8 + 100] = -5.0
+    assert np.array_equal(out["a"], first)
