@@ -153,6 +153,18 @@ def encode_chunk(data: bytes | bytearray | memoryview, compress: bool) -> tuple[
     return ChunkRef(address_of(stored), size, len(stored), codec), stored
 
 
+def decode_chunk(sha: str, stored: bytes, codec: str | None) -> bytes:
+    """A chunk's raw bytes from its stored bytes (undoing zstd)."""
+    if codec is None:
+        return stored
+    if codec != "zstd":
+        raise BundleError(f"chunk {sha} uses unknown codec {codec!r}; upgrade jupyter-handoff")
+    try:
+        return _dctx().decompress(stored)
+    except zstandard.ZstdError as exc:
+        raise BundleError(f"chunk {sha} cannot be decompressed ({exc}); re-save the bundle") from exc
+
+
 def reusable_chunks(view: memoryview) -> list["ChunkRef | None"]:
     """Per CHUNK_SIZE slice of ``view``: its ref when the tracker proves the bytes unchanged."""
     from .tracking import TRACKER
@@ -376,14 +388,7 @@ class ChunkStore:
     def decode(self, sha: str, stored: bytes, codec: str | None | EllipsisType = ...) -> bytes:
         if codec is ...:
             codec = self.codecs.get(sha, "zstd" if stored[:4] == ZSTD_MAGIC else None)
-        if codec is None:
-            return stored
-        if codec != "zstd":
-            raise BundleError(f"chunk {sha} uses unknown codec {codec!r}; upgrade jupyter-handoff")
-        try:
-            return _dctx().decompress(stored)
-        except zstandard.ZstdError as exc:
-            raise BundleError(f"chunk {sha} cannot be decompressed ({exc}); re-save the bundle") from exc
+        return decode_chunk(sha, stored, codec)
 
     def get(self, sha: str, codec: str | None | EllipsisType = ...) -> bytes:
         """Raw (decompressed) bytes of a chunk; verifies its hash first."""

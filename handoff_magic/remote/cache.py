@@ -1,5 +1,5 @@
-"""This laptop's handoff cache: one bundle directory per kernel (a second handoff writes and uploads
-only changed chunks) and a small record per handed-off run (what a later pull compares against).
+"""This laptop's handoff cache: a small record per handed-off run (what a later pull compares
+against). No bundle is kept here: handoff and pull stream chunks (upload.py, download.py).
 """
 from __future__ import annotations
 
@@ -29,29 +29,13 @@ def cache_root() -> Path:
         return Path(tempfile.gettempdir()) / "jupyter-handoff"
 
 
-def kernel_key(fallback: str) -> str:
-    """This kernel's id (from its connection file) so each kernel reuses one bundle cache."""
-    try:
-        from ipykernel import get_connection_file
-        name = Path(get_connection_file()).stem          # kernel-<id>
-        return name.removeprefix("kernel-") or fallback
-    except (ImportError, RuntimeError, AttributeError):  # not inside an ipykernel
-        return fallback
-
-
-def bundle_cache(key: str) -> Path:
-    path = cache_root() / "bundles" / key
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def _record_path(server_url: str, run_id: str) -> Path:
     server = hashlib.sha256(server_url.encode()).hexdigest()[:12]
     return cache_root() / "handoffs" / f"{server}-{run_id}.json"
 
 
 def save_record(server_url: str, run_id: str, record: dict[str, Any]) -> None:
-    """What pull needs from the handoff moment: file hashes (conflict detection) and the cache dir."""
+    """What pull needs from the handoff moment: the file hashes (conflict detection)."""
     atomic_write_bytes(_record_path(server_url, run_id), json.dumps(record).encode())
 
 

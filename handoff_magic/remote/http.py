@@ -344,6 +344,45 @@ class HandoffClient:
         report.seconds = time.perf_counter() - t0
         return report
 
+    def get_blob(self, sha: str) -> bytes:
+        """The stored bytes of one chunk (the caller checks them against the address)."""
+        return self._request("GET", f"/blobs/{sha}", what=f"downloading chunk {sha[:19]}").content
+
+    def get_blob_into(self, sha: str, dest: memoryview, on_bytes: Callable[[memoryview], None],
+                      count: Callable[[int], None] | None = None) -> int:
+        """Stream one uncompressed chunk straight into ``dest`` (no copy of it in between);
+        ``on_bytes`` sees each piece as it lands (the caller's hash). Returns the bytes
+        received; a connection cut mid-body is retried from the start."""
+        attempt = 0
+        while True:
+            got = 0
+            try:
+                with self._http.stream("GET", f"/blobs/{sha}") as resp:
+                    if resp.status_code != 200:
+                        resp.read()
+                        raise self._error(resp, f"downloading chunk {sha[:19]}")
+                    for piece in resp.iter_raw(STREAM_PIECE):
+                        n = len(piece)
+                        if got + n > len(dest):
+                            raise ClientError(f"chunk {sha[:19]} is larger on the server than the manifest says",
+                                              "the run's checkpoint is damaged; report this to the server admin")
+                        dest[got: got + n] = piece
+                        on_bytes(dest[got: got + n])
+                        got += n
+                        if count is not None:
+                            count(n)
+                return got
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.RemoteProtocolError,
+                    httpx.ReadTimeout) as exc:
+                if count is not None and got:
+                    count(-got)
+                if attempt >= self.retries:
+                    raise ClientError(f"downloading chunk {sha[:19]} from {self.url} kept failing "
+                                      f"({type(exc).__name__}: {exc})", "run %pull again; nothing was "
+                                      "changed locally") from exc
+            self._sleep(attempt)
+            attempt += 1
+
     def download_chunks(self, manifest: dict[str, Any], store: ChunkStore,
                         progress: Progress | None = None) -> int:
         """Fetch the manifest's chunks that ``store`` (a ChunkStore) lacks; each is hash-checked and written atomically.

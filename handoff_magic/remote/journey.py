@@ -1,6 +1,7 @@
 """The journey, one function per step a user takes: hand a run off, reattach to it, review its
 diff, pull it back. Each step is a short sequence of calls into the parts that do the work:
-snapshot (capture/restore), http (the server), cache (bundle dirs and handoff records), follow
+snapshot (capture/restore), upload/download (chunks straight to and from the server), http (the
+server), cache (handoff records), follow
 (RemoteRun) and views (what the notebook shows); the local run registry is only read and told
 to adopt a pulled-back run. After ``handoff`` returns, the server needs nothing from this kernel.
 
@@ -17,24 +18,23 @@ import threading
 import time
 import uuid
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
-from ..chunks import CHUNKS, ChunkStore
-from ..errors import ConfigError, JourneyError
+from ..errors import BundleError, ConfigError, JourneyError
 from ..local.run import RUNS, LocalRun, register_run
 from ..local.shell import get_shell
 from ..local.widget import RunWidget
-from ..manifest import write_manifest
-from ..snapshot.capture import save_state
+from ..manifest import Manifest
 from ..snapshot.reports import fmt_bytes
-from ..snapshot.restore import load_state
+from ..snapshot.restore import restore_from
 from ..snapshot.trust import PullTrust
 from ..state import STATUS_LABELS, Budgets, Event, RunState
-from .cache import bundle_cache, kernel_key, load_record, save_record
+from .cache import load_record, save_record
+from .download import RemoteChunks
 from .follow import REMOTE_DONE, HandoffTimings, RemoteRef, RemoteRun, state_from_summary
 from .http import ClientError, HandoffClient, UploadReport
 from .settings import server_settings
+from .upload import forget, stream_capture
 from .views import DiffView, PullReport, RunList, progress_done, progress_reporter, show, widget_message
 
 log = logging.getLogger(__name__)
@@ -169,8 +169,6 @@ def _handoff(run: Any, *, to: str | None, token: str | None, fork: bool,
 
     if shell is None:
         shell = get_shell()
-    key = kernel_key(state.id)
-    bundle_dir = bundle_cache(key)
     sent_state = RunState.from_dict(copy.deepcopy(state.to_dict()))
     if sent_state.status not in ("paused", "waiting_input"):
         sent_state.set_status("paused", reason="handoff")
@@ -178,48 +176,47 @@ def _handoff(run: Any, *, to: str | None, token: str | None, fork: bool,
     # to stop the remote run, so the remote gets at least the default allowance
     sent_state.budgets.max_steps = max(sent_state.budgets.max_steps, Budgets().max_steps)
 
-    t = time.perf_counter()
-    try:
-        report = save_state(bundle_dir, shell, run=sent_state)
-    except Exception as exc:
-        raise JourneyError(f"capturing the kernel state failed ({type(exc).__name__}: {exc}); "
-                           f"nothing was sent. {intact}") from exc
-    manifest = report.manifest
-    timings.capture = time.perf_counter() - t
-    left_out = [f["path"] for f in getattr(report, "skipped_files", None) or []]
-    # said before the upload starts: a 2 GB handoff should not be a surprise
-    widget_message(widget, f"captured {len(manifest.get('variables') or [])} variables, "
-                           f"{len(manifest.get('files') or [])} files: "
-                           f"{fmt_bytes(getattr(report, 'bytes_total', 0))} to hand off (only what the "
-                           "server lacks is sent)"
-                           + (f"; left out: {', '.join(left_out[:5])}" + (" ..." if len(left_out) > 5 else "")
-                              if left_out else ""))
-
-    # create first: if the server already has every chunk (or refuses the bundle as too large)
-    # we know without uploading a byte; a 400 listing missing chunks means: upload, then create
+    # chunks stream to the server while the capture runs (hashed, compressed where it pays,
+    # only what the server lacks is sent); the run is created once every chunk is there
     key = uuid.uuid4().hex
-    chunks = manifest.get("chunks") or {}
-    up = UploadReport(chunks_total=len(chunks),
-                      bytes_total=sum(int((m or {}).get("stored") or 0) for m in chunks.values()))
     t = time.perf_counter()
-    try:
+    for attempt in (1, 2):
         try:
-            summary = cl.create_run(manifest, idempotency_key=key)
-        except ClientError as exc:
-            if exc.status != 400 or not isinstance(exc.body.get("missing"), list):
-                raise
-            timings.create = time.perf_counter() - t
-            t = time.perf_counter()
             try:
-                up = cl.upload_bundle(bundle_dir, progress=progress_reporter(widget, "upload"), manifest=manifest)
+                manifest, report, sink = stream_capture(cl, shell, run=sent_state,
+                                                        progress=progress_reporter(widget, "upload"))
             finally:
                 progress_done(widget)
-            timings.upload = time.perf_counter() - t
-            t = time.perf_counter()
+        except ClientError as exc:
+            widget_message(widget, f"handoff failed: {exc}", "error")
+            raise JourneyError(f"handoff failed: {exc}. {intact}") from exc
+        except Exception as exc:
+            raise JourneyError(f"capturing the kernel state failed ({type(exc).__name__}: {exc}); "
+                               f"nothing was sent. {intact}") from exc
+        timings.upload = sink.seconds   # waiting for the last uploads once the capture was done
+        timings.capture = time.perf_counter() - t - timings.upload
+        left_out = [f["path"] for f in getattr(report, "skipped_files", None) or []]
+        widget_message(widget, f"captured {len(manifest.get('variables') or [])} variables, "
+                               f"{len(manifest.get('files') or [])} files: "
+                               f"{fmt_bytes(getattr(report, 'bytes_total', 0))} handed off (only what the "
+                               "server lacked was sent)"
+                               + (f"; left out: {', '.join(left_out[:5])}" + (" ..." if len(left_out) > 5 else "")
+                                  if left_out else ""))
+        t = time.perf_counter()
+        try:
             summary = cl.create_run(manifest, idempotency_key=key)
-    except ClientError as exc:
-        widget_message(widget, f"handoff failed: {exc}", "error")
-        raise JourneyError(f"handoff failed: {exc}. {intact}") from exc
+            break
+        except ClientError as exc:
+            if attempt == 1 and exc.status == 400 and isinstance(exc.body.get("missing"), list):
+                forget(cl.url)   # its GC freed chunks we thought it had: capture and send again
+                t = time.perf_counter()
+                continue
+            widget_message(widget, f"handoff failed: {exc}", "error")
+            raise JourneyError(f"handoff failed: {exc}. {intact}") from exc
+    stats = sink.stats
+    up = UploadReport(chunks_total=stats.chunks_total, chunks_sent=stats.chunks_sent,
+                      bytes_total=report.bytes_total, bytes_sent=stats.bytes_sent, retries=stats.retries,
+                      seconds=timings.capture + timings.upload)
     created.append(True)
     timings.create += time.perf_counter() - t
     timings.bytes_total, timings.bytes_sent = up.bytes_total, up.bytes_sent
@@ -228,7 +225,7 @@ def _handoff(run: Any, *, to: str | None, token: str | None, fork: bool,
     links = summary.get("links") or {}
     try:
         save_record(cl.url, remote_id, {
-            "server": cl.url, "run_id": remote_id, "local_run_id": state.id, "bundle_dir": str(bundle_dir),
+            "server": cl.url, "run_id": remote_id, "local_run_id": state.id,
             "root": os.getcwd(), "time": time.time(),
             "files": {f["path"]: f.get("sha256") for f in manifest.get("files") or []},
             "sent": PullTrust.sent_in(manifest),   # what %pull may load without --trust
@@ -385,9 +382,6 @@ def pull(run_id: str, *, to: str | None = None, token: str | None = None, shell:
                            f"%agent continue goes on with it; %pull {run_id} --again restores the run's "
                            "last checkpoint once more, replacing that run's variables, files and state")
     record = load_record(cl.url, run_id)
-    bundle_dir = Path(record["bundle_dir"]) if record and record.get("bundle_dir") else \
-        bundle_cache(f"pull-{run_id}")
-    bundle_dir.mkdir(parents=True, exist_ok=True)
     laptop = None if trust else PullTrust.from_sent((record or {}).get("sent"))
     progress_view = widget if widget is not None else _local_widget(record)
     try:
@@ -397,21 +391,26 @@ def pull(run_id: str, *, to: str | None = None, token: str | None = None, shell:
         else:
             reply = cl.pull(run_id)
             manifest = reply.get("manifest") or cl.bundle(run_id)
-        downloaded = cl.download_chunks(manifest, ChunkStore(bundle_dir / CHUNKS),
-                                        progress=progress_reporter(progress_view, "pull"))
-    except ClientError as exc:
-        raise JourneyError(f"pull back failed: {exc}. Nothing changed in this kernel.") from exc
-    finally:
+        parsed = Manifest.parse(manifest)
+    except (ClientError, BundleError) as exc:
         progress_done(progress_view)
+        raise JourneyError(f"pull back failed: {exc}. Nothing changed in this kernel.") from exc
 
-    write_manifest(bundle_dir, manifest)
-    conflicts = _file_conflicts(manifest, record)
+    # chunks stream from the server straight into the restored arrays (verified as they come);
+    # nothing changes here unless every one of them arrived intact
+    source = RemoteChunks(cl, parsed.chunks, progress=progress_reporter(progress_view, "pull"))
     try:
-        report = load_state(bundle_dir, shell, file_conflicts=conflicts, trust=laptop)
+        report = restore_from(parsed, source, shell, file_conflicts=_file_conflicts(manifest, record),
+                              trust=laptop)
+    except (ClientError, BundleError) as exc:
+        raise JourneyError(f"pull back failed: {exc}. Nothing changed in this kernel.") from exc
     except Exception as exc:
         raise JourneyError(f"restoring the pulled state failed ({type(exc).__name__}: {exc}); "
                            f"nothing changed in this kernel. The checkpoint stays on the server "
                            f"(run {run_id}).") from exc
+    finally:
+        progress_done(progress_view)
+    downloaded = source.done
 
     if hasattr(report, "title"):   # not the local cache dir it was restored from
         report.title = f"Restored run {run_id} from {cl.url}"

@@ -221,7 +221,8 @@ def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path |
     manifest = Manifest.read(bundle)
     store = ChunkStore(bundle / CHUNKS)
     store.register(manifest.chunks)
-    report = restore_from(manifest, store, shell, files=files, root=root, file_conflicts=file_conflicts, ns=ns)
+    report = restore_from(manifest, store, shell, files=files, root=root, file_conflicts=file_conflicts, ns=ns,
+                          trust=trust)
     report.path = str(bundle)
     report.seconds = time.perf_counter() - t_start
     return report
@@ -229,7 +230,7 @@ def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path |
 
 def restore_from(manifest: Manifest, store: Any, shell: Any = None, *, files: bool = True,
                  root: Path | None = None, file_conflicts: dict[str, str] | None = None,
-                 ns: dict[str, Any] | None = None) -> RestoreReport:
+                 ns: dict[str, Any] | None = None, trust: PullTrust | None = None) -> RestoreReport:
     """``load_state`` from any chunk source: a bundle's ``ChunkStore``, or chunks fetched from a
     server as they are needed (pull back, remote/download.py) with no local bundle in between."""
     t_start = time.perf_counter()
