@@ -65,6 +65,7 @@ class HandoffClient:
         self.token = token
         self.retries = max(0, retries)
         self.upload_workers = upload_workers
+        self.max_bundle_bytes: int | None = None   # learnt by check()
         self.backoff = backoff
         headers = {"Accept": "application/json"}
         if token:
@@ -228,8 +229,14 @@ class HandoffClient:
 
     def check(self) -> None:
         """A cheap authenticated request: raises ServerUnreachable / AuthError / "no
-        jupyter-handoff API" before any expensive work (capturing a big namespace) is wasted."""
-        self._request("POST", "/blobs/missing", json={"shas": ["0" * 64]}, what="checking the server")
+        jupyter-handoff API" before any expensive work (capturing a big namespace) is wasted.
+        Learns the server's bundle limit (``max_bundle_bytes``; None from older servers)."""
+        resp = self._request("POST", "/blobs/missing", json={"shas": ["0" * 64]}, what="checking the server")
+        try:
+            limit = resp.json().get("max_bundle_bytes")
+        except (ValueError, AttributeError):
+            limit = None
+        self.max_bundle_bytes = limit if isinstance(limit, int) and not isinstance(limit, bool) else None
 
     def has_blob(self, sha: str) -> bool:
         try:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..chunks import CHUNK_SIZE, ChunkRef, encode_chunk, remember_chunks, reusable_chunks, worth_compressing
+from ..errors import BundleTooLarge
 
 Progress = Callable[[int, int], None]   # (bytes sent, bytes known so far)
 BATCH = 16                              # chunks per /blobs/missing question
@@ -41,8 +42,12 @@ class UploadSink:
     """Hash, compress where it pays and upload what the server lacks, while the capture runs."""
 
     def __init__(self, client: Any, *, hashers: int = 2, uploaders: int = 3, max_owned: int = 12,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, limit: int | None = None, dry: bool = False) -> None:
+        """``limit``: the server's bundle limit; going over it stops the uploads with BundleTooLarge.
+        ``dry``: hash only, upload nothing (to learn a bundle's exact size first)."""
         self.client = client
+        self.limit = limit
+        self.dry = dry
         self.progress = progress
         self.refs: dict[str, ChunkRef] = {}
         self.codecs: dict[str, str | None] = {}
@@ -61,7 +66,7 @@ class UploadSink:
         self._finished = False
         self.seconds = 0.0
         self._uploaders = [threading.Thread(target=self._upload_loop, name=f"handoff-upload-{i}", daemon=True)
-                           for i in range(uploaders)]
+                           for i in range(0 if dry else uploaders)]
         for t in self._uploaders:
             t.start()
 
@@ -138,7 +143,7 @@ class UploadSink:
     def _hash_and_queue(self, data: Any, compress: bool, owned: bool) -> ChunkRef:
         try:
             ref, stored = encode_chunk(data, compress)
-            if stored is not data and not owned:   # compressed: the copy is ours now
+            if ref.codec is not None and not owned:   # compressed: the copy is ours now
                 self._owned.acquire()
                 owned = True
             with self._lock:
@@ -156,6 +161,16 @@ class UploadSink:
         with self._lock:
             self.stats.chunks_total += 1
             self.stats.bytes_total += ref.stored
+            total = self.stats.bytes_total
+        if self.limit is not None and total > self.limit:
+            self._fail(too_large(total, self.limit))
+        if self.dry or self._error is not None:
+            if owned:
+                self._owned.release()
+            with self._lock:
+                self._pending -= 1
+                self._idle.notify_all()
+            return
         self._queue.put((ref, stored, owned, recompress))
         self._report()
 
@@ -255,12 +270,43 @@ class UploadSink:
 _LAST: dict[str, Any] = {}   # server url -> the last Manifest streamed there (unchanged files are not re-read)
 
 
+def too_large(total: int, limit: int) -> BundleTooLarge:
+    return BundleTooLarge(f"the state to hand off is {total} bytes, over this server's limit of {limit} bytes",
+                          "hand off fewer or smaller variables (del big ones, or use files), or ask the admin "
+                          "to raise HandoffApp.max_bundle_bytes", 413)
+
+
+def rough_size(ns: dict[str, Any]) -> int:
+    """Bytes the big values of ``ns`` hold (arrays, frames, bytes, str), each base counted once."""
+    seen: set[int] = set()
+    total = 0
+    for v in list(ns.values()):
+        base = v
+        while getattr(base, "base", None) is not None and hasattr(base, "nbytes"):
+            base = base.base
+        if id(base) in seen:
+            continue
+        seen.add(id(base))
+        if isinstance(base, (bytes, bytearray, str, memoryview)):
+            total += len(base)
+        elif isinstance(getattr(base, "nbytes", None), int):
+            total += base.nbytes
+    return total
+
+
 def stream_capture(client: Any, shell: Any = None, *, run: Any = None,
                    progress: Progress | None = None) -> tuple[dict[str, Any], Any, UploadSink]:
     """Capture this kernel straight to ``client``'s server: returns (manifest, report, sink) once
-    every chunk the manifest names is on the server; nothing is written locally."""
-    from ..snapshot.capture import capture_into
-    sink = UploadSink(client, progress=progress)
+    every chunk the manifest names is on the server; nothing is written locally. A state that
+    looks bigger than the server accepts is first measured without sending anything, so a
+    bundle the server would refuse is never uploaded."""
+    from ..snapshot.capture import capture_into, target_namespace
+    limit = getattr(client, "max_bundle_bytes", None)
+    if limit is not None and rough_size(target_namespace(shell, None, "save_state")[1]) > limit:
+        _, measured = capture_into(UploadSink(client, dry=True), shell, run=run, previous=_LAST.get(client.url))
+        if measured.bytes_total > limit:
+            raise too_large(measured.bytes_total, limit)
+    sink = UploadSink(client, progress=progress, limit=limit)
     try:
         manifest, report = capture_into(sink, shell, run=run, previous=_LAST.get(client.url))
     except BaseException:
