@@ -86,7 +86,7 @@ class Variant:
 
     def __init__(self, name: str, tree: Path, base: Path, script: Path, max_size: int) -> None:
         self.name, self.tree, self.base, self.script = name, tree, base, script
-        self.env = {"PYTHONPATH": str(tree)}
+        self.env = {"PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": ""}   # compiled once, as installed
         self.cloud = Cloud(base / "cloud", env=self.env,
                            extra_args=[f"--HandoffApp.max_bundle_bytes={4 * max_size + 2**30}"])
 
