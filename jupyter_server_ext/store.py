@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import queue
 import sqlite3
 import threading
 import time
@@ -59,8 +60,13 @@ class BlobWriter:
     """Streams one upload to a temp file, hashing as it goes; ``commit`` verifies and renames.
 
     Used by the PUT handler so a large chunk never sits in memory and a cut connection leaves
-    nothing but a temp file that ``abort`` removes.
+    nothing but a temp file that ``abort`` removes. Hashing and writing happen in the writer's
+    own thread while the event loop keeps reading the socket (``offer`` hands a piece over
+    without blocking; when the disk falls behind, the handler awaits ``write`` instead, which
+    holds the connection back), so each byte is hashed once, as it arrives, off the loop.
     """
+
+    QUEUE = 32   # pieces (tornado reads 64 KiB-1 MiB at a time) waiting for the disk
 
     def __init__(self, store: "BlobStore", sha: str, max_bytes: int) -> None:
         self.store = store
@@ -72,21 +78,61 @@ class BlobWriter:
         final.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = final.parent / f".tmp-{uuid.uuid4().hex}"
         self._file: BinaryIO | None = open(self._tmp, "wb")
+        self._queue: queue.Queue[bytes | None] = queue.Queue(self.QUEUE)
+        self._failed: BaseException | None = None
+        self._thread: threading.Thread | None = None
 
-    def write(self, data: bytes) -> None:
+    def _count(self, data: bytes) -> None:
         if self._file is None:
             raise BlobError("upload already finished")
         self.size += len(data)
         if self.size > self.max_bytes:
             self.abort()
             raise BlobError(f"chunk is larger than the {self.max_bytes} byte limit")
-        self._hash.update(data)
-        self._file.write(data)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._drain, name="handoff-blob-writer", daemon=True)
+            self._thread.start()
+
+    def offer(self, data: bytes) -> bool:
+        """Queue ``data`` without blocking; False when the queue is full (then call ``write``)."""
+        if self._queue.full():
+            return False
+        self._count(data)
+        self._queue.put_nowait(data)
+        return True
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data``, waiting for room (call it off the event loop)."""
+        self._count(data)
+        self._queue.put(data)
+
+    def _drain(self) -> None:
+        file = self._file
+        while True:
+            piece = self._queue.get()
+            if piece is None:
+                return
+            if self._failed is None and file is not None:
+                try:
+                    self._hash.update(piece)
+                    file.write(piece)
+                except BaseException as exc:  # noqa: BLE001 - raised by commit()
+                    self._failed = exc
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
 
     def commit(self) -> bool:
         """Verify the hash and publish the blob atomically; True if it was new."""
         if self._file is None:
             raise BlobError("upload already finished")
+        self._join()
+        if self._failed is not None:
+            self.abort()
+            raise BlobError(f"the chunk could not be stored ({self._failed})")
         digest = self._hash.digest()
         if digest != self.sha:
             self.abort()
@@ -103,9 +149,16 @@ class BlobWriter:
         return not existed
 
     def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        file, self._file = self._file, None
+        if self._thread is not None:
+            while True:   # the writer must not wait on a full queue forever
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._join()
+        if file is not None:
+            file.close()
         try:
             self._tmp.unlink()
         except FileNotFoundError:
