@@ -30,7 +30,7 @@ class RemoteChunks:
         self.total = sum(ref.stored for ref in chunks.values())
         self.done = 0
         self._lock = threading.Lock()
-        self._small: dict[str, bytes] = {}     # payload and file chunks: read twice (verify, apply)
+        self._small: dict[str, bytes] = {}     # file chunks between their check and their write
 
     def _count(self, n: int) -> None:
         with self._lock:
@@ -40,21 +40,20 @@ class RemoteChunks:
             self.progress(done, max(self.total, done))
 
     def read_stored(self, sha: str) -> bytes:
-        """The stored bytes of a chunk, hash-checked."""
-        cached = self._small.get(sha)
-        if cached is not None:
-            return cached
-        data = self.client.get_blob(sha)
-        if not _matches(sha, data):
-            raise BundleError(f"chunk {sha[:19]} arrived corrupted (hash mismatch); pull again, nothing was "
-                              "changed here")
-        self._count(len(data))
-        with self._lock:
-            self._small[sha] = data
+        """The stored bytes of a chunk, hash-checked; kept until ``get`` takes them (a file's
+        chunks are checked before anything is written, then written)."""
+        data = self._small.get(sha)
+        if data is None:
+            data = self._fetch(sha)
+            with self._lock:
+                self._small[sha] = data
         return data
 
     def get(self, sha: str, codec: Any = ...) -> bytes:
-        stored = self.read_stored(sha)
+        with self._lock:
+            stored = self._small.pop(sha, None)
+        if stored is None:
+            stored = self._fetch(sha)
         return decode_chunk(sha, stored, self.codecs.get(sha) if codec is ... else codec)
 
     def read_into(self, sha: str, dest: memoryview, codec: str | None) -> None:
@@ -74,7 +73,8 @@ class RemoteChunks:
     def _fetch(self, sha: str) -> bytes:
         data = self.client.get_blob(sha)
         if not _matches(sha, data):
-            raise BundleError(f"chunk {sha[:19]} arrived corrupted (hash mismatch); pull again")
+            raise BundleError(f"chunk {sha[:19]} arrived corrupted (hash mismatch); pull again, nothing was "
+                              "changed here")
         self._count(len(data))
         return data
 
