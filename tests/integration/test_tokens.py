@@ -1,13 +1,17 @@
-"""Tokens go only to their server: never stored by it, never sent to another one.
+"""Tokens go only to their server: never stored by it, never sent to another one; and what a
+remote run planted is left out of a pull back unless the user trusts it.
 
 ``%handoff --to URL --token T`` in a real kernel against a real server, then every byte the
 server stores is searched for T; a handoff to something that is not a jupyter-handoff server
-(an ordinary web server recording what it receives) gets no token and no manifest.
+(an ordinary web server recording what it receives) gets no token and no manifest. A remote run
+plants an object whose unpickling calls ``exec``: ``%pull`` leaves it out and names it while the
+laptop's own objects come back; ``%pull --again --trust`` loads it.
 """
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,6 +20,7 @@ from typing import Any
 import pytest
 from jupyter_client.manager import start_new_kernel
 
+from tests.harness.runner_helpers import wait_status
 from tests.harness.server_process import JupyterServerProcess
 
 
@@ -142,3 +147,39 @@ def test_handoff_token_is_bound_to_handoff_server_url(monkeypatch: pytest.Monkey
     assert server_settings("https://elsewhere.example", "its-own") == ("https://elsewhere.example", "its-own")
     (tmp_path / "handoff.json").write_text('{"server_url": "http://file:1", "token": "file-token"}')
     assert server_settings("http://file:1") == ("http://file:1", "file-token")
+
+
+PLANT = ("import os\nclass Planted:\n    def __reduce__(self):\n"
+         "        return (exec, (\"open('PWNED-ON-LAPTOP', 'w').write('ran')\",))\n"
+         "planted = Planted()\nmade_remotely = {'rows': 3}")
+
+
+def test_pull_leaves_out_a_planted_exec_object_unless_trusted_and_keeps_what_the_laptop_sent(
+        handoff_server: JupyterServerProcess, tmp_path: Path) -> None:
+    srv = handoff_server
+    script = tmp_path / "plant.json"
+    script.write_text(json.dumps([
+        {"text": "", "tool_calls": [{"name": "ask_user", "arguments": {"question": "go?"}}]},
+        {"text": "", "tool_calls": [{"name": "run_python", "arguments": {"code": PLANT}}]},
+        {"text": "", "tool_calls": [{"name": "ask_user", "arguments": {"question": "pull me"}}]}]))
+    (tmp_path / "shapes.py").write_text("class Point:\n    def __init__(self, x):\n        self.x = x\n")
+    k = Kernel(tmp_path, env=_env(HANDOFF_SERVER_URL=srv.url, HANDOFF_TOKEN=srv.token))
+    try:
+        k.run("from shapes import Point\np = Point(7)")
+        k.run(f"%agent --model scripted:{script} plant something")
+        k.run("%handoff")
+        run_id = srv.client.get("/handoff/api/runs").json()["runs"][0]["id"]
+        wait_status(srv, run_id, ("waiting_input",))
+        assert srv.client.post(f"/handoff/api/runs/{run_id}/answer", json={"answer": "go"}).status_code == 200
+        deadline = time.monotonic() + 120
+        while (summary := srv.client.get(f"/handoff/api/runs/{run_id}").json()).get("question") != "pull me":
+            assert time.monotonic() < deadline, f"the remote run never planted its object: {summary}"
+            time.sleep(0.5)
+        report = k.run(f"%pull {run_id}")
+        assert not (tmp_path / "PWNED-ON-LAPTOP").exists(), report
+        assert "planted" in report and "builtins.exec" in report and "--trust" in report, report
+        assert "False {'rows': 3} 7" in k.run("print('planted' in dir(), made_remotely, p.x)")
+        k.run(f"%pull {run_id} --again --trust")
+        assert (tmp_path / "PWNED-ON-LAPTOP").exists()   # --trust: loaded, so its code ran
+    finally:
+        k.close()
