@@ -100,6 +100,25 @@ def import_line(name: str, value: Any) -> str | None:
         if m is None or getattr(m, qual, None) is not value:
             return None
         return f"from {mod} import {qual}" if qual == name else f"from {mod} import {qual} as {name}"
+    return _library_global(name, value)
+
+
+def _library_global(name: str, value: Any) -> str | None:
+    """``from numpy import *`` / ``from pylab import *`` bind library objects (``rcParams``,
+    ``False_``, ``average``) under their own names: they travel as the import that binds them,
+    keeping their identity, instead of as copies of library state."""
+    home = getattr(value, "__module__", None)
+    tmod = type(value).__module__
+    if tmod in ("builtins", "__main__") and not isinstance(home, str):
+        return None
+    for mod in dict.fromkeys(m for m in (home if isinstance(home, str) else None, tmod, tmod.split(".")[0])
+                             if m and m not in ("builtins", "__main__")):
+        m = sys.modules.get(mod)
+        try:
+            if m is not None and getattr(m, name, None) is value:
+                return f"from {mod} import {name}"
+        except Exception:  # noqa: BLE001 - a module with a broken __getattr__ binds nothing
+            continue
     return None
 
 

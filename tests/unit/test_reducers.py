@@ -34,3 +34,15 @@ def test_user_reducer_saves_what_the_object_means(tmp_path: Path) -> None:
 def test_register_reducer_says_what_it_needs(args: tuple) -> None:
     with pytest.raises(HandoffError, match="register_reducer needs"):
         handoff_magic.register_reducer(*args)
+
+
+def test_star_imported_library_objects_travel_as_imports(tmp_path: Path) -> None:
+    """``from numpy import *`` binds library objects under their own names: they travel as the
+    import that binds them (same object on the other side), not as copies of library state."""
+    import numpy as np
+    rep = save_state(tmp_path / "b", ns={"False_": np.False_, "average": np.average, "pi": np.pi},
+                     files=False, environ={})
+    assert {r.name: r.method for r in rep.variables} == {"False_": "import", "average": "import", "pi": "pickle5"}
+    out: dict[str, Any] = {}
+    load_state(tmp_path / "b", ns=out, files=False)
+    assert out["False_"] is np.False_ and out["average"] is np.average
