@@ -21,7 +21,8 @@ def sanitize_html(html: str) -> str:
     return nh3.clean(str(html))  # ammonia's allowlist: no script, on*, javascript:, svg, iframe
 
 
-def _text(value: Any) -> str:
+def join_text(value: Any) -> str:
+    """An nbformat multiline string (a str or a list of lines) as one str."""
     return "".join(value) if isinstance(value, list) else str(value)
 
 
@@ -36,7 +37,7 @@ def safe_output(output: dict[str, Any]) -> dict[str, Any]:
         if mime == "text/plain" or mime in SAFE_IMAGES:
             kept[mime] = value
         elif mime == "text/html":
-            kept[mime] = sanitize_html(_text(value))
+            kept[mime] = sanitize_html(join_text(value))
     dropped = sorted(set(data) - set(kept))
     if "text/plain" not in kept and (dropped or not kept):
         kept["text/plain"] = (f"[{', '.join(dropped)} output not shown: it could run code on this "

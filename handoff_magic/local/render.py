@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..sanitize import join_text, safe_output
 from ..snapshot.reports import fmt_bytes
 from ..state import STATUS_LABELS, Event, RunState, describe_compaction, describe_usage
 from .widget_css import CSS
@@ -32,6 +33,12 @@ MAX_RESULT_LINES = 12
 MAX_GOAL_CHARS = 240
 
 
+MAX_HTML_CHARS = 20_000     # a bigger HTML output shows as its text/plain in the log
+
+
+OUTPUT_TYPES = frozenset({"stream", "display_data", "execute_result", "error"})
+
+
 def short(text: str, chars: int, lines: int | None = None) -> str:
     text = text or ""
     if lines is not None:
@@ -50,6 +57,7 @@ class Call:
     arguments: dict[str, Any]
     result: str | None = None
     is_error: bool = False
+    shown: list[str] = field(default_factory=list)   # the outputs as log HTML, when one is rich HTML
 
 
 @dataclass
@@ -124,6 +132,7 @@ class View:
                 self.entries[-1].calls.append(call)
             call.result = str(d.get("content") or "")
             call.is_error = bool(d.get("is_error"))
+            call.shown = [] if call.is_error else _outputs_html(d.get("outputs"))
         elif t == "question":
             self.question = str(d.get("question") or "")
         elif t == "answer":
@@ -172,6 +181,32 @@ class View:
                 if call.id == call_id:
                     return call
         return None
+
+
+def _result_div(text: str, error: bool = False) -> str:
+    cls = "jh-result jh-err" if error else "jh-result"
+    return f'<div class="{cls}">{esc(short(text, MAX_RESULT_CHARS, MAX_RESULT_LINES))}</div>'
+
+
+def _outputs_html(outputs: Any) -> list[str]:
+    """A step's outputs as log HTML when one of them is HTML (a DataFrame's table), else []
+    (the text result says it all). The HTML is sanitised: it may come from a remote run."""
+    safe = [safe_output(o) for o in outputs or [] if isinstance(o, dict) and o.get("output_type") in OUTPUT_TYPES]
+    if not any(o.get("data", {}).get("text/html") for o in safe):
+        return []
+    parts = []
+    for o in safe:
+        if o["output_type"] == "stream":
+            parts.append(_result_div(join_text(o.get("text", "")), o.get("name") == "stderr"))
+        elif o["output_type"] == "error":
+            parts.append(_result_div(f"{o.get('ename', 'Error')}: {o.get('evalue', '')}", True))
+        else:
+            html_out = o["data"].get("text/html")
+            if html_out and len(html_out) <= MAX_HTML_CHARS:
+                parts.append(f'<div class="jh-html">{html_out}</div>')
+            else:
+                parts.append(_result_div(join_text(o["data"].get("text/plain", ""))))
+    return parts
 
 
 def view_from_state(state: RunState) -> View:
@@ -257,13 +292,14 @@ def _call_html(call: Call) -> str:
     else:
         body = (f'<div class="jh-tool">{esc(call.name)}'
                 f'({esc(short(json.dumps(a, ensure_ascii=False, default=str), 300))})</div>')
-    if call.result is not None and call.name not in ("update_plan", "finish") and (
+    if call.shown:
+        body += "".join(call.shown)
+    elif call.result is not None and call.name not in ("update_plan", "finish") and (
             call.name == "run_python" or call.is_error):
-        cls = "jh-result jh-err" if call.is_error else "jh-result"
         result = call.result
         if result.startswith("[ok]\n") or result == "[ok]":
             result = result[5:]          # the model's status header; success needs no label here
-        body += f'<div class="{cls}">{esc(short(result, MAX_RESULT_CHARS, MAX_RESULT_LINES) or "(no output)")}</div>'
+        body += _result_div(result or "(no output)", call.is_error)
     return body
 
 

@@ -25,7 +25,7 @@ from ..errors import HandoffError
 from ..sanitize import safe_output
 from ..snapshot.reports import fmt_bytes
 from ..state import STATUS_LABELS, TERMINAL_STATUSES, Event, RunState
-from .render import (PLAN_ICONS, esc, pulled_back, render_header_html, render_log_html,
+from .render import (OUTPUT_TYPES, PLAN_ICONS, esc, pulled_back, render_header_html, render_log_html,
                      render_message_html, render_plan_html, render_text, short, view_from_state)
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,6 @@ __all__ = ["RunController", "RunWidget", "button_states", "STATUS_LABELS", "PLAN
 
 MAX_OUTPUTS = 30
 MAX_OUTPUT_BYTES = 4_000_000
-_OUTPUT_TYPES = frozenset({"stream", "display_data", "execute_result", "error"})
 
 
 @runtime_checkable
@@ -247,7 +246,7 @@ class RunWidget(W.VBox):
         """Append nbformat output dicts (stream, display_data, execute_result, error) to the
         Outputs area, sanitised (they may come from a remote run: text, images and clean HTML
         only, see sanitize.py); only the newest MAX_OUTPUTS / MAX_OUTPUT_BYTES are kept."""
-        keep = [safe_output(o) for o in outputs if isinstance(o, dict) and o.get("output_type") in _OUTPUT_TYPES]
+        keep = [safe_output(o) for o in outputs if isinstance(o, dict) and o.get("output_type") in OUTPUT_TYPES]
         if not keep:
             return
         with self._lock:

@@ -346,6 +346,15 @@ ASK = [
                                 {"name": "finish", "arguments": {"summary": "ok"}}]},
 ]
 
+EVIL = "<script>window.pwned = 1</script><img src=x onerror=alert(1)>"  # in a DataFrame step's HTML
+TABLE = [
+    {"text": "Showing the table.", "tool_calls": [{"name": "run_python", "arguments": {"code": (
+        "import pandas as pd\nfrom IPython.display import HTML, display\n"
+        "df = pd.DataFrame({'region': ['north', 'south'], 'revenue': [10, 20]})\nprint('loaded 2 rows')\n"
+        f"display(HTML(df._repr_html_() + {EVIL!r}))")}},
+        {"name": "finish", "arguments": {"summary": "shown"}}]},
+]
+
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory: pytest.TempPathFactory) -> nbformat.NotebookNode:
@@ -353,6 +362,7 @@ def executed(tmp_path_factory: pytest.TempPathFactory) -> nbformat.NotebookNode:
     (d / "sales.csv").write_text("region,revenue\nnorth,10\nsouth,20\n")
     (d / "solve.json").write_text(json.dumps(SOLVE))
     (d / "ask.json").write_text(json.dumps(ASK))
+    (d / "table.json").write_text(json.dumps(TABLE))
     cells = [
         "%load_ext handoff_magic",
         f"%agent --model scripted:{d / 'solve.json'} total revenue",
@@ -363,6 +373,7 @@ def executed(tmp_path_factory: pytest.TempPathFactory) -> nbformat.NotebookNode:
         # the answer box and Send button resume the run (in the background)
         "r = current_run()\nr.widget.answer_text.value = 'metres'\nr.widget.answer_button.click()\n"
         "print(r.wait_paused(20), r.status, unit_answered)",
+        f"%agent --model scripted:{d / 'table.json'} show the table",
     ]
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
     NotebookClient(nb, timeout=60, kernel_name="python3", store_widget_state=True,
@@ -418,6 +429,14 @@ def test_answer_box_send_resumes_run(executed: nbformat.NotebookNode) -> None:
     mirrored = [o for m in models.values() if m["model_name"] == "OutputModel"
                 for o in m["state"].get("outputs", [])]
     assert not [o for o in mirrored if "converted" in str(o)]
+
+
+def test_a_real_runs_dataframe_step_shows_the_table_in_the_step_log(executed: nbformat.NotebookNode) -> None:
+    logs = [str(m["state"].get("value", "")) for m in _models(executed).values()
+            if m["model_name"] == "HTMLModel" and "show the table" not in str(m["state"].get("value", ""))
+            and "Showing the table." in str(m["state"].get("value", ""))]
+    assert len(logs) == 1
+    _assert_table_without_script(logs[0])
 
 
 def test_model_key_never_reaches_state_or_widget(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -509,6 +528,42 @@ def test_the_step_log_is_the_only_scroll_box() -> None:
     emit(state, w, "tool_call", id="c1", name="run_python", arguments={"code": "print(1)"})
     emit(state, w, "tool_result", id="c1", name="run_python", content="\n".join(f"line {i}" for i in range(100)))
     assert "line 11" in w._log.value and "line 12<" not in w._log.value and "88 more lines" in w._log.value
+
+
+def _dataframe_result(code: str = "df") -> dict[str, Any]:
+    """A run_python step whose execute_result is a DataFrame with script in its HTML."""
+    import pandas as pd
+    df = pd.DataFrame({"region": ["north", "south"], "revenue": [10, 20]})
+    out = {"output_type": "execute_result", "execution_count": 3, "metadata": {},
+           "data": {"text/html": df._repr_html_() + EVIL, "text/plain": repr(df)}}
+    return {"id": "c1", "name": "run_python", "is_error": False, "outputs": [
+        {"output_type": "stream", "name": "stdout", "text": "loaded 2 rows\n"}, out],
+        "content": f"[ok]\nstdout:\nloaded 2 rows\nOut[3]:\n[text/html]\n{df!r}"}
+
+
+def _assert_table_without_script(log: str) -> None:
+    import re as _re
+    log = _re.sub(r'<pre class="jh-code">.*?</pre>', "", log, flags=_re.S)   # the step's code, escaped
+    assert "<table" in log and "<td>north</td>" in log and "loaded 2 rows" in log
+    assert "[text/html]" not in log and "<script" not in log and "pwned" not in log and "onerror" not in log
+
+
+def test_a_dataframe_step_shows_its_table_sanitised_live_and_after_reattach() -> None:
+    state, w = make("running")
+    emit(state, w, "tool_call", id="c1", name="run_python", arguments={"code": "df"})
+    emit(state, w, "tool_result", **_dataframe_result())
+    _assert_table_without_script(w._log.value)
+    # a reattach rebuilds the view from the remote run's state (its events carry the outputs)
+    mirror = RunState.from_dict(json.loads(json.dumps(state.to_dict())))
+    _, again = make("completed")
+    again.show_state(mirror)
+    _assert_table_without_script(again._log.value)
+    # text-only steps keep their text result; an HTML output too big for the log shows as text
+    emit(state, w, "tool_call", id="c2", name="run_python", arguments={"code": "big"})
+    emit(state, w, "tool_result", id="c2", name="run_python", content="[ok]\nOut[4]:\n[text/html]\nbig",
+         outputs=[{"output_type": "execute_result", "data": {"text/html": "<b>x</b>" * 5000,
+                                                             "text/plain": "big frame"}}])
+    assert '<div class="jh-result">big frame</div>' in w._log.value
 
 
 def test_a_local_refresh_mid_turn_never_counts_a_step_twice() -> None:
