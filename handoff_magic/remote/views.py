@@ -56,7 +56,7 @@ class RunList(list):
         self.server_url = server_url
 
     def _rows(self) -> list[tuple[str, str, str, str, str]]:
-        return [(r.get("id", ""), r.get("status", ""), str(r.get("steps", "")),
+        return [(r.get("id", ""), STATUS_LABELS.get(r.get("status", ""), r.get("status", "")), str(r.get("steps", "")),
                  _ago(r.get("updated")), (r.get("goal") or "")[:60]) for r in self]
 
     def text(self, hint: str = "%reattach ID follows one") -> str:

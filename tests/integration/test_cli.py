@@ -159,6 +159,8 @@ def test_cancel_and_failed_runs_give_their_own_exit_codes(server: JupyterServerP
     waiting = cli(env, "follow", run_id)
     assert waiting.returncode == 5, waiting.stdout + waiting.stderr
     assert "waiting for input" in cli(env, "show", run_id).stdout
+    row = [line for line in cli(env, "list").stdout.splitlines() if line.startswith(run_id)]
+    assert len(row) == 1 and "waiting for input" in row[0] and "waiting_input" not in row[0]
     cancelled = cli(env, "cancel", run_id)
     assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
     after = cli(env, "follow", run_id)
