@@ -13,6 +13,7 @@ import functools
 import html
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -41,7 +42,7 @@ def _when(ts: float | None) -> str:
     return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _md_escape(text: str) -> str:
+def _md_escape(text: Any) -> str:
     """Keep user/agent text from breaking the markdown table or injecting raw HTML."""
     return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
 
@@ -310,3 +311,31 @@ def write_result_notebook(path: Path, nb: nbformat.NotebookNode) -> None:
 def write_for_state(path: Path, state: RunState, *, model: str | None = None) -> None:
     """Build and write in one call: what the runner does after every step."""
     write_result_notebook(path, build_result_notebook(state, model=model))
+
+
+class ResultNotebook:
+    """One run's ``result.ipynb``, rewritten from its state: one writer at a time, and a state
+    already on disk (same last event, same status) is not written again."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._written: tuple[int, str] = (0, "")
+
+    def write(self, state: RunState, model: str) -> str | None:
+        """Write it now (milliseconds: callers run off the event loop). The notebook is a
+        report, so a failure never stops the run: it is logged and its text returned for the
+        run's event log."""
+        snap = copy.copy(state)  # the lists are copied: the loop may go on appending to them
+        snap.events, snap.messages, snap.plan = list(state.events), list(state.messages), list(state.plan)
+        with self._lock:
+            key = (snap.last_seq, snap.status)
+            if key == self._written:
+                return None
+            try:
+                write_for_state(self.path, snap, model=model)
+            except Exception as exc:
+                log.exception("jupyter-handoff: writing %s failed", self.path)
+                return f"result.ipynb could not be written: {exc}"
+            self._written = key
+        return None

@@ -20,6 +20,7 @@ import apprise
 from handoff_magic.state import describe_usage
 
 from .store import RunStore
+from .workspace import run_links
 
 KINDS = ("completed", "failed", "cancelled", "waiting_input")
 _HEADLINE = {
@@ -39,18 +40,6 @@ def target_key(url: str) -> str:
 def redact(url: str) -> str:
     """``scheme://…`` for logs and errors: apprise URLs carry credentials."""
     return url.split("://", 1)[0] + "://…" if "://" in url else "…"
-
-
-def links(public_url: str, run_id: str) -> dict[str, str]:
-    """The links every notification, summary and status page shares."""
-    base = public_url.rstrip("/")
-    return {
-        "status_page": f"{base}/handoff/runs/{run_id}",
-        "notebook": f"{base}/lab/tree/handoff-runs/{run_id}/result.ipynb",
-        "diff": f"{base}/handoff/api/runs/{run_id}/diff",
-        "events": f"{base}/handoff/api/runs/{run_id}/events",
-        "lab": f"{base}/lab/tree/handoff-runs/{run_id}",
-    }
 
 
 def _duration(seconds: float) -> str:
@@ -77,7 +66,7 @@ def compose(summary: dict[str, Any], kind: str, public_url: str) -> tuple[str, s
         para = "The run was cancelled; its workspace and notebook are kept."
     plan = summary.get("plan") or []
     done = sum(1 for p in plan if p.get("status") == "done")
-    link = links(public_url, summary["id"])
+    link = run_links(public_url, summary["id"])
     body = "\n".join([
         f"Goal: {goal}",
         f"Status: {summary.get('status')} (plan {done}/{len(plan)} done, {summary.get('steps', 0)} steps)",

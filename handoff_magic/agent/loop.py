@@ -169,6 +169,10 @@ class AgentLoop:
     continue`` after a budget pause gets a fresh allowance. ``exec_timeout`` (seconds) bounds
     one run_python call; ``context_tokens`` overrides the model's context window; ``prices``
     adds entries to the price table (see pricing.py).
+    ``before_stop(why)`` is called in the loop's thread just before the run stops to ask
+    (``"question"``, before the question is announced) or to end (``"completed"`` /
+    ``"failed"``, before that status): the server's runner saves a checkpoint there, so nothing
+    is announced ahead of the state it depends on.
     """
 
     def __init__(self, state: RunState, provider: Provider, executor: Executor, *,
@@ -177,7 +181,8 @@ class AgentLoop:
                  system_prompt: str | None = None,
                  exec_timeout: float | None = None,
                  context_tokens: int | None = None,
-                 prices: dict[str, dict[str, float]] | None = None) -> None:
+                 prices: dict[str, dict[str, float]] | None = None,
+                 before_stop: Callable[[str], None] | None = None) -> None:
         self.state = state
         self.provider = provider
         self.executor = executor
@@ -185,6 +190,7 @@ class AgentLoop:
         self.should_pause = should_pause
         self.system_prompt = system_prompt or SYSTEM_PROMPT
         self.exec_timeout = exec_timeout
+        self.before_stop = before_stop
         self.tools = TOOLS
         self._t0 = time.monotonic()
         self._steps_here = 0
@@ -215,6 +221,8 @@ class AgentLoop:
         return event
 
     def _status(self, status: str, **data: Any) -> None:
+        if status in ("completed", "failed") and self.before_stop is not None:
+            self.before_stop(status)
         self._notify(self.state.set_status(status, **data))
 
     # -- secrets -----------------------------------------------------------------------
@@ -373,6 +381,8 @@ class AgentLoop:
 
     def _ask(self, question: str, reason: str) -> None:
         self.state.question = question
+        if self.before_stop is not None:
+            self.before_stop("question")
         self._emit("question", question=question)
         self._status("waiting_input", reason=reason)
 

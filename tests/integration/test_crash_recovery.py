@@ -280,8 +280,9 @@ def test_second_crash_in_the_same_step_fails_the_run_with_the_reason(
 
 def test_gc_deletes_only_unreferenced_old_chunks(tmp_path: Path, bundle: tuple[Path, dict[str, Any]]) -> None:
     from handoff_magic.state import RunState
-    from jupyter_server_ext.runner import gc_blobs, main
-    from jupyter_server_ext.store import BlobStore, RunStore
+    from jupyter_server_ext.blobs import BlobStore
+    from jupyter_server_ext.run.checkpoints import gc_blobs, main
+    from jupyter_server_ext.store import RunStore
 
     bdir, manifest = bundle
     store = RunStore(tmp_path / "handoff.sqlite")
@@ -310,10 +311,11 @@ def test_gc_deletes_only_unreferenced_old_chunks(tmp_path: Path, bundle: tuple[P
 async def test_scheduled_gc_removes_old_orphans(tmp_path: Path) -> None:
     import asyncio
     import hashlib
-    from types import SimpleNamespace
-
-    from jupyter_server_ext.runner import RunManager
-    from jupyter_server_ext.store import BlobStore, RunStore
+    from jupyter_server_ext.blobs import BlobStore
+    from jupyter_server_ext.run.manager import RunManager
+    from jupyter_server_ext.settings import HandoffSettings
+    from jupyter_server_ext.store import RunStore
+    from jupyter_server_ext.workspace import Workspace
 
     store = RunStore(tmp_path / "handoff.sqlite")
     blobs = BlobStore(tmp_path / "blobs")
@@ -322,8 +324,8 @@ async def test_scheduled_gc_removes_old_orphans(tmp_path: Path) -> None:
     blobs.put(sha, data)
     past = time.time() - 7200
     os.utime(blobs.path(sha), (past, past))
-    app = SimpleNamespace(gc_interval=0.2, max_concurrent_runs=1, transport="shared")
-    rm = RunManager(app, store, blobs, None, tmp_path / "root")
+    settings = HandoffSettings(gc_interval=0.2, max_concurrent_runs=1, transport="shared")
+    rm = RunManager(settings, store, blobs, None, Workspace(tmp_path / "root"))
     await rm.start()
     try:
         for _ in range(50):

@@ -14,7 +14,7 @@ import pytest
 from jupyter_client.multikernelmanager import AsyncMultiKernelManager
 
 from handoff_magic.state import Message, Origin, PlanStep, RunState
-from jupyter_server_ext.kernel_executor import KernelExecutor
+from jupyter_server_ext.run.executor import KernelExecutor
 from jupyter_server_ext.notebook import build_result_notebook, write_for_state, write_result_notebook
 
 INLINE = "module://matplotlib_inline.backend_inline"

@@ -16,10 +16,12 @@ import pytest
 from jupyter_client.multikernelmanager import AsyncMultiKernelManager
 
 from handoff_magic.chunks import shard_path
-from jupyter_server_ext.kernel_executor import KernelExecutor
-from jupyter_server_ext.store import BlobStore
-from jupyter_server_ext.transport import (KernelChannelTransport, SharedDiskTransport, TransportError,
-                                          kernel_result, make_transport)
+from jupyter_server_ext.run.executor import KernelExecutor
+from jupyter_server_ext.blobs import BlobStore
+from jupyter_server_ext.errors import TransportError
+from jupyter_server_ext.run.kernel_rpc import kernel_result
+from jupyter_server_ext.run.transport import KernelChannelTransport, SharedDiskTransport, make_transport
+from jupyter_server_ext.workspace import Workspace
 from tests.harness.runner_helpers import capture_bundle
 
 
@@ -74,8 +76,8 @@ def executor(kernel_dir: Path) -> Iterator[KernelExecutor]:
         lt.close()
 
 
-def workspace_in(root: Path):
-    return lambda run_id: root / "handoff-runs" / run_id
+def workspace_in(root: Path) -> Workspace:
+    return Workspace(root)
 
 
 def run_ok(ex: KernelExecutor, code: str) -> Any:
@@ -179,20 +181,15 @@ def test_shared_disk_transport_links_and_ingests(
     assert blobs.missing(list(ck.manifest["chunks"])) == []
 
 
-class _App:
-    def __init__(self, transport: str) -> None:
-        self.transport = transport
-
-
 def test_make_transport_picks_by_kernel_manager_and_trait(tmp_path: Path) -> None:
     mkm = AsyncMultiKernelManager()
     ws = workspace_in(tmp_path)
-    assert isinstance(make_transport(_App("auto"), mkm, ws), SharedDiskTransport)
-    assert isinstance(make_transport(_App("kernel"), mkm, ws), KernelChannelTransport)
-    assert isinstance(make_transport(object(), mkm, ws), SharedDiskTransport)
+    assert isinstance(make_transport("auto", mkm, ws), SharedDiskTransport)
+    assert isinstance(make_transport("kernel", mkm, ws), KernelChannelTransport)
+    assert isinstance(make_transport("", mkm, ws), SharedDiskTransport)
     from jupyter_server.gateway.managers import GatewayMappingKernelManager
     gw = GatewayMappingKernelManager.__new__(GatewayMappingKernelManager)  # no gateway needed to pick
-    assert isinstance(make_transport(_App("auto"), gw, ws), KernelChannelTransport)
-    assert isinstance(make_transport(_App("shared"), gw, ws), SharedDiskTransport)
+    assert isinstance(make_transport("auto", gw, ws), KernelChannelTransport)
+    assert isinstance(make_transport("shared", gw, ws), SharedDiskTransport)
     with pytest.raises(ValueError, match="c.HandoffApp.transport"):
-        make_transport(_App("nfs"), mkm, ws)
+        make_transport("nfs", mkm, ws)

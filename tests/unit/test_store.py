@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from handoff_magic.state import RunState
-from jupyter_server_ext.store import BlobError, BlobStore, RunStore
+from jupyter_server_ext.blobs import BlobStore
+from jupyter_server_ext.errors import BlobError
+from jupyter_server_ext.store import RunStore
 
 
 def _state(goal: str = "clean the data") -> RunState:

@@ -7,35 +7,41 @@ Two ways, one interface (``BundleTransport``):
 * ``KernelChannelTransport``: the kernel lives elsewhere (Jupyter Enterprise Gateway / Kernel
   Gateway on Kubernetes, YARN, Docker...) and shares no disk with the server. Chunks travel as
   base64 pieces inside small execute requests over the kernel's own channels, are hash-checked
-  by the kernel before they are renamed into place, and checkpoint chunks come back as
-  ``display_data`` of a private MIME type, verified again here by the BlobStore.
+  by the kernel before they are renamed into place, and checkpoint chunks come back as the
+  results of kernel calls (``kernel_rpc``), verified again here by the BlobStore.
 
 ``make_transport`` picks channels when the server's kernels come from a gateway, else the shared
 disk; ``c.HandoffApp.transport = "shared" | "kernel"`` forces one.
 
 The server never unpickles: it moves stored chunk bytes and reads JSON manifests.
+
+Over 400 lines on purpose: the two transports implement one interface over the same kernel-side
+bodies (``_OPEN``/``_PUT``/``_GET``/``_SAVE``); split apart, the protocol would be in two places.
 """
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import logging
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from handoff_magic.atomic import atomic_write_bytes, link_or_copy
 from handoff_magic.chunks import address_matches, chunk_relpath
-from handoff_magic.errors import BundleError
+from handoff_magic.errors import BundleError, ConfigError
 from handoff_magic.manifest import Manifest, check_relpath, safe_mode
+
+from ..errors import BlobError, TransportError
+from ..workspace import CKPT_DIR, PRIVATE_DIR, RUN_JSON, RUNS_DIR, SERVER_FILES, Workspace
+from .kernel_rpc import ARGS_KEY, check, kernel_call, kernel_call_bulk, kernel_result
 
 log = logging.getLogger(__name__)
 
-MIME = "application/x.jupyter-handoff+json"
 PIECE_BYTES = 2 * 1024 * 1024      # raw bytes per piece (a chunk is up to 4 MiB)
 BATCH_BYTES = 4 * 1024 * 1024      # raw bytes per request: 5.6 MB of base64, under the 10 MiB
                                    # websocket message limit of tornado-based gateways
@@ -44,24 +50,11 @@ MODES = ("auto", "shared", "kernel")
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024   # a manifest is JSON: history and file lists, never data
 
 
-class TransportError(RuntimeError):
-    """Moving a bundle or checkpoint failed; ``hint`` says what to do."""
-
-    def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-
-
-class KernelGone(TransportError):
-    """The kernel died during a transfer: the runner recovers from the last checkpoint."""
-
-
 class Executor(Protocol):
     """What a transport needs from the run's kernel (``KernelExecutor`` has it)."""
 
     def execute(self, code: str, timeout: float | None = None, *, silent: bool = False,
-                store_history: bool = True) -> Any: ...
+                store_history: bool = True, extra_content: dict[str, Any] | None = None) -> Any: ...
 
 
 class Blobs(Protocol):
@@ -92,9 +85,6 @@ def _stored_total(manifest: dict[str, Any]) -> int:
     return sum(int(m.get("stored", 0)) for m in (manifest.get("chunks") or {}).values())
 
 
-SERVER_FILES = frozenset({"result.ipynb"})   # written by the server into the run's workspace
-
-
 def drop_server_files(manifest: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]:
     """Keep what the server itself writes into the workspace (``result.ipynb``) out of a
     checkpoint: pulling back must not drop the server's report into the user's folder, nor a
@@ -123,22 +113,12 @@ def drop_server_files(manifest: dict[str, Any], base: dict[str, Any] | None) -> 
     return out
 
 
-def _check(res: Any, what: str) -> None:
-    if res.status == "dead":
-        raise KernelGone(f"the kernel died while {what}", "the run restores its last checkpoint in a new kernel")
-    if res.status != "ok":
-        err = res.error or {}
-        raise TransportError(f"{what} failed in the kernel: {err.get('ename', res.status)}: {err.get('evalue', '')}",
-                             "see the Jupyter Server log; the kernel needs jupyter-handoff installed "
-                             "(same version as the server)")
-
-
 class BundleTransport(ABC):
     """Moves a run's bundle into its kernel and the kernel's checkpoints back into the BlobStore."""
 
     name: str = ""
 
-    def __init__(self, workspace: Callable[[str], Path]) -> None:
+    def __init__(self, workspace: Workspace) -> None:
         self.workspace = workspace
 
     @abstractmethod
@@ -157,7 +137,7 @@ class BundleTransport(ABC):
     # shared by both: the restore call, with kernel-side paths
     @staticmethod
     def restore_code(kb: KernelBundle) -> str:
-        return _kernel_call(
+        return kernel_call(
             "import json, os, handoff_magic\n"
             "os.chdir(a['root'])\n"
             "r = handoff_magic.load_state(a['bundle_dir'], root=a['root'])\n"
@@ -166,56 +146,17 @@ class BundleTransport(ABC):
 
 
 # ---------------------------------------------------------------------------------------------
-# kernel-side code: one throwaway function per request, its JSON result as display_data
+# kernel-side bodies (run through kernel_rpc: ``a`` is the call's argument)
 # ---------------------------------------------------------------------------------------------
-def _kernel_call(body: str, args: dict[str, Any]) -> str:
-    """Code that runs ``body`` (with ``a`` = args) in a throwaway function and publishes its
-    return value as ``display_data`` of MIME type ``MIME``; leaves no names behind."""
-    indented = "\n".join("    " + line for line in body.strip().splitlines())
-    return (f"def _handoff_xfer_(a):\n{indented}\n"
-            "try:\n"
-            f"    __import__('IPython.display', fromlist=['_']).publish_display_data("
-            f"{{{MIME!r}: _handoff_xfer_(__import__('json').loads({json.dumps(args)!r}))}})\n"
-            "finally:\n"
-            "    del _handoff_xfer_\n")
-
-
-ARGS_KEY = "jupyter_handoff_args"
-
-
-def _kernel_call_bulk(body: str) -> str:
-    """Like ``_kernel_call``, but the args ride in the execute_request's content (key
-    ``ARGS_KEY``), read back with ``get_parent()``: IPython never parses them (30x faster for
-    megabytes of base64). A kernel or gateway that drops the key gets a ``LookupError``."""
-    indented = "\n".join("    " + line for line in body.strip().splitlines())
-    return (f"def _handoff_xfer_(a):\n{indented}\n"
-            "try:\n"
-            "    __import__('IPython.display', fromlist=['_']).publish_display_data("
-            f"{{{MIME!r}: _handoff_xfer_(get_ipython().kernel.get_parent()['content'][{ARGS_KEY!r}])}})\n"
-            "finally:\n"
-            "    del _handoff_xfer_\n")
-
-
-def kernel_result(res: Any) -> Any:
-    """The value a ``_kernel_call`` published, from an ExecResult's outputs."""
-    for out in reversed(res.outputs or []):
-        data = out.get("data") or {}
-        if out.get("output_type") == "display_data" and MIME in data:
-            value = data[MIME]
-            return json.loads(value) if isinstance(value, str) else value
-    raise TransportError("the kernel published no transfer result",
-                         "the kernel's output was lost; see the Jupyter Server log")
-
-
 _OPEN = """
 import os
 run_id = a['run_id']
 cwd = os.getcwd()
-if os.path.basename(cwd) == run_id and os.path.basename(os.path.dirname(cwd)) == 'handoff-runs':
+if os.path.basename(cwd) == run_id and os.path.basename(os.path.dirname(cwd)) == a['runs_dir']:
     root = cwd
 else:
-    root = os.path.join(cwd, 'handoff-runs', run_id)
-chunks = os.path.join(root, '.handoff', 'ckpt', 'chunks')
+    root = os.path.join(cwd, a['runs_dir'], run_id)
+chunks = os.path.join(root, a['ckpt'], 'chunks')
 os.makedirs(chunks, exist_ok=True)
 os.chdir(root)  # the agent's relative paths land in the run directory
 have = {}
@@ -277,13 +218,17 @@ for it in a['items']:
 return {'data': out}
 """
 
+def _save_args(root: str) -> dict[str, str]:
+    return {"root": root, "ckpt": CKPT_DIR, "run_json": RUN_JSON}
+
+
 _SAVE = """
 import hashlib, json, os, handoff_magic
 from handoff_magic.state import RunState
 root = a['root']
-with open(os.path.join(root, '.handoff', 'run.json'), encoding='utf-8') as f:
+with open(os.path.join(root, a['run_json']), encoding='utf-8') as f:
     run = RunState.from_json(f.read())
-ckpt = os.path.join(root, '.handoff', 'ckpt')
+ckpt = os.path.join(root, a['ckpt'])
 r = handoff_magic.save_state(ckpt, run=run, root=root)
 with open(os.path.join(ckpt, 'manifest.json'), 'rb') as f:
     raw = f.read()
@@ -302,22 +247,20 @@ class SharedDiskTransport(BundleTransport):
 
     def send_bundle(self, executor: Executor, run_id: str, manifest: dict[str, Any],
                     blobs: Blobs) -> KernelBundle:
-        ws = self.workspace(run_id)
-        ckpt = ws / ".handoff" / "ckpt"
+        ckpt = self.workspace.ckpt_dir(run_id)
         for sha in Manifest.parse(manifest).shas:
             link_or_copy(blobs.path(sha), ckpt / chunk_relpath(sha))
         atomic_write_bytes(ckpt / "manifest.json", json.dumps(manifest).encode("utf-8"))
-        return KernelBundle(bundle_dir=str(ckpt), root=str(ws))
+        return KernelBundle(bundle_dir=str(ckpt), root=str(self.workspace.run_dir(run_id)))
 
     def fetch_checkpoint(self, executor: Executor, run_id: str, run_state: dict[str, Any],
                          blobs: Blobs, *, max_bytes: int | None = None,
                          base: dict[str, Any] | None = None) -> Checkpoint:
-        ws = self.workspace(run_id)
-        ckpt = ws / ".handoff" / "ckpt"
-        atomic_write_bytes(ws / ".handoff" / "run.json", json.dumps(run_state).encode("utf-8"))
-        res = executor.execute(_kernel_call(_SAVE, {"root": str(ws)}), CALL_TIMEOUT,
+        ckpt = self.workspace.ckpt_dir(run_id)
+        atomic_write_bytes(self.workspace.run_json(run_id), json.dumps(run_state).encode("utf-8"))
+        res = executor.execute(kernel_call(_SAVE, _save_args(str(self.workspace.run_dir(run_id)))), CALL_TIMEOUT,
                                silent=True, store_history=False)
-        _check(res, "saving a checkpoint")
+        check(res, "saving a checkpoint")
         try:
             manifest = json.loads((ckpt / "manifest.json").read_text(encoding="utf-8"))
             manifest = drop_server_files(manifest, base)
@@ -346,7 +289,7 @@ class KernelChannelTransport(BundleTransport):
 
     name = "kernel"
 
-    def __init__(self, workspace: Callable[[str], Path], *, piece_bytes: int = PIECE_BYTES,
+    def __init__(self, workspace: Workspace, *, piece_bytes: int = PIECE_BYTES,
                  batch_bytes: int = BATCH_BYTES, mirror_files: bool = True,
                  bulk_in_content: bool = True) -> None:
         super().__init__(workspace)
@@ -359,22 +302,23 @@ class KernelChannelTransport(BundleTransport):
     def _call(self, executor: Executor, body: str, args: dict[str, Any], what: str) -> Any:
         if self.bulk_in_content:
             try:
-                res = executor.execute(_kernel_call_bulk(body), CALL_TIMEOUT, silent=True,  # type: ignore[call-arg]
-                                       store_history=False, extra_content={ARGS_KEY: args})  # see TypeError
+                res = executor.execute(kernel_call_bulk(body), CALL_TIMEOUT, silent=True, store_history=False,
+                                       extra_content={ARGS_KEY: args})
             except TypeError:  # an executor without extra_content: literals in the code still work
                 res = None
             if res is not None and (res.error or {}).get("ename") != "KeyError":
-                _check(res, what)
+                check(res, what)
                 return kernel_result(res)
             log.warning("jupyter-handoff: the kernel did not see extra execute_request content; "
                         "sending transfer data inside the code instead (slower)")
             self.bulk_in_content = False
-        res = executor.execute(_kernel_call(body, args), CALL_TIMEOUT, silent=True, store_history=False)
-        _check(res, what)
+        res = executor.execute(kernel_call(body, args), CALL_TIMEOUT, silent=True, store_history=False)
+        check(res, what)
         return kernel_result(res)
 
     def _open(self, executor: Executor, run_id: str) -> tuple[str, dict[str, int]]:
-        got = self._call(executor, _OPEN, {"run_id": run_id}, "preparing the run directory")
+        got = self._call(executor, _OPEN, {"run_id": run_id, "runs_dir": RUNS_DIR, "ckpt": CKPT_DIR},
+                         "preparing the run directory")
         self._roots[run_id] = got["root"]
         return str(got["root"]), {k: int(v) for k, v in got["have"].items()}
 
@@ -457,29 +401,29 @@ class KernelChannelTransport(BundleTransport):
         sizes = {sha: int((manifest.get("chunks") or {}).get(sha, {}).get("stored", -1)) for sha in shas}
         todo = [sha for sha in shas if have.get(sha) != sizes[sha]]
         files: list[tuple[str, str, int, Callable[[], bytes]]] = [
-            (f".handoff/ckpt/{chunk_relpath(sha)}", sha, blobs.path(sha).stat().st_size, partial(blobs.read, sha))
-            for sha in todo]
+            (f"{CKPT_DIR}/{chunk_relpath(sha)}", sha, blobs.path(sha).stat().st_size,
+             functools.partial(blobs.read, sha)) for sha in todo]
         raw = json.dumps(manifest).encode("utf-8")
-        files.append((".handoff/ckpt/manifest.json", hashlib.sha256(raw).hexdigest(), len(raw), lambda: raw))
+        files.append((f"{CKPT_DIR}/manifest.json", hashlib.sha256(raw).hexdigest(), len(raw), lambda: raw))
         sent = self._put_files(executor, root, files)
         log.info("jupyter-handoff: run %s: sent %d of %d chunk(s), %d bytes, over the kernel's channels",
                  run_id, len(todo), len(shas), sent)
-        return KernelBundle(bundle_dir=f"{root}/.handoff/ckpt", root=root, bytes_sent=sent)
+        return KernelBundle(bundle_dir=f"{root}/{CKPT_DIR}", root=root, bytes_sent=sent)
 
     def fetch_checkpoint(self, executor: Executor, run_id: str, run_state: dict[str, Any],
                          blobs: Blobs, *, max_bytes: int | None = None,
                          base: dict[str, Any] | None = None) -> Checkpoint:
         root = self._root(executor, run_id)
         raw = json.dumps(run_state).encode("utf-8")
-        self._put_files(executor, root, [(".handoff/run.json", hashlib.sha256(raw).hexdigest(), len(raw),
+        self._put_files(executor, root, [(RUN_JSON, hashlib.sha256(raw).hexdigest(), len(raw),
                                           lambda: raw)])
-        saved = self._call(executor, _SAVE, {"root": root}, "saving a checkpoint")
+        saved = self._call(executor, _SAVE, _save_args(root), "saving a checkpoint")
         if not 0 < int(saved.get("manifest_size", 0)) <= MAX_MANIFEST_BYTES:
             raise TransportError(f"the kernel reports a checkpoint manifest of {saved.get('manifest_size')} bytes "
                                  f"(limit {MAX_MANIFEST_BYTES})", "the run goes on; a crash now would resume "
                                  "from the previous checkpoint")
-        mraw = self._get_bytes(executor, root, [(".handoff/ckpt/manifest.json", int(saved["manifest_size"]))])
-        mbytes = mraw[".handoff/ckpt/manifest.json"]
+        mraw = self._get_bytes(executor, root, [(f"{CKPT_DIR}/manifest.json", int(saved["manifest_size"]))])
+        mbytes = mraw[f"{CKPT_DIR}/manifest.json"]
         if hashlib.sha256(mbytes).hexdigest() != saved["manifest_sha"]:
             raise TransportError("the checkpoint manifest arrived damaged", "the run goes on; the next step retries")
         try:
@@ -490,14 +434,14 @@ class KernelChannelTransport(BundleTransport):
                                  "the run goes on; a crash now would resume from the previous checkpoint") from exc
         missing = blobs.missing(shas)
         chunks = manifest.get("chunks") or {}
-        got = self._get_bytes(executor, root, [(f".handoff/ckpt/{chunk_relpath(s)}", int(chunks[s]["stored"]))
+        got = self._get_bytes(executor, root, [(f"{CKPT_DIR}/{chunk_relpath(s)}", int(chunks[s]["stored"]))
                                                for s in missing])
         new_bytes = 0
         for sha in missing:
-            data = got[f".handoff/ckpt/{chunk_relpath(sha)}"]
+            data = got[f"{CKPT_DIR}/{chunk_relpath(sha)}"]
             try:
                 blobs.put(sha, data)  # verifies the sha256
-            except ValueError as exc:
+            except BlobError as exc:
                 raise TransportError(f"checkpoint chunk {sha} arrived damaged from the kernel: {exc}",
                                      "the run goes on; the next checkpoint sends it again") from exc
             new_bytes += len(data)
@@ -508,14 +452,14 @@ class KernelChannelTransport(BundleTransport):
         """Write the checkpoint's working files into the server's workspace (decompressing
         chunks; nothing is unpickled), so Lab shows them next to result.ipynb."""
         import zstandard
-        ws = self.workspace(run_id).resolve()
+        ws = self.workspace.run_dir(run_id).resolve()
         chunks = manifest.get("chunks") or {}
         written: list[str] = []
         for f in manifest.get("files") or []:
             rel = f.get("path")
             if rel in SERVER_FILES:
                 continue  # the server's own (result.ipynb) is never overwritten by a checkpoint's
-            if check_relpath(rel) is not None or str(rel).split("/")[0] == ".handoff":
+            if check_relpath(rel) is not None or str(rel).split("/")[0] == PRIVATE_DIR:
                 log.warning("jupyter-handoff: run %s: not mirroring unsafe path %r", run_id, rel)
                 continue
             dest = (ws / rel).resolve()
@@ -549,13 +493,13 @@ class KernelChannelTransport(BundleTransport):
         self._roots.pop(run_id, None)
 
 
-def make_transport(app: Any, kernel_manager: Any, workspace: Callable[[str], Path]) -> BundleTransport:
+def make_transport(mode: str, kernel_manager: Any, workspace: Workspace) -> BundleTransport:
     """``c.HandoffApp.transport``: ``auto`` (channels when kernels come from a gateway), ``shared``
     or ``kernel``."""
-    from .gateway_client import is_gateway_kernel_manager
-    mode = str(getattr(app, "transport", "auto") or "auto").lower()
+    from .gateway import is_gateway_kernel_manager
+    mode = (mode or "auto").lower()
     if mode not in MODES:
-        raise ValueError(f"c.HandoffApp.transport is {mode!r}; use one of {', '.join(MODES)}")
+        raise ConfigError(f"c.HandoffApp.transport is {mode!r}", f"use one of {', '.join(MODES)}")
     if mode == "auto":
         mode = "kernel" if is_gateway_kernel_manager(kernel_manager) else "shared"
     return KernelChannelTransport(workspace) if mode == "kernel" else SharedDiskTransport(workspace)

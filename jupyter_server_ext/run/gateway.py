@@ -20,6 +20,8 @@ from typing import Any
 from jupyter_client.jsonutil import json_default
 from jupyter_client.session import Session
 
+from ..errors import GatewayConnectionError
+
 log = logging.getLogger(__name__)
 
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
@@ -39,10 +41,6 @@ def send_execute(client: Any, code: str, silent: bool, store_history: bool,
     else:
         client.shell_channel.send(msg)
     return str(msg["header"]["msg_id"])
-
-
-class GatewayConnectionError(RuntimeError):
-    """The gateway's kernel websocket could not be opened or was lost."""
 
 
 def is_gateway_kernel_manager(kernel_manager: Any) -> bool:
@@ -151,7 +149,7 @@ class GatewayKernelChannels:
             fut.cancel()
             raise GatewayConnectionError(
                 f"could not open the gateway websocket of kernel {self.kernel_id} ({self._url()}): "
-                f"{type(exc).__name__}: {exc}; check --gateway-url, the gateway's auth token "
+                f"{type(exc).__name__}: {exc}", "check --gateway-url, the gateway's auth token "
                 "(GatewayClient.auth_token) and that the gateway is reachable") from exc
 
     def stop_channels(self) -> None:
@@ -168,7 +166,8 @@ class GatewayKernelChannels:
     def _send(self, channel: str, msg: dict[str, Any]) -> None:
         if self.closed or self._ws is None:
             raise GatewayConnectionError(f"the websocket to gateway kernel {self.kernel_id} is closed "
-                                         f"({self.close_reason or 'not connected'})")
+                                         f"({self.close_reason or 'not connected'})",
+                                         "the run restores its last checkpoint in a new kernel")
         msg = dict(msg)
         msg["channel"] = channel
         text = json.dumps(msg, default=json_default)

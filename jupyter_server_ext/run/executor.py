@@ -11,6 +11,12 @@ replaces the provisioner's process after a crash, and the new, idle process woul
 alive while our request is lost with the old one. So the executor keeps the original process
 object, also listens for the manager's restart/dead callbacks (kernels without a local process,
 e.g. a gateway's), and checks liveness on a clock even while unrelated messages keep arriving.
+
+Why not nbclient: its ``NotebookClient`` drives an async kernel client over a notebook, while a
+run needs a blocking call from the loop's worker thread, liveness judged on the kernel process
+(above), gateway kernels reached through their websocket (gateway.py), and bulk arguments in the
+execute_request's content (kernel_rpc.py). What nbclient shares with us, turning iopub messages
+into nbformat outputs, comes from the same place: ``nbformat.v4.output_from_msg``.
 """
 from __future__ import annotations
 
@@ -23,10 +29,12 @@ from typing import Any
 
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_core.utils import ensure_async
+from nbformat.v4 import output_from_msg
 
 from handoff_magic.agent.executors import ExecResult
 
-from .gateway_client import GatewayKernelChannels, is_gateway_kernel_manager, send_execute
+from ..errors import KernelStartError
+from .gateway import GatewayKernelChannels, is_gateway_kernel_manager, send_execute
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +42,6 @@ POLL = 0.5            # seconds between iopub polls while waiting for a reply
 ALIVE_EVERY = 1.0     # seconds between liveness checks while the kernel is quiet
 INTERRUPT_GRACE = 10  # seconds a kernel gets to become idle after an interrupt
 IOPUB_GRACE = 10      # seconds to wait for the idle status once the reply is in
-
-
-class KernelStartError(RuntimeError):
-    """The kernel did not become ready; the message says what to check."""
 
 
 class KernelExecutor:
@@ -103,10 +107,10 @@ class KernelExecutor:
             if shell_ok and iopub_ok:
                 return
             if not self.is_alive():
-                raise KernelStartError(f"kernel {self.kernel_id} died while starting; check the kernel "
-                                       "spec and the Jupyter Server log")
-        raise KernelStartError(f"kernel {self.kernel_id} did not answer within {timeout:.0f}s; the "
-                               "machine may be overloaded, or the kernel spec is wrong")
+                raise KernelStartError(f"kernel {self.kernel_id} died while starting",
+                                       "check the kernel spec and the Jupyter Server log")
+        raise KernelStartError(f"kernel {self.kernel_id} did not answer within {timeout:.0f}s",
+                               "the machine may be overloaded, or the kernel spec is wrong")
 
     def _watch_restarts(self, km: Any) -> None:
         """A restart (or the restarter giving up) means the process running our code is gone."""
@@ -279,7 +283,8 @@ def _how_it_ended(code: int | None) -> str:
 
 
 class _Outputs:
-    """Turns iopub messages into nbformat v4 outputs the way nbclient does (streams merged)."""
+    """Turns iopub messages into nbformat v4 outputs (``output_from_msg``, as nbclient does),
+    merging consecutive streams and applying clear_output / update_display_data."""
 
     def __init__(self) -> None:
         self.outputs: list[dict[str, Any]] = []
@@ -306,14 +311,11 @@ class _Outputs:
                     and self.outputs[-1]["name"] == name:
                 self.outputs[-1]["text"] += c.get("text", "")
             else:
-                self._append({"output_type": "stream", "name": name, "text": c.get("text", "")})
+                self._append(output_from_msg(msg))
         elif kind in ("display_data", "execute_result"):
-            out: dict[str, Any] = {"output_type": kind, "data": c.get("data", {}),
-                                   "metadata": c.get("metadata", {})}
             if kind == "execute_result":
-                out["execution_count"] = c.get("execution_count")
                 self.result = c.get("data", {}).get("text/plain")
-            self._append(out)
+            self._append(output_from_msg(msg))
             display_id = (c.get("transient") or {}).get("display_id")
             if display_id:
                 self._display_index.setdefault(display_id, []).append(len(self.outputs) - 1)
@@ -324,8 +326,7 @@ class _Outputs:
                     self.outputs[i]["data"] = c.get("data", {})
                     self.outputs[i]["metadata"] = c.get("metadata", {})
         elif kind == "error":
-            self._append({"output_type": "error", "ename": c.get("ename", ""), "evalue": c.get("evalue", ""),
-                          "traceback": c.get("traceback", [])})
+            self._append(output_from_msg(msg))
         elif kind == "clear_output":
             if c.get("wait"):
                 self._clear_pending = True

@@ -1,0 +1,103 @@
+"""Where a run lives on disk and on the web: its directory, its files, and every link to it.
+
+A run's workspace is ``<root_dir>/handoff-runs/<id>/`` (so JupyterLab shows it next to the
+user's files): ``result.ipynb`` (the server's report, written by ``notebook.py``), the agent's
+working files, and ``.handoff/`` (``bundle/`` as handed off, ``ckpt/`` the kernel's incremental
+``save_state`` target, ``run.json`` the state a checkpoint saves). The URLs of the status page,
+the result notebook, the diff... are built here and nowhere else.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import BadRequest
+
+RUNS_DIR = "handoff-runs"                 # under the server's root_dir (a Lab-visible folder)
+RESULT_NOTEBOOK = "result.ipynb"
+PRIVATE_DIR = ".handoff"                  # in a workspace, relative (also kernel-side, gateways)
+BUNDLE_DIR = f"{PRIVATE_DIR}/bundle"
+CKPT_DIR = f"{PRIVATE_DIR}/ckpt"
+RUN_JSON = f"{PRIVATE_DIR}/run.json"
+SERVER_FILES = frozenset({RESULT_NOTEBOOK})  # what the server writes into a workspace itself
+API = "/handoff/api"                      # JSON routes
+PAGES = "/handoff/runs"                   # HTML status pages
+RUN_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
+_RUN_ID_RE = re.compile(rf"^{RUN_ID_PATTERN}$")
+LINK_KEYS = ("status_page", "notebook", "diff", "events", "lab")   # a run summary's "links"
+
+
+def check_run_id(run_id: str) -> str:
+    """``run_id`` if it is a valid run id: a path can never come out of it."""
+    if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id):
+        raise BadRequest(f"{run_id!r} is not a valid run id (letters, digits, '-', '_')",
+                         "list runs with GET /handoff/api/runs")
+    return run_id
+
+
+def run_paths(run_id: str) -> dict[str, str]:
+    """Every server-relative URL path of a run (prefix them with a base URL)."""
+    check_run_id(run_id)
+    return {
+        "status_page": f"{PAGES}/{run_id}",
+        "notebook": f"/lab/tree/{RUNS_DIR}/{run_id}/{RESULT_NOTEBOOK}",
+        "diff": f"{API}/runs/{run_id}/diff",
+        "events": f"{API}/runs/{run_id}/events",
+        "lab": f"/lab/tree/{RUNS_DIR}/{run_id}",
+        "diff_page": f"{PAGES}/{run_id}/diff",
+        "answer": f"{PAGES}/{run_id}/answer",
+        "cancel": f"{PAGES}/{run_id}/cancel",
+        "list": PAGES,
+    }
+
+
+def run_links(base_url: str, run_id: str) -> dict[str, str]:
+    """The links every notification, run summary and status page shares (wire format)."""
+    base = base_url.rstrip("/")
+    paths = run_paths(run_id)
+    return {key: base + paths[key] for key in LINK_KEYS}
+
+
+def page_links(base_url: str, run_id: str) -> dict[str, str]:
+    """All of a run's paths under ``base_url`` (the status page's own links and form targets)."""
+    base = base_url.rstrip("/")
+    return {key: base + path for key, path in run_paths(run_id).items()}
+
+
+class Workspace:
+    """The runs' directories under the server's ``root_dir``, and the public base of links."""
+
+    def __init__(self, root_dir: Path, public_url: Callable[[], str] = lambda: "") -> None:
+        self.root_dir = Path(root_dir)
+        self.runs_dir = self.root_dir / RUNS_DIR
+        self._public_url = public_url
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.runs_dir / check_run_id(run_id)
+
+    def api_path(self, run_id: str | None = None) -> str:
+        """The Jupyter (contents API) path of a run's workspace, or of the runs folder."""
+        return RUNS_DIR if run_id is None else f"{RUNS_DIR}/{check_run_id(run_id)}"
+
+    def result_notebook(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / RESULT_NOTEBOOK
+
+    def bundle_dir(self, run_id: str) -> Path:
+        """The handoff bundle as it arrived (manifest + hard-linked chunks), written once."""
+        return self.run_dir(run_id) / BUNDLE_DIR
+
+    def ckpt_dir(self, run_id: str) -> Path:
+        """The kernel's incremental ``save_state`` target (same-disk kernels)."""
+        return self.run_dir(run_id) / CKPT_DIR
+
+    def run_json(self, run_id: str) -> Path:
+        """The run state a checkpoint saves, handed to the kernel beside the bundle."""
+        return self.run_dir(run_id) / RUN_JSON
+
+    def public_url(self) -> str:
+        """Base for links, without a trailing slash (``c.HandoffApp.public_url`` or the server's)."""
+        return self._public_url().rstrip("/")
+
+    def links(self, run_id: str) -> dict[str, str]:
+        return run_links(self.public_url(), run_id)
