@@ -8,9 +8,11 @@ the result notebook, the diff... are built here and nowhere else.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
+
+from handoff_magic.state import StateError
+from handoff_magic.state import check_run_id as state_check_run_id
 
 from .errors import BadRequest
 
@@ -23,17 +25,16 @@ RUN_JSON = f"{PRIVATE_DIR}/run.json"
 SERVER_FILES = frozenset({RESULT_NOTEBOOK})  # what the server writes into a workspace itself
 API = "/handoff/api"                      # JSON routes
 PAGES = "/handoff/runs"                   # HTML status pages
-RUN_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
-_RUN_ID_RE = re.compile(rf"^{RUN_ID_PATTERN}$")
+RUN_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"   # in route regexes; handoff_magic.state.check_run_id agrees
 LINK_KEYS = ("status_page", "notebook", "diff", "events", "lab")   # a run summary's "links"
 
 
 def check_run_id(run_id: str) -> str:
-    """``run_id`` if it is a valid run id: a path can never come out of it."""
-    if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id):
-        raise BadRequest(f"{run_id!r} is not a valid run id (letters, digits, '-', '_')",
-                         "list runs with GET /handoff/api/runs")
-    return run_id
+    """``run_id`` if it is a valid run id: a path can never come out of it (a ``BadRequest``)."""
+    try:
+        return state_check_run_id(run_id)
+    except StateError as exc:
+        raise BadRequest(exc.message, exc.hint or "list runs with GET /handoff/api/runs") from None
 
 
 def run_paths(run_id: str) -> dict[str, str]:
