@@ -32,6 +32,7 @@ IMPORT_RE = re.compile(
     r"^(import [A-Za-z_][\w.]*( as [A-Za-z_]\w*)?|from [A-Za-z_][\w.]* import [A-Za-z_]\w*( as [A-Za-z_]\w*)?)$"
 )
 MAX_ENTRIES = 1_000_000   # a working dir of 50k files is 50k file entries plus their chunks
+MAX_VARIABLES = 100_000   # no namespace holds more names; a longer list is an attack, not a notebook
 RESERVED_DIR = ".handoff"   # a run's own files (bundle, checkpoints) in its workspace
 SAFE_MODE_BITS = 0o775      # rwxrwxr-x at most
 
@@ -269,8 +270,13 @@ class _Parser:
         lists = {k: self._list(k) for k in ("variables", "groups", "replays", "definitions", "imports", "files",
                                             "module_paths")}
         n_entries = len(d["chunks"]) + sum(len(v) for v in lists.values())
-        if n_entries > self.max_entries:
-            self.problems.append(f"manifest has {n_entries} entries, more than the limit {self.max_entries}")
+        too_many = [f"manifest has {n_entries} entries, more than the limit {self.max_entries}"] \
+            if n_entries > self.max_entries else []
+        if len(lists["variables"]) > min(MAX_VARIABLES, self.max_entries):
+            too_many.append(f"manifest has {len(lists['variables'])} variable entries, more than the limit "
+                            f"{min(MAX_VARIABLES, self.max_entries)}")
+        if too_many:  # refused before checking each entry: that work is what an oversized manifest costs
+            raise BundleError("invalid manifest: " + "; ".join(too_many + self.problems[:8]))
         self.listed = d["chunks"]
         variables = [v for v in map(self._variable, lists["variables"]) if v is not None]
         groups = [g for g in map(self._group, lists["groups"]) if g is not None]

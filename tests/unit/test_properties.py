@@ -306,3 +306,11 @@ def test_non_string_paths_are_rejected() -> None:
         assert check_relpath(bad) is not None
         with pytest.raises(BundleError):
             Manifest.parse(_file_manifest(bad))
+
+
+def test_a_manifest_with_more_variables_than_any_namespace_is_rejected_before_each_is_checked() -> None:
+    from handoff_magic.manifest import MAX_VARIABLES
+    junk = {"name": "v", "type": "int", "size": 1, "method": "skipped", "group": None, "summary": "", "reason": "x"}
+    m = dict(_MANIFEST, variables=[junk] * (MAX_VARIABLES + 1))
+    with pytest.raises(BundleError, match=f"{MAX_VARIABLES + 1} variable entries, more than the limit"):
+        Manifest.parse(m)
