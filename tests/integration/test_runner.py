@@ -381,22 +381,25 @@ def test_a_browser_can_attach_to_a_busy_run_kernel_and_open_the_result_notebook(
     from tornado.httpclient import HTTPRequest
     from tornado.websocket import websocket_connect
     bdir, manifest = bundle
-    model = _scripted(tmp_path, [run_python("import time\nBUSY = 1\ntime.sleep(6)"), finish("slept")])
+    # busy until the test has attached (the file appears in the run's workspace, the kernel's cwd)
+    model = _scripted(tmp_path, [run_python("import os, time\nBUSY = 1\nwhile not os.path.exists('attached'):\n"
+                                            "    time.sleep(0.05)"), finish("slept")])
     run_id = hand_off(srv, bdir, manifest, model=model)
     _wait_event(srv, run_id, lambda e: e["type"] == "tool_call")
     time.sleep(0.5)
     ours = {k["id"] for k in _kernels(srv)}
     assert ours
 
-    async def attach(kid: str) -> str:
+    async def attach(kid: str, timeout: float = 3) -> str:
         url = srv.url.replace("http", "ws", 1) + f"/api/kernels/{kid}/channels?session_id=lab-{kid[:8]}"
-        req = HTTPRequest(url, headers={"Authorization": f"token {srv.token}"}, request_timeout=3)
+        req = HTTPRequest(url, headers={"Authorization": f"token {srv.token}"}, request_timeout=timeout)
         ws = await websocket_connect(req)
         ws.close()
         return "attached"
 
     for kid in ours:  # the handshake completes at once although the kernel is busy
         assert asyncio.run(attach(kid)) == "attached"
+    (srv.root_dir / "handoff-runs" / run_id / "attached").touch()
     # and the result notebook opens as Lab opens it: a session of its own with a fresh kernel
     path = f"handoff-runs/{run_id}/result.ipynb"
     r = srv.client.post("/api/sessions", json={"path": path, "name": "result.ipynb", "type": "notebook",
@@ -404,7 +407,8 @@ def test_a_browser_can_attach_to_a_busy_run_kernel_and_open_the_result_notebook(
     assert r.status_code == 201, r.text
     session = r.json()
     assert session["kernel"]["id"] not in ours
-    assert asyncio.run(attach(session["kernel"]["id"])) == "attached"
+    # a kernel just started answers once it is up: that may take a while on a loaded machine
+    assert asyncio.run(attach(session["kernel"]["id"], timeout=60)) == "attached"
     assert wait_status(srv, run_id)["status"] == "completed"
     srv.client.delete(f"/api/sessions/{session['id']}")
     assert "kernel_ws_protocol" not in srv.log() and "Uncaught exception GET /api/kernels" not in srv.log()
