@@ -36,10 +36,11 @@ def listing(root: Path, skip_real: set[str]) -> list[tuple[str, list[str]]]:
     """(directory, file names) of what may travel: the built-in ignores, then ``.handoffignore``
     (gitignore syntax). Refuses, before anything is read or sent, a tree with more files than
     HANDOFF_MAX_FILES, naming the largest directories and how to leave them out."""
-    import pathspec
     ignore_file = root / IGNORE_FILE
-    spec = pathspec.GitIgnoreSpec.from_lines(ignore_file.read_text(errors="replace").splitlines()) \
-        if ignore_file.is_file() else None
+    spec = None
+    if ignore_file.is_file():   # pathspec is imported only when there is something to ignore
+        import pathspec
+        spec = pathspec.GitIgnoreSpec.from_lines(ignore_file.read_text(errors="replace").splitlines())
     root_s = str(root)
     out: list[tuple[str, list[str]]] = []
     per_dir: dict[str, int] = {}

@@ -41,7 +41,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.thread import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -398,10 +398,11 @@ _BUILT_IN: dict[type, tuple[Save, Rebuild]] = {
     threading.Barrier: (_save_barrier, _rebuild_barrier),
     queue.Queue: (_save_queue, _rebuild_queue),
     ThreadPoolExecutor: (_save_pool, _rebuild_pool),
-    ProcessPoolExecutor: (_save_pool, _rebuild_pool),
 }
 _REGISTRY.update(_BUILT_IN)
 _BY_NAME["ipywidgets.widgets.widget.Widget"] = (_save_widget, _rebuild_widget)
+# by name: importing concurrent.futures.process (multiprocessing) would cost every capture ~25 ms
+_BY_NAME["concurrent.futures.process.ProcessPoolExecutor"] = (_save_pool, _rebuild_pool)
 
 
 # -- numpy arrays ----------------------------------------------------------------------
