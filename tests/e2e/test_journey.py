@@ -344,7 +344,8 @@ def test_errors_are_clear_and_leave_the_local_run_intact(cloud, client, tmp_path
         assert "refused the token" in refused and "HANDOFF_TOKEN" in refused
         assert a.run_state() == before
 
-        big = a.fails(f"%handoff --to {proxy.url}")  # 45 MB over the 40 MB limit
+        # another URL needs its own token: HANDOFF_TOKEN belongs to HANDOFF_SERVER_URL only
+        big = a.fails(f"%handoff --to {proxy.url} --token {cloud.token}")  # 45 MB over the 40 MB limit
         assert "limit" in big and "max_bundle_bytes" in big, big
         assert proxy.puts == 0, "a bundle the server refuses is not uploaded first"
         assert a.run_state() == before
