@@ -192,6 +192,8 @@ class HandoffClient:
         shaped = isinstance(body, dict) and (
             (resp.status_code == 200 and isinstance(body.get("runs"), list))
             or (resp.status_code in (401, 403) and isinstance(body.get("error"), str) and "hint" in body))
+        if not shaped and resp.status_code == 404 and not isinstance(body, dict):
+            raise self._classify(resp, "checking the server; no token and no data were sent")
         if not shaped:
             raise ClientError(
                 f"{self.url} does not answer like a jupyter-handoff server (GET {API_PREFIX}/runs gave "
