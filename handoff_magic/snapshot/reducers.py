@@ -153,6 +153,24 @@ def _save_sqlite(con: sqlite3.Connection) -> dict[str, Any]:
     return state
 
 
+def _load_image(con: sqlite3.Connection, image: bytes) -> None:
+    """An image saved by Python 3.11+ loads on 3.10 too (no ``deserialize`` there): through a
+    private temporary file copied into the in-memory database with the backup API."""
+    if hasattr(con, "deserialize"):
+        con.deserialize(image)
+        return
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "image.sqlite")
+        with open(path, "wb") as f:
+            f.write(image)
+        src = sqlite3.connect(path)
+        try:
+            src.backup(con)
+        finally:
+            src.close()
+
+
 def _rebuild_sqlite(state: dict[str, Any]) -> sqlite3.Connection:
     if state.get("closed"):
         con = sqlite3.connect(":memory:")
@@ -164,7 +182,7 @@ def _rebuild_sqlite(state: dict[str, Any]) -> sqlite3.Connection:
     else:
         con = sqlite3.connect(":memory:")
         if "image" in state:
-            con.deserialize(state["image"])  # type: ignore[attr-defined]  # Python 3.11+, like serialize at save
+            _load_image(con, state["image"])
         else:
             con.executescript(state.get("script", ""))
     con.isolation_level = state.get("isolation_level", "")

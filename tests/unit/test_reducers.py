@@ -46,3 +46,22 @@ def test_star_imported_library_objects_travel_as_imports(tmp_path: Path) -> None
     out: dict[str, Any] = {}
     load_state(tmp_path / "b", ns=out, files=False)
     assert out["False_"] is np.False_ and out["average"] is np.average
+
+
+def test_a_database_image_loads_where_sqlite3_has_no_deserialize() -> None:
+    """Python 3.10's sqlite3 has no Connection.deserialize: an image saved on 3.11+ still loads."""
+    import sqlite3
+
+    from handoff_magic.snapshot.reducers import _load_image
+
+    class Py310Connection(sqlite3.Connection):
+        @property
+        def deserialize(self):
+            raise AttributeError("deserialize")
+
+    src = sqlite3.connect(":memory:")
+    src.executescript("create table t(x); insert into t values (1), (2); delete from t where x = 1;")
+    old = sqlite3.connect(":memory:", factory=Py310Connection)
+    assert not hasattr(old, "deserialize")
+    _load_image(old, src.serialize())  # type: ignore[attr-defined]  # mypy checks as 3.10; the test runs on 3.11+
+    assert old.execute("select x from t").fetchall() == [(2,)]
