@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from handoff_magic.agent.loop import AgentLoop
-from handoff_magic.agent.providers.base import Provider, ProviderError, make_provider
+from handoff_magic.agent.providers import Provider, ProviderError, make_provider
 from handoff_magic.state import RunState
 
 from ..blobs import BlobStore

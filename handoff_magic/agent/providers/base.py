@@ -12,7 +12,6 @@ import os
 import re
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from ...errors import ProviderError
@@ -239,28 +238,3 @@ class HTTPProvider:
             f"{self.spec}: malformed reply, {what}: {json.dumps(body)[:300]}",
             "the endpoint may not speak this API, or the model misbehaved; answer 'retry' to try again",
         )
-
-
-def make_provider(spec: str, *, api_key: str | None = None, base_url: str | None = None,
-                  base_dir: str | Path | None = None, **options: Any) -> Provider:
-    """Build a provider from a spec: ``openai:MODEL``, ``anthropic:MODEL`` or ``scripted:PATH``.
-
-    ``base_dir`` is where a relative scripted PATH is looked up first (then the cwd);
-    ``options`` go to the HTTP providers (timeout, max_retries, backoff_base, ...).
-    """
-    if not isinstance(spec, str) or ":" not in spec:
-        raise ProviderError(f"model spec {spec!r} is not KIND:NAME",
-                            "use openai:MODEL, anthropic:MODEL or scripted:PATH")
-    kind, _, name = spec.partition(":")
-    kind = kind.strip().lower()
-    if kind == "openai":
-        from .openai import OpenAIProvider
-        return OpenAIProvider(name.strip(), api_key=api_key, base_url=base_url, **options)
-    if kind == "anthropic":
-        from .anthropic import AnthropicProvider
-        return AnthropicProvider(name.strip(), api_key=api_key, base_url=base_url, **options)
-    if kind == "scripted":
-        from .scripted import ScriptedProvider
-        return ScriptedProvider(name, base_dir=base_dir)
-    raise ProviderError(f"unknown model kind {kind!r} in {spec!r}",
-                        "use openai:MODEL, anthropic:MODEL or scripted:PATH")
