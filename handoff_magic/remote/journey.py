@@ -215,7 +215,7 @@ def _handoff(run: Any, *, to: str | None, token: str | None, fork: bool,
             raise JourneyError(f"handoff failed: {exc}. {intact}") from exc
     stats = sink.stats
     up = UploadReport(chunks_total=stats.chunks_total, chunks_sent=stats.chunks_sent,
-                      bytes_total=report.bytes_total, bytes_sent=stats.bytes_sent, retries=stats.retries,
+                      bytes_total=stats.bytes_total, bytes_sent=stats.bytes_sent, retries=stats.retries,
                       seconds=timings.capture + timings.upload)
     created.append(True)
     timings.create += time.perf_counter() - t
