@@ -10,6 +10,9 @@ so a server can verify uploads and hard-link chunks without decoding or unpickli
 
 On disk a chunk of a bundle is ``chunks/<hex[:2]>/<address>`` (``chunk_relpath``); the server's
 BlobStore uses the same shard under its own root (``shard_path``). Bytes only: safe on the server.
+
+(Just over 400 lines: the address format, the hashing and the store that checks both belong
+together.)
 """
 from __future__ import annotations
 

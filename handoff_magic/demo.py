@@ -5,6 +5,8 @@ a loopback webhook as its notification URL). notebooks/demo.ipynb is executed ce
 real kernels: part 1 in kernel A (a few local agent steps, ``%handoff``), then kernel A is
 killed like a closed laptop; the run finishes remotely and the webhook hears about it; part 2
 runs in a brand-new kernel B (``%reattach``, diff, ``%pull``, ``%agent continue``).
+
+(Over 400 lines: the whole journey is one script, meant to be read as a story.)
 """
 from __future__ import annotations
 

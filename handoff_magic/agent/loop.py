@@ -3,6 +3,8 @@
 The same loop runs in the user's kernel (InProcessExecutor) and in the Jupyter Server
 (KernelExecutor). All it knows of the world is a RunState, a Provider and an Executor, and
 every change it makes goes through ``state.emit`` and the ``on_event`` callback.
+
+(Over 400 lines: a step, its budgets, pause/interrupt and the tool dispatch are one state machine.)
 """
 from __future__ import annotations
 

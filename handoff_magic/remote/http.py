@@ -3,6 +3,8 @@
 Pure HTTP over httpx, no kernel or widget code, so it runs in a notebook kernel, a script or a
 test alike. Every failure becomes a ``ClientError`` whose message says what happened and what to
 do next; the server's own ``{"error", "hint"}`` is passed through verbatim.
+
+(Over 400 lines: one method per API route, plus the one place that turns HTTP failures into errors.)
 """
 from __future__ import annotations
 

@@ -6,6 +6,8 @@ rest is grouped by shared objects (sharing.py) and each group pickled once (pick
 reducers.py); what cannot be pickled is replayed from its defining cell (replay.py) or skipped
 with a reason. Then history.py, files.py, and the manifest (written last, atomically). One bad
 object never sinks the rest.
+
+(Just over 400 lines: the order of the capture steps is what this module is for.)
 """
 from __future__ import annotations
 

@@ -28,6 +28,9 @@ Each ``_reduce_*`` turns one kind of object into a small, fast pickle (``(rebuil
 name them at ``handoff_magic.capture``, which re-exports them), so never rename one without
 keeping the old name importable. Today: numpy views of a shared base stay views, text columns
 travel as UTF-8 blobs or a string table + codes, datetimes go out of band.
+
+(Over 400 lines: one save/rebuild pair per resource type (sqlite, files, weakrefs, locks, queues,
+pools, widgets), side by side so the registry reads as one table.)
 """
 from __future__ import annotations
 

@@ -3,6 +3,9 @@
 Two phases: first read and verify the manifest and every chunk it needs (nothing in the
 namespace or the working directory changes if anything is wrong), then apply: imports,
 unpickled groups, files, replays of defining cells, and the In/Out history.
+
+(Just over 400 lines: the two phases read top to bottom; split apart, the checks would sit away from
+what they guard.)
 """
 from __future__ import annotations
 

@@ -21,6 +21,8 @@ The provisioner is selected by a kernel spec (``handoff-sandbox``) that ``instal
 derives from ``c.HandoffApp.kernel_name`` and puts on the server's kernel spec path; its
 ``kernel_provisioner.config`` carries the paths to hide and the limits. Enterprise Gateway
 kernels never use it: they are isolated by the gateway.
+
+(Just over 400 lines: the provisioner and the bwrap arguments it builds are one unit.)
 """
 from __future__ import annotations
 
