@@ -51,10 +51,18 @@ def _script(tmp_path: Path, turns: list[dict[str, Any]]) -> str:
     return "scripted:" + str(write_script(tmp_path / f"{uuid.uuid4().hex}.json", turns))
 
 
+def _outside(srv: JupyterServerProcess) -> tuple[bool, int | None]:
+    """Where run id ``../../x`` would land: whether it exists and when it last changed (the shared
+    /tmp may hold an ``x`` of someone else's, so the test compares before and after)."""
+    target = srv.root_dir.parent.parent / "x"
+    return target.exists(), target.stat().st_mtime_ns if target.exists() else None
+
+
 def test_hostile_ids_and_paths_are_refused_and_modes_are_masked(
         bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     bdir, manifest = bundle
     with JupyterServerProcess() as srv:
+        escape = _outside(srv)
         _upload(srv, bdir, manifest)
         before, rows = _written(srv), _rows(srv)
         for bad_id in ("../../x", "a/b", "x" * 300, "", ".."):
@@ -67,7 +75,7 @@ def test_hostile_ids_and_paths_are_refused_and_modes_are_masked(
         r = srv.client.post("/handoff/api/runs", json={"manifest": m})
         assert r.status_code == 400 and ".handoff/" in r.json()["error"], r.text
         assert _rows(srv) == rows and _written(srv) == before  # no row, nothing written
-        assert not (srv.root_dir.parent.parent / "x").exists()
+        assert _outside(srv) == escape
 
         m = copy.deepcopy(manifest)
         m["files"][0]["mode"] = 0o106777  # setuid + setgid + sticky + world-writable
@@ -85,6 +93,7 @@ def test_a_bad_stored_run_is_failed_and_the_good_runs_still_resume(
         bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     bdir, manifest = bundle
     with JupyterServerProcess() as srv:
+        escape = _outside(srv)
         good = hand_off(srv, bdir, manifest, model=_script(tmp_path, [
             {"text": "", "tool_calls": [{"name": "ask_user", "arguments": {"question": "go on?"}}]},
             run_python("print('resumed after the answer')"), finish()]))
@@ -105,5 +114,5 @@ def test_a_bad_stored_run_is_failed_and_the_good_runs_still_resume(
                     "SELECT type, data FROM events WHERE run_id=? ORDER BY seq", (bad,))]
                 assert status == "failed", (bad, status)
                 assert events[0][0] == "error" and "not a valid run id" in events[0][1]["error"], events
-        assert not (srv.root_dir.parent.parent / "x").exists()
+        assert _outside(srv) == escape
         assert "resumed after the answer" in json.dumps(all_events(srv, good))
