@@ -438,6 +438,7 @@ def test_widget_renders_in_notebook_7(browser: Any, tmp_path: Path) -> None:
     try:
         page.goto(srv.lab_url("notebooks/nb7.ipynb"))
         ex(page.locator(".jp-NotebookPanel:visible .jp-Cell")).to_have_count(1)
+        wait_kernel_idle(page)  # run before the kernel is connected and Notebook 7 asks "Select Kernel"
         cell = run_cell(page, "%load_ext handoff_magic\n%agent --model scripted:default summarise the sales")
         w = widget_in(cell)
         ex(badge(w)).to_have_attribute("data-status", "completed", timeout=120_000)
