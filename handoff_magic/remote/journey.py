@@ -369,7 +369,7 @@ def pull(run_id: str, *, to: str | None = None, token: str | None = None, shell:
     kernel before is refused unless ``again``: then its last checkpoint replaces that local run's
     state (same local run, no new id).
 
-    Without ``trust`` only plain data and objects byte-identical to what this laptop sent are
+    Without ``trust`` only plain data and the groups of variables this laptop sent, unchanged, are
     loaded; the rest is listed in the report as left out (snapshot/trust.py)."""
     t0 = time.perf_counter()
     HandoffClient.check_run_id(run_id)   # before it names a cache dir or a record file

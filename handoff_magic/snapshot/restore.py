@@ -363,8 +363,7 @@ def _unpickle_groups(groups: list[GroupEntry], payloads: dict[str, bytes], buffe
     for g in groups:
         t0 = time.perf_counter()
         names = g.names
-        refusal = trust.group_refusal([*g.payload, *(c for b in g.buffers for c in b.chunks)],
-                                      payloads[g.id]) if trust is not None else None
+        refusal = trust.group_refusal(g, payloads[g.id], buffers[g.id]) if trust is not None else None
         if refusal is not None:
             for n in names:
                 meta = by_name.get(n)

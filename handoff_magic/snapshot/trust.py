@@ -2,22 +2,31 @@
 
 A remote run's checkpoint is written by code an LLM chose; unpickling it can run anything a
 ``__reduce__`` names (``exec``, ``os.system``...). ``%pull ID`` therefore loads a pickled
-group only when either every chunk of it is one this laptop itself produced (byte-identical to
-what it sent, by chunk address), or the pickle's opcodes, read with :mod:`pickletools` and never
-executed, import nothing outside an allowlist of plain data types (builtins' containers and
-scalars, datetime, decimal, fractions, uuid, pathlib, collections, numpy, pandas, scipy.sparse).
-The same rule covers the other ways a bundle runs code on load: import lines, notebook
-definitions rebuilt from source, replayed cells and local module folders are kept only when the
-laptop sent them. Everything left out is listed with its type; ``%pull ID --trust`` loads it.
+group only when either it is a group this laptop itself sent (same variables, same chunks in
+the same places: a chunk the laptop sent as a file or as another group's buffer does not make
+a pickle trusted), or the pickle's opcodes, read with :mod:`pickletools` and never executed,
+import nothing outside an allowlist of plain data types (builtins' containers and scalars,
+datetime, decimal, fractions, uuid, pathlib, collections, numpy, pandas, scipy.sparse, and the
+array rebuilds of snapshot/reducers.py).
+
+Reducer rebuilds of resources (a file reopened by path, a database, a pool, a widget, any
+``register_reducer`` rebuild) follow the same rule: a remote run's request to reopen
+``/etc/shadow`` or append to ``~/.bashrc`` is left out, and the report says what it asked for
+(read by a stand-in unpickler that calls nothing). The same rule covers the other ways a bundle
+runs code on load: import lines, notebook definitions rebuilt from source, replayed cells and
+local module folders are kept only when the laptop sent them. Everything left out is listed
+with its type; ``%pull ID --trust`` loads it.
 """
 from __future__ import annotations
 
+import io
+import pickle
 import pickletools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..manifest import ReplayEntry
+from ..manifest import GroupEntry, ReplayEntry
 
 # module -> allowed names ("*": any name in that module, minus DENY_WORDS)
 _EXACT: dict[str, frozenset[str]] = {
@@ -33,6 +42,10 @@ _EXACT: dict[str, frozenset[str]] = {
     "zoneinfo": frozenset({"ZoneInfo"}),
     "zoneinfo._zoneinfo": frozenset({"ZoneInfo"}),
     "_codecs": frozenset({"encode"}),           # protocol 2 bytes: _codecs.encode(str, 'latin1')
+    # array rebuilds (views, text columns, datetimes): numpy arrays from bytes, nothing opened or run;
+    # bundles name them at both module paths (handoff_magic.capture re-exports the old one)
+    **{m: frozenset({"_rebuild_view", "_rebuild_str_array", "_rebuild_str_codes", "_rebuild_from_buffer"})
+       for m in ("handoff_magic.snapshot.reducers", "handoff_magic.capture")},
 }
 _PACKAGES = ("numpy", "pandas", "scipy.sparse")
 # reading files, evaluating strings or loading libraries would run code even inside those packages
@@ -84,10 +97,19 @@ def pickle_globals(data: bytes) -> list[tuple[str, str]]:
     return found
 
 
+GroupKey = tuple[tuple[str, ...], str, str, tuple[str, ...], tuple[tuple[str, ...], ...]]
+
+
+def group_key(group: GroupEntry) -> GroupKey:
+    """What makes a pickled group the same one: its variables, how it loads, and every chunk in its place."""
+    return (tuple(group.names), group.method, group.stream or "", tuple(group.payload),
+            tuple(tuple(b.chunks) for b in group.buffers))
+
+
 @dataclass
 class PullTrust:
     """What this laptop sent in the handoff a pull brings back (recorded at handoff time)."""
-    sent_chunks: frozenset[str] = frozenset()
+    groups: frozenset[GroupKey] = frozenset()
     imports: frozenset[str] = frozenset()
     code: frozenset[tuple[str, tuple[str, ...], str]] = frozenset()   # (kind, names, code)
     module_paths: frozenset[str] = frozenset()
@@ -95,7 +117,10 @@ class PullTrust:
     @classmethod
     def sent_in(cls, manifest: dict[str, Any]) -> dict[str, Any]:
         """The part of a handoff manifest a later pull needs (JSON, kept in the handoff record)."""
-        return {"chunks": sorted(manifest.get("chunks") or {}), "imports": list(manifest.get("imports") or []),
+        return {"groups": [[list(g.get("names") or []), str(g.get("method")), str(g.get("stream") or ""),
+                            list(g.get("payload") or []), [list(b.get("chunks") or []) for b in g.get("buffers") or []]]
+                           for g in manifest.get("groups") or [] if isinstance(g, dict)],
+                "imports": list(manifest.get("imports") or []),
                 "module_paths": list(manifest.get("module_paths") or []),
                 "code": [[kind, list(e.get("names") or []), str(e.get("code") or "")]
                          for kind in ("definitions", "replays") for e in manifest.get(kind) or []
@@ -103,19 +128,25 @@ class PullTrust:
 
     @classmethod
     def from_sent(cls, sent: dict[str, Any] | None) -> PullTrust:
-        """From ``sent_in``'s record; none (a run handed off elsewhere): trust nothing remote."""
+        """From ``sent_in``'s record; none (a run handed off elsewhere, or a record written before
+        groups were recorded): trust nothing remote."""
         sent = sent or {}
-        return cls(frozenset(sent.get("chunks") or ()), frozenset(sent.get("imports") or ()),
+        groups = frozenset((tuple(n), m, s, tuple(p), tuple(tuple(b) for b in bufs))
+                           for n, m, s, p, bufs in sent.get("groups") or ())
+        return cls(groups, frozenset(sent.get("imports") or ()),
                    frozenset((k, tuple(n), c) for k, n, c in sent.get("code") or ()),
                    frozenset(sent.get("module_paths") or ()))
 
-    def group_refusal(self, chunk_ids: Iterable[str], payload: bytes) -> str | None:
+    def group_refusal(self, group: GroupEntry, payload: bytes, buffers: Iterable[Any] = ()) -> str | None:
         """Why a pickled group must not be unpickled here, or None to load it."""
-        if set(chunk_ids) <= self.sent_chunks:
-            return None   # byte-identical to what this laptop sent
+        if group_key(group) in self.groups:
+            return None   # the very group this laptop sent, chunk for chunk
         bad = unsafe_globals(payload)
         if not bad:
             return None
+        asks = asked_for(payload, buffers)
+        if asks:
+            return f"it asks this laptop to {'; '.join(asks[:3])}{' and more' if len(asks) > 3 else ''}"
         return (f"its pickle would import {', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''}, "
                 "which can run code on load")
 
@@ -137,3 +168,57 @@ def unsafe_globals(data: bytes) -> list[str]:
     except Exception as exc:  # noqa: BLE001 - unreadable opcodes are refused, never run
         return [f"<unreadable pickle: {exc}>"]
     return sorted({f"{m}.{n}" for m, n in found if not allowed_global(m, n)})
+
+
+# -- what a refused pickle asks for, read without calling anything it names ----------------
+_REBUILDS = "handoff_magic.snapshot.reducers."
+
+
+def _describe(target: str, args: tuple[Any, ...]) -> str | None:
+    """A reducer rebuild's request in words (None: not a resource rebuild)."""
+    state = args[0] if args else None
+    get = state.get if isinstance(state, dict) else (lambda key, default=None: default)
+    name = target.removeprefix(_REBUILDS)
+    if name == "_rebuild_file" and not get("closed"):
+        return f"reopen the file {get('path')!r} (mode {get('mode')!r})"
+    if name == "_rebuild_sqlite" and get("path"):
+        return f"open the database {get('path')!r}"
+    if name == "_rebuild_pool":
+        return "start a pool of workers"
+    if name == "_rebuild_widget":
+        return "create a widget"
+    if target.startswith(_REBUILDS) or allowed_global(*target.rsplit(".", 1)):
+        return None
+    return f"call {target}"
+
+
+def asked_for(payload: bytes, buffers: Iterable[Any] = ()) -> list[str]:
+    """What unpickling ``payload`` would do beyond building data: every global is replaced by a
+    stand-in class that records its call, so nothing the pickle names is imported or run."""
+    calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    class Reader(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            return _stand_in(f"{module}.{name}", calls)
+
+        def persistent_load(self, pid: Any) -> Any:
+            return None
+
+    try:
+        Reader(io.BytesIO(payload), buffers=list(buffers)).load()
+    except Exception:  # noqa: BLE001 - a pickle this reader cannot follow is still refused, named by its globals
+        pass
+    return list(dict.fromkeys(d for target, args in calls if (d := _describe(target, args)) is not None))
+
+
+def _stand_in(target: str, calls: list[tuple[str, tuple[Any, ...]]]) -> type:
+    """A class that accepts every way a pickle calls or fills an object and only records the call."""
+    def new(cls: type, *args: Any, **kwargs: Any) -> Any:
+        calls.append((target, args))
+        return object.__new__(cls)
+
+    def ignore(self: Any, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    return type("StandIn", (), {"__new__": new, "__init__": ignore, "__setstate__": ignore, "append": ignore,
+                                "extend": ignore, "__setitem__": ignore, "add": ignore})

@@ -4,8 +4,9 @@ remote run planted is left out of a pull back unless the user trusts it.
 ``%handoff --to URL --token T`` in a real kernel against a real server, then every byte the
 server stores is searched for T; a handoff to something that is not a jupyter-handoff server
 (an ordinary web server recording what it receives) gets no token and no manifest. A remote run
-plants an object whose unpickling calls ``exec``: ``%pull`` leaves it out and names it while the
-laptop's own objects come back; ``%pull --again --trust`` loads it.
+plants an object whose unpickling calls ``exec`` and a file handle whose reducer rebuild would
+create a file on the laptop: ``%pull`` leaves both out and names them while the laptop's own
+objects come back; ``%pull --again --trust`` loads them.
 """
 from __future__ import annotations
 
@@ -151,16 +152,21 @@ def test_handoff_token_is_bound_to_handoff_server_url(monkeypatch: pytest.Monkey
 
 PLANT = ("import os\nclass Planted:\n    def __reduce__(self):\n"
          "        return (exec, (\"open('PWNED-ON-LAPTOP', 'w').write('ran')\",))\n"
-         "planted = Planted()\nmade_remotely = {'rows': 3}")
+         "planted = Planted()\nmade_remotely = {'rows': 3}\n"
+         # a handle to a file outside the workspace, deleted: reopening it (append mode) creates it
+         "os.makedirs(os.path.dirname(TARGET), exist_ok=True)\nlog = open(TARGET, 'a')\nos.remove(TARGET)")
 
 
-def test_pull_leaves_out_a_planted_exec_object_unless_trusted_and_keeps_what_the_laptop_sent(
+def test_pull_leaves_out_planted_objects_and_file_reopens_unless_trusted_and_keeps_what_the_laptop_sent(
         handoff_server: JupyterServerProcess, tmp_path: Path) -> None:
     srv = handoff_server
     script = tmp_path / "plant.json"
+    target = tmp_path / "outside-the-run" / "created-by-remote.log"
+    target.parent.mkdir()
+    plant = f"TARGET = {str(target)!r}\n{PLANT}"
     script.write_text(json.dumps([
         {"text": "", "tool_calls": [{"name": "ask_user", "arguments": {"question": "go?"}}]},
-        {"text": "", "tool_calls": [{"name": "run_python", "arguments": {"code": PLANT}}]},
+        {"text": "", "tool_calls": [{"name": "run_python", "arguments": {"code": plant}}]},
         {"text": "", "tool_calls": [{"name": "ask_user", "arguments": {"question": "pull me"}}]}]))
     (tmp_path / "shapes.py").write_text("class Point:\n    def __init__(self, x):\n        self.x = x\n")
     k = Kernel(tmp_path, env=_env(HANDOFF_SERVER_URL=srv.url, HANDOFF_TOKEN=srv.token))
@@ -177,9 +183,12 @@ def test_pull_leaves_out_a_planted_exec_object_unless_trusted_and_keeps_what_the
             time.sleep(0.5)
         report = k.run(f"%pull {run_id}")
         assert not (tmp_path / "PWNED-ON-LAPTOP").exists(), report
+        assert not target.exists(), report
         assert "planted" in report and "builtins.exec" in report and "--trust" in report, report
-        assert "False {'rows': 3} 7" in k.run("print('planted' in dir(), made_remotely, p.x)")
+        assert str(target) in report, report   # the report names the file the run asked to reopen
+        assert "False False {'rows': 3} 7" in k.run("print('planted' in dir(), 'log' in dir(), made_remotely, p.x)")
         k.run(f"%pull {run_id} --again --trust")
         assert (tmp_path / "PWNED-ON-LAPTOP").exists()   # --trust: loaded, so its code ran
+        assert target.exists()                           # and the handle was reopened
     finally:
         k.close()

@@ -71,3 +71,51 @@ def test_the_allowlist_reads_opcodes_and_refuses_loaders_inside_data_packages() 
     assert not allowed_global("numpy", "load") and not allowed_global("pandas", "read_pickle")
     assert not allowed_global("pandas", "eval") and not allowed_global("os", "system")
     assert allowed_global("numpy._core.multiarray", "_reconstruct")
+
+
+def test_a_remote_file_reopen_by_absolute_path_is_left_out_and_named(tmp_path: Path) -> None:
+    """A remote run asks, through the file reducer, to append to a file outside the working
+    directory (here one that no longer exists, so reopening it would create it): nothing is
+    opened or created unless trusted, and the report says which file it asked for."""
+    (tmp_path / "wd").mkdir()
+    target = tmp_path / "outside" / "appended-by-remote.log"
+    target.parent.mkdir()
+    log = open(target, "a")
+    path, _ = _bundle(tmp_path, {"log": log, "rows": [1, 2]})
+    log.close()
+    target.unlink()
+    ns, rows = _restore(path, PullTrust())
+    assert not target.exists() and "log" not in ns and ns["rows"] == [1, 2]
+    assert rows["log"].outcome == "skipped" and str(target) in rows["log"].reason and "--trust" in rows["log"].reason
+    ns, rows = _restore(path, None)   # %pull ID --trust
+    assert target.exists() and rows["log"].outcome == "ok"
+    ns["log"].close()
+
+
+def test_a_chunk_the_laptop_sent_as_a_file_does_not_make_a_pickle_trusted(tmp_path: Path) -> None:
+    """A hand-edited bundle reuses the chunk of a working-directory file the laptop sent (a
+    downloaded ``model.pkl`` it never loaded) as a variable's pickle: it is left out."""
+    import json
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    (wd / "model.pkl").write_bytes(pickle.dumps(Planted(), protocol=5))
+    path, manifest = _bundle(tmp_path, {"n": 1})
+    sent = PullTrust.sent_in(manifest)
+    file_chunk = next(f for f in manifest["files"] if f["path"] == "model.pkl")["chunks"][0]
+    manifest["groups"].append({"id": "planted", "names": ["model"], "method": "pickle5", "payload": [file_chunk],
+                               "buffers": []})
+    manifest["variables"].append({**manifest["variables"][0], "name": "model", "group": "planted"})
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    RAN.clear()
+    ns, rows = _restore(path, PullTrust.from_sent(sent))
+    assert RAN == [] and "model" not in ns and ns["n"] == 1
+    assert rows["model"].outcome == "skipped" and "builtins.exec" in rows["model"].reason
+
+
+def test_a_text_column_made_remotely_is_plain_data(tmp_path: Path) -> None:
+    (tmp_path / "wd").mkdir()
+    words = [f"w{i % 50}" for i in range(80_000)]
+    path, _ = _bundle(tmp_path, {"df": pd.DataFrame({"word": words}), "arr": np.arange(10)[2:5]})
+    ns, rows = _restore(path, PullTrust())
+    assert rows["df"].outcome == "ok", rows["df"].reason
+    assert ns["df"]["word"].tolist() == words and ns["arr"].tolist() == [2, 3, 4]
