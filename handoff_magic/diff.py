@@ -16,6 +16,7 @@ import zstandard
 
 from .chunks import address_matches
 from .errors import DiffError
+from .sanitize import sanitize_view
 
 MAX_TEXT_BYTES = 1024 * 1024      # larger files are diffed by size and hash only
 MAX_DIFF_LINES = 400              # per file
@@ -208,8 +209,9 @@ def _diff_lines(text: str) -> str:
 
 
 def render_diff_html(diff: dict[str, Any], title: str | None = None) -> str:
-    """Self-contained HTML (inline styles, everything escaped) for notebooks and pages;
-    ``title`` says what is compared with what (which run, handoff vs latest checkpoint)."""
+    """Self-contained HTML (inline styles, everything escaped, then sanitised: names, summaries and
+    file contents are the remote run's) for notebooks and pages; ``title`` says what is compared
+    with what (which run, handoff vs latest checkpoint)."""
     parts = ['<div class="handoff-diff" style="font-family:system-ui,sans-serif;font-size:13px">']
     if title:
         parts.append(f"<h3 style='margin:4px 0 8px'>{html.escape(title)}</h3>")
@@ -252,4 +254,4 @@ def render_diff_html(diff: dict[str, Any], title: str | None = None) -> str:
             parts.append(f'<div style="color:#6e7781">{_esc(f["note"])}</div>')
         parts.append("</div>")
     parts.append("</div>")
-    return "".join(parts)
+    return sanitize_view("".join(parts))

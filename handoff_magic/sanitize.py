@@ -6,6 +6,10 @@ origin holds the Lab token) they must not run script. Outputs shown in the widge
 ``<script>``, no event handlers, no ``javascript:`` URLs, no SVG, no forms or iframes);
 JavaScript, SVG, Markdown (which may carry raw HTML), widget views and any other MIME type are
 dropped, and a note says so when nothing else remains.
+
+The views this package builds itself from what a run reports (the diff, the pull report) escape
+every remote value and then go through the same nh3 pass (``sanitize_view``), which also keeps
+their inline layout styles, so no escaping slip in a renderer can put live markup on the page.
 """
 from __future__ import annotations
 
@@ -19,6 +23,20 @@ SAFE_IMAGES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
 def sanitize_html(html: str) -> str:
     """HTML with everything that can run script removed (tags, attributes, URL schemes)."""
     return nh3.clean(str(html))  # ammonia's allowlist: no script, on*, javascript:, svg, iframe
+
+
+# the layout the package's own views use; any other CSS property (url(), position...) is removed
+_VIEW_STYLES = frozenset({"background", "border-bottom", "border-collapse", "color", "font-family", "font-size",
+                          "margin", "max-height", "overflow", "padding", "table-layout", "text-align",
+                          "vertical-align", "white-space"})
+_VIEW_ATTRIBUTES = {tag: {*attrs, "style"} for tag, attrs in nh3.ALLOWED_ATTRIBUTES.items()} | {"*": {"style"}}
+
+
+def sanitize_view(html: str) -> str:
+    """A view built here from a run's data (diff, pull report), cleaned like a remote output but
+    keeping its inline layout styles."""
+    return nh3.clean(str(html), attributes=_VIEW_ATTRIBUTES, filter_style_properties=set(_VIEW_STYLES),
+                     allowed_classes={"div": {"handoff-diff"}})
 
 
 def join_text(value: Any) -> str:

@@ -104,7 +104,7 @@ class DiffPage(PageHandler):
     async def get(self, run_id: str) -> None:
         run = self.service.summary(run_id)
         diff = await self.service.diff(run_id)
-        self.render("diff.html", run=run, diff_html=Markup(render_diff_html(diff)),  # it escapes all it renders
+        self.render("diff.html", run=run, diff_html=Markup(render_diff_html(diff)),  # escaped, then sanitised
                     diff_json_url=page_links(self.base_url, run_id)["diff"])
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Any, Callable
 
 from ..diff import render_diff_html
+from ..sanitize import sanitize_view
 from ..snapshot.reports import fmt_bytes
 from ..state import STATUS_LABELS, Event
 
@@ -169,10 +170,11 @@ class PullReport:
     def _repr_html_(self) -> str:
         body = self.restore._repr_html_() if hasattr(self.restore, "_repr_html_") else ""
         conflicts = "".join(f"<li>{html.escape(_conflict_text(c))}</li>" for c in self.conflicts)
-        return (f"<p>Pulled run <b>{html.escape(self.run_id)}</b> from {html.escape(self.server_url)} "
-                f"({fmt_bytes(self.bytes_downloaded)} downloaded in {self.seconds:.2f}s). "
-                f"{html.escape(self.next_step())}.</p>{body}"
-                + (f"<p>Conflicts:</p><ul>{conflicts}</ul>" if conflicts else ""))
+        # names, types, reasons, paths and the waiting question come from the remote run's checkpoint
+        return sanitize_view(f"<p>Pulled run <b>{html.escape(self.run_id)}</b> from {html.escape(self.server_url)} "
+                             f"({fmt_bytes(self.bytes_downloaded)} downloaded in {self.seconds:.2f}s). "
+                             f"{html.escape(self.next_step())}.</p>{body}"
+                             + (f"<p>Conflicts:</p><ul>{conflicts}</ul>" if conflicts else ""))
 
 
 def _conflict_text(c: Any) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, Callable
 
@@ -163,3 +164,55 @@ def test_unchanged_frames_are_unchanged_after_a_round_trip_and_edits_show(tmp_pa
     after = _capture(root, tmp_path / "b2", restored)
     assert [v["name"] for v in diff_manifests(before, after, _reader(tmp_path / "b1", tmp_path / "b2"))["variables"]] \
         == ["edited"]
+
+
+HOSTILE = '<img src=x onerror="alert(1)"><script>alert(2)</script>" onmouseover="alert(3)'
+
+
+class _Page(HTMLParser):
+    """Every tag and attribute a browser would build from a page, and its visible text."""
+
+    def __init__(self, page: str) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.text = ""
+        self.feed(page)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data: str) -> None:
+        self.text += data
+
+
+def _no_live_markup(page: str) -> _Page:
+    parsed = _Page(page)
+    assert {t for t, _ in parsed.tags} <= {"div", "h3", "h4", "table", "thead", "tbody", "tr", "th", "td", "code",
+                                           "span", "pre", "p", "i", "b", "ul", "li"}, parsed.tags
+    assert all(set(a) <= {"style", "class"} for _, a in parsed.tags), parsed.tags
+    assert not any("url(" in (a.get("style") or "") for _, a in parsed.tags)
+    return parsed
+
+
+def test_a_hostile_file_name_variable_and_summary_show_as_text_in_the_diff_view() -> None:
+    """Names, summaries and file contents are the remote run's: the user reads them as text and
+    the view keeps its colours; nothing becomes a tag, a handler or a style of the run's choosing."""
+    diff = {"variables": [{"name": HOSTILE, "change": "added", "type_after": HOSTILE, "summary_after": HOSTILE}],
+            "files": [{"path": HOSTILE + ".txt", "change": "modified", "size_before": 1, "size_after": 2,
+                       "unified_diff": f"--- a\n+++ b\n+{HOSTILE}\n"},
+                      {"path": "big.bin", "change": "added", "note": HOSTILE}]}
+    parsed = _no_live_markup(render_diff_html(diff, title=f"What run {HOSTILE} changed"))
+    assert parsed.text.count(HOSTILE) == 7, parsed.text   # title, name, type, summary, path, line, note
+    assert any("color:#1a7f37" in (a.get("style") or "") for _, a in parsed.tags)   # added, in green
+
+
+def test_a_hostile_pull_report_shows_as_text() -> None:
+    from types import SimpleNamespace
+
+    from handoff_magic.remote.views import PullReport
+    from handoff_magic.snapshot.reports import RestoreReport, VarReport
+    restore = RestoreReport(path="", variables=[VarReport(HOSTILE, HOSTILE, "pickle5", 10, 0.0, "skipped", HOSTILE)],
+                            run=SimpleNamespace(status="waiting_input", question=HOSTILE), title=HOSTILE)
+    report = PullReport("abc123", "http://127.0.0.1:1", 10, restore, [{"path": HOSTILE, "written_as": HOSTILE}], 0.1)
+    parsed = _no_live_markup(report._repr_html_())
+    assert parsed.text.count(HOSTILE) >= 6, parsed.text
