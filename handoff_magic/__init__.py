@@ -40,7 +40,8 @@ def register_reducer(cls: type, save: Any, rebuild: Any) -> None:
 
 
 def load_ipython_extension(ip: Any) -> None:
-    from . import remote  # noqa: F401 - plugs handoff/pull into local runs' widget buttons
+    from .remote import journey_side
+    journey_side()   # plugs handoff/pull into local runs' widget buttons
     from .magics import HandoffMagics
     ip.register_magics(HandoffMagics)
 

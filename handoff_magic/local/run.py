@@ -7,9 +7,9 @@ the notebook stays usable, a pause request takes effect at the next step boundar
 The provider holds the model key; the RunState and the widget only ever see the spec name.
 
 The remote buttons of a local run (hand off, reattach, diff, pull back) go through a
-``RemoteSide`` this module never imports: ``handoff_magic.remote`` plugs itself in with
-``use_remote`` when it is imported (``%load_ext handoff_magic`` does), so the dependency runs one
-way, remote -> local.
+``RemoteSide`` this module never imports: ``handoff_magic.remote.journey_side()`` plugs the
+journey in with ``use_remote`` (``%load_ext handoff_magic`` calls it, and so does the first use
+of ``handoff_magic.remote.handoff``/``pull``...), so the dependency runs one way, remote -> local.
 
 (Over 400 lines for one class: LocalRun's foreground/background/pause/cancel lifecycle and its
 thread handling only make sense read together.)
@@ -63,7 +63,7 @@ _remote: RemoteSide | None = None
 
 
 def use_remote(side: RemoteSide) -> None:
-    """Plug in the remote side (called once by ``handoff_magic.remote`` when it is imported)."""
+    """Plug in the remote side (``handoff_magic.remote.journey_side()`` does, when the extension loads)."""
     global _remote
     _remote = side
 
@@ -71,7 +71,7 @@ def use_remote(side: RemoteSide) -> None:
 def _remote_side() -> RemoteSide:
     if _remote is None:
         raise RunError("remote actions are not loaded in this kernel",
-                       "run %load_ext handoff_magic (or import handoff_magic.remote) first")
+                       "run %load_ext handoff_magic (or call handoff_magic.remote.journey_side()) first")
     return _remote
 
 

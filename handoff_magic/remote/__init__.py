@@ -8,13 +8,30 @@ follow.py    RemoteRun: a remote run mirrored from its events, driving a RunWidg
 journey.py   handoff / reattach / review_diff / pull as small steps
 views.py     what the notebook shows (run list, diff, pull report) and a terminal shows (event_text)
 
-Importing this package plugs the journey into local runs (their Hand off / Pull back buttons).
+The notebook actions (``handoff``, ``pull``...) load on first use: they need the widget
+(ipywidgets, IPython), which terminals (``jupyter handoff``, the MCP server) importing
+``follow``/``http``/``views`` from this package never pay for.
 """
+from types import ModuleType
+from typing import Any
+
 from ..errors import HandoffError
-from ..local.run import use_remote
-from . import journey
-from .journey import handoff, last_handoff_info, pull, reattach, review_diff
 
-use_remote(journey)
+_JOURNEY = frozenset({"handoff", "reattach", "review_diff", "pull", "last_handoff_info"})
 
-__all__ = ["HandoffError", "handoff", "reattach", "review_diff", "pull", "last_handoff_info"]
+
+def journey_side() -> ModuleType:
+    """The notebook actions, plugged into local runs (their Hand off / Pull back buttons)."""
+    from ..local.run import use_remote
+    from . import journey
+    use_remote(journey)
+    return journey
+
+
+def __getattr__(name: str) -> Any:
+    if name in _JOURNEY:
+        return getattr(journey_side(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["HandoffError", "journey_side", "handoff", "reattach", "review_diff", "pull", "last_handoff_info"]

@@ -233,3 +233,15 @@ def test_jupyter_dispatches_to_the_handoff_subcommand() -> None:
     assert out.returncode == 0, out.stderr
     for sub in ("list", "show", "follow", "answer", "cancel", "diff", "open", "mcp"):
         assert f"\n{sub}\n" in out.stdout
+
+
+def test_the_terminal_client_loads_no_notebook_widget_code() -> None:
+    """`jupyter handoff` starts without importing ipywidgets/IPython (they doubled its start-up);
+    the notebook actions still load on first use."""
+    code = ("import sys, handoff_magic.cli, handoff_magic.mcp\n"
+            "print(sorted(m for m in ('ipywidgets', 'IPython', 'handoff_magic.local.widget') if m in sys.modules))\n"
+            "from handoff_magic.remote import pull\n"
+            "print(pull.__module__, 'ipywidgets' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["[]", "handoff_magic.remote.journey True"], out.stdout
