@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..sanitize import join_text, safe_output
+from ..sanitize import IMAGE_MAGIC, image_data_uri, join_text, safe_output
 from ..snapshot.reports import fmt_bytes
 from ..state import STATUS_LABELS, Event, RunState, describe_compaction, describe_usage
 from .widget_css import CSS
@@ -34,6 +34,9 @@ MAX_GOAL_CHARS = 240
 
 
 MAX_HTML_CHARS = 20_000     # a bigger HTML output shows as its text/plain in the log
+
+
+MAX_LOG_IMAGE_BYTES = 512 * 1024   # the log is re-sent whole on each update; bigger images stay in Outputs
 
 
 OUTPUT_TYPES = frozenset({"stream", "display_data", "execute_result", "error"})
@@ -188,25 +191,33 @@ def _result_div(text: str, error: bool = False) -> str:
     return f'<div class="{cls}">{esc(short(text, MAX_RESULT_CHARS, MAX_RESULT_LINES))}</div>'
 
 
+def _output_html(o: dict[str, Any]) -> tuple[str, bool]:
+    """One sanitised output as log HTML, and whether it is rich (a table or an image) rather
+    than text the step's text result already says."""
+    if o["output_type"] == "stream":
+        return _result_div(join_text(o.get("text", "")), o.get("name") == "stderr"), False
+    if o["output_type"] == "error":
+        return _result_div(f"{o.get('ename', 'Error')}: {o.get('evalue', '')}", True), False
+    data = o["data"]
+    html_out = data.get("text/html")
+    if html_out and len(html_out) <= MAX_HTML_CHARS:
+        return f'<div class="jh-html">{html_out}</div>', True
+    for mime in IMAGE_MAGIC:
+        if mime in data:   # safe_output kept it, so it is a real image of that type
+            uri = image_data_uri(mime, data[mime], MAX_LOG_IMAGE_BYTES)
+            if uri is None:
+                size = fmt_bytes(len(join_text(data[mime])) * 3 // 4)
+                return _result_div(f"[{mime} image of {size}: too big for the step log]"), True
+            return f'<img class="jh-img" alt="{esc(mime)} output" src="{uri}">', True
+    return _result_div(join_text(data.get("text/plain", ""))), bool(html_out)
+
+
 def _outputs_html(outputs: Any) -> list[str]:
-    """A step's outputs as log HTML when one of them is HTML (a DataFrame's table), else []
-    (the text result says it all). The HTML is sanitised: it may come from a remote run."""
+    """A step's outputs as log HTML when one of them is rich (a DataFrame's table, a plot), else
+    [] (the text result says it all). Everything is sanitised: it may come from a remote run."""
     safe = [safe_output(o) for o in outputs or [] if isinstance(o, dict) and o.get("output_type") in OUTPUT_TYPES]
-    if not any(o.get("data", {}).get("text/html") for o in safe):
-        return []
-    parts = []
-    for o in safe:
-        if o["output_type"] == "stream":
-            parts.append(_result_div(join_text(o.get("text", "")), o.get("name") == "stderr"))
-        elif o["output_type"] == "error":
-            parts.append(_result_div(f"{o.get('ename', 'Error')}: {o.get('evalue', '')}", True))
-        else:
-            html_out = o["data"].get("text/html")
-            if html_out and len(html_out) <= MAX_HTML_CHARS:
-                parts.append(f'<div class="jh-html">{html_out}</div>')
-            else:
-                parts.append(_result_div(join_text(o["data"].get("text/plain", ""))))
-    return parts
+    shown = [_output_html(o) for o in safe]
+    return [part for part, _ in shown] if any(rich for _, rich in shown) else []
 
 
 def view_from_state(state: RunState) -> View:

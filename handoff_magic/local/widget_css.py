@@ -74,6 +74,7 @@ CSS = """
   margin: 1px 0 2px 0;   /* no scroll box of its own: results are trimmed, the log scrolls */
 }
 .jh-result.jh-err { color: var(--jp-error-color1, #d32f2f); }
+.jh-img { display: block; max-width: 100%; height: auto; margin: 2px 0; }
 .jh-html { font-size: 11px; margin: 2px 0; overflow-x: auto; }   /* wide tables scroll sideways only */
 .jh-html table { border-collapse: collapse; }
 .jh-html th, .jh-html td { border: 1px solid var(--jp-border-color2, #e0e0e0); padding: 1px 6px; text-align: right; }
