@@ -11,6 +11,7 @@ from typing import Any
 from jupyter_core.paths import jupyter_config_path, jupyter_data_dir, jupyter_runtime_dir
 from jupyter_server.extension.application import ExtensionApp, ExtensionAppJinjaMixin
 
+from . import lab_page
 from .blobs import BlobStore
 from .notify import Notifier
 from .run.gateway import is_gateway_kernel_manager
@@ -130,6 +131,8 @@ class HandoffApp(HandoffSettings, ExtensionAppJinjaMixin, ExtensionApp):
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
         """Runs once the event loop is up: deliver pending notifications, resume unfinished runs."""
         assert self.notifier is not None and self.run_manager is not None
+        if not self.result_notebook_starts_kernel:
+            lab_page.install(serverapp.web_app.settings)
         self.notifier.start()
         await self.run_manager.start()
 

@@ -85,6 +85,10 @@ class HandoffSettings(Configurable):
     max_concurrent_runs = Integer(2, help="Runs executing at once; others wait as 'queued'.").tag(config=True)
     kernel_name = Unicode("python3", help="Kernel spec for remote runs.").tag(config=True)
     keep_kernel = Bool(False, help="Keep a finished run's kernel alive (for inspection).").tag(config=True)
+    result_notebook_starts_kernel = Bool(False, help="Let the cloud's JupyterLab start a kernel when a "
+                                                     "result-notebook link opens result.ipynb (off: the "
+                                                     "page reads the report; its kernel selector starts "
+                                                     "one on demand).").tag(config=True)
     warm_kernels = Integer(0, help="Keep this many (0 or 1) spare kernels booted so a handoff skips "
                                    "kernel start-up (same-disk, unsandboxed kernels only: "
                                    "sandbox='none').").tag(config=True)

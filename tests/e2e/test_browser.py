@@ -303,10 +303,10 @@ def _journey(page: Any, context: Any, lab: LabProcess, cloud: JupyterServerProce
     ex(nb_panel.locator(".jp-RenderedMarkdown", has_text="Dropping the small sales")).to_be_visible()
     ex(nb_panel.locator(".jp-RenderedMarkdown", has_text="Summary")).to_have_count(1)
     ex(nb.locator(".lm-TabBar-tab.jp-mod-current")).to_contain_text("result.ipynb")
-    # once Lab has connected whatever kernel it starts, the record of the run is still unchanged:
-    # no unsaved mark (which would also make autosave clash with the runner's rewrites)
-    ex(nb.locator(".jp-NotebookPanel:visible .jp-Notebook-ExecutionIndicator")).to_have_attribute(
-        "data-status", "idle")
+    # the link opens the record of the run: no kernel starts for it, and it is unchanged (no
+    # unsaved mark, which would also make autosave clash with the runner's rewrites)
+    ex(nb.locator(".jp-NotebookPanel:visible .jp-KernelName")).to_have_text("No Kernel")
+    assert not [s for s in cloud.client.get("/api/sessions").json() if s["path"].endswith("result.ipynb")]
     ex(nb.locator(".lm-TabBar-tab.jp-mod-current.jp-mod-dirty")).to_have_count(0, timeout=5_000)
     shot(nb, "06-result-notebook-cloud-light")
     nb.close()
