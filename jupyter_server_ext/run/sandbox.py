@@ -364,7 +364,27 @@ def install_kernelspec(kernel_spec_manager: Any, base_name: str, spec_dir: Path,
     dirs = list(kernel_spec_manager.kernel_dirs)
     if str(spec_dir) not in dirs:
         kernel_spec_manager.kernel_dirs = [*dirs, str(spec_dir)]
+    hide_from_listing(kernel_spec_manager, KERNELSPEC_NAME)
     return KERNELSPEC_NAME
+
+
+def hide_from_listing(kernel_spec_manager: Any, name: str) -> None:
+    """Leave kernel spec ``name`` out of ``find_kernel_specs`` (so out of ``/api/kernelspecs``
+    and the Lab launcher, where starting it outside a run workspace is refused anyway) while
+    ``get_kernel_spec(name)``, which the kernel manager resolves a start by, still finds it.
+
+    jupyter_client has no "hidden" flag for a spec, and its two lookups differ: listing goes
+    through ``find_kernel_specs`` (also ``get_all_specs``), resolving by name through
+    ``_find_spec_directory``; so the listing of this one manager is filtered."""
+    listing = kernel_spec_manager.find_kernel_specs
+    if getattr(listing, "hides", None) == name:
+        return
+
+    def find_kernel_specs() -> dict[str, str]:
+        return {k: v for k, v in listing().items() if k != name}
+
+    find_kernel_specs.hides = name  # type: ignore[attr-defined]
+    kernel_spec_manager.find_kernel_specs = find_kernel_specs
 
 
 
