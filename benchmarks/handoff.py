@@ -16,6 +16,7 @@ server, and medians of ``--repeat`` runs are printed next to the load average.
     python benchmarks/handoff.py                          # 10 MB and 1 GB, 3 runs each
     python benchmarks/handoff.py --sizes 10MB --repeat 1  # quick
     python benchmarks/handoff.py --baseline 862efb9       # before/after side by side
+    python benchmarks/handoff.py --warm-kernels 0         # every handoff starts its kernel
 """
 from __future__ import annotations
 
@@ -84,11 +85,12 @@ notes = "x" * 1000
 class Variant:
     """One code tree (ours, or the baseline revision) with its own server."""
 
-    def __init__(self, name: str, tree: Path, base: Path, script: Path, max_size: int) -> None:
+    def __init__(self, name: str, tree: Path, base: Path, script: Path, max_size: int, warm_kernels: int) -> None:
         self.name, self.tree, self.base, self.script = name, tree, base, script
         self.env = {"PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": ""}   # compiled once, as installed
         self.cloud = Cloud(base / "cloud", env=self.env,
-                           extra_args=[f"--HandoffApp.max_bundle_bytes={4 * max_size + 2**30}"])
+                           extra_args=[f"--HandoffApp.max_bundle_bytes={4 * max_size + 2**30}",
+                                       f"--HandoffApp.warm_kernels={warm_kernels}"])
 
     def start(self) -> None:
         t = time.perf_counter()
@@ -273,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="10MB,1GB", help="comma-separated namespace sizes (default 10MB,1GB)")
     p.add_argument("--repeat", type=int, default=3, help="runs per size and variant (medians printed)")
     p.add_argument("--baseline", default=None, help="also run this git revision, alternating with ours")
+    p.add_argument("--warm-kernels", type=int, default=1,
+                   help="the servers' c.HandoffApp.warm_kernels (default 1, as a server that takes "
+                        "runs should set it; 0 measures kernel start-up in every handoff)")
     p.add_argument("--json", help="also write the raw numbers here")
     p.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = p.parse_args(argv)
@@ -286,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     trees = {"ours": ROOT}
     if args.baseline:
         trees[f"base {args.baseline}"] = export_revision(args.baseline, base / "baseline-src")
-    variants = [Variant(n, t, base / n.split()[0], script, max(sizes)) for n, t in trees.items()]
+    variants = [Variant(n, t, base / n.split()[0], script, max(sizes), args.warm_kernels) for n, t in trees.items()]
     results: dict[str, dict[int, list[dict[str, Any]]]] = {v.name: {s: [] for s in sizes} for v in variants}
     try:
         warm_memory(2 * max(sizes))
@@ -295,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         for v in variants:  # untimed: imports, kernel spec, server code paths
             one_round(v, min(sizes), base / f"warmup-{v.name.split()[0]}")
         print(f"load average {load_avg()} on {os.cpu_count()} CPUs; {args.repeat} run(s) per size and variant, "
-              f"alternating {' / '.join(trees)}", flush=True)
+              f"alternating {' / '.join(trees)}; warm_kernels={args.warm_kernels}", flush=True)
         n = 0
         for size in sizes:
             for rep in range(args.repeat):

@@ -89,9 +89,12 @@ class HandoffSettings(Configurable):
                                                      "result-notebook link opens result.ipynb (off: the "
                                                      "page reads the report; its kernel selector starts "
                                                      "one on demand).").tag(config=True)
-    warm_kernels = Integer(0, help="Keep this many (0 or 1) spare kernels booted so a handoff skips "
-                                   "kernel start-up (same-disk, unsandboxed kernels only: "
-                                   "sandbox='none').").tag(config=True)
+    warm_kernels = Integer(0, help="Spare run kernels (0 or 1) kept booted, each sandboxed like a run's "
+                                   "on an empty workspace of its own, so a handoff skips kernel "
+                                   "start-up: a fresh run adopts the spare (never shared, never "
+                                   "reused) and the next one boots. Off by default: a spare is a "
+                                   "standing kernel on every server the extension loads in. "
+                                   "Same-disk kernels only (not through a gateway).").tag(config=True)
     exec_timeout = Float(3600.0, help="Longest one run_python call of a remote run may take, in "
                                       "seconds; then it is interrupted and the agent told "
                                       "(0 = no limit).").tag(config=True)

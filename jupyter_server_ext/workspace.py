@@ -8,6 +8,7 @@ the result notebook, the diff... are built here and nowhere else.
 """
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from .errors import BadRequest
 
 RUNS_DIR = "handoff-runs"                 # under the server's root_dir (a Lab-visible folder)
 RESULT_NOTEBOOK = "result.ipynb"
+SPARE_PREFIX = ".spare-"                  # a spare kernel's workspace until a run adopts it; never a
+                                          # run id (no '.' in one), hidden in Lab
 PRIVATE_DIR = ".handoff"                  # in a workspace, relative (also kernel-side, gateways)
 BUNDLE_DIR = f"{PRIVATE_DIR}/bundle"
 CKPT_DIR = f"{PRIVATE_DIR}/ckpt"
@@ -77,9 +80,23 @@ class Workspace:
     def run_dir(self, run_id: str) -> Path:
         return self.runs_dir / check_run_id(run_id)
 
-    def api_path(self, run_id: str | None = None) -> str:
-        """The Jupyter (contents API) path of a run's workspace, or of the runs folder."""
-        return RUNS_DIR if run_id is None else f"{RUNS_DIR}/{check_run_id(run_id)}"
+    def api_path(self, run_id: str) -> str:
+        """The Jupyter (contents API) path of a run's workspace."""
+        return f"{RUNS_DIR}/{check_run_id(run_id)}"
+
+    def new_spare_dir(self) -> Path:
+        """A fresh, empty, private (0700) workspace for a spare kernel, beside the runs' (a run
+        adopts it by a rename, so it must be on the same file system)."""
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=SPARE_PREFIX, dir=self.runs_dir))
+
+    def spare_api_path(self, spare: Path) -> str:
+        """The Jupyter path of a spare's workspace (``start_kernel(path=...)``)."""
+        return f"{RUNS_DIR}/{spare.name}"
+
+    def spare_dirs(self) -> list[Path]:
+        """Spare workspaces on disk (left by a server that was killed, or booting now)."""
+        return sorted(self.runs_dir.glob(SPARE_PREFIX + "*")) if self.runs_dir.is_dir() else []
 
     def result_notebook(self, run_id: str) -> Path:
         return self.run_dir(run_id) / RESULT_NOTEBOOK

@@ -166,7 +166,6 @@ class RunDriver:
     async def drive(self, run: ActiveRun) -> None:
         state, journal = run.state, run.log
         assert state is not None
-        self.ws.run_dir(run.id).mkdir(parents=True, exist_ok=True)
         journal.notebook = ResultNotebook(self.ws.result_notebook(run.id))
         resumed = state.status != "queued"
         was_waiting = state.status == "waiting_input"
@@ -286,9 +285,11 @@ class RunDriver:
         await self.release_kernel(run)
         t0 = time.perf_counter()
         manifest, kind = self.checkpoints.latest(run.id)
-        # the kernel boots (~0.5 s) while the bundle is checked and linked into the workspace
-        materialised = asyncio.ensure_future(self._in_thread(self.checkpoints.materialise, run.id, manifest))
-        run.kernel = kernel = await self.kernels.acquire(run.id, materialised)
+        # a spare adopted, or a kernel booting (~0.5 s) while the bundle is checked and linked
+        # into the workspace (the workspace is created by acquire)
+        run.kernel = kernel = await self.kernels.acquire(
+            run.id, lambda: self._in_thread(self.checkpoints.materialise, run.id, manifest))
+        self.transport.attach(run.id, kernel.root)
         run.crashed = False
         t_ready = time.perf_counter()
         try:  # the kernel may not share our disk (gateways): the transport brings the bundle
@@ -319,11 +320,13 @@ class RunDriver:
         report["source"] = kind
         run.log.emit("restore", report=report)
         run.ckpt_key = held_key(manifest)
+        self.kernels.refill()  # the next spare boots while the model thinks, not during the restore
         await self._in_thread(run.log.write_notebook)
 
     async def release_kernel(self, run: ActiveRun) -> None:
         kernel, run.kernel = run.kernel, None
         if kernel is not None:
+            self.transport.attach(run.id, None)
             keep = self.settings.keep_kernel and run.state is not None and run.state.status in KEPT_STATUSES
             await self.kernels.release(kernel, keep=keep)
 

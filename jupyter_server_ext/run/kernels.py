@@ -4,8 +4,19 @@ and Enterprise Gateway set-ups work).
 A run's kernel starts in its workspace with a scrubbed environment (no token, no model key, no
 secret-named variable, nor any variable holding one of those values), autorestart off (a crashed
 kernel is replaced from the last checkpoint, never by a blank restart), and its kernel_info
-seeded into Jupyter Server's cache so browsers can attach while it is busy. Opt-in
-``c.HandoffApp.warm_kernels = 1`` keeps one spare kernel booted (same-disk kernels only).
+seeded into Jupyter Server's cache so browsers can attach while it is busy.
+
+Warm spares (``c.HandoffApp.warm_kernels``): a spare kernel boots exactly like a run's (same
+kernel spec, so the same sandbox, mounts, limits and scrubbed env) in a fresh, empty, private
+workspace of its own (``<runs>/.spare-XXXX``, ``Workspace.new_spare_dir``). A fresh handoff
+adopts it: the spare's directory is *renamed* to the run's workspace before the bundle is
+materialised into it, so the kernel never saw anything but that empty directory and, from then
+on, only its own run. A bind mount follows the directory, not its name: inside the sandbox the
+adopted workspace keeps the path the spare was booted on, which is why a ``Kernel`` carries
+``root``, the workspace as the kernel sees it (the transport passes that path to the kernel). A
+spare serves one run and goes with it (never reused); the next one boots in the background
+(``refill``, called by the driver once the restore is done). Runs whose workspace already exists
+(resumed after a restart, a crashed kernel replaced) start a kernel of their own in it.
 
 Which kernel a run gets (kernel spec, provisioner, launch arguments) is decided in one place,
 ``KernelPool.launch_options``: the seam for a sandboxed provisioner.
@@ -15,9 +26,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from jupyter_core.utils import ensure_async
@@ -36,19 +49,29 @@ DROP_ENV = frozenset({"JUPYTER_TOKEN", "JPY_API_TOKEN", "JUPYTERHUB_API_TOKEN", 
                       "HANDOFF_TOKEN", "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "JPY_SESSION_NAME"})
 INLINE_MPL = "module://matplotlib_inline.backend_inline"
 WARM_IMPORT_TIMEOUT = 120.0
+WARM_IMPORTS = "import handoff_magic"   # what a spare loads ahead of its run
 T = TypeVar("T")
 InThread = Callable[[Callable[[], T]], Awaitable[T]]
 
 
 @dataclass
 class Kernel:
-    """A run's kernel: its id in the kernel manager and the executor talking to it."""
+    """A run's kernel: its id in the kernel manager, the executor talking to it, and ``root``,
+    the run's workspace as the kernel sees it (its cwd; see the module docstring)."""
     id: str
     executor: KernelExecutor
+    root: str
+
+
+@dataclass
+class _Spare:
+    """A booted spare and its own empty workspace (the run's, once adopted)."""
+    kernel: Kernel
+    workspace: Path
 
 
 class KernelPool:
-    """Starts, hands out and shuts down run kernels (one-way: the manager calls it)."""
+    """Starts, hands out and shuts down run kernels (one-way: the manager and driver call it)."""
 
     def __init__(self, settings: HandoffSettings, kernel_manager: Any, workspace: Workspace, *,
                  in_thread: InThread[Any], sandbox: SandboxState | None = None, server_token: str = "",
@@ -59,10 +82,10 @@ class KernelPool:
         self.workspace = workspace
         self.server_token = server_token
         self._in_thread = in_thread
-        # only on a shared disk and unsandboxed: the restore chdirs a warm kernel into the run's
-        # workspace, which a sandbox started elsewhere cannot see
-        self._warm_allowed = warm_allowed and (sandbox is None or sandbox.mode == "none")
-        self._warm: asyncio.Future[Kernel] | None = None
+        # only on a shared disk (adoption renames a directory) and where runs are not refused
+        self._warm_allowed = warm_allowed and not (sandbox is not None and sandbox.problem)
+        self._sandboxed = sandbox is not None and sandbox.mode == "bwrap"
+        self._warm: asyncio.Future[_Spare] | None = None
         self._stopping = False
 
     # -- what a run's kernel is ------------------------------------------------------------------
@@ -87,25 +110,34 @@ class KernelPool:
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
-    def launch_options(self, run_id: str | None) -> dict[str, Any]:
-        """``start_kernel`` arguments for a run's kernel (``run_id`` None: a warm spare, which
-        starts in the runs folder and moves into a workspace when a run takes it). The sandbox's
-        kernel spec (its provisioner) when there is one; never unisolated unasked."""
+    def launch_options(self, path: str) -> dict[str, Any]:
+        """``start_kernel`` arguments for a kernel whose workspace is Jupyter path ``path`` (a
+        run's, or a spare's). The sandbox's kernel spec (its provisioner) when there is one;
+        never unisolated unasked."""
         if self.sandbox is not None and self.sandbox.problem:  # c.HandoffApp.sandbox
             raise RunFailure(self.sandbox.problem, self.sandbox.hint)
         kernel_name = self.sandbox.kernel_name if self.sandbox is not None else self.settings.kernel_name
-        return {"path": self.workspace.api_path(run_id), "kernel_name": kernel_name, "env": self.env()}
+        return {"path": path, "kernel_name": kernel_name, "env": self.env()}
 
     # -- lifecycle -------------------------------------------------------------------------------
-    async def acquire(self, run_id: str, meanwhile: asyncio.Future[Any]) -> Kernel:
-        """A ready kernel for ``run_id`` (the warm spare if there is a live one), while
-        ``meanwhile`` (the bundle check) finishes; its error comes before a kernel's."""
-        warm = await self._take_warm()
-        if warm is not None:
-            await meanwhile
-            kernel = warm
+    async def acquire(self, run_id: str, prepare: Callable[[], Awaitable[Any]]) -> Kernel:
+        """A ready kernel in ``run_id``'s workspace, with ``prepare()`` (the bundle checked and
+        linked into the workspace) done; a ``prepare`` error comes before a kernel's.
+
+        A run without a workspace yet (a fresh handoff) adopts the live spare if there is one,
+        before ``prepare`` writes anything; otherwise a kernel boots while ``prepare`` runs."""
+        ws = self.workspace.run_dir(run_id)
+        kernel = await self._adopt(ws)
+        if kernel is not None:
+            try:
+                await prepare()
+            except BaseException:
+                await self.release(kernel)
+                raise
         else:
-            kernel = await self._start_alongside(run_id, meanwhile)
+            ws.mkdir(parents=True, exist_ok=True)
+            kernel = await self._start_alongside(self.workspace.api_path(run_id), str(ws),
+                                                 asyncio.ensure_future(prepare()))
         self._seed_kernel_info(kernel)
         return kernel
 
@@ -121,26 +153,38 @@ class KernelPool:
         except Exception as exc:  # noqa: BLE001 - logged; nothing else to do with a kernel on its way out
             log.warning("jupyter-handoff: shutting down kernel %s failed: %s", kernel.id, exc)
 
+    def remove_stale_spares(self) -> None:
+        """At start: drop the empty spare workspaces a killed server left (never adopted: a
+        spare is only ever adopted by the server that booted it)."""
+        for d in self.workspace.spare_dirs():
+            try:
+                d.rmdir()
+            except OSError as exc:
+                log.warning("jupyter-handoff: leaving spare workspace %s (%s)", d, exc)
+
     def refill(self) -> None:
-        """Start booting a spare kernel if warm kernels are on and none is there."""
+        """Start booting a spare if one is wanted and none is there (or booting)."""
         if self.settings.warm_kernels > 0 and self._warm_allowed and not self._stopping and self._warm is None:
             self._warm = asyncio.ensure_future(self._boot_warm())
+            self._warm.add_done_callback(_log_boot_failure)
 
     async def stop(self) -> None:
-        """No more spares; the one booted (or booting) goes."""
+        """No more spares; the one booted (or booting) goes, with its workspace."""
         self._stopping = True
         warm, self._warm = self._warm, None
         if warm is None:
             return
-        if warm.done() and not warm.cancelled() and warm.exception() is None:
-            await self.release(warm.result())
-        else:
+        if not warm.done():
             warm.cancel()
+        got = (await asyncio.gather(warm, return_exceptions=True))[0]
+        if isinstance(got, _Spare):
+            await self._discard(got)
 
     # -- steps -----------------------------------------------------------------------------------
-    async def _start(self, run_id: str | None) -> tuple[str, asyncio.Future[KernelExecutor]]:
-        """Start a kernel, autorestart off; its id and a future of its ready executor."""
-        kid = await ensure_async(self.kernel_manager.start_kernel(**self.launch_options(run_id)))
+    async def _start(self, path: str) -> tuple[str, asyncio.Future[KernelExecutor]]:
+        """Start a kernel in Jupyter path ``path``, autorestart off; its id and a future of its
+        ready executor."""
+        kid = await ensure_async(self.kernel_manager.start_kernel(**self.launch_options(path)))
         km = self.kernel_manager.get_kernel(kid)
         try:  # we recover crashed kernels ourselves (from the checkpoint), not by a blank restart
             km.stop_restarter()
@@ -152,53 +196,80 @@ class KernelPool:
             lambda: KernelExecutor(self.kernel_manager, kid, loop, default_timeout=self.settings.exec_timeout)))
         return kid, ready
 
-    async def _start_alongside(self, run_id: str, meanwhile: asyncio.Future[Any]) -> Kernel:
+    async def _start_alongside(self, path: str, root: str, meanwhile: asyncio.Future[Any]) -> Kernel:
         try:
-            kid, ready = await self._start(run_id)
+            kid, ready = await self._start(path)
         except BaseException:
             await asyncio.gather(meanwhile, return_exceptions=True)  # no orphaned task
             raise
         done: tuple[Any, Any] = await asyncio.gather(meanwhile, ready, return_exceptions=True)
         checked, executor = done
         if isinstance(executor, KernelExecutor) and not isinstance(checked, BaseException):
-            return Kernel(kid, executor)
+            return Kernel(kid, executor, root)
         if isinstance(executor, KernelExecutor):
             executor.close()
         await self._shutdown_quietly(kid)
         raise checked if isinstance(checked, BaseException) else executor
 
-    async def _boot_warm(self) -> Kernel:
-        """A spare kernel with handoff_magic imported, so the next handoff skips kernel
-        start-up (~0.5 s, far more on a loaded machine)."""
-        self.workspace.runs_dir.mkdir(parents=True, exist_ok=True)
-        kid, ready = await self._start(None)
+    async def _boot_warm(self) -> _Spare:
+        """A spare kernel on an empty workspace of its own, with handoff_magic imported, so the
+        next handoff skips kernel start-up (~0.5 s, far more on a loaded machine)."""
+        ws = self.workspace.new_spare_dir()
+        kid = ""
         try:
+            kid, ready = await self._start(self.workspace.spare_api_path(ws))
             ex = await ready
-            await self._in_thread(lambda: ex.execute("import handoff_magic", WARM_IMPORT_TIMEOUT,
+            await self._in_thread(lambda: ex.execute(WARM_IMPORTS, WARM_IMPORT_TIMEOUT,
                                                      silent=True, store_history=False))
         except BaseException:
-            await self._shutdown_quietly(kid)
+            if kid:
+                await self._shutdown_quietly(kid)
+            shutil.rmtree(ws, ignore_errors=True)
             raise
-        return Kernel(kid, ex)
+        return _Spare(Kernel(kid, ex, str(ws)), ws)
 
-    async def _take_warm(self) -> Kernel | None:
-        """The spare if there is a live one (waiting for it if it is still booting); the next
-        starts booting."""
+    async def _adopt(self, ws: Path) -> Kernel | None:
+        """The live spare, its workspace renamed to ``ws``; None if there is none, or ``ws``
+        already exists (a resumed run's files are there: it gets a kernel of its own)."""
+        if self._warm is None or ws.exists():  # noqa: ASYNC240 - one stat of a local directory
+            return None
         task, self._warm = self._warm, None
-        if task is None:
+        try:
+            spare = await asyncio.shield(task)   # (still booting: a cold start would take as long)
+        except asyncio.CancelledError:
+            if task.cancelled():  # stop() ended the boot
+                return None
+            if self._warm is None and not self._stopping:
+                self._warm = task  # it is the run that was cancelled: the spare stays for the next
+            raise
+        except Exception:  # noqa: BLE001 - logged by _log_boot_failure; the run starts a kernel instead
             return None
         try:
-            kernel = await task
-        except Exception as exc:  # noqa: BLE001 - logged; a fresh kernel is started instead
-            log.warning("jupyter-handoff: the warm kernel failed to start (%s); starting one for the run", exc)
-            self.refill()
+            alive = not spare.kernel.executor.dead and \
+                await ensure_async(self.kernel_manager.get_kernel(spare.kernel.id).is_alive())
+        except KeyError:  # shut down meanwhile (through the kernels API, a culler)
+            alive = False
+        if alive:
+            try:
+                os.rename(spare.workspace, ws)   # atomic; the bundle is not in it yet
+            except OSError as exc:
+                log.warning("jupyter-handoff: could not adopt spare workspace %s as %s: %s",
+                            spare.workspace, ws, exc)
+                alive = False
+        if not alive:
+            await self._discard(spare)
             return None
-        self.refill()
-        if kernel.executor.dead or not await ensure_async(self.kernel_manager.get_kernel(kernel.id).is_alive()):
-            kernel.executor.close()
-            await self._shutdown_quietly(kernel.id)
-            return None
+        kernel = spare.kernel
+        # sandboxed, the kernel sees its mount point (the spare's path); unsandboxed, its cwd
+        # followed the rename
+        kernel.root = str(spare.workspace) if self._sandboxed else str(ws)
         return kernel
+
+    async def _discard(self, spare: _Spare) -> None:
+        """A spare no run will have: its kernel and its (empty) workspace go."""
+        spare.kernel.executor.close()
+        await self._shutdown_quietly(spare.kernel.id)
+        shutil.rmtree(spare.workspace, ignore_errors=True)
 
     async def _shutdown_quietly(self, kid: str) -> None:
         try:
@@ -226,3 +297,9 @@ class KernelPool:
                 km._kernel_info_future = fut
         except Exception as exc:  # noqa: BLE001 - only an optimisation of other clients' handshakes
             log.warning("jupyter-handoff: could not cache kernel_info of kernel %s: %s", kernel.id, exc)
+
+
+def _log_boot_failure(task: asyncio.Future[Any]) -> None:
+    """Say why a spare failed to boot when it happens (runs then start kernels of their own)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("jupyter-handoff: a spare kernel failed to start: %s", task.exception())

@@ -69,6 +69,7 @@ class RunManager:
     async def start(self) -> None:
         """Resume every unfinished run (after a restart or crash) from its last checkpoint."""
         loop = self._ensure_loop()
+        self.kernels.remove_stale_spares()
         for run_id in self.store.unfinished_runs():
             log.info("jupyter-handoff: resuming run %s", run_id)
             try:

@@ -121,6 +121,11 @@ class BundleTransport(ABC):
     def __init__(self, workspace: Workspace) -> None:
         self.workspace = workspace
 
+    def attach(self, run_id: str, kernel_root: str | None) -> None:  # noqa: B027 - only one transport needs it
+        """Where the run's current kernel sees its workspace (None: the kernel is gone). The
+        channels transport asks the kernel itself; the shared disk one needs it for an adopted
+        sandboxed spare, which sees its workspace at the path it was booted on."""
+
     @abstractmethod
     def send_bundle(self, executor: Executor, run_id: str, manifest: dict[str, Any],
                     blobs: Blobs) -> KernelBundle:
@@ -245,20 +250,34 @@ class SharedDiskTransport(BundleTransport):
 
     name = "shared"
 
+    def __init__(self, workspace: Workspace) -> None:
+        super().__init__(workspace)
+        self._roots: dict[str, str] = {}   # run id -> its workspace as its current kernel sees it
+
+    def attach(self, run_id: str, kernel_root: str | None) -> None:
+        if kernel_root is None:
+            self._roots.pop(run_id, None)
+        else:
+            self._roots[run_id] = kernel_root
+
+    def _kernel_root(self, run_id: str) -> str:
+        return self._roots.get(run_id) or str(self.workspace.run_dir(run_id))
+
     def send_bundle(self, executor: Executor, run_id: str, manifest: dict[str, Any],
                     blobs: Blobs) -> KernelBundle:
         ckpt = self.workspace.ckpt_dir(run_id)
         for sha in Manifest.parse(manifest).shas:
             link_or_copy(blobs.path(sha), ckpt / chunk_relpath(sha))
         atomic_write_bytes(ckpt / "manifest.json", json.dumps(manifest).encode("utf-8"))
-        return KernelBundle(bundle_dir=str(ckpt), root=str(self.workspace.run_dir(run_id)))
+        root = self._kernel_root(run_id)
+        return KernelBundle(bundle_dir=f"{root}/{CKPT_DIR}", root=root)
 
     def fetch_checkpoint(self, executor: Executor, run_id: str, run_state: dict[str, Any],
                          blobs: Blobs, *, max_bytes: int | None = None,
                          base: dict[str, Any] | None = None) -> Checkpoint:
         ckpt = self.workspace.ckpt_dir(run_id)
         atomic_write_bytes(self.workspace.run_json(run_id), json.dumps(run_state).encode("utf-8"))
-        res = executor.execute(kernel_call(_SAVE, _save_args(str(self.workspace.run_dir(run_id)))), CALL_TIMEOUT,
+        res = executor.execute(kernel_call(_SAVE, _save_args(self._kernel_root(run_id))), CALL_TIMEOUT,
                                silent=True, store_history=False)
         check(res, "saving a checkpoint")
         try:
