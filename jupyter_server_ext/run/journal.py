@@ -4,7 +4,8 @@ Every event is committed to SQLite, and the run state with it, before the run go
 crash loses at most the step in flight. Two ordering rules are the journal's:
 
 * a terminal status is committed only once ``result.ipynb`` shows it (the end is in the
-  notebook before anyone is told), and it is the run's last event;
+  notebook before anyone is told), and it is the run's last event; a ``run_python`` call is
+  in ``result.ipynb`` before its code runs (an open copy shows what the run is doing now);
 * a question's checkpoint, taken before the question is announced, is announced right after it
   (the log reads ``question``, ``checkpoint``, ``status: waiting_input``).
 
@@ -103,6 +104,8 @@ class Journal:
             event.seq = stored.seq
         event.time = stored.time
         self.store.save_state(state)
+        if event.type == "tool_call" and event.data.get("name") == "run_python":
+            self.write_notebook()  # an open result.ipynb shows the code being run, not only steps done
         if event.type == "status" and event.data.get("status") in NOTIFY_ON and self.notifier is not None:
             try:
                 self.notifier.enqueue(state.id, event.data["status"])

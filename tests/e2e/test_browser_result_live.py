@@ -2,7 +2,8 @@
 
 A run on the cloud is held inside its second step (the kernel waits for a file the test writes
 into the run's workspace) while the test opens the run's result-notebook link in Chromium; then
-the run goes on. The server rewrites result.ipynb atomically after every step, and
+the run goes on. The server rewrites result.ipynb atomically when a step's code starts and after
+every step, and
 jupyter-collaboration's file watcher loads each rewrite into the shared document, so the open
 notebook shows the later steps' cells without a reload and without a "File Changed" dialog.
 The page opened by that link starts no kernel (the server's other pages still do).
@@ -67,18 +68,24 @@ def test_open_result_notebook_follows_the_live_run(browser: Any, cloud: JupyterS
     try:
         page.goto(cloud_lab_url(cloud, f"lab/tree/handoff-runs/{run_id}/result.ipynb"))
         panel = page.locator(".jp-NotebookPanel:visible")
-        ex(panel).to_contain_text("STEP-ONE loaded 2 rows")
-        ex(panel).not_to_contain_text("STEP-TWO ran")
+        outputs = panel.locator(".jp-OutputArea-output")
+        ex(outputs.filter(has_text="STEP-ONE loaded 2 rows")).to_have_count(1)
+        # the step running now is there too: its words and code, no output yet
+        ex(panel.locator(".jp-RenderedMarkdown", has_text="Waiting for the reader.")).to_be_visible()
+        held = panel.locator(".jp-CodeCell", has_text="until the test has the notebook open")
+        ex(held).to_have_count(1)
+        ex(outputs.filter(has_text="STEP-TWO ran")).to_have_count(0)
         # the link opened a report, not a kernel; this page alone is told so
         ex(panel.locator(".jp-KernelName")).to_have_text("No Kernel")
         assert _page_option(page, "notebookStartsKernel") is False
         assert _result_sessions(cloud) == []
+        held.scroll_into_view_if_needed()
         shot(page, "12-result-notebook-live-held")
 
         (workspace / "go-on").write_text("")
         # the later steps appear in the open notebook by themselves: no reload, no dialog
-        ex(panel).to_contain_text("STEP-TWO ran after the notebook was opened")
-        ex(panel).to_contain_text("STEP-THREE total 42")
+        ex(outputs.filter(has_text="STEP-TWO ran after the notebook was opened")).to_have_count(1)
+        ex(outputs.filter(has_text="STEP-THREE total 42")).to_have_count(1)
         ex(panel.locator(".jp-RenderedMarkdown", has_text="LIVE-SUMMARY: the total is 42.")).to_be_visible()
         ex(panel.locator(".jp-RenderedMarkdown").first).to_contain_text("completed")
         assert wait_status(cloud, run_id)["status"] == "completed"
