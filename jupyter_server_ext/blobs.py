@@ -1,9 +1,17 @@
 """BlobStore: uploaded chunks in ``data_dir/blobs/<sha[:2]>/<sha>``, and their garbage collection.
 
-The address is the sha256 of the stored bytes (the layout of ``handoff_magic``'s chunk store, so
+The address is the hash of the stored bytes (the layout of ``handoff_magic``'s chunk store, so
 a run's bundle is materialised by hard links), so the server verifies uploads without decoding
 (or unpickling) anything. Uploads stream through a ``BlobWriter``: a large chunk never sits in
 memory and a cut connection leaves nothing but a temp file that ``abort`` removes.
+
+Durability is off the request path: a verified upload is answered at once and stays under its
+temp name ("pending") while a background flusher fsyncs it, overlapping the disk with the next
+chunks' upload; ``settle`` waits for a batch's flushes and publishes it under its addresses.
+The run is created (the laptop told "safe to close") only after ``settle``, so the guarantee is
+unchanged, but a 1 GB handoff no longer pays 256 fsyncs one after the other in its uploads. A
+pending chunk is never visible under its address, so a power cut can leave temp files (GC
+removes them) but never a torn chunk.
 """
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -22,6 +31,7 @@ from handoff_magic.chunks import AddressHasher, address_matches, is_sha, shard_p
 from .errors import BlobError, BlobTooLarge
 
 TMP_PREFIX = ".tmp-"
+FLUSHERS = 2   # background fsyncs of pending uploads at once (the disk merges them)
 
 
 def check_sha(sha: str) -> str:
@@ -102,8 +112,10 @@ class BlobWriter:
             self._thread.join()
             self._thread = None
 
-    def commit(self) -> bool:
-        """Verify the hash and publish the blob atomically; True if it was new."""
+    def commit(self, *, durable: bool = True) -> bool:
+        """Verify the hash and publish the blob; True if it was new. ``durable=False`` leaves it
+        pending (see the module docstring) until ``BlobStore.settle``: visible to ``has`` and
+        ``missing`` at once, published under its address by the settle."""
         if self._file is None:
             raise BlobError("upload already finished", "retry the PUT")
         self._join()
@@ -117,9 +129,12 @@ class BlobWriter:
                             "in transit or addressed wrongly; upload it again",
                             "upload the chunk again; nothing was stored")
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if durable:
+            os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
+        if not durable:
+            return self.store.add_pending(self.sha, self._tmp)
         final = self.store.path(self.sha)
         existed = final.exists()
         os.replace(self._tmp, final)
@@ -150,12 +165,58 @@ class BlobStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_chunk_bytes = max_chunk_bytes
+        self._pending: dict[str, tuple[Path, Future[None]]] = {}   # sha -> (temp file, its fsync)
+        self._lock = threading.Lock()
+        self._flusher: ThreadPoolExecutor | None = None
 
-    def path(self, sha: str) -> Path:
+    def final_path(self, sha: str) -> Path:
         return shard_path(self.root, check_sha(sha))
 
+    def path(self, sha: str) -> Path:
+        """Where the chunk's bytes are (a pending upload is settled first)."""
+        self.settle([sha])
+        return self.final_path(sha)
+
     def has(self, sha: str) -> bool:
-        return self.path(sha).is_file()
+        with self._lock:
+            if sha in self._pending:
+                return True
+        return self.final_path(sha).is_file()
+
+    def add_pending(self, sha: str, tmp: Path) -> bool:
+        """Take a verified, not yet durable upload; True if the store did not have it."""
+        with self._lock:
+            new = sha not in self._pending and not self.final_path(sha).is_file()
+            if new:
+                if self._flusher is None:
+                    self._flusher = ThreadPoolExecutor(FLUSHERS, thread_name_prefix="handoff-fsync")
+                self._pending[sha] = (tmp, self._flusher.submit(_fsync_file, tmp))
+        if not new:
+            tmp.unlink(missing_ok=True)
+        return new
+
+    def settle(self, shas: Iterable[str]) -> None:
+        """Make the pending ones of ``shas`` durable and publish them under their addresses:
+        wait for their fsyncs, rename, then fsync each directory once."""
+        with self._lock:
+            if not self._pending:
+                return
+            batch = {sha: self._pending.pop(sha) for sha in set(shas) if sha in self._pending}
+        if not batch:
+            return
+        try:
+            for _tmp, flushed in batch.values():
+                flushed.result()
+            for sha, (tmp, _f) in batch.items():
+                os.replace(tmp, self.final_path(sha))
+            for d in {self.final_path(sha).parent for sha in batch}:
+                fsync_dir(d)
+        except BaseException:
+            with self._lock:   # not published: a later settle retries, GC removes stale ones
+                for sha, (tmp, _f) in batch.items():
+                    if tmp.exists():
+                        self._pending.setdefault(sha, (tmp, _retry(tmp)))
+            raise
 
     def missing(self, shas: Iterable[str]) -> list[str]:
         seen: set[str] = set()
@@ -176,6 +237,7 @@ class BlobStore:
         if self.has(sha):
             if not address_matches(sha, data):
                 raise BlobError(f"data does not hash to {sha}", "send the chunk's own bytes")
+            self.settle([sha])   # what refers to it next (a checkpoint) must survive a crash
             return False
         w = self.writer(sha)
         try:
@@ -199,6 +261,11 @@ class BlobStore:
         """Delete chunks not in ``referenced`` and stale upload temp files, sparing anything
         younger than ``min_age`` seconds (an upload whose run is not created yet)."""
         now = time.time()
+        with self._lock:   # a pending upload older than min_age is as dead as an unreferenced chunk
+            stale = {sha for sha, (tmp, _f) in self._pending.items() if _older(tmp, now, min_age)}
+            for sha in stale - referenced:
+                del self._pending[sha]
+            pending = {tmp for tmp, _f in self._pending.values()}
         deleted = kept = freed = 0
         for sub in sorted(p for p in self.root.iterdir() if p.is_dir()):
             for f in sub.iterdir():
@@ -206,7 +273,7 @@ class BlobStore:
                     st = f.stat()
                 except FileNotFoundError:
                     continue
-                if now - st.st_mtime < min_age:
+                if now - st.st_mtime < min_age or f in pending:
                     kept += 1
                     continue
                 if f.name.startswith(TMP_PREFIX) or (f.name not in referenced and is_sha(f.name)):
@@ -216,3 +283,29 @@ class BlobStore:
                 else:
                     kept += 1
         return {"deleted": deleted, "kept": kept, "bytes_freed": freed}
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _retry(path: Path) -> Future[None]:
+    """A flush to do again in the next settle (the failed one may have been transient)."""
+    fut: Future[None] = Future()
+    try:
+        _fsync_file(path)
+        fut.set_result(None)
+    except OSError as exc:
+        fut.set_exception(exc)
+    return fut
+
+
+def _older(path: Path, now: float, age: float) -> bool:
+    try:
+        return now - path.stat().st_mtime >= age
+    except FileNotFoundError:
+        return True

@@ -49,6 +49,9 @@ def _bigger_body_pieces(connection: Any) -> None:
         params = copy.copy(params)
         params.chunk_size = BODY_PIECE
         connection.params = params
+    stream = getattr(connection, "stream", None)
+    if stream is not None and getattr(stream, "read_chunk_size", BODY_PIECE) < BODY_PIECE:
+        stream.read_chunk_size = BODY_PIECE
 
 
 @web.stream_request_body
@@ -134,8 +137,9 @@ class BlobHandler(ApiHandler):
         writer, self._writer = self._writer, None
         if writer is None:
             raise BadRequest("upload was not received", "retry the PUT")
-        # fsyncs: off the event loop, or 20 concurrent uploads stall every status call
-        created = await asyncio.to_thread(writer.commit)
+        # off the event loop (hash check, close); made durable in one batch when the run is
+        # created (BlobStore.settle), not one fsync per chunk
+        created = await asyncio.to_thread(writer.commit, durable=False)
         self.send({"sha256": sha, "size": writer.size, "created": created}, 201 if created else 200)
 
     def _existing(self, sha: str) -> Path:

@@ -138,6 +138,7 @@ class RunService:
             raise BadRequest(f"manifest references {len(missing)} chunk(s) this server does not have",
                              "upload them with PUT /handoff/api/blobs/<sha> first (%handoff does "
                              "this), then create the run again", missing=missing)
+        self.blobs.settle(shas)   # durable before the run exists and the laptop may close
         for sha in shas:
             declared = (chunks.get(sha) or {}).get("stored")
             actual = self.blobs.size(sha)

@@ -538,6 +538,25 @@ def test_long_poll_waits_then_returns_promptly(srv: JupyterServerProcess) -> Non
     _wait(srv, rid, ("completed",))
 
 
+def test_an_upload_cut_off_by_a_server_crash_is_asked_for_again_and_the_run_then_created(
+        srv: JupyterServerProcess) -> None:
+    """Uploads are answered before their fsync; only creating the run makes them durable. A
+    crash in between must cost a re-upload, never a run on a missing or torn chunk."""
+    m, blobs = manifest_for({"notes.txt": uuid.uuid4().bytes * 500})
+    upload(srv.client, blobs)
+    h = next(iter(blobs))
+    assert srv.client.post("/handoff/api/blobs/missing", json={"shas": [h]}).json()["missing"] == []
+    srv.kill()
+    srv.restart()
+    assert srv.client.post("/handoff/api/blobs/missing", json={"shas": [h]}).json()["missing"] == [h]
+    refused = assert_error(srv.client.post("/handoff/api/runs", json={"manifest": m}), 400, "upload")
+    assert refused["missing"] == [h]
+    upload(srv.client, blobs)
+    r = srv.client.post("/handoff/api/runs", json={"manifest": m})
+    assert r.status_code == 201, r.text
+    assert (srv.data_dir / "blobs" / h[:2] / h).read_bytes() == blobs[h]
+
+
 def test_waiting_run_survives_server_sigkill(srv: JupyterServerProcess, hook: Webhook) -> None:
     """Runs last here: SIGKILL the module's server; the run, its log and outbox survive."""
     model = _script(srv, "kill", [_ask("Proceed with the full dataset?"), _py("print(6 * 7)"),

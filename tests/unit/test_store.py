@@ -231,6 +231,48 @@ def test_streamed_writer_caps_size_and_aborts_cleanly(tmp_path: Path) -> None:
     assert not list((tmp_path / "blobs").rglob("*")) or all(p.is_dir() for p in (tmp_path / "blobs").rglob("*"))
 
 
+def _upload(blobs: BlobStore, data: bytes) -> tuple[str, bool]:
+    """What PUT /blobs/{sha} does: stream, verify, leave it pending until a run needs it."""
+    sha = _sha(data)
+    w = blobs.writer(sha)
+    w.write(data)
+    return sha, w.commit(durable=False)
+
+
+def test_an_upload_is_known_at_once_but_published_under_its_address_only_when_settled(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path / "blobs")
+    data = os.urandom(300_000)
+    sha, created = _upload(blobs, data)
+    assert created and blobs.has(sha) and blobs.missing([sha]) == []
+    assert not blobs.final_path(sha).exists()      # a crash now leaves a temp file, never a torn chunk
+    assert _upload(blobs, data) == (sha, False)     # a second upload of it is a no-op
+    blobs.settle([sha, "0" * 64])
+    assert blobs.final_path(sha).read_bytes() == data
+    assert [p.name for p in (tmp_path / "blobs" / sha[:2]).iterdir()] == [sha]
+
+
+def test_reading_a_pending_upload_settles_it(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path / "blobs")
+    data = os.urandom(10_000)
+    sha, _ = _upload(blobs, data)
+    assert blobs.read(sha) == data and blobs.final_path(sha).is_file()
+    sha2, _ = _upload(blobs, b"checkpointed later")
+    assert blobs.put(sha2, b"checkpointed later") is False and blobs.final_path(sha2).is_file()
+
+
+def test_gc_frees_a_stale_upload_no_run_claimed_and_spares_a_fresh_one(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path / "blobs")
+    old, _ = _upload(blobs, b"uploaded, then the laptop never created the run")
+    tmp = next((tmp_path / "blobs").rglob(".tmp-*"))
+    os.utime(tmp, (time.time() - 3600, time.time() - 3600))
+    fresh, _ = _upload(blobs, b"a handoff in progress")
+    out = blobs.collect(set(), min_age=600)
+    assert out["deleted"] == 1 and not blobs.has(old) and not tmp.exists()
+    assert blobs.has(fresh)
+    blobs.settle([fresh])
+    assert blobs.read(fresh) == b"a handoff in progress"
+
+
 def test_non_finite_numbers_are_stored_as_null(store: RunStore) -> None:
     st = _state()
     st.budgets.max_seconds = float("nan")
