@@ -36,9 +36,20 @@ def progress_done(widget: Any) -> None:
         widget.set_progress("", 0, 0)
 
 
+PROGRESS_EVERY = 0.1   # seconds between bar updates: each one is a comm message to the browser
+
+
 def progress_reporter(widget: Any, label: str) -> Callable[[int, int], None]:
+    """A bar update at most every PROGRESS_EVERY seconds (a 1 GB upload reports thousands of
+    pieces; drawing each cost the kernel more CPU than sending it), and always the last one."""
+    if widget is None or not hasattr(widget, "set_progress"):
+        return lambda done, total: None
+    last = [0.0]
+
     def report(done: int, total: int) -> None:
-        if widget is not None and hasattr(widget, "set_progress"):
+        now = time.monotonic()
+        if now - last[0] >= PROGRESS_EVERY or (total and done >= total):
+            last[0] = now
             widget.set_progress(label, done, total)
     return report
 
