@@ -6,6 +6,8 @@ importing the package stays cheap (no widgets, no HTTP client).
 """
 from __future__ import annotations
 
+import importlib
+import threading
 from typing import Any
 
 from . import errors
@@ -44,6 +46,10 @@ def load_ipython_extension(ip: Any) -> None:
     journey_side()   # plugs handoff/pull into local runs' widget buttons
     from .magics import HandoffMagics
     ip.register_magics(HandoffMagics)
+    # httpx loads its HTTP engine on the first client (~0.1-0.4 s); do it now, off the prompt,
+    # so a first %handoff does not wait for it
+    threading.Thread(target=importlib.import_module, args=("httpcore",), name="handoff-preload",
+                     daemon=True).start()
 
 
 def unload_ipython_extension(ip: Any) -> None:  # nothing to undo: magics simply stay registered

@@ -8,7 +8,10 @@ do next; the server's own ``{"error", "hint"}`` is passed through verbatim.
 """
 from __future__ import annotations
 
+import functools
+
 import json
+import ssl
 import re
 import threading
 import time
@@ -53,6 +56,21 @@ def _chunk_path(bundle_dir: Path, sha: str) -> Path:
     return shard_path(bundle_dir / CHUNKS, sha)
 
 
+@functools.lru_cache(maxsize=1)
+def _trusted_roots() -> ssl.SSLContext:
+    return httpx.create_ssl_context()   # what httpx uses by default (certifi, SSL_CERT_FILE...)
+
+
+def tls_context(url: str) -> ssl.SSLContext:
+    """The TLS settings for ``url``'s clients. httpx loads the CA bundle for every client it
+    makes (~50-150 ms each, the largest part of a first %handoff's set-up), so an https server's
+    clients share one verifying context; a plain-http server never does TLS (redirects are not
+    followed), and gets a verifying context with no trusted roots, which can only refuse."""
+    if url.lower().startswith("https:"):
+        return _trusted_roots()
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
 class HandoffClient:
     """One server. Retries connect errors and 5xx with backoff; maps status codes to clear errors."""
 
@@ -73,11 +91,12 @@ class HandoffClient:
         if token:
             headers["Authorization"] = f"token {token}"
         limits = httpx.Timeout(timeout, connect=min(timeout, 10.0))
+        tls = tls_context(self.url)
         self._http = httpx.Client(base_url=self.url + API_PREFIX, headers=headers, timeout=limits,
-                                  transport=transport, follow_redirects=False)
+                                  transport=transport, follow_redirects=False, verify=tls)
         # the identity check goes without the token (see _verify_server)
         self._anon = httpx.Client(base_url=self.url + API_PREFIX, headers={"Accept": "application/json"},
-                                  timeout=limits, transport=transport, follow_redirects=False)
+                                  timeout=limits, transport=transport, follow_redirects=False, verify=tls)
         self._verified = token is None  # nothing to protect without a token
 
     # -- plumbing ---------------------------------------------------------------------------
