@@ -6,7 +6,8 @@ the run goes on. The server rewrites result.ipynb atomically when a step's code 
 every step, and
 jupyter-collaboration's file watcher loads each rewrite into the shared document, so the open
 notebook shows the later steps' cells without a reload and without a "File Changed" dialog.
-The page opened by that link starts no kernel (the server's other pages still do).
+The page opened by that link starts no kernel, in JupyterLab and in Notebook 7 (the server's
+other pages still do).
 """
 from __future__ import annotations
 
@@ -98,6 +99,14 @@ def test_open_result_notebook_follows_the_live_run(browser: Any, cloud: JupyterS
         # what the reader saw is what the server wrote (the shared document wrote nothing back)
         on_disk = json.loads((workspace / "result.ipynb").read_text())
         assert on_disk["metadata"]["handoff"]["status"] == "completed"
+
+        # the same file in Notebook 7 (its /notebooks/ page) opens without a kernel too
+        page.goto(cloud_lab_url(cloud, f"notebooks/handoff-runs/{run_id}/result.ipynb"))
+        ex(page.locator(".jp-NotebookPanel .jp-RenderedMarkdown", has_text="LIVE-SUMMARY")).to_be_visible()
+        assert _page_option(page, "notebookStartsKernel") is False
+        ex(page.locator(".jp-NotebookPanel .jp-KernelName")).to_have_text("No Kernel")
+        assert _result_sessions(cloud) == []
+        shot(page, "14-result-notebook-notebook7")
 
         # any other page of the server keeps the operator's setting (kernels start as usual)
         page.goto(cloud_lab_url(cloud, "lab/tree/elsewhere.ipynb"))
