@@ -1,4 +1,4 @@
-"""Working-directory files: which travel (not VCS, venvs, caches, secrets files, over the caps),
+"""Working-directory files: which travel (not VCS, venvs, caches, Jupyter's own state, secrets files, over the caps),
 their chunks on capture, and a safe, atomic write inside the root on restore.
 """
 from __future__ import annotations
@@ -18,6 +18,11 @@ IGNORE_DIRS = frozenset({".git", ".hg", ".svn", "__pycache__", ".ipynb_checkpoin
                          ".ruff_cache", ".cache", ".eggs", ".ipython", ".jupyter", ".local",
                          # credential stores: never travel even if the notebook runs in $HOME
                          ".ssh", ".gnupg", ".aws", ".azure", ".kube", ".docker", ".config", ".password-store"})
+
+
+# Jupyter's own server state in a working directory: jupyter-collaboration's store of every shared
+# document's edit history (text typed and deleted included) and its SQLite side files
+IGNORE_FILE_RE = re.compile(r"^\.jupyter_ystore\.db(-wal|-shm|-journal)?$")
 
 
 SECRET_FILE_RE = re.compile(r"^(\.env(\..*)?|.*\.pem|.*\.key|.*\.p12|.*\.pfx|id_(rsa|dsa|ecdsa|ed25519)(\.pub)?|"
@@ -50,7 +55,8 @@ def listing(root: Path, skip_real: set[str]) -> list[tuple[str, list[str]]]:
         prefix = "" if rel_dir == "." else rel_dir + "/"
         dirnames[:] = sorted(d for d in dirnames if not _ignored_dir(os.path.join(dirpath, d), d, skip_real)
                              and not (spec is not None and spec.match_file(prefix + d + "/")))
-        names = sorted(f for f in filenames if spec is None or not spec.match_file(prefix + f))
+        names = sorted(f for f in filenames if not IGNORE_FILE_RE.match(f)
+                       and (spec is None or not spec.match_file(prefix + f)))
         if names:
             out.append((dirpath, names))
             count += len(names)

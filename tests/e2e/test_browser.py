@@ -300,6 +300,7 @@ def _journey(page: Any, context: Any, lab: LabProcess, cloud: JupyterServerProce
     ex(nb_panel).to_contain_text("Total of clean sales")
     ex(nb_panel).to_contain_text("kept 4 of 5")
     ex(nb_panel).to_contain_text("total 471.75")
+    ex(nb_panel.locator(".jp-RenderedMarkdown", has_text="Files written")).not_to_contain_text(".jupyter_ystore.db")
     ex(nb_panel.locator(".jp-RenderedMarkdown", has_text="Dropping the small sales")).to_be_visible()
     ex(nb_panel.locator(".jp-RenderedMarkdown", has_text="Summary")).to_have_count(1)
     ex(nb.locator(".lm-TabBar-tab.jp-mod-current")).to_contain_text("result.ipynb")

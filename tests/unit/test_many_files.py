@@ -34,3 +34,15 @@ def test_fifty_thousand_files_then_handoffignore(tmp_path: Path) -> None:
     (work / ".handoffignore").write_text("# generated frames stay here\nframes/\n*.tmp\n")
     rep = save_state(tmp_path / "b", ns={}, root=work, environ={})
     assert sorted(f["path"] for f in rep.files) == [".handoffignore", "analysis.py", "notes/keep.md"]
+
+
+def test_jupyters_collaboration_store_stays_behind(tmp_path: Path) -> None:
+    """A Lab with jupyter-collaboration keeps every shared document's edit history (deleted text
+    too) in .jupyter_ystore.db in its working directory: never part of a handoff."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "analysis.py").write_text("x = 1\n")
+    for name in (".jupyter_ystore.db", ".jupyter_ystore.db-wal", ".jupyter_ystore.db-shm"):
+        (work / name).write_bytes(b"SQLite format 3\0 api_key = 'sk-typed-then-deleted'")
+    rep = save_state(tmp_path / "b", ns={}, root=work, environ={})
+    assert [f["path"] for f in rep.files] == ["analysis.py"]
