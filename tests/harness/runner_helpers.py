@@ -62,6 +62,12 @@ def write_script(path: Path, turns: list[dict[str, Any]]) -> Path:
     return path
 
 
+def scripted_model(folder: Path, turns: list[dict[str, Any]]) -> str:
+    """A ``scripted:`` model spec playing ``turns``, written into ``folder`` (created)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return "scripted:" + str(write_script(folder / "script.json", turns))
+
+
 def run_python(code: str, text: str = "") -> dict[str, Any]:
     return {"text": text, "tool_calls": [{"name": "run_python", "arguments": {"code": code}}]}
 

@@ -23,9 +23,9 @@ from tests.harness.runner_helpers import (
     finish,
     hand_off,
     run_python,
+    scripted_model,
     tool_results,
     wait_status,
-    write_script,
 )
 from tests.harness.server_process import JupyterServerProcess
 
@@ -103,17 +103,12 @@ def srv(server_dirs: Path) -> Iterator[JupyterServerProcess]:
         server.cleanup()
 
 
-def _script(tmp_path: Path, turns: list[dict[str, Any]]) -> str:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    return "scripted:" + str(write_script(tmp_path / "script.json", turns))
-
-
 def test_every_probe_from_inside_a_run_is_refused_and_the_run_still_works(
         srv: JupyterServerProcess, server_dirs: Path, bundle: tuple[Path, dict[str, Any]],
         tmp_path: Path) -> None:
     bdir, manifest = bundle
     # run A: a workspace with something of its own, waiting for input so it stays put
-    other = hand_off(srv, bdir, manifest, model=_script(tmp_path / "a", [
+    other = hand_off(srv, bdir, manifest, model=scripted_model(tmp_path / "a", [
         run_python("open('mine.txt', 'w').write('run A only')"),
         {"text": "", "tool_calls": [{"name": "ask_user", "arguments": {"question": "go on?"}}]}]))
     assert wait_status(srv, other, ("waiting_input",))["status"] == "waiting_input"
@@ -125,7 +120,7 @@ def test_every_probe_from_inside_a_run_is_refused_and_the_run_still_works(
              "other_ws": str(other_ws), "other_file": str(other_ws / "mine.txt"),
              "config": str(base / "config" / "jupyter_server_config.json"), "home": str(base / "home"),
              "port": srv.port}
-    run_id = hand_off(srv, bdir, manifest, model=_script(tmp_path / "b", [
+    run_id = hand_off(srv, bdir, manifest, model=scripted_model(tmp_path / "b", [
         run_python(PROBES.format(paths=json.dumps(paths))),
         {"text": "", "tool_calls": [{"name": "ask_user", "arguments": {"question": "pull me back"}}]}]))
     assert wait_status(srv, run_id, ("waiting_input", "failed"))["status"] == "waiting_input"
@@ -154,7 +149,7 @@ def test_every_probe_from_inside_a_run_is_refused_and_the_run_still_works(
 def test_a_memory_hog_gets_an_error_event_and_the_run_goes_on(
         srv: JupyterServerProcess, bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     bdir, manifest = bundle
-    run_id = hand_off(srv, bdir, manifest, model=_script(tmp_path, [
+    run_id = hand_off(srv, bdir, manifest, model=scripted_model(tmp_path, [
         run_python("hog = bytearray(8 * 1024**3)"), run_python("print('still here', len(df))"), finish()]))
     assert wait_status(srv, run_id)["status"] == "completed"
     events = all_events(srv, run_id)

@@ -24,9 +24,9 @@ from tests.harness.runner_helpers import (
     finish,
     hand_off,
     run_python,
+    scripted_model,
     tool_results,
     wait_status,
-    write_script,
 )
 from tests.harness.server_process import JupyterServerProcess
 
@@ -78,11 +78,6 @@ def srv() -> Iterator[JupyterServerProcess]:
         server.cleanup()
 
 
-def _script(tmp_path: Path, turns: list[dict[str, Any]]) -> str:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    return "scripted:" + str(write_script(tmp_path / "script.json", turns))
-
-
 def _kernels(srv: JupyterServerProcess) -> dict[str, str]:
     return {k["id"]: k["name"] for k in srv.client.get("/api/kernels").json()}
 
@@ -102,7 +97,7 @@ def _attack(srv: JupyterServerProcess, bdir: Path, manifest: dict[str, Any], tmp
     """Hand off a run whose one step runs ATTACK; its id and what each probe found."""
     paths = {"data": str(srv.data_dir), "sqlite": str(srv.data_dir / "handoff.sqlite"),
              "runs": str(srv.root_dir / "handoff-runs"), "other_ws": str(other_ws), "me": me}
-    run_id = hand_off(srv, bdir, manifest, model=_script(tmp_path / me, [
+    run_id = hand_off(srv, bdir, manifest, model=scripted_model(tmp_path / me, [
         run_python(ATTACK.format(paths=json.dumps(paths))), finish()]))
     assert wait_status(srv, run_id)["status"] == "completed", all_events(srv, run_id)[-3:]
     printed = tool_results(all_events(srv, run_id))[0]["outputs"][0]["text"]
@@ -118,7 +113,7 @@ def test_each_run_adopts_a_sandboxed_spare_that_sees_nothing_of_other_runs_and_s
     assert name == "handoff-sandbox", "the spare is not sandboxed like a run kernel"
 
     # run A takes the spare, leaves a file in its workspace and waits (its kernel stays up)
-    run_a = hand_off(srv, bdir, manifest, model=_script(tmp_path / "a", [
+    run_a = hand_off(srv, bdir, manifest, model=scripted_model(tmp_path / "a", [
         run_python("open('mine.txt', 'w').write('run A only')\nimport os\nprint(sorted(os.listdir('.')))"),
         {"text": "", "tool_calls": [{"name": "ask_user", "arguments": {"question": "go on?"}}]}]))
     assert wait_status(srv, run_a, ("waiting_input",))["status"] == "waiting_input"
@@ -168,7 +163,7 @@ def test_a_server_with_warm_kernels_resumes_a_waiting_run_after_a_crash(
     bdir, manifest = bundle
     with JupyterServerProcess(extra_args=WARM) as server:
         _wait_kernels(server, lambda k: len(k) == 1, "no spare kernel was booted at start")
-        run_id = hand_off(server, bdir, manifest, model=_script(tmp_path, [
+        run_id = hand_off(server, bdir, manifest, model=scripted_model(tmp_path, [
             run_python("kept = 41\nopen('before.txt', 'w').write('written before the crash')"),
             {"text": "", "tool_calls": [{"name": "ask_user", "arguments": {"question": "go on?"}}]},
             run_python("print(open('before.txt').read(), kept + 1, len(df))"), finish()]))
