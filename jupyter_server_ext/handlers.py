@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import mmap
+import os
 from pathlib import Path
 from typing import Any, cast
 
 from jupyter_server.auth.decorator import authorized
 from tornado import web
 from tornado.http1connection import HTTP1Connection
+from tornado.iostream import StreamClosedError
 
 from . import pages
 from .api import parse_answer, parse_create, parse_events_query, parse_pull_timeout, parse_shas
@@ -159,13 +162,23 @@ class BlobHandler(ApiHandler):
     @web.authenticated
     @authorized
     async def get(self, sha: str) -> None:
+        """The stored bytes, sent from a read-only mapping of the blob: the page cache goes to the
+        socket in one copy, with no read() loop on the event loop (reading 1 MiB pieces into bytes
+        first cost about a quarter of the loop's time during a pull back)."""
         path = self._existing(sha)
-        self.set_header("Content-Length", str(path.stat().st_size))
-        with open(path, "rb") as f:  # noqa: ASYNC230 - local 1 MiB reads, the loop runs between flushes
-            while piece := f.read(1024 * 1024):
-                self.write(piece)
-                await self.flush()
-        self.finish(set_content_type="application/octet-stream")
+        with open(path, "rb") as f:  # noqa: ASYNC230 - an open and an mmap, no read
+            size = os.fstat(f.fileno()).st_size
+            # blobs are published by rename and never written in place, so the mapping stays valid
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        self.set_header("Content-Length", str(size))
+        self.set_header("Content-Type", "application/octet-stream")   # never gzip-transformed
+        if mapped is not None:
+            try:
+                await self.flush()   # the headers; the body goes straight to the connection (no join)
+                await self.request.connection.write(memoryview(mapped))  # type: ignore[union-attr, arg-type]
+            except StreamClosedError:
+                return   # the client went away mid-body; it retries the chunk on a new connection
+        self.finish()
 
 
 class RunsHandler(ApiHandler):

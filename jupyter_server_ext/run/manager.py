@@ -202,7 +202,11 @@ class RunManager:
             if not self._closing.is_set():
                 await self.driver.release_kernel(run)
             if run.state is not None and run.state.is_terminal:
-                self.checkpoints.finished(run.id)
+                if self._closing.is_set():
+                    self.checkpoints.finished(run.id)
+                else:   # unlinking the checkpoint dir took seconds on a busy disk, on the event loop,
+                    # holding up every GET of the pull back that had just ended the run
+                    await self._in_thread(self.checkpoints.finished, run.id)
             if not self._closing.is_set():
                 if run.pull_result is not None and not run.pull_result.done():
                     run.pull_result.set_exception(RunConflict(
