@@ -33,11 +33,11 @@ class RemoteChunks:
         self._small: dict[str, bytes] = {}     # file chunks between their check and their write
 
     def _count(self, n: int) -> None:
-        with self._lock:
+        """Bytes arrived (negative: a retried chunk starts over)."""
+        with self._lock:   # reported in order, so the bar never jumps back but for a rewind
             self.done += n
-            done = self.done
-        if self.progress is not None:
-            self.progress(done, max(self.total, done))
+            if self.progress is not None:
+                self.progress(self.done, max(self.total, self.done))
 
     def read_stored(self, sha: str) -> bytes:
         """The stored bytes of a chunk, hash-checked; kept until ``get`` takes them (a file's
@@ -64,11 +64,9 @@ class RemoteChunks:
                 raise BundleError(f"chunk {sha[:19]} decodes to {len(raw)} bytes, the manifest says {len(dest)}")
             dest[:] = raw
             return
-        h = AddressHasher(sha)
-        n = self.client.get_blob_into(sha, dest, h.update, self._count)
-        if n != len(dest) or not h.matches():
-            raise BundleError(f"chunk {sha[:19]} arrived corrupted (size or hash mismatch); pull again, "
-                              "nothing was changed here")
+        if not self.client.get_blob_into(sha, dest, self._count):
+            raise BundleError(f"chunk {sha[:19]} arrived corrupted (hash mismatch); pull again, nothing was "
+                              "changed here")
 
     def _fetch(self, sha: str) -> bytes:
         data = self.client.get_blob(sha)

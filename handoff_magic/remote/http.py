@@ -9,10 +9,10 @@ do next; the server's own ``{"error", "hint"}`` is passed through verbatim.
 from __future__ import annotations
 
 import functools
-
+import http.client
 import json
-import ssl
 import re
+import ssl
 import threading
 import time
 import uuid
@@ -23,14 +23,15 @@ from typing import Any, Callable, Iterable, Iterator
 
 import httpx
 
-from ..atomic import atomic_write_bytes
-from ..chunks import CHUNKS, ChunkStore, address_matches, is_sha, shard_path
+from ..chunks import CHUNKS, AddressHasher, is_sha, shard_path
 from ..errors import AuthError, BundleTooLarge, ClientError, ConfigError, RunNotFound, ServerUnreachable
 from ..manifest import read_manifest
+from .connections import ChunkConnections, direct_reachable
 from .settings import server_settings
 
 API_PREFIX = "/handoff/api"
 STREAM_PIECE = 256 * 1024          # bytes per progress update while streaming a chunk
+BODY_PIECE = 1024 * 1024           # bytes read into a download's destination (and hashed) at a time
 Progress = Callable[[int, int], None]   # (bytes done, bytes total)
 
 _RETRY_STATUS = frozenset({500, 502, 503, 504})
@@ -54,6 +55,25 @@ class UploadReport:
 
 def _chunk_path(bundle_dir: Path, sha: str) -> Path:
     return shard_path(bundle_dir / CHUNKS, sha)
+
+
+class _Arrival:
+    """One download attempt's bytes as they land in ``dest``: hashed while cache-hot, counted for
+    the progress bar, and un-counted if the attempt breaks (a retry starts over)."""
+
+    def __init__(self, sha: str, dest: memoryview, count: Callable[[int], None] | None) -> None:
+        self.dest, self.count, self.got = dest, count, 0
+        self.hasher = AddressHasher(sha)
+
+    def __call__(self, n: int) -> None:
+        self.hasher.update(self.dest[self.got: self.got + n])
+        self.got += n
+        if self.count is not None:
+            self.count(n)
+
+    def rewind(self) -> None:
+        if self.count is not None and self.got:
+            self.count(-self.got)
 
 
 @functools.lru_cache(maxsize=1)
@@ -97,12 +117,18 @@ class HandoffClient:
         # the identity check goes without the token (see _verify_server)
         self._anon = httpx.Client(base_url=self.url + API_PREFIX, headers={"Accept": "application/json"},
                                   timeout=limits, transport=transport, follow_redirects=False, verify=tls)
+        # chunk bodies over stdlib connections (connections.py says why), unless a proxy or a
+        # test's transport sits in between: then httpx carries them too
+        self._bodies = ChunkConnections(self.url + API_PREFIX, headers, timeout, tls) \
+            if transport is None and direct_reachable(self.url) else None
         self._verified = token is None  # nothing to protect without a token
 
     # -- plumbing ---------------------------------------------------------------------------
     def close(self) -> None:
         self._http.close()
         self._anon.close()
+        if self._bodies is not None:
+            self._bodies.close()
 
     def __enter__(self) -> "HandoffClient":
         return self
@@ -378,66 +404,82 @@ class HandoffClient:
         """The stored bytes of one chunk (the caller checks them against the address)."""
         return self._request("GET", f"/blobs/{sha}", what=f"downloading chunk {sha[:19]}").content
 
-    def get_blob_into(self, sha: str, dest: memoryview, on_bytes: Callable[[memoryview], None],
-                      count: Callable[[int], None] | None = None) -> int:
-        """Stream one uncompressed chunk straight into ``dest`` (no copy of it in between);
-        ``on_bytes`` sees each piece as it lands (the caller's hash). Returns the bytes
-        received; a connection cut mid-body is retried from the start."""
+    def get_blob_into(self, sha: str, dest: memoryview, count: Callable[[int], None] | None = None) -> bool:
+        """Download one uncompressed chunk straight into ``dest`` (its exact size), hashing each
+        piece as it lands; True if the bytes match the address (the caller refuses them
+        otherwise). ``count`` sees the bytes received. A cut connection or a 5xx is retried from
+        the start (``count`` is rewound, the hash starts over)."""
+        what = f"downloading chunk {sha[:19]}"
+        if not self._verified:
+            self._verify_server()
         attempt = 0
         while True:
-            got = 0
+            arrival = _Arrival(sha, dest, count)
             try:
-                with self._http.stream("GET", f"/blobs/{sha}") as resp:
-                    if resp.status_code != 200:
-                        resp.read()
-                        raise self._error(resp, f"downloading chunk {sha[:19]}")
-                    for piece in resp.iter_raw(STREAM_PIECE):
-                        n = len(piece)
-                        if got + n > len(dest):
-                            raise ClientError(f"chunk {sha[:19]} is larger on the server than the manifest says",
-                                              "the run's checkpoint is damaged; report this to the server admin")
-                        dest[got: got + n] = piece
-                        on_bytes(dest[got: got + n])
-                        got += n
-                        if count is not None:
-                            count(n)
-                return got
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.RemoteProtocolError,
-                    httpx.ReadTimeout) as exc:
-                if count is not None and got:
-                    count(-got)
+                status, body = self._blob_body(sha, dest, arrival)
+                if status == 200:
+                    return arrival.hasher.matches()
+                if not (status in _RETRY_STATUS and attempt < self.retries):
+                    raise self._error(httpx.Response(status, content=body), what)
+            except (OSError, http.client.HTTPException, httpx.TransportError) as exc:
+                arrival.rewind()
                 if attempt >= self.retries:
-                    raise ClientError(f"downloading chunk {sha[:19]} from {self.url} kept failing "
-                                      f"({type(exc).__name__}: {exc})", "run %pull again; nothing was "
-                                      "changed locally") from exc
+                    raise ClientError(f"{what} from {self.url} kept failing ({type(exc).__name__}: {exc})",
+                                      "run %pull again; nothing was changed locally") from exc
             self._sleep(attempt)
             attempt += 1
 
-    def download_chunks(self, manifest: dict[str, Any], store: ChunkStore,
-                        progress: Progress | None = None) -> int:
-        """Fetch the manifest's chunks that ``store`` (a ChunkStore) lacks; each is hash-checked and written atomically.
-        Returns the bytes downloaded."""
-        chunks = manifest.get("chunks") or {}
-        for sha in chunks:
-            if not is_sha(sha):
-                raise ClientError(f"the server's manifest lists an invalid chunk id {sha!r}",
-                                  "the run's checkpoint is damaged; report this to the server admin")
-        todo = [s for s in chunks if not store.has(s)]
-        total = sum(int((chunks[s] or {}).get("stored") or 0) for s in todo)
-        done = 0
-        if progress:
-            progress(0, total)
-        for sha in todo:
-            resp = self._request("GET", f"/blobs/{sha}", what=f"downloading chunk {sha[:12]}")
-            data = resp.content
-            if not address_matches(sha, data):
-                raise ClientError(f"chunk {sha[:12]} arrived corrupted (hash mismatch)",
-                                  "run %pull again; nothing was changed locally")
-            atomic_write_bytes(store.path(sha), data)
-            done += len(data)
-            if progress:
-                progress(done, max(total, done))
-        return done
+    def _blob_body(self, sha: str, dest: memoryview, landed: Callable[[int], None]) -> tuple[int, bytes]:
+        """One GET of a chunk: (200, b"") once ``dest`` is filled, else (status, error body). Raises
+        a transport error when the connection breaks, ClientError when the size is not ``dest``'s."""
+        if self._bodies is None:
+            with self._http.stream("GET", f"/blobs/{sha}") as resp:
+                if resp.status_code != 200:
+                    return resp.status_code, resp.read()
+                self._check_length(sha, resp.headers.get("Content-Length"), len(dest))
+                got = 0
+                for piece in resp.iter_raw(BODY_PIECE):
+                    dest[got: got + len(piece)] = piece
+                    landed(len(piece))
+                    got += len(piece)
+                self._check_received(got, len(dest))
+                return 200, b""
+        conn = self._bodies.take()
+        reuse = False
+        try:
+            conn.request("GET", f"{self._bodies.prefix}/blobs/{sha}", headers=self._bodies.headers)
+            reply = conn.getresponse()
+            if reply.status != 200:
+                body = reply.read()
+                reuse = not reply.will_close
+                return reply.status, body
+            self._check_length(sha, reply.getheader("Content-Length"), len(dest))
+            got = 0
+            while got < len(dest):
+                n = reply.readinto(dest[got: got + BODY_PIECE])
+                if not n:
+                    raise http.client.IncompleteRead(b"", len(dest) - got)
+                landed(n)
+                got += n
+            reuse = not reply.will_close and reply.read(1) == b""
+            return 200, b""
+        finally:
+            if reuse:
+                self._bodies.give(conn)
+            else:
+                conn.close()
+
+    @staticmethod
+    def _check_length(sha: str, length: str | None, expected: int) -> None:
+        if length is None or not length.isdigit() or int(length) != expected:
+            raise ClientError(f"chunk {sha[:19]} has {length or 'an unknown number of'} bytes on the server, "
+                              f"the manifest says {expected}",
+                              "the run's checkpoint is damaged; report this to the server admin")
+
+    @staticmethod
+    def _check_received(got: int, expected: int) -> None:
+        if got != expected:   # the server closed the body early: retried like a cut connection
+            raise httpx.RemoteProtocolError(f"the body ended after {got} of {expected} bytes")
 
     # -- runs -------------------------------------------------------------------------------
     def create_run(self, manifest: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:

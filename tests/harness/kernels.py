@@ -22,7 +22,7 @@ class Kernel:
 
     def run(self, code: str, timeout: float = 60, store_history: bool = True) -> dict[str, Any]:
         msg_id = self.kc.execute(code, store_history=store_history, silent=not store_history)
-        out: dict[str, Any] = {"stdout": "", "data": [], "error": None}
+        out: dict[str, Any] = {"stdout": "", "stderr": "", "data": [], "error": None}
         while True:
             try:
                 msg = self.kc.get_iopub_msg(timeout=timeout)
@@ -31,8 +31,8 @@ class Kernel:
             if msg["parent_header"].get("msg_id") != msg_id:
                 continue
             t, c = msg["msg_type"], msg["content"]
-            if t == "stream" and c["name"] == "stdout":
-                out["stdout"] += c["text"]
+            if t == "stream" and c["name"] in ("stdout", "stderr"):   # a magic's UsageError is on stderr
+                out[c["name"]] += c["text"]
             elif t in ("execute_result", "display_data"):
                 out["data"].append(c["data"])
                 if t == "execute_result":

@@ -1,7 +1,7 @@
 """HandoffClient against a real Jupyter Server with the extension (no mocks of our own code).
 
 Covers: missing-only uploads with progress, a connection cut mid-upload (a real TCP proxy that
-drops the socket), idempotent create, long-poll, download into a local chunk store, and the
+drops the socket), idempotent create, long-poll, and the
 clear errors a user sees for a dead server, a wrong token, an unknown run and a too-large bundle.
 """
 from __future__ import annotations
@@ -142,17 +142,6 @@ def test_create_run_is_idempotent_and_events_long_poll(client, tmp_path):
     assert not follower._thread.is_alive() and view.final == "completed"
     assert [e.seq for e in view.events] == list(range(1, after + 1))
     assert view.events[-1].type == "status" and view.events[-1].data["status"] == "completed"
-
-
-def test_download_chunks_into_local_store(client, tmp_path):
-    data = os.urandom(300_000)
-    manifest = make_bundle(tmp_path / "src", {"d.bin": data})
-    client.upload_bundle(tmp_path / "src")
-    store = ChunkStore(tmp_path / "dst" / "chunks")
-    got = client.download_chunks(manifest, store)
-    sha = next(iter(manifest["chunks"]))
-    assert got == len(data) and store.path(sha).read_bytes() == data
-    assert client.download_chunks(manifest, store) == 0, "chunks already here are not fetched again"
 
 
 def test_dead_server_says_start_it(tmp_path):
