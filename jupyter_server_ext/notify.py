@@ -129,15 +129,19 @@ class Notifier:
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name="handoff-notifier")
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 10.0) -> None:
+        """End delivery, letting a message being sent finish first: cut off, it would stay unmarked
+        and go out again at the next start. A send still hanging after ``grace`` s is cancelled."""
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        task, self._task = self._task, None
+        if task is None:
+            return
+        if self._wake is not None:
+            self._wake.set()
+        try:
+            await asyncio.wait_for(task, grace)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            pass   # cancelled after the grace: its row stays pending and is sent at the next start
 
     async def _run(self) -> None:
         assert self._wake is not None
@@ -146,6 +150,8 @@ class Notifier:
                 await self.deliver_due()
             except Exception:  # a bug must not kill delivery forever; rows stay pending
                 self.log.exception("jupyter-handoff: notification delivery pass failed; will retry")
+            if self._stopping:
+                break
             nxt = self.store.next_notification_time()
             delay = 60.0 if nxt is None else min(60.0, max(0.05, nxt - time.time()))
             self._wake.clear()
@@ -158,6 +164,8 @@ class Notifier:
         """Try every due row once; returns how many were delivered."""
         delivered = 0
         for row in self.store.due_notifications():
+            if self._stopping:
+                break   # the rest stay pending for the next start
             url = self._by_key.get(row["target"])
             if url is None:
                 self.store.mark_failed(row["id"], "this notification URL is no longer in "

@@ -96,15 +96,27 @@ def hand_off(srv: Any, bundle: Path, manifest: dict[str, Any], model: str | None
 
 
 def wait_status(srv: Any, run_id: str, statuses: tuple[str, ...] = TERMINAL,
-                timeout: float = 90) -> dict[str, Any]:
+                timeout: float = 240) -> dict[str, Any]:
+    """The run's summary once its status is one of ``statuses``. Woken by the run's own events
+    (the server's long-poll), so a loaded machine only makes it wait longer, never miss a state."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    after = 0
+    while True:
         summary = srv.client.get(f"/handoff/api/runs/{run_id}").json()
         if summary["status"] in statuses:
             return summary
-        time.sleep(0.2)
-    raise AssertionError(f"run {run_id} is {summary['status']} after {timeout}s, not {statuses}:\n"
-                         f"{srv.log()[-3000:]}")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"run {run_id} is {summary['status']} after {timeout}s, not {statuses}:\n"
+                                 f"{srv.log()[-3000:]}")
+        after = wait_events(srv, run_id, after, min(left, 10.0))
+
+
+def wait_events(srv: Any, run_id: str, after: int, timeout: float) -> int:
+    """Block until the run has an event after ``after`` (or ``timeout`` s); the newest seq seen."""
+    events = srv.client.get(f"/handoff/api/runs/{run_id}/events",
+                            params={"after": after, "timeout": timeout}).json()["events"]
+    return int(events[-1]["seq"]) if events else after
 
 
 def all_events(srv: Any, run_id: str) -> list[dict[str, Any]]:

@@ -227,6 +227,9 @@ class Webhook:
     def __init__(self) -> None:
         self.port = free_port()
         self.received: list[dict[str, Any]] = []
+        self.answer = threading.Event()   # cleared: a message is recorded but its reply held back
+        self.answer.set()
+        self._arrived = threading.Condition()
         self._server: ThreadingHTTPServer | None = None
 
     @property
@@ -234,12 +237,15 @@ class Webhook:
         return f"json://127.0.0.1:{self.port}/hook"
 
     def start(self) -> "Webhook":
-        received = self.received
+        received, arrived, answer = self.received, self._arrived, self.answer
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                received.append(json.loads(body))
+                with arrived:
+                    received.append(json.loads(body))
+                    arrived.notify_all()
+                answer.wait(120)
                 self.send_response(200)
                 self.end_headers()
 
@@ -255,8 +261,8 @@ class Webhook:
             self._server.shutdown()
             self._server.server_close()
 
-    def wait(self, n: int, timeout: float = 30) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while len(self.received) < n and time.monotonic() < deadline:
-            time.sleep(0.05)
+    def wait(self, n: int, timeout: float = 120) -> list[dict[str, Any]]:
+        """What arrived once ``n`` messages have (woken by each arrival), or after ``timeout``."""
+        with self._arrived:
+            self._arrived.wait_for(lambda: len(self.received) >= n, timeout)
         return self.received
