@@ -25,7 +25,7 @@ from typing import Any
 from ..atomic import fsync_dir
 from ..chunks import CHUNK_SIZE, CHUNKS, ChunkRef, ChunkStore
 from ..errors import BundleError, StateError
-from ..manifest import FileEntry, GroupEntry, Manifest, VariableEntry
+from ..manifest import FileEntry, GroupEntry, Manifest, ReplayEntry, VariableEntry
 from ..state import RunState
 from ..tracking import TRACKER
 from . import reducers, sources
@@ -318,14 +318,7 @@ def restore_from(manifest: Manifest, store: Any, shell: Any = None, *, files: bo
                                       f"{line!r} failed here ({type(exc).__name__}: {exc}); install the package "
                                       "and run the line yourself")
     ns.update(staged)   # definitions and pickles below may refer to imported names
-    definitions = manifest.definitions
-    if trust is not None:
-        for definition in definitions:
-            if not trust.allows_code("definitions", definition):
-                for name in definition.names:
-                    results[name] = VarReport(name, _declared_type(by_name, name, "?"), "replay", 0, 0.0,
-                                              "skipped", f"its definition {TRUST_HINT}")
-        definitions = [d for d in definitions if trust.allows_code("definitions", d)]
+    definitions = _sent_code("definitions", manifest.definitions, trust, by_name, results)
     for name, err in sources.define([d.to_dict() for d in definitions], ns).items():
         if err is not None:
             results[name] = VarReport(name, _declared_type(by_name, name, "?"), "replay", 0, 0.0, "skipped", err)
@@ -341,15 +334,7 @@ def restore_from(manifest: Manifest, store: Any, shell: Any = None, *, files: bo
     ns.update(staged)
 
 
-    replays = manifest.replays
-    if trust is not None:
-        for r in replays:
-            if not trust.allows_code("replays", r):
-                for name in r.names:
-                    results[name] = VarReport(name, _declared_type(by_name, name, "?"), "replay", 0, 0.0,
-                                              "skipped", f"its cell {TRUST_HINT}")
-        replays = [r for r in replays if trust.allows_code("replays", r)]
-    run_replays(replays, ns, root, by_name, results)
+    run_replays(_sent_code("replays", manifest.replays, trust, by_name, results), ns, root, by_name, results)
     for name, meta in by_name.items():
         if meta.method == "skipped" and name not in results:
             results[name] = VarReport(name, meta.type, "skipped", 0, 0.0, "skipped", meta.reason)
@@ -400,6 +385,24 @@ def _unpickle_groups(groups: list[GroupEntry], payloads: dict[str, bytes], buffe
                                        time.perf_counter() - t0, "skipped",
                                        f"could not be unpickled: {type(exc).__name__}: {exc}{hint}")
         payloads.pop(g.id, None)
+
+
+def _sent_code(kind: str, entries: list[ReplayEntry], trust: PullTrust | None, by_name: dict[str, VariableEntry],
+               results: dict[str, VarReport]) -> list[ReplayEntry]:
+    """The notebook definitions or replayed cells (``kind``) a restore may run: all of them, or on a
+    pull back without --trust only those this laptop sent; the others are reported as left out."""
+    if trust is None:
+        return entries
+    what = "its definition" if kind == "definitions" else "its cell"
+    kept = []
+    for entry in entries:
+        if trust.allows_code(kind, entry):
+            kept.append(entry)
+            continue
+        for name in entry.names:
+            results[name] = VarReport(name, _declared_type(by_name, name, "?"), "replay", 0, 0.0, "skipped",
+                                      f"{what} {TRUST_HINT}")
+    return kept
 
 
 def _declared_type(by_name: dict[str, VariableEntry], name: str, default: str) -> str:
