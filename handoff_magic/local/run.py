@@ -401,11 +401,7 @@ class LocalRun:
         return _remote_side().pull(ref.run_id, to=ref.server_url, shell=self.shell)
 
     def open_notebook(self) -> None:
-        ref = self._require_remote()
-        links = getattr(ref, "links", None) or {}
-        url = links.get("notebook") or links.get("lab") or \
-            f"{ref.server_url.rstrip('/')}/lab/tree/handoff-runs/{ref.run_id}/result.ipynb"
-        self.widget.show_message("The run's notebook:", "info", link=url)
+        self.widget.show_message("The run's notebook:", "info", link=self._require_remote().notebook_url())
 
     # -- display ----------------------------------------------------------------------------
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any] | None:

@@ -31,6 +31,14 @@ class RemoteRef:
     links: dict[str, str] = field(default_factory=dict)
     handed_off: float = field(default_factory=time.time)
 
+    def notebook_url(self) -> str:
+        """The run's result.ipynb in the server's JupyterLab: the server's own absolute link when it
+        gave one (its public URL), else built from the URL this laptop reaches it by."""
+        link = self.links.get("notebook") or self.links.get("lab")
+        if link and link.startswith("http"):
+            return link
+        return f"{self.server_url.rstrip('/')}/lab/tree/handoff-runs/{self.run_id}/result.ipynb"
+
 
 @dataclass
 class HandoffTimings:
@@ -244,10 +252,7 @@ class RemoteRun:
         show(self.diff())
 
     def notebook_url(self) -> str:
-        link = self.links.get("notebook") or self.links.get("lab")
-        if link and link.startswith("http"):
-            return link
-        return f"{self.server_url}/lab/tree/handoff-runs/{self.run_id}/result.ipynb"
+        return RemoteRef(self.server_url, self.run_id, self.links).notebook_url()
 
     def open_notebook(self) -> None:
         url = self.notebook_url()
