@@ -116,6 +116,15 @@ class _ArgParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{message}\n{self._usage_text}")
 
+    @classmethod
+    def for_server(cls, usage: str, run_id_optional: bool) -> "_ArgParser":
+        """A magic that reaches a server: RUN_ID, ``--to URL`` and ``--token T``."""
+        p = cls(usage)
+        p.add_argument("run_id", nargs="?" if run_id_optional else None)
+        p.add_argument("--to")
+        p.add_argument("--token")
+        return p
+
 
 def _split(line: str, usage: str) -> list[str]:
     try:
@@ -335,10 +344,7 @@ class HandoffMagics(Magics):
     @line_magic
     def handoff(self, line: str) -> None:
         """Hand the current (or RUN_ID) run and this kernel's state off to a Jupyter Server."""
-        p = _ArgParser(HANDOFF_USAGE)
-        p.add_argument("run_id", nargs="?")
-        p.add_argument("--to")
-        p.add_argument("--token")
+        p = _ArgParser.for_server(HANDOFF_USAGE, run_id_optional=True)
         p.add_argument("--fork", action="store_true")
         p.add_argument("--dry-run", action="store_true")
         a = p.parse_args(_split(line, HANDOFF_USAGE))
@@ -356,10 +362,7 @@ class HandoffMagics(Magics):
     @line_magic
     def reattach(self, line: str) -> None:
         """Follow a remote run here (works in a new kernel); no RUN_ID lists the server's runs."""
-        p = _ArgParser(REATTACH_USAGE)
-        p.add_argument("run_id", nargs="?")
-        p.add_argument("--to")
-        p.add_argument("--token")
+        p = _ArgParser.for_server(REATTACH_USAGE, run_id_optional=True)
         a = p.parse_args(_split(line, REATTACH_USAGE))
         from . import remote
         result = _call(remote.reattach, a.run_id, to=a.to, token=a.token, display=False)
@@ -368,13 +371,10 @@ class HandoffMagics(Magics):
     @line_magic
     def pull(self, line: str) -> None:
         """Bring a remote run back: its variables, files, plan and conversation; then %agent continue."""
-        p = _ArgParser(PULL_USAGE)
-        p.add_argument("run_id")
+        p = _ArgParser.for_server(PULL_USAGE, run_id_optional=False)
         p.add_argument("--again", action="store_true")   # re-restore a run pulled here before
         p.add_argument("--trust", action="store_true",
                        help="also load what can run code on load (objects the remote run made)")
-        p.add_argument("--to")
-        p.add_argument("--token")
         a = p.parse_args(_split(line, PULL_USAGE))
         from . import remote
         result = _call(remote.pull, a.run_id, to=a.to, token=a.token, shell=self.shell, display=False,
