@@ -2,6 +2,7 @@
 one kernel and load in a fresh one started in another directory."""
 from __future__ import annotations
 
+import json
 import os
 import queue
 from pathlib import Path
@@ -47,9 +48,26 @@ class Kernel:
         assert out["error"] is None, f"{code[:80]!r} failed: {out['error']}"
         return out
 
+    def check(self, checks: str) -> dict[str, Any]:
+        """Run ``checks``, lines of ``_c(name, lambda: value)``, in this kernel; every name's value
+        (JSON), or ``'ERROR Type: message'`` where its lambda raised, so one failure hides no other."""
+        return dict(json.loads(self.ok(_CHECK_HEAD + checks + _CHECK_TAIL)["stdout"]))
+
     def stop(self) -> None:
         self.kc.stop_channels()
         self.km.shutdown_kernel(now=True)
+
+
+_CHECK_HEAD = r"""
+import json as _json
+_r = {}
+def _c(name, fn):
+    try:
+        _r[name] = fn()
+    except Exception as e:
+        _r[name] = f'ERROR {type(e).__name__}: {e}'
+"""
+_CHECK_TAIL = "\nprint(_json.dumps(_r, default=str))\n"
 
 
 def kernel_env(**extra: str) -> dict[str, str]:

@@ -62,13 +62,7 @@ CORPUS = [
 ]
 
 CHECK = r"""
-import json as _json, numpy as _np
-_r = {}
-def _c(name, fn):
-    try:
-        _r[name] = fn()
-    except Exception as e:
-        _r[name] = f'ERROR {type(e).__name__}: {e}'
+import numpy as _np
 _c('big', lambda: [type(big).__name__, big.shape[0], float(big.sum()) == big_sum, big.flags.writeable])
 _c('view', lambda: [view.base is not None, bool(_np.shares_memory(view, big)), float(view[0]) == float(big[10])])
 _c('ints', lambda: [str(ints.dtype), ints.tolist()[2]])
@@ -102,7 +96,6 @@ _c('subclass', lambda: [issubclass(Point3, Point), type(p3) is Point3, p3.norm2(
 _c('instances', lambda: [len(items), all(type(i) is Item for i in items), items[7].qty, ops['inc'](1),
                          ops['sq'] is sq])
 _c('decorated', lambda: half(8))
-print(_json.dumps(_r, default=str))
 """
 
 
@@ -137,7 +130,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Any:
         report = json.loads(a.ok("import json; print(json.dumps(_.to_dict()))")["stdout"])
         b.ok("%load_ext handoff_magic")
         loaded = b.ok(f"%snapshot load {bundle}")
-        checks = json.loads(b.ok(CHECK)["stdout"])
+        checks = b.check(CHECK)
         yield {"a": a, "b": b, "src": src, "dst": dst, "bundle": bundle, "saved": saved, "loaded": loaded,
                "report": report, "checks": checks}
     finally:

@@ -89,13 +89,6 @@ CELLS = [
 ]
 
 CHECK = r"""
-import json as _json, weakref as _weakref, threading as _threading
-_r = {}
-def _c(name, fn):
-    try:
-        _r[name] = fn()
-    except Exception as e:
-        _r[name] = f'ERROR {type(e).__name__}: {e}'
 _c('travel', lambda: [tokens, keys, sort_keys, hotkey_map, key_seen, max_tokens, token_ids, keywords, monkey,
                       join_key, tokenizer('ab'), type(tokenizer).__name__])
 _c('held_back', lambda: sorted(n for n in ('OPENAI_API_KEY', 'my_model_key', 'hf_token', 'aws_secret_access_key',
@@ -126,7 +119,6 @@ _c('enum', lambda: [fav is Color.GREEN, palette[0] is Color.RED, level is Level.
                     [c.name for c in Color]])
 _c('metaclass', lambda: [type(tagged) is Tagged, Tagged.tag, type(Tagged).__name__])
 _c('local_modules', lambda: [h.shout('hi'), clean('  x '), h.__file__.startswith(__import__('os').getcwd())])
-print(_json.dumps(_r, default=str))
 """
 
 EXPECTED = {
@@ -180,7 +172,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Any:
         report = json.loads(a.ok("import json; print(json.dumps(_.to_dict()))")["stdout"])
         b.ok("%load_ext handoff_magic")
         loaded = b.ok(f"%snapshot load {bundle}")
-        checks = json.loads(b.ok(CHECK)["stdout"])
+        checks = b.check(CHECK)
         yield {"a": a, "b": b, "bundle": bundle, "report": report, "checks": checks, "loaded": loaded,
                "dst": dst, "dry": dry, "check": check, "base": base}
     finally:
