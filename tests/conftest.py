@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.harness.fake_llm import FakeLLM
 from tests.harness.server_process import JupyterServerProcess
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="handoff-tests-"))
@@ -35,6 +36,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(tier)
             if tier == "e2e":
                 item.add_marker("slow")
+
+
+@pytest.fixture(scope="module")
+def llm() -> Iterator[FakeLLM]:
+    """The loopback fake model (OpenAI and Anthropic wire formats), one per test module."""
+    with FakeLLM() as fake:
+        yield fake
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import json
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from jupyter_client.manager import start_new_kernel
 
@@ -117,6 +117,20 @@ def wait_events(srv: Any, run_id: str, after: int, timeout: float) -> int:
     events = srv.client.get(f"/handoff/api/runs/{run_id}/events",
                             params={"after": after, "timeout": timeout}).json()["events"]
     return int(events[-1]["seq"]) if events else after
+
+
+def wait_event(srv: Any, run_id: str, match: Callable[[dict[str, Any]], bool], what: str = "matching event",
+               timeout: float = 240) -> dict[str, Any]:
+    """The run's first event ``match`` accepts, waiting on the events long-poll (woken by each new one)."""
+    after, deadline = 0, time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        events = srv.client.get(f"/handoff/api/runs/{run_id}/events",
+                                params={"after": after, "timeout": min(left, 10.0)}).json()["events"]
+        for e in events:
+            if match(e):
+                return dict(e)
+            after = e["seq"]
+    raise AssertionError(f"no {what} in {timeout}s: {all_events(srv, run_id)[-4:]}")
 
 
 def all_events(srv: Any, run_id: str) -> list[dict[str, Any]]:

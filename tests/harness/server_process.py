@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 
@@ -266,3 +266,11 @@ class Webhook:
         with self._arrived:
             self._arrived.wait_for(lambda: len(self.received) >= n, timeout)
         return self.received
+
+    def wait_for(self, match: Callable[[dict[str, Any]], bool], what: str, timeout: float = 120) -> dict[str, Any]:
+        """The first message ``match`` accepts, woken by each arrival; AssertionError naming ``what``."""
+        with self._arrived:
+            found = self._arrived.wait_for(lambda: next((m for m in self.received if match(m)), None), timeout)
+        if found is None:
+            raise AssertionError(f"no {what} notification after {timeout}s: {self.received}")
+        return found

@@ -31,12 +31,6 @@ CLI = [sys.executable, "-m", "handoff_magic.cli"]
 
 
 @pytest.fixture(scope="module")
-def llm() -> Iterator[FakeLLM]:
-    with FakeLLM() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
 def server(llm: FakeLLM) -> Iterator[JupyterServerProcess]:
     srv = JupyterServerProcess(env=llm.env()).start()
     try:

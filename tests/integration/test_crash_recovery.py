@@ -15,7 +15,7 @@ import pytest
 
 from handoff_magic.chunks import shard_path
 from tests.harness.runner_helpers import (all_events, capture_bundle, finish, hand_off, run_python,
-                                          tool_results, wait_status, write_script)
+                                          tool_results, wait_event, wait_status, write_script)
 from tests.harness.server_process import JupyterServerProcess
 
 
@@ -29,14 +29,9 @@ def _check_log(events: list[dict[str, Any]]) -> None:
     assert seqs == list(range(1, len(seqs) + 1)), f"gap or duplicate in {seqs}"
 
 
-def _wait_tool_call(srv: JupyterServerProcess, run_id: str, needle: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(e["type"] == "tool_call" and needle in str(e["data"].get("arguments"))
-               for e in all_events(srv, run_id)):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"the step with {needle!r} never started: {all_events(srv, run_id)[-4:]}")
+def _wait_tool_call(srv: JupyterServerProcess, run_id: str, needle: str) -> None:
+    wait_event(srv, run_id, lambda e: e["type"] == "tool_call" and needle in str(e["data"].get("arguments")),
+               f"start of the step with {needle!r}")
 
 
 def test_sigkill_mid_step_resumes_from_the_checkpoint_and_redoes_the_step(
@@ -110,7 +105,7 @@ def test_a_run_waiting_for_input_survives_a_server_kill(
     ]))
     srv = handoff_server_factory()
     run_id = hand_off(srv, bdir, manifest, model=model)
-    _wait_event(srv, run_id, lambda e: e["type"] == "status" and e["data"]["status"] == "waiting_input")
+    wait_event(srv, run_id, lambda e: e["type"] == "status" and e["data"]["status"] == "waiting_input")
     srv.kill()  # the instant waiting_input is announced (this used to beat the question's checkpoint)
     srv.restart()
     summary = srv.client.get(f"/handoff/api/runs/{run_id}").json()
@@ -123,19 +118,6 @@ def test_a_run_waiting_for_input_survives_a_server_kill(
     assert [e["data"]["question"] for e in events if e["type"] == "question"] == ["Scale by?"]  # asked once
     assert [e["data"]["answer"] for e in events if e["type"] == "answer"] == ["10"]
     assert "scaled 20" in tool_results(events)[-1]["content"]  # k came back from the checkpoint
-
-
-def _wait_event(srv: JupyterServerProcess, run_id: str, pred: Callable[[dict[str, Any]], bool],
-                timeout: float = 90) -> None:
-    """Long-poll the events until one matches (reacts within milliseconds, unlike polling)."""
-    after, deadline = 0, time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = srv.client.get(f"/handoff/api/runs/{run_id}/events", params={"after": after, "timeout": 5}).json()
-        for e in r["events"]:
-            if pred(e):
-                return
-            after = e["seq"]
-    raise AssertionError(f"no matching event in {timeout}s: {all_events(srv, run_id)[-4:]}")
 
 
 def test_a_kill_while_the_question_step_is_saved_redoes_it_and_refuses_early_answers(
@@ -154,9 +136,9 @@ def test_a_kill_while_the_question_step_is_saved_redoes_it_and_refuses_early_ans
     srv = handoff_server_factory()
     run_id = hand_off(srv, bdir, manifest, model=model)
     slow = srv.root_dir / "handoff-runs" / run_id / "slow-checkpoints"
-    _wait_event(srv, run_id, lambda e: e["type"] == "checkpoint")  # step 1 saved (fast)
+    wait_event(srv, run_id, lambda e: e["type"] == "checkpoint")  # step 1 saved (fast)
     slow.touch()  # from now on a checkpoint takes 4 s
-    _wait_event(srv, run_id, lambda e: e["type"] == "tool_call" and e["data"]["name"] == "ask_user")
+    wait_event(srv, run_id, lambda e: e["type"] == "tool_call" and e["data"]["name"] == "ask_user")
     time.sleep(1)  # inside the question step's checkpoint
     before = all_events(srv, run_id)
     assert not any(e["type"] == "question" for e in before), "the question was announced before its checkpoint"

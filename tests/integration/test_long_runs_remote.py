@@ -65,14 +65,9 @@ def watched(webhook: Webhook) -> Iterator[JupyterServerProcess]:
             srv.cleanup()
 
 
-def _notice(webhook: Webhook, run_id: str, word: str, timeout: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for msg in webhook.received:
-            if run_id in msg.get("title", "") and word in msg.get("title", ""):
-                return msg
-        time.sleep(0.1)
-    raise AssertionError(f"no {word!r} notification for run {run_id}: {webhook.received}")
+def _notice(webhook: Webhook, run_id: str, word: str) -> dict[str, Any]:
+    return webhook.wait_for(lambda m: run_id in m.get("title", "") and word in m.get("title", ""),
+                            f"{word!r} for run {run_id}")
 
 
 @pytest.mark.parametrize("local_api", ["openai", "anthropic"])

@@ -25,12 +25,6 @@ TOOLS = {"list_runs", "show_run", "follow_run", "answer_run", "cancel_run", "dif
 
 
 @pytest.fixture(scope="module")
-def llm() -> Iterator[FakeLLM]:
-    with FakeLLM() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
 def server(llm: FakeLLM) -> Iterator[JupyterServerProcess]:
     srv = JupyterServerProcess(env=llm.env(), extra_args=["--HandoffApp.model=openai:fake-model"]).start()
     try:

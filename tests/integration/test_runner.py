@@ -30,12 +30,6 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, An
 
 
 @pytest.fixture(scope="module")
-def llm() -> Iterator[FakeLLM]:
-    with FakeLLM() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
 def webhook() -> Iterator[Webhook]:
     hook = Webhook().start()
     yield hook
@@ -54,15 +48,11 @@ def srv(llm: FakeLLM, webhook: Webhook) -> Iterator[JupyterServerProcess]:
         server.cleanup()
 
 
-def _notified(webhook: Webhook, goal: str, word: str, timeout: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for msg in webhook.received:
-            text = f"{msg.get('title', '')} {msg.get('message', '')}"
-            if goal in text and word in text:
-                return msg
-        time.sleep(0.1)
-    raise AssertionError(f"no {word!r} notification for {goal!r}: {webhook.received}")
+def _notified(webhook: Webhook, goal: str, word: str) -> dict[str, Any]:
+    def match(msg: dict[str, Any]) -> bool:
+        text = f"{msg.get('title', '')} {msg.get('message', '')}"
+        return goal in text and word in text
+    return webhook.wait_for(match, f"{word!r} for {goal!r}")
 
 
 def _scripted(tmp_path: Path, turns: list[dict[str, Any]]) -> str:
