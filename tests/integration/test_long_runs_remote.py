@@ -20,9 +20,10 @@ from IPython.core.interactiveshell import InteractiveShell
 
 from handoff_magic.agent import AgentLoop, InProcessExecutor, make_provider
 from handoff_magic.state import Budgets, RunState, describe_usage
+from jupyter_server_ext.store import RunStore
 from tests.harness.fake_llm import FakeLLM
 from tests.harness.long_run_model import fact_value, facts_in, long_run_model, step_code
-from tests.harness.runner_helpers import all_events, capture_bundle, hand_off, wait_status, write_script
+from tests.harness.runner_helpers import all_events, capture_bundle, hand_off, wait_event, wait_status, write_script
 from tests.harness.server_process import JupyterServerProcess, Webhook
 
 pytestmark = pytest.mark.timeout(600)
@@ -133,20 +134,20 @@ def test_a_run_without_progress_notifies_stuck_with_links_to_act(
 
     def stuck() -> list[dict[str, Any]]:
         return [m for m in webhook.received if run_id in m["title"] and "is stuck" in m["title"]]
-    deadline = time.monotonic() + 120
-    while not any("time.sleep(60)" in str(e["data"].get("arguments")) for e in all_events(srv, run_id)):
-        assert time.monotonic() < deadline, all_events(srv, run_id)[-3:]
-        time.sleep(0.2)
-    before = len(stuck())       # a slow kernel start may have been a stall of its own
-    while len(stuck()) == before:
-        assert time.monotonic() < deadline, "no stuck notice for the hanging step"
-        time.sleep(0.1)
+
+    store = RunStore(srv.data_dir / "handoff.sqlite")   # notices are committed there when queued
+
+    def queued() -> int:
+        return sum(r["kind"] == "stuck" for r in store.notifications(run_id))
+    wait_event(srv, run_id, lambda e: "time.sleep(60)" in str(e["data"].get("arguments")), "the hanging step")
+    before = queued()   # a slow kernel start may have been a stall of its own, queued but maybe not yet sent
+    webhook.wait_for(lambda _msg: len(stuck()) > before, "stuck notice for the hanging step")
     notice = stuck()[-1]
     assert "No progress for" in notice["message"]
     assert f"/handoff/runs/{run_id}" in notice["message"]          # status page: answer or cancel
     assert f"%pull {run_id}" in notice["message"]
     time.sleep(3)                                                    # once per stall
-    assert len(stuck()) == before + 1
+    assert queued() == len(stuck()) == before + 1
     summary = srv.client.get(f"/handoff/api/runs/{run_id}").json()
     assert summary["status"] == "running" and summary["usage"]["estimated"] is True
     assert srv.client.post(f"/handoff/api/runs/{run_id}/cancel").status_code in (200, 202)
