@@ -1,9 +1,10 @@
-"""Kept-alive stdlib HTTP connections for chunk bodies (``GET /blobs/{address}``).
+"""Kept-alive stdlib HTTP connections for chunk bodies (``GET`` and ``PUT /blobs/{address}``).
 
 Why not httpx here: its HTTP/1.1 stack (h11) hands a body over in 64 KiB pieces and copies each
 byte three or four times in Python on the way (about 3 CPU-seconds per GB on the 2-core test
 machine, more than the server's whole share of a pull back). ``http.client``'s ``readinto``
-lands the bytes in their destination (a restored array's memory) in one copy, from C. Every
+lands the bytes in their destination (a restored array's memory) in one copy, from C, and
+``send`` hands an upload's pieces (views of the live arrays) to the socket without one. Every
 other request, and chunk bodies when an environment proxy applies (httpx honours it, this path
 does not), stays on httpx. Status codes and retries remain ``HandoffClient``'s job.
 """

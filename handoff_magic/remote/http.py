@@ -316,38 +316,65 @@ class HandoffClient:
                     while piece := fh.read(STREAM_PIECE):
                         yield piece
 
-            def body() -> Iterator[bytes]:
+            def body() -> Iterator[bytes | memoryview]:
                 nonlocal sent
                 for piece in pieces():
-                    yield piece  # type: ignore[misc]
+                    yield piece
                     sent += len(piece)
                     if progress:
                         progress(len(piece))
 
             try:
-                resp = self._http.put(f"/blobs/{sha}", content=body(), headers={
-                    "Content-Type": "application/octet-stream", "Content-Length": str(size)})
-            except httpx.TransportError as exc:
+                status, reply = self._put_body(sha, body(), size)
+            except (OSError, http.client.HTTPException, httpx.TransportError) as exc:
                 if progress and sent:
                     progress(-sent)
                 if attempt >= self.retries:
-                    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+                    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, ConnectionRefusedError)):
                         raise self._unreachable(exc) from exc
                     raise ClientError(f"uploading chunk {sha[:12]} to {self.url} kept failing "
                                       f"({type(exc).__name__}: {exc})",
                                       "check the connection and run %handoff again; only missing "
                                       "chunks are sent") from exc
             else:
-                if resp.status_code in (200, 201, 204):
+                if status in (200, 201, 204):
                     return size
                 if progress and sent:
                     progress(-sent)
-                if not (resp.status_code in _RETRY_STATUS and attempt < self.retries):
-                    raise self._error(resp, f"uploading chunk {sha[:12]}")
+                if not (status in _RETRY_STATUS and attempt < self.retries):
+                    raise self._error(httpx.Response(status, content=reply), f"uploading chunk {sha[:12]}")
             if report is not None:
                 report.retries += 1
             self._sleep(attempt)
             attempt += 1
+
+    def _put_body(self, sha: str, pieces: Iterator[bytes | memoryview], size: int) -> tuple[int, bytes]:
+        """One PUT of a chunk: (status, reply body). On the stdlib connections each piece goes to
+        the socket as it is (a memoryview of the live array, no copy); through httpx otherwise."""
+        if not self._verified:
+            self._verify_server()   # the token goes only to the server it belongs to
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        if self._bodies is None:
+            resp = self._http.put(f"/blobs/{sha}", content=pieces, headers=headers)  # type: ignore[arg-type]
+            return resp.status_code, resp.content
+        conn = self._bodies.take()
+        reuse = False
+        try:
+            conn.putrequest("PUT", f"{self._bodies.prefix}/blobs/{sha}", skip_accept_encoding=True)
+            for name, value in {**self._bodies.headers, **headers}.items():
+                conn.putheader(name, value)
+            conn.endheaders()
+            for piece in pieces:
+                conn.send(piece)
+            reply = conn.getresponse()
+            body = reply.read()
+            reuse = not reply.will_close
+            return reply.status, body
+        finally:
+            if reuse:
+                self._bodies.give(conn)
+            else:
+                conn.close()
 
     def upload_bundle(self, bundle_dir: str | Path, progress: Progress | None = None,
                       manifest: dict[str, Any] | None = None) -> UploadReport:
