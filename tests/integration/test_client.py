@@ -1,8 +1,9 @@
 """HandoffClient against a real Jupyter Server with the extension (no mocks of our own code).
 
 Covers: missing-only uploads with progress, a connection cut mid-upload (a real TCP proxy that
-drops the socket), idempotent create, long-poll, and the
-clear errors a user sees for a dead server, a wrong token, an unknown run and a too-large bundle.
+drops the socket), idempotent create, long-poll, a chunk downloaded into its buffer and verified
+(direct connections and httpx), and the clear errors a user sees for a dead server, a wrong
+token, an unknown run and a too-large bundle.
 """
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
-from handoff_magic.chunks import ChunkStore
+from handoff_magic.chunks import ChunkStore, address_of, shard_path
 from handoff_magic.manifest import Manifest, write_manifest
 from handoff_magic.remote.http import (AuthError, BundleTooLarge, ClientError, HandoffClient, RunNotFound,
                                   ServerUnreachable)
@@ -142,6 +144,34 @@ def test_create_run_is_idempotent_and_events_long_poll(client, tmp_path):
     assert not follower._thread.is_alive() and view.final == "completed"
     assert [e.seq for e in view.events] == list(range(1, after + 1))
     assert view.events[-1].type == "status" and view.events[-1].data["status"] == "completed"
+
+
+@pytest.mark.parametrize("route", ["direct", "httpx"])
+def test_a_chunk_downloads_into_its_buffer_verified_on_either_route(handoff_server, route):
+    """Direct stdlib connections, or httpx (what carries chunks when a proxy applies)."""
+    data = os.urandom(1_500_000)
+    sha = address_of(data)
+    transport = httpx.HTTPTransport() if route == "httpx" else None
+    with HandoffClient(handoff_server.url, handoff_server.token, retries=1, backoff=0.01, transport=transport) as c:
+        c.put_blob(sha, data)
+        dest = bytearray(len(data))
+        seen: list[int] = []
+        assert c.get_blob_into(sha, memoryview(dest), seen.append) is True
+        assert bytes(dest) == data and sum(seen) == len(data)
+        # the server's copy damaged on its disk: same size, other bytes -> refused by the hash
+        had = f"the bytes {route:>6}".encode()   # 16 bytes, one blob per route
+        other = address_of(had)
+        c.put_blob(other, had)
+        assert c.get_blob_into(other, memoryview(bytearray(16)), None) is True   # (and now on its disk)
+        blob = shard_path(handoff_server.data_dir / "blobs", other)
+        blob.with_name("damaged").write_bytes(had.upper())
+        os.replace(blob.with_name("damaged"), blob)
+        assert c.get_blob_into(other, memoryview(bytearray(16)), None) is False
+        with pytest.raises(ClientError, match="the manifest says 10"):
+            c.get_blob_into(sha, memoryview(bytearray(10)), None)
+        with pytest.raises(RunNotFound, match="not on this server"):
+            c.get_blob_into(address_of(b"never uploaded"), memoryview(bytearray(14)), None)
+        assert c.get_blob_into(sha, memoryview(dest), None) is True, "the connection is still usable"
 
 
 def test_dead_server_says_start_it(tmp_path):
