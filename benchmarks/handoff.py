@@ -198,7 +198,7 @@ def one_round(v: Variant, size: int, work: Path) -> dict[str, Any]:
 
         wall0, t0 = time.time(), time.perf_counter()
         with PeakRSS(kernel_pid(k)) as mem:
-            run_cell(k, "%handoff --fork")
+            run_cell(k, "%handoff")   # as a user hands off: the run's own widget follows it
             safe = time.perf_counter() - t0
         first = value(k, LAST)
         marks = follow(http, first["run_id"], wall0, "first_step")
