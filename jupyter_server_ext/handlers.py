@@ -146,6 +146,7 @@ class BlobHandler(ApiHandler):
         self.send({"sha256": sha, "size": writer.size, "created": created}, 201 if created else 200)
 
     def _existing(self, sha: str) -> Path:
+        """The blob's file (call it in a thread: an upload not yet durable is fsynced first)."""
         path = self.service.blobs.path(sha)
         if not path.is_file():
             raise NotFound(f"chunk {sha} is not on this server", "upload it with PUT")
@@ -153,8 +154,8 @@ class BlobHandler(ApiHandler):
 
     @web.authenticated
     @authorized
-    def head(self, sha: str) -> None:
-        path = self._existing(sha)
+    async def head(self, sha: str) -> None:
+        path = await asyncio.to_thread(self._existing, sha)
         self.set_header("Content-Length", str(path.stat().st_size))
         self.set_status(200)
         self.finish(set_content_type="application/octet-stream")
@@ -165,7 +166,7 @@ class BlobHandler(ApiHandler):
         """The stored bytes, sent from a read-only mapping of the blob: the page cache goes to the
         socket in one copy, with no read() loop on the event loop (reading 1 MiB pieces into bytes
         first cost about a quarter of the loop's time during a pull back)."""
-        path = self._existing(sha)
+        path = await asyncio.to_thread(self._existing, sha)
         with open(path, "rb") as f:  # noqa: ASYNC230 - an open and an mmap, no read
             size = os.fstat(f.fileno()).st_size
             # blobs are published by rename and never written in place, so the mapping stays valid
