@@ -1,7 +1,7 @@
 """BlobStore: uploaded chunks in ``data_dir/blobs/<sha[:2]>/<sha>``, and their garbage collection.
 
 The address is the hash of the stored bytes (the layout of ``handoff_magic``'s chunk store, so
-a run's bundle is materialised by hard links), so the server verifies uploads without decoding
+a client's local store and the server's share one format), so the server verifies uploads without decoding
 (or unpickling) anything. Uploads stream through a ``BlobWriter``: a large chunk never sits in
 memory and a cut connection leaves nothing but a temp file that ``abort`` removes.
 

@@ -22,7 +22,6 @@ RESULT_NOTEBOOK = "result.ipynb"
 SPARE_PREFIX = ".spare-"                  # a spare kernel's workspace until a run adopts it; never a
                                           # run id (no '.' in one), hidden in Lab
 PRIVATE_DIR = ".handoff"                  # in a workspace, relative (also kernel-side, gateways)
-BUNDLE_DIR = f"{PRIVATE_DIR}/bundle"
 CKPT_DIR = f"{PRIVATE_DIR}/ckpt"
 RUN_JSON = f"{PRIVATE_DIR}/run.json"
 SERVER_FILES = frozenset({RESULT_NOTEBOOK})  # what the server writes into a workspace itself
@@ -100,10 +99,6 @@ class Workspace:
 
     def result_notebook(self, run_id: str) -> Path:
         return self.run_dir(run_id) / RESULT_NOTEBOOK
-
-    def bundle_dir(self, run_id: str) -> Path:
-        """The handoff bundle as it arrived (manifest + hard-linked chunks), written once."""
-        return self.run_dir(run_id) / BUNDLE_DIR
 
     def ckpt_dir(self, run_id: str) -> Path:
         """The kernel's incremental ``save_state`` target (same-disk kernels)."""

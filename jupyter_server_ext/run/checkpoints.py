@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from handoff_magic.atomic import atomic_write_json, link_or_copy
-from handoff_magic.chunks import chunk_relpath
 from handoff_magic.errors import BundleError
 from handoff_magic.manifest import Manifest
 from handoff_magic.state import TERMINAL_STATUSES, RunState
@@ -72,9 +70,8 @@ class Checkpoints:
         return m, "handoff"
 
     def materialise(self, run_id: str, manifest: dict[str, Any]) -> None:
-        """Check that every chunk is here; the first time, keep the handoff bundle as it arrived
-        in .handoff/bundle (manifest + hard links). The kernel's checkpoint dir is the
-        transport's job (``send_bundle``)."""
+        """Check that every chunk the manifest names is here before a kernel is given it (the
+        kernel's own copy of the bundle is the transport's job, ``send_bundle``)."""
         try:
             shas = Manifest.parse(manifest).shas
         except BundleError as exc:
@@ -84,12 +81,6 @@ class Checkpoints:
         if missing:
             raise RunFailure(f"{len(missing)} chunk(s) of run {run_id} are missing on this server "
                              f"(first: {missing[0]})", "hand the run off again to re-upload them")
-        d = self.workspace.bundle_dir(run_id)
-        if (d / "manifest.json").exists():
-            return  # the handoff bundle as it arrived stays as it was
-        for sha in shas:
-            link_or_copy(self.blobs.path(sha), d / chunk_relpath(sha))
-        atomic_write_json(d / "manifest.json", manifest)
 
     def take(self, executor: KernelExecutor, state: RunState, *, full: bool) -> Taken:
         """``save_state`` inside the kernel (only new chunks are written), the new chunks
@@ -115,7 +106,7 @@ class Checkpoints:
 
     def finished(self, run_id: str) -> None:
         """A run ended: keep its last checkpoint only, and drop the kernel-side checkpoint dir,
-        whose hard links to every chunk it ever saved would keep freed chunks on disk."""
+        whose copies of every chunk it ever saved would keep the run's state on disk."""
         self.prune(run_id, finished=True)
         ckpt = self.workspace.ckpt_dir(run_id)
         try:

@@ -3,7 +3,7 @@
 Two ways, one interface (``BundleTransport``):
 
 * ``SharedDiskTransport`` (the fast case): the kernel runs on this server's machine, so chunks
-  are hard-linked into ``<workspace>/.handoff/ckpt`` and the kernel reads/writes them there.
+  are copied into ``<workspace>/.handoff/ckpt`` and the kernel reads/writes them there.
 * ``KernelChannelTransport``: the kernel lives elsewhere (Jupyter Enterprise Gateway / Kernel
   Gateway on Kubernetes, YARN, Docker...) and shares no disk with the server. Chunks travel as
   base64 pieces inside small execute requests over the kernel's own channels, are hash-checked
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from handoff_magic.atomic import atomic_write_bytes, link_or_copy
+from handoff_magic.atomic import atomic_write_bytes, copy_file
 from handoff_magic.chunks import address_matches, chunk_relpath
 from handoff_magic.errors import BundleError, ConfigError
 from handoff_magic.manifest import Manifest, check_relpath, safe_mode
@@ -246,7 +246,11 @@ return {'bytes_new': r.bytes_new, 'bytes_total': r.bytes_total, 'manifest_size':
 # shared disk
 # ---------------------------------------------------------------------------------------------
 class SharedDiskTransport(BundleTransport):
-    """Kernel and server share ``<root_dir>/handoff-runs/<id>``: hard links, no copies."""
+    """Kernel and server share ``<root_dir>/handoff-runs/<id>``.
+
+    The kernel gets its bundle's chunks as copies of its own (an in-OS copy, ~0.5 s per GB), not
+    hard links: a link is the blob store's own inode, and a kernel may write anything in its
+    workspace, so a run could have rewritten chunks other runs and later handoffs share."""
 
     name = "shared"
 
@@ -267,7 +271,7 @@ class SharedDiskTransport(BundleTransport):
                     blobs: Blobs) -> KernelBundle:
         ckpt = self.workspace.ckpt_dir(run_id)
         for sha in Manifest.parse(manifest).shas:
-            link_or_copy(blobs.path(sha), ckpt / chunk_relpath(sha))
+            copy_file(blobs.path(sha), ckpt / chunk_relpath(sha))
         atomic_write_bytes(ckpt / "manifest.json", json.dumps(manifest).encode("utf-8"))
         root = self._kernel_root(run_id)
         return KernelBundle(bundle_dir=f"{root}/{CKPT_DIR}", root=root)

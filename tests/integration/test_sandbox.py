@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from handoff_magic.chunks import address_matches, shard_path
+
 from tests.harness.runner_helpers import (
     all_events,
     capture_bundle,
@@ -144,6 +146,39 @@ def test_every_probe_from_inside_a_run_is_refused_and_the_run_still_works(
     assert "sandboxed_probes" in {v["name"] for v in box["r"].json()["manifest"]["variables"]}
     # and run A is untouched: it resumes with its answer
     assert srv.client.post(f"/handoff/api/runs/{other}/answer", json={"answer": "no"}).status_code == 200
+
+
+SCRIBBLE = r"""
+import os
+hit = 0
+for d, _, names in os.walk(".handoff"):
+    for n in names:
+        p = os.path.join(d, n)
+        os.chmod(p, 0o644)
+        with open(p, "r+b") as f:
+            f.write(b"scribbled by the run")
+        hit += 1
+print("scribbled over", hit, "files")
+"""
+
+
+def test_a_run_scribbling_over_its_bundle_cannot_damage_the_chunks_other_runs_share(
+        srv: JupyterServerProcess, bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    """A run may write anything in its workspace, including the chunk files of its own bundle;
+    those must be its own copies, not the server's stored chunks, which later handoffs reuse."""
+    bdir, manifest = bundle
+    first = hand_off(srv, bdir, manifest, model=scripted_model(tmp_path / "a", [run_python(SCRIBBLE), finish()]))
+    assert wait_status(srv, first)["status"] == "completed"
+    out = tool_results(all_events(srv, first))[0]["outputs"][0]["text"]
+    assert int(out.split()[2]) > 0, out
+    for sha in manifest["chunks"]:
+        stored = shard_path(srv.data_dir / "blobs", sha)
+        assert address_matches(sha, stored.read_bytes()), f"stored chunk {sha[:19]} was changed by a run"
+    # the next handoff of the same state (its chunks deduplicated) restores intact
+    second = hand_off(srv, bdir, manifest, model=scripted_model(tmp_path / "b", [
+        run_python("print('rows', len(df))"), finish()]))
+    assert wait_status(srv, second)["status"] == "completed"
+    assert tool_results(all_events(srv, second))[0]["outputs"][0]["text"].strip() == "rows 2"
 
 
 def test_a_memory_hog_gets_an_error_event_and_the_run_goes_on(

@@ -163,7 +163,7 @@ def test_damaged_chunks_are_caught_on_both_sides(
         t.send_bundle(executor, "run3", manifest, bad)
 
 
-def test_shared_disk_transport_links_and_ingests(
+def test_shared_disk_transport_copies_and_ingests(
         executor: KernelExecutor, bundle: tuple[Path, dict[str, Any]], blobs: BlobStore,
         kernel_dir: Path) -> None:
     _, manifest = bundle
@@ -173,7 +173,11 @@ def test_shared_disk_transport_links_and_ingests(
     ws = kernel_dir / "handoff-runs" / "run4"
     assert kb.root == str(ws) and kb.bytes_sent == 0
     sha = next(iter(manifest["chunks"]))
-    assert (shard_path(ws / ".handoff" / "ckpt" / "chunks", sha)).stat().st_ino == blobs.path(sha).stat().st_ino
+    given = shard_path(ws / ".handoff" / "ckpt" / "chunks", sha)
+    # the kernel's own copy: writing it (a kernel may write anything in its workspace) cannot
+    # reach the stored chunk that other runs share
+    assert given.read_bytes() == blobs.path(sha).read_bytes()
+    assert given.stat().st_ino != blobs.path(sha).stat().st_ino
     run_ok(executor, t.restore_code(kb))
     run_ok(executor, "shared_total = 7")
     ck = t.fetch_checkpoint(executor, "run4", dict(manifest["run"], id="run4"), blobs)
