@@ -69,14 +69,18 @@ def _excluded(name: str, value: Any, hidden: dict[str, Any]) -> str | None:
 
 def _local_module_dir(line: str, root: Path) -> str | None:
     """For an import of a module from the working directory (``import helpers as h``, ``from
-    mypkg.util import clean``), the directory it is imported from, relative to ``root``."""
+    mypkg.util import clean``), the directory it is imported from, relative to ``root``. An
+    installed package is not one, even in a venv inside the project (``.venv/lib/.../
+    site-packages``), nor is a folder that only a symlink puts under ``root``."""
     top = line.split()[1].split(".")[0]
     path = getattr(sys.modules.get(top), "__file__", None)
     if not path:
         return None
-    path = os.path.abspath(path)
+    path = os.path.realpath(path)
     base = os.path.dirname(os.path.dirname(path) if os.path.basename(path) == "__init__.py" else path)
-    rel = os.path.relpath(base, root)
+    if os.path.basename(base) in ("site-packages", "dist-packages"):
+        return None
+    rel = os.path.relpath(base, os.path.realpath(root))
     if rel == ".." or rel.startswith(".." + os.sep) or os.path.isabs(rel):
         return None
     return "" if rel == "." else rel.replace(os.sep, "/")

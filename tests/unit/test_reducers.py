@@ -65,3 +65,34 @@ def test_a_database_image_loads_where_sqlite3_has_no_deserialize() -> None:
     assert not hasattr(old, "deserialize")
     _load_image(old, src.serialize())  # type: ignore[attr-defined]  # mypy checks as 3.10; the test runs on 3.11+
     assert old.execute("select x from t").fetchall() == [(2,)]
+
+
+def test_only_the_projects_own_module_folders_travel_as_import_paths(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module from the project's own folder travels with its folder on sys.path; a package
+    installed in a venv inside the project, or a folder a symlink puts there, does not (restoring
+    such a path used to refuse the whole load: 'it would land outside')."""
+    import importlib
+    import sys
+
+    from handoff_magic.manifest import read_manifest
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    site = project / ".venv" / "lib" / "python3" / "site-packages"
+    for d in (project / "src", site, elsewhere):
+        d.mkdir(parents=True)
+    (project / "src" / "own_helpers_mod.py").write_text("X = 1\n")
+    (site / "installed_pkg_mod.py").write_text("X = 2\n")
+    (elsewhere / "linked_in_mod.py").write_text("X = 3\n")
+    (project / "linked").symlink_to(elsewhere)
+    for d in (project / "src", site, project / "linked"):
+        monkeypatch.syspath_prepend(str(d))
+    mods = {n: importlib.import_module(n) for n in ("own_helpers_mod", "installed_pkg_mod", "linked_in_mod")}
+    try:
+        save_state(tmp_path / "b", ns=dict(mods), files=False, environ={}, root=project)
+        assert read_manifest(tmp_path / "b")["module_paths"] == ["src"]
+        out: dict[str, Any] = {}
+        load_state(tmp_path / "b", ns=out, files=False, root=project)
+        assert out["own_helpers_mod"] is mods["own_helpers_mod"]
+    finally:
+        for n in mods:
+            sys.modules.pop(n, None)
