@@ -14,7 +14,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "copy_file", "fsync_dir", "link_or_copy"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "copy_file", "fsync_dir", "fsync_file",
+           "link_or_copy"]
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | memoryview, *,
@@ -64,16 +65,33 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """fsync a file already written and closed (a batch of them is flushed together later)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temp_beside(dst: Path) -> Path | None:
+    """Where a content-addressed ``dst`` is first written, or None when it exists already (its
+    bytes are right by its name)."""
+    if dst.exists():
+        return None
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    return dst.with_name(f".{dst.name}.tmp{os.getpid()}-{threading.get_ident()}")
+
+
 def link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
     """Hard-link ``src`` to ``dst`` (copy where links are impossible), unless ``dst`` exists.
 
     Used for content-addressed files, so an existing ``dst`` already has the right bytes; the
     link/copy lands under a temp name first, so ``dst`` is never seen half-copied."""
     src, dst = Path(src), Path(dst)
-    if dst.exists():
+    tmp = _temp_beside(dst)
+    if tmp is None:
         return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}-{threading.get_ident()}")
     try:
         os.link(src, tmp)
     except OSError:  # another filesystem, or hard links not allowed: copy instead
@@ -86,10 +104,9 @@ def copy_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
     ``dst`` exists; under a temp name first. The bytes move inside the OS (``copy_file_range``:
     ~0.5 s per GB here, no trip through Python) where it can, else ``shutil.copyfile``."""
     src, dst = Path(src), Path(dst)
-    if dst.exists():
+    tmp = _temp_beside(dst)
+    if tmp is None:
         return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}-{threading.get_ident()}")
     try:
         with open(src, "rb") as fin, open(tmp, "wb") as fout:
             left = os.fstat(fin.fileno()).st_size

@@ -31,7 +31,7 @@ from typing import Any, Mapping
 import blake3
 import zstandard
 
-from .atomic import atomic_write_bytes, fsync_dir
+from .atomic import atomic_write_bytes, fsync_dir, fsync_file
 from .errors import BundleError
 
 CHUNK_SIZE = 4 * 1024 * 1024
@@ -319,17 +319,9 @@ class ChunkStore:
         """Batch mode: fsync every pending chunk (in parallel), then rename them into place."""
         if not self._pending:
             return
-
-        def sync(tmp: Path) -> None:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
         pending = list(self._pending.items())
         with ThreadPoolExecutor(self._workers, thread_name_prefix="handoff-fsync") as pool:
-            list(pool.map(sync, [t for _, t in pending]))
+            list(pool.map(fsync_file, [t for _, t in pending]))
         for sha, tmp in pending:
             os.replace(tmp, self.path(sha))
             self._dirs.add(tmp.parent)

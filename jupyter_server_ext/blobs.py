@@ -25,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
-from handoff_magic.atomic import fsync_dir
+from handoff_magic.atomic import fsync_dir, fsync_file
 from handoff_magic.chunks import AddressHasher, address_matches, is_sha, shard_path
 
 from .errors import BlobError, BlobTooLarge
@@ -190,7 +190,7 @@ class BlobStore:
             if new:
                 if self._flusher is None:
                     self._flusher = ThreadPoolExecutor(FLUSHERS, thread_name_prefix="handoff-fsync")
-                self._pending[sha] = (tmp, self._flusher.submit(_fsync_file, tmp))
+                self._pending[sha] = (tmp, self._flusher.submit(fsync_file, tmp))
         if not new:
             tmp.unlink(missing_ok=True)
         return new
@@ -285,19 +285,11 @@ class BlobStore:
         return {"deleted": deleted, "kept": kept, "bytes_freed": freed}
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _retry(path: Path) -> Future[None]:
     """A flush to do again in the next settle (the failed one may have been transient)."""
     fut: Future[None] = Future()
     try:
-        _fsync_file(path)
+        fsync_file(path)
         fut.set_result(None)
     except OSError as exc:
         fut.set_exception(exc)
