@@ -27,8 +27,8 @@ def direct_reachable(url: str) -> bool:
 
 
 class ChunkConnections:
-    """Idle connections to one server, taken by one download at a time and given back once its
-    response was read to the end (so the next GET reuses the socket)."""
+    """Idle connections to one server, taken by one chunk GET or PUT at a time and given back once
+    its response was read to the end (so the next request reuses the socket)."""
 
     def __init__(self, base: str, headers: dict[str, str], timeout: float, tls: ssl.SSLContext) -> None:
         parts = urlsplit(base)   # the API's base URL: a request's path is ``prefix + path``
@@ -42,15 +42,20 @@ class ChunkConnections:
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
 
-    def take(self) -> http.client.HTTPConnection:
+    def connection(self) -> Lease:
+        """``with chunks.connection() as lease:`` one connection for one request and its response
+        (an idle one if there is one). It goes back to the idle list only when the body called
+        ``lease.keep_if_ended(reply)`` and nothing raised; otherwise it is closed, so a socket
+        with a half-read response or a broken exchange is never reused."""
         with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        if self.https:
-            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.tls)
-        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            conn = self._idle.pop() if self._idle else None
+        if conn is None and self.https:
+            conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.tls)
+        elif conn is None:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        return Lease(self, conn)
 
-    def give(self, conn: http.client.HTTPConnection) -> None:
+    def _give(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
             self._idle.append(conn)
 
@@ -61,4 +66,27 @@ class ChunkConnections:
             conn.close()
 
 
-__all__ = ["ChunkConnections", "direct_reachable"]
+class Lease:
+    """One connection taken from a ``ChunkConnections`` for the length of a ``with`` block."""
+
+    def __init__(self, pool: ChunkConnections, conn: http.client.HTTPConnection) -> None:
+        self.pool = pool
+        self.conn = conn
+        self.reusable = False
+
+    def keep_if_ended(self, reply: http.client.HTTPResponse) -> None:
+        """Mark the connection reusable if ``reply`` was read to its end and the server did not
+        ask to close: only then does the next request start on a clean socket."""
+        self.reusable = not reply.will_close and reply.read(1) == b""
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if self.reusable and exc_type is None:
+            self.pool._give(self.conn)
+        else:
+            self.conn.close()
+
+
+__all__ = ["ChunkConnections", "Lease", "direct_reachable"]

@@ -357,9 +357,8 @@ class HandoffClient:
         if self._bodies is None:
             resp = self._http.put(f"/blobs/{sha}", content=pieces, headers=headers)  # type: ignore[arg-type]
             return resp.status_code, resp.content
-        conn = self._bodies.take()
-        reuse = False
-        try:
+        with self._bodies.connection() as lease:
+            conn = lease.conn
             conn.putrequest("PUT", f"{self._bodies.prefix}/blobs/{sha}", skip_accept_encoding=True)
             for name, value in {**self._bodies.headers, **headers}.items():
                 conn.putheader(name, value)
@@ -368,13 +367,8 @@ class HandoffClient:
                 conn.send(piece)
             reply = conn.getresponse()
             body = reply.read()
-            reuse = not reply.will_close
+            lease.keep_if_ended(reply)
             return reply.status, body
-        finally:
-            if reuse:
-                self._bodies.give(conn)
-            else:
-                conn.close()
 
     def upload_bundle(self, bundle_dir: str | Path, progress: Progress | None = None,
                       manifest: dict[str, Any] | None = None) -> UploadReport:
@@ -471,14 +465,12 @@ class HandoffClient:
                     got += len(piece)
                 self._check_received(got, len(dest))
                 return 200, b""
-        conn = self._bodies.take()
-        reuse = False
-        try:
-            conn.request("GET", f"{self._bodies.prefix}/blobs/{sha}", headers=self._bodies.headers)
-            reply = conn.getresponse()
+        with self._bodies.connection() as lease:
+            lease.conn.request("GET", f"{self._bodies.prefix}/blobs/{sha}", headers=self._bodies.headers)
+            reply = lease.conn.getresponse()
             if reply.status != 200:
                 body = reply.read()
-                reuse = not reply.will_close
+                lease.keep_if_ended(reply)
                 return reply.status, body
             self._check_length(sha, reply.getheader("Content-Length"), len(dest))
             got = 0
@@ -488,13 +480,8 @@ class HandoffClient:
                     raise http.client.IncompleteRead(b"", len(dest) - got)
                 landed(n)
                 got += n
-            reuse = not reply.will_close and reply.read(1) == b""
+            lease.keep_if_ended(reply)
             return 200, b""
-        finally:
-            if reuse:
-                self._bodies.give(conn)
-            else:
-                conn.close()
 
     @staticmethod
     def _check_length(sha: str, length: str | None, expected: int) -> None:
