@@ -47,7 +47,14 @@ def load_ipython_extension(ip: Any) -> None:
     from .magics import HandoffMagics
     ip.register_magics(HandoffMagics)
     # httpx loads its HTTP engine on the first client (~0.1-0.4 s) and a capture loads dill
-    # (~0.03 s); do it now, off the prompt, so a first %handoff does not wait for them
+    # (~0.03 s); with a server configured, do it now, off the prompt, so a first %handoff does
+    # not wait for them. Without one (or with a broken setting, which that %handoff reports)
+    # the user may never hand off, and does not pay for it.
+    from .remote.settings import server_settings
+    try:
+        server_settings()
+    except errors.ConfigError:
+        return
     threading.Thread(target=_preload, args=("httpcore", "dill"), name="handoff-preload", daemon=True).start()
 
 
