@@ -27,6 +27,7 @@ import json
 import logging
 import os
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -48,6 +49,8 @@ BATCH_BYTES = 4 * 1024 * 1024      # raw bytes per request: 5.6 MB of base64, un
 CALL_TIMEOUT = 600.0               # one transfer request; a slow gateway is slow, not dead
 MODES = ("auto", "shared", "kernel")
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024   # a manifest is JSON: history and file lists, never data
+COPIERS = 2                        # chunk copies into a kernel's workspace at once (in-OS memcpy,
+                                   # CPU-bound: one per core of this 2-core reference machine)
 
 
 class Executor(Protocol):
@@ -270,8 +273,9 @@ class SharedDiskTransport(BundleTransport):
     def send_bundle(self, executor: Executor, run_id: str, manifest: dict[str, Any],
                     blobs: Blobs) -> KernelBundle:
         ckpt = self.workspace.ckpt_dir(run_id)
-        for sha in Manifest.parse(manifest).shas:
-            copy_file(blobs.path(sha), ckpt / chunk_relpath(sha))
+        with ThreadPoolExecutor(COPIERS, thread_name_prefix="handoff-copy") as pool:
+            list(pool.map(lambda sha: copy_file(blobs.path(sha), ckpt / chunk_relpath(sha)),
+                          Manifest.parse(manifest).shas))
         atomic_write_bytes(ckpt / "manifest.json", json.dumps(manifest).encode("utf-8"))
         root = self._kernel_root(run_id)
         return KernelBundle(bundle_dir=f"{root}/{CKPT_DIR}", root=root)
