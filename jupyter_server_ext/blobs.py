@@ -60,7 +60,7 @@ class BlobWriter:
         self.max_bytes = max_bytes
         self.size = 0
         self._hash = AddressHasher(self.sha)   # the algorithm the address names
-        final = store.path(sha)
+        final = store.final_path(sha)
         final.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = final.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
         self._file: BinaryIO | None = open(self._tmp, "wb")
@@ -135,7 +135,7 @@ class BlobWriter:
         self._file = None
         if not durable:
             return self.store.add_pending(self.sha, self._tmp)
-        final = self.store.path(self.sha)
+        final = self.store.final_path(self.sha)
         existed = final.exists()
         os.replace(self._tmp, final)
         fsync_dir(final.parent)
@@ -212,10 +212,12 @@ class BlobStore:
             for d in {self.final_path(sha).parent for sha in batch}:
                 fsync_dir(d)
         except BaseException:
-            with self._lock:   # not published: a later settle retries, GC removes stale ones
-                for sha, (tmp, _f) in batch.items():
-                    if tmp.exists():
-                        self._pending.setdefault(sha, (tmp, _retry(tmp)))
+            retry = {sha: tmp for sha, (tmp, _f) in batch.items() if tmp.exists()}
+            with self._lock:   # not published: a later settle flushes again, GC removes stale ones
+                for sha, tmp in retry.items():
+                    if sha not in self._pending:
+                        assert self._flusher is not None   # it made the flushes that failed
+                        self._pending[sha] = (tmp, self._flusher.submit(fsync_file, tmp))
             raise
 
     def missing(self, shas: Iterable[str]) -> list[str]:
@@ -283,17 +285,6 @@ class BlobStore:
                 else:
                     kept += 1
         return {"deleted": deleted, "kept": kept, "bytes_freed": freed}
-
-
-def _retry(path: Path) -> Future[None]:
-    """A flush to do again in the next settle (the failed one may have been transient)."""
-    fut: Future[None] = Future()
-    try:
-        fsync_file(path)
-        fut.set_result(None)
-    except OSError as exc:
-        fut.set_exception(exc)
-    return fut
 
 
 def _older(path: Path, now: float, age: float) -> bool:

@@ -3,6 +3,7 @@ fixtures shared by every test folder: real Jupyter servers with the extension.""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,14 @@ for _name in ("HANDOFF_MODEL", "HANDOFF_SERVER_URL", "HANDOFF_TOKEN", "OPENAI_AP
               "OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "JUPYTER_TOKEN", "HANDOFF_CONTEXT_TOKENS", "HANDOFF_PRICES"):
     os.environ.pop(_name, None)
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The session's Jupyter dirs go with the session (a machine running the suite every day
+    would otherwise collect one per run in /tmp)."""
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+
 
 _TESTS = Path(__file__).resolve().parent
 _TIERS = ("unit", "integration", "e2e")
