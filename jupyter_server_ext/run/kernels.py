@@ -45,6 +45,29 @@ from .kernel_rpc import check, kernel_call, kernel_result
 from .sandbox import SandboxState
 
 log = logging.getLogger(__name__)
+RESTART_SETTLE = 15.0   # seconds a start or restart under way may take to finish before a shutdown
+
+
+async def shutdown_settled(kernel_manager: Any, kernel_id: str, *, now: bool) -> None:
+    """Shut a kernel down, first letting a start or restart that is under way finish.
+
+    Why: while one runs (a dead kernel being restarted by its restarter), ``km.ready`` is a
+    pending future, and jupyter_client 8's ``MultiKernelManager.shutdown_kernel`` then fails
+    with ``InvalidStateError: Exception is not set``, leaving the kernel running. If it does not
+    settle in time, the kernel's own manager stops it and the multi-kernel manager forgets it."""
+    km = kernel_manager.get_kernel(kernel_id)
+    ready = getattr(km, "ready", None)
+    if isinstance(ready, Future):
+        ready = asyncio.wrap_future(ready)
+    if isinstance(ready, asyncio.Future) and not ready.done():
+        await asyncio.wait([ready], timeout=RESTART_SETTLE)
+        if not ready.done():
+            log.warning("jupyter-handoff: kernel %s still starting after %.0fs; stopping it", kernel_id,
+                        RESTART_SETTLE)
+            await ensure_async(km.shutdown_kernel(now=True))
+            kernel_manager.remove_kernel(kernel_id)
+            return
+    await ensure_async(kernel_manager.shutdown_kernel(kernel_id, now=now))
 
 DROP_ENV = frozenset({"JUPYTER_TOKEN", "JPY_API_TOKEN", "JUPYTERHUB_API_TOKEN", "JUPYTER_PASSWORD",
                       "HANDOFF_TOKEN", "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "JPY_SESSION_NAME"})
@@ -160,7 +183,7 @@ class KernelPool:
         if keep and not kernel.executor.dead:
             return
         try:
-            await ensure_async(self.kernel_manager.shutdown_kernel(kernel.id, now=kernel.executor.dead))
+            await shutdown_settled(self.kernel_manager, kernel.id, now=kernel.executor.dead)
         except KeyError:
             pass
         except Exception as exc:  # noqa: BLE001 - logged; nothing else to do with a kernel on its way out

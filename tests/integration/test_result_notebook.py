@@ -15,6 +15,7 @@ from jupyter_client.multikernelmanager import AsyncMultiKernelManager
 
 from handoff_magic.state import Message, Origin, PlanStep, RunState
 from jupyter_server_ext.run.executor import KernelExecutor
+from jupyter_server_ext.run.kernels import shutdown_settled
 from jupyter_server_ext.notebook import build_result_notebook, write_for_state, write_result_notebook
 
 INLINE = "module://matplotlib_inline.backend_inline"
@@ -32,7 +33,7 @@ async def kernel(tmp_path: Path) -> AsyncIterator[tuple[AsyncMultiKernelManager,
     try:
         yield mkm, kid
     finally:
-        await mkm.shutdown_all(now=True)
+        await shutdown_settled(mkm, kid, now=True)   # the test kills it: a restart may be under way
 
 
 async def test_kernel_executor_outputs_timeout_interrupt_and_death(
@@ -184,4 +185,4 @@ async def test_a_kernel_killed_mid_step_is_dead_even_when_its_manager_restarts_i
         assert (await asyncio.to_thread(ex.execute, "1")).status == "dead"
     finally:
         ex.close()
-        await mkm.shutdown_all(now=True)
+        await shutdown_settled(mkm, kid, now=True)   # the test kills it: a restart may be under way
