@@ -25,7 +25,6 @@ for _name in ("HANDOFF_MODEL", "HANDOFF_SERVER_URL", "HANDOFF_TOKEN", "OPENAI_AP
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
-
 def pytest_unconfigure(config: pytest.Config) -> None:
     """The session's Jupyter dirs go with the session (a machine running the suite every day
     would otherwise collect one per run in /tmp)."""

@@ -45,34 +45,11 @@ from .kernel_rpc import check, kernel_call, kernel_result
 from .sandbox import SandboxState
 
 log = logging.getLogger(__name__)
-RESTART_SETTLE = 15.0   # seconds a start or restart under way may take to finish before a shutdown
-
-
-async def shutdown_settled(kernel_manager: Any, kernel_id: str, *, now: bool) -> None:
-    """Shut a kernel down, first letting a start or restart that is under way finish.
-
-    Why: while one runs (a dead kernel being restarted by its restarter), ``km.ready`` is a
-    pending future, and jupyter_client 8's ``MultiKernelManager.shutdown_kernel`` then fails
-    with ``InvalidStateError: Exception is not set``, leaving the kernel running. If it does not
-    settle in time, the kernel's own manager stops it and the multi-kernel manager forgets it."""
-    km = kernel_manager.get_kernel(kernel_id)
-    ready = getattr(km, "ready", None)
-    if isinstance(ready, Future):
-        ready = asyncio.wrap_future(ready)
-    if isinstance(ready, asyncio.Future) and not ready.done():
-        await asyncio.wait([ready], timeout=RESTART_SETTLE)
-        if not ready.done():
-            log.warning("jupyter-handoff: kernel %s still starting after %.0fs; stopping it", kernel_id,
-                        RESTART_SETTLE)
-            await ensure_async(km.shutdown_kernel(now=True))
-            kernel_manager.remove_kernel(kernel_id)
-            return
-    await ensure_async(kernel_manager.shutdown_kernel(kernel_id, now=now))
-
 DROP_ENV = frozenset({"JUPYTER_TOKEN", "JPY_API_TOKEN", "JUPYTERHUB_API_TOKEN", "JUPYTER_PASSWORD",
                       "HANDOFF_TOKEN", "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "JPY_SESSION_NAME"})
 INLINE_MPL = "module://matplotlib_inline.backend_inline"
 WARM_IMPORT_TIMEOUT = 120.0
+RESTART_SETTLE = 15.0   # seconds a start or restart under way may take to finish before a shutdown
 # what a spare loads ahead of its run (a kernel call: nothing is bound in the run's namespace);
 # modules this server lacks are skipped
 _WARM_UP = """
@@ -104,6 +81,28 @@ class _Spare:
     """A booted spare and its own empty workspace (the run's, once adopted)."""
     kernel: Kernel
     workspace: Path
+
+
+async def shutdown_settled(kernel_manager: Any, kernel_id: str, *, now: bool) -> None:
+    """Shut a kernel down, first letting a start or restart that is under way finish.
+
+    Why: while one runs (a dead kernel being restarted by its restarter), ``km.ready`` is a
+    pending future, and jupyter_client 8's ``MultiKernelManager.shutdown_kernel`` then fails
+    with ``InvalidStateError: Exception is not set``, leaving the kernel running. If it does not
+    settle in time, the kernel's own manager stops it and the multi-kernel manager forgets it."""
+    km = kernel_manager.get_kernel(kernel_id)
+    ready = getattr(km, "ready", None)
+    if isinstance(ready, Future):
+        ready = asyncio.wrap_future(ready)
+    if isinstance(ready, asyncio.Future) and not ready.done():
+        await asyncio.wait([ready], timeout=RESTART_SETTLE)
+        if not ready.done():
+            log.warning("jupyter-handoff: kernel %s still starting after %.0fs; stopping it", kernel_id,
+                        RESTART_SETTLE)
+            await ensure_async(km.shutdown_kernel(now=True))
+            kernel_manager.remove_kernel(kernel_id)
+            return
+    await ensure_async(kernel_manager.shutdown_kernel(kernel_id, now=now))
 
 
 class KernelPool:
