@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +24,10 @@ for _name in ("HANDOFF_MODEL", "HANDOFF_SERVER_URL", "HANDOFF_TOKEN", "OPENAI_AP
               "OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "JUPYTER_TOKEN", "HANDOFF_CONTEXT_TOKENS", "HANDOFF_PRICES"):
     os.environ.pop(_name, None)
 os.environ.setdefault("MPLBACKEND", "Agg")
+# A suite started from a background shell inherits SIGINT ignored, and so would every server,
+# kernel and CLI it starts: the Ctrl-C tests would then fail for a reason no user has.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

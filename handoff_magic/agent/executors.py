@@ -208,6 +208,29 @@ def _set_async_exc(thread_id: int, exc: type[BaseException] | None) -> int:
     return ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), obj)
 
 
+class _PythonHandlesSigint:
+    """While agent code runs in the main thread, Python turns SIGINT into KeyboardInterrupt, as
+    ipykernel does around every request. Where Python does not handle SIGINT (ignored: IPython
+    started from a background shell or a service inherits SIG_IGN; or SIG_DFL), interrupts and
+    timeouts would otherwise do nothing (``_thread.interrupt_main`` is a no-op then) and runaway
+    code would hold the kernel for good."""
+
+    def __init__(self) -> None:
+        self._saved: Any = None
+        self._swapped = False
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is threading.main_thread() and \
+                not callable(signal.getsignal(signal.SIGINT)):
+            self._saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+            self._swapped = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._swapped:   # None: a handler not set from Python, which leaves SIG_DFL
+            signal.signal(signal.SIGINT, signal.SIG_DFL if self._saved is None else self._saved)
+            self._swapped = False
+
+
 def _interrupt_main_thread() -> None:
     """Like a kernel interrupt: a real SIGINT wakes blocking calls (sleep, socket reads).
 
@@ -290,7 +313,8 @@ class InProcessExecutor:
                     timer.daemon = True
                     timer.start()
                 try:
-                    res = self.shell.run_cell(code, store_history=True)
+                    with _PythonHandlesSigint():
+                        res = self.shell.run_cell(code, store_history=True)
                 finally:
                     with self._state_lock:
                         self._running_thread = None

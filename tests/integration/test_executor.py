@@ -106,6 +106,22 @@ def test_timeout_stops_runaway_code(ex):
     assert res.status == "timeout"
 
 
+def test_interrupts_work_where_sigint_was_ignored(ex):
+    """IPython started from a background shell or a service inherits SIGINT ignored; a timeout
+    and an interrupt still stop the agent's code, and the disposition is left as it was."""
+    import signal
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert ex.execute("while True:\n    pass", timeout=0.3).status == "timeout"
+        threading.Timer(0.3, ex.interrupt).start()
+        t0 = time.monotonic()
+        res = ex.execute("import time\ntime.sleep(20)")
+        assert res.status == "interrupted" and time.monotonic() - t0 < 5
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def test_only_the_executing_threads_output_is_captured(ex, capsys):
     stop = threading.Event()
 
