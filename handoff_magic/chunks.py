@@ -196,10 +196,15 @@ def remember_chunks(view: memoryview, futs: list["Future[ChunkRef]"]) -> None:
 class ChunkStore:
     """A local content-addressed directory (``<bundle>/chunks``); same layout as the server's BlobStore."""
 
-    def __init__(self, root: Path, *, workers: int = 4, max_in_flight: int = 8, batch: bool = False) -> None:
+    def __init__(self, root: Path, *, workers: int = 4, max_in_flight: int = 8, batch: bool = False,
+                 base: Path | None = None) -> None:
         """``batch=True``: new chunks go to temp files and become visible only in ``commit()``,
-        after one parallel round of fsyncs; far cheaper than an fsync per chunk, same guarantees."""
+        after one parallel round of fsyncs; far cheaper than an fsync per chunk, same guarantees.
+
+        ``base``: a read-only chunk directory whose chunks count as present (a server kernel's
+        checkpoint next to the bundle it was restored from): they are referenced, never copied."""
         self.root = Path(root)
+        self.base = Path(base) if base is not None else None
         self.batch = batch
         self._pending: dict[str, Path] = {}
         self.codecs: dict[str, str | None] = {}
@@ -218,8 +223,17 @@ class ChunkStore:
     def path(self, sha: str) -> Path:
         return shard_path(self.root, sha)
 
+    def find(self, sha: str) -> Path:
+        """Where a chunk can be read: this store's own file, else the base's if it has it."""
+        own = self.path(sha)
+        if self.base is not None and not own.is_file():
+            based = shard_path(self.base, sha)
+            if based.is_file():
+                return based
+        return own
+
     def has(self, sha: str) -> bool:
-        return self.path(sha).is_file()
+        return self.find(sha).is_file()
 
     def register(self, chunks: Mapping[str, ChunkRef]) -> None:
         """Learn codecs and checksums of existing chunks from a manifest's ``chunks`` map."""
@@ -237,14 +251,14 @@ class ChunkStore:
         new = False
         if self.batch:
             with self._lock:
-                claim = sha not in self._pending and not path.is_file()
+                claim = sha not in self._pending and not self.has(sha)
                 if claim:
                     self._pending[sha] = path.parent / f".{sha}.tmp-{os.getpid()}"
             if claim:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self._write_pending(self._pending[sha], stored)
                 new = True
-        elif not path.is_file():
+        elif not self.has(sha):
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, stored)
             new = True
@@ -371,7 +385,7 @@ class ChunkStore:
     def read_stored(self, sha: str) -> bytes:
         """The stored bytes of a chunk, checked (see ``intact``)."""
         try:
-            data = self.path(sha).read_bytes()
+            data = self.find(sha).read_bytes()
         except FileNotFoundError:
             raise BundleError(f"chunk {sha} is missing from {self.root}; the bundle is incomplete — "
                               "copy it again or re-save it") from None
@@ -393,7 +407,7 @@ class ChunkStore:
         """Read a chunk straight into ``dest`` (exactly its raw size), verifying the hash."""
         if codec is None:
             try:
-                with open(self.path(sha), "rb", buffering=0) as f:
+                with open(self.find(sha), "rb", buffering=0) as f:
                     n = f.readinto(dest)
                     extra = f.read(1)
             except FileNotFoundError:

@@ -183,23 +183,32 @@ def target_namespace(shell: Any, ns: dict[str, Any] | None, action: str) -> tupl
 
 
 def save_state(path: Any, shell: Any = None, *, run: Any = None, files: bool = True, root: Path | None = None,
-               ns: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> CaptureReport:
+               ns: dict[str, Any] | None = None, environ: dict[str, str] | None = None,
+               base: Any = None) -> CaptureReport:
     """Snapshot variables, imports, In/Out history, run state and working files into bundle ``path``.
 
     ``ns`` (optional) captures a plain dict instead of the shell's user namespace (scripts, benchmarks).
+    ``base`` (optional): the bundle this state was loaded from, left as it is. Its chunks are
+    referenced, not written again, so ``path`` holds only what changed (a server's checkpoint
+    beside the read-only bundle its kernel was restored from); ``path`` alone is then incomplete.
     """
     t_start = time.perf_counter()
     bundle = Path(path).expanduser().absolute()
     bundle.mkdir(parents=True, exist_ok=True)
-    store = ChunkStore(bundle / CHUNKS, batch=True)
+    based = Path(base).expanduser().absolute() if base is not None else None
+    store = ChunkStore(bundle / CHUNKS, batch=True, base=based / CHUNKS if based is not None else None)
     previous: Manifest | None = None
-    try:
-        previous = Manifest.read(bundle)
+    for candidate in (bundle, based):
+        if candidate is None:
+            continue
+        try:
+            previous = Manifest.read(candidate)
+        except BundleError:
+            continue
         store.register(previous.chunks)
-    except BundleError:
-        pass
+        break
     manifest, report = capture_into(store, shell, run=run, files=files, root=root, ns=ns, environ=environ,
-                                    skip=[bundle], previous=previous)
+                                    skip=[bundle, *([based] if based else [])], previous=previous)
     manifest.write(bundle)
     report.path = str(bundle)
     report.seconds = time.perf_counter() - t_start
@@ -295,7 +304,7 @@ def capture_into(store: Any, shell: Any = None, *, run: Any = None, files: bool 
 
 def _prev_ref(store: ChunkStore, sha: str, known: ChunkRef | None) -> ChunkRef:
     """The ref of a chunk reused from the previous save (a file that did not change)."""
-    size = store.path(sha).stat().st_size
+    size = store.find(sha).stat().st_size
     if known and known.stored == size:
         return known
     codec = store.codecs.get(sha)

@@ -56,7 +56,7 @@ def _read_buffers(store: Any, chunks: dict[str, ChunkRef], groups: list[GroupEnt
         for b in g.buffers:
             shas = b.chunks
             if local and len(shas) == 1 and chunks[shas[0]].codec is None and b.size > 0:
-                path = store.path(shas[0])
+                path = store.find(shas[0])
                 try:
                     with open(path, "rb") as f:
                         m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
@@ -74,7 +74,7 @@ def _read_buffers(store: Any, chunks: dict[str, ChunkRef], groups: list[GroupEnt
             refs = [chunks[s] for s in shas]
             mapped = None
             if local and all(ref.codec is None for ref in refs):
-                mapped = _stitched_map([(store.path(ref.sha), ref.size) for ref in refs], b.size, g.names)
+                mapped = _stitched_map([(store.find(ref.sha), ref.size) for ref in refs], b.size, g.names)
             if mapped is not None:
                 off = 0
                 for ref in refs:
