@@ -16,7 +16,7 @@ from .blobs import BlobStore
 from .notify import Notifier
 from .run.gateway import is_gateway_kernel_manager
 from .run.manager import RunManager
-from .run.sandbox import SandboxState, prepare
+from .run.sandbox import BUNDLE_VIEWS, SandboxState, prepare
 from .service import RunService
 from .settings import HandoffSettings
 from .store import RunStore
@@ -84,6 +84,7 @@ class HandoffApp(HandoffSettings, ExtensionAppJinjaMixin, ExtensionApp):
         if runtime:
             hidden.add(str(Path(runtime).resolve()))
         config = {"workspaces": str(self.workspace.runs_dir.resolve()), "hidden": sorted(hidden),
+                  "bundle_views": str((data / BUNDLE_VIEWS).resolve()),
                   "network": bool(self.kernel_network), "memory_limit": self.memory_limit_bytes(),
                   "max_processes": int(self.kernel_max_processes)}
         state = prepare(self.sandbox, self.kernel_name, sa.kernel_spec_manager, data / "kernelspecs",

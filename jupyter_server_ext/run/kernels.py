@@ -42,7 +42,7 @@ from ..settings import HandoffSettings
 from ..workspace import Workspace
 from .executor import KernelExecutor
 from .kernel_rpc import check, kernel_call, kernel_result
-from .sandbox import SandboxState
+from .sandbox import SandboxState, bundle_view_dir
 
 log = logging.getLogger(__name__)
 DROP_ENV = frozenset({"JUPYTER_TOKEN", "JPY_API_TOKEN", "JUPYTERHUB_API_TOKEN", "JUPYTER_PASSWORD",
@@ -187,15 +187,38 @@ class KernelPool:
             pass
         except Exception as exc:  # noqa: BLE001 - logged; nothing else to do with a kernel on its way out
             log.warning("jupyter-handoff: shutting down kernel %s failed: %s", kernel.id, exc)
+        self._drop_view(kernel.root)
 
     def remove_stale_spares(self) -> None:
         """At start: drop the empty spare workspaces a killed server left (never adopted: a
-        spare is only ever adopted by the server that booted it)."""
+        spare is only ever adopted by the server that booted it), and every bundle view (no
+        kernel that had one outlives its server: they die with it, ``--die-with-parent``)."""
         for d in self.workspace.spare_dirs():
             try:
                 d.rmdir()
             except OSError as exc:
                 log.warning("jupyter-handoff: leaving spare workspace %s (%s)", d, exc)
+        views = self._views()
+        if views is not None and views.is_dir():
+            for view in views.iterdir():
+                self._drop_view(view.name)
+
+    def _views(self) -> Path | None:
+        return Path(self.sandbox.bundle_views) if self.sandbox is not None and self.sandbox.bundle_views else None
+
+    def _drop_view(self, kernel_root: str) -> None:
+        """A kernel's bundle view (links to stored chunks) goes with the kernel: its links would
+        keep chunks on disk after the blob store collected them."""
+        views = self._views()
+        if views is None:
+            return
+        view = bundle_view_dir(views, kernel_root)
+        try:
+            shutil.rmtree(view)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("jupyter-handoff: could not remove bundle view %s: %s", view, exc)
 
     def refill(self) -> None:
         """Start booting a spare if one is wanted and none is there (or booting)."""
@@ -311,6 +334,7 @@ class KernelPool:
         spare.kernel.executor.close()
         await self._shutdown_quietly(spare.kernel.id)
         shutil.rmtree(spare.workspace, ignore_errors=True)
+        self._drop_view(spare.kernel.root)
 
     async def _shutdown_quietly(self, kid: str) -> None:
         try:

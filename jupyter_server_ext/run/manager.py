@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 from handoff_magic.state import RunState
@@ -50,7 +51,8 @@ class RunManager:
         self.ws = workspace
         self.notifier = notifier
         self.runs: dict[str, ActiveRun] = {}
-        self.transport = make_transport(settings.transport, kernel_manager, workspace)  # shared disk or channels
+        views = Path(sandbox.bundle_views) if sandbox is not None and sandbox.bundle_views else None
+        self.transport = make_transport(settings.transport, kernel_manager, workspace, views)  # disk or channels
         self.checkpoints = Checkpoints(settings, store, blobs, workspace, self.transport)
         self.kernels = KernelPool(settings, kernel_manager, workspace, in_thread=self._call_in_thread,
                                   sandbox=sandbox, server_token=server_token,

@@ -13,6 +13,9 @@ and culling run kernels; only *how the process is launched* changes. Inside the 
   ``/proc/<server pid>/environ``; all capabilities are dropped;
 - no network (``--unshare-net``) unless ``c.HandoffApp.kernel_network``: the kernel speaks ZMQ
   over IPC sockets in a private per-kernel directory bound into the sandbox, so it needs no TCP;
+- the bundle the run was handed off with (or its last checkpoint) is at ``/handoff-bundle``,
+  read-only: hard links to the server's stored chunks, so a restore maps the very pages the
+  upload wrote, with no copy, and nothing in the sandbox can write them (``BUNDLE_MOUNT``);
 - ``RLIMIT_AS`` (``c.HandoffApp.kernel_memory_limit``): an allocation past it raises
   ``MemoryError`` in the kernel instead of the OOM killer taking the server; a process cap via a
   pids cgroup where one is writable, else ``RLIMIT_NPROC`` (which Linux does not apply to root).
@@ -51,6 +54,8 @@ ETC_SECRETS = ("/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "
                "/etc/sudoers", "/etc/sudoers.d", "/etc/jupyter", "/etc/ipython")
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 PIDS_CGROUP_ROOTS = ("/sys/fs/cgroup/pids", "/sys/fs/cgroup")
+BUNDLE_MOUNT = "/handoff-bundle"   # where a sandboxed kernel sees its bundle view, read-only
+BUNDLE_VIEWS = "bundle-views"      # under c.HandoffApp.data_dir: the views, one per kernel workspace
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 
 
@@ -105,6 +110,13 @@ def python_paths(env: dict[str, str] | None = None) -> list[str]:
     return sorted(out)
 
 
+def bundle_view_dir(views: Path, kernel_root: str) -> Path:
+    """The host directory a kernel booted in workspace ``kernel_root`` sees at BUNDLE_MOUNT: one
+    per workspace name (a run id, or a spare's ``.spare-XXXX``, which keeps its name inside the
+    sandbox after a run adopts it)."""
+    return views / Path(kernel_root).name
+
+
 def _inside(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
@@ -122,6 +134,7 @@ class SandboxSpec:
     hidden: list[str] = field(default_factory=list)
     network: bool = False
     bwrap: str = "bwrap"
+    bundle_view: str = ""                     # shown read-only at BUNDLE_MOUNT (see bundle_view_dir)
 
     def bwrap_args(self) -> list[str]:
         """bwrap options, ordered parent-first so a hidden dir inside a read-only tree is masked
@@ -152,6 +165,8 @@ class SandboxSpec:
             ops.append((_depth(h), 1, h, mask))
         for p in [self.workspace, *self.private_dirs]:
             ops.append((_depth(p), 2, p, ["--bind", p, p]))
+        if self.bundle_view:
+            ops.append((_depth(BUNDLE_MOUNT), 2, BUNDLE_MOUNT, ["--ro-bind", self.bundle_view, BUNDLE_MOUNT]))
         for _, _, _, op in sorted(ops, key=lambda o: (o[0], o[1], o[2])):
             args += op
         # the root tmpfs holding the mount points goes read-only: nothing but the workspace,
@@ -251,6 +266,9 @@ class SandboxProvisioner(LocalProvisioner):
     memory_limit = Integer(0, help="RLIMIT_AS in bytes (0: none).").tag(config=True)
     max_processes = Integer(512, help="Most processes in the sandbox (0: no cap).").tag(config=True)
     bwrap = Unicode("bwrap", help="The bubblewrap executable.").tag(config=True)
+    bundle_views = Unicode("", help="Directory (outside every workspace) of the kernels' bundle "
+                                    "views: <bundle_views>/<workspace name> is shown read-only at "
+                                    f"{BUNDLE_MOUNT}; empty: none.").tag(config=True)
 
     _private: str | None = None
     _cgroup: _PidsCgroup | None = None
@@ -283,9 +301,13 @@ class SandboxProvisioner(LocalProvisioner):
     def _command(self, cwd: str, env: dict[str, str], kernel_cmd: list[str]) -> list[str]:
         """prlimit (memory, processes) -> bwrap -> the kernel, joined to a pids cgroup if any."""
         assert self._private is not None
+        view = ""
+        if self.bundle_views:   # made here, empty; the server links the run's chunks into it later
+            view = str(bundle_view_dir(Path(self.bundle_views), cwd))
+            os.makedirs(view, mode=0o700, exist_ok=True)
         spec = SandboxSpec(workspace=cwd, private_dirs=[self._private], readonly=python_paths(env),
                            hidden=[os.path.realpath(h) for h in self.hidden], network=self.network,
-                           bwrap=shutil.which(self.bwrap) or self.bwrap)
+                           bwrap=shutil.which(self.bwrap) or self.bwrap, bundle_view=view)
         cmd = spec.bwrap_args() + kernel_cmd
         limits = [f"--as={self.memory_limit}"] if self.memory_limit > 0 else []
         if self.max_processes > 0:
@@ -395,6 +417,7 @@ class SandboxState:
     kernel_name: str       # the kernel spec run kernels start with
     problem: str = ""      # why runs are refused (mode "unavailable")
     hint: str = ""
+    bundle_views: str = ""  # mode "bwrap": the kernels' read-only bundle views (host side)
 
     @property
     def warning(self) -> str:
@@ -433,4 +456,5 @@ def prepare(mode: str, kernel_name: str, kernel_spec_manager: Any, spec_dir: Pat
     if why:
         return SandboxState("unavailable", kernel_name, f"the run sandbox is not available: {why}",
                             INSTALL_HINT)
-    return SandboxState("bwrap", install_kernelspec(kernel_spec_manager, kernel_name, spec_dir, config))
+    return SandboxState("bwrap", install_kernelspec(kernel_spec_manager, kernel_name, spec_dir, config),
+                        bundle_views=str(config.get("bundle_views", "")))

@@ -2,8 +2,11 @@
 
 Two ways, one interface (``BundleTransport``):
 
-* ``SharedDiskTransport`` (the fast case): the kernel runs on this server's machine, so chunks
-  are copied into ``<workspace>/.handoff/ckpt`` and the kernel reads/writes them there.
+* ``SharedDiskTransport`` (the fast case): the kernel runs on this server's machine. A
+  sandboxed kernel gets its chunks as hard links in its bundle view, which it sees read-only
+  (``sandbox.BUNDLE_MOUNT``): nothing is copied, and its checkpoints in
+  ``<workspace>/.handoff/ckpt`` hold only chunks the view lacks. An unsandboxed kernel, which
+  could write anything it is shown, gets copies in ``<workspace>/.handoff/ckpt``.
 * ``KernelChannelTransport``: the kernel lives elsewhere (Jupyter Enterprise Gateway / Kernel
   Gateway on Kubernetes, YARN, Docker...) and shares no disk with the server. Chunks travel as
   base64 pieces inside small execute requests over the kernel's own channels, are hash-checked
@@ -32,14 +35,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from handoff_magic.atomic import atomic_write_bytes, copy_file
-from handoff_magic.chunks import address_matches, chunk_relpath
+from handoff_magic.atomic import atomic_write_bytes, copy_file, link_or_copy
+from handoff_magic.chunks import CHUNKS, address_matches, chunk_relpath
 from handoff_magic.errors import BundleError, ConfigError
 from handoff_magic.manifest import Manifest, check_relpath, safe_mode
 
 from ..errors import BlobError, TransportError
 from ..workspace import CKPT_DIR, PRIVATE_DIR, RUN_JSON, RUNS_DIR, SERVER_FILES, Workspace
 from .kernel_rpc import ARGS_KEY, check, kernel_call, kernel_call_bulk, kernel_result
+from .sandbox import BUNDLE_MOUNT, bundle_view_dir
 
 log = logging.getLogger(__name__)
 
@@ -226,8 +230,8 @@ for it in a['items']:
 return {'data': out}
 """
 
-def _save_args(root: str) -> dict[str, str]:
-    return {"root": root, "ckpt": CKPT_DIR, "run_json": RUN_JSON}
+def _save_args(root: str, base: str = "") -> dict[str, str]:
+    return {"root": root, "ckpt": CKPT_DIR, "run_json": RUN_JSON, "base": base}
 
 
 _SAVE = """
@@ -237,7 +241,7 @@ root = a['root']
 with open(os.path.join(root, a['run_json']), encoding='utf-8') as f:
     run = RunState.from_json(f.read())
 ckpt = os.path.join(root, a['ckpt'])
-r = handoff_magic.save_state(ckpt, run=run, root=root)
+r = handoff_magic.save_state(ckpt, run=run, root=root, base=a.get('base') or None)
 with open(os.path.join(ckpt, 'manifest.json'), 'rb') as f:
     raw = f.read()
 return {'bytes_new': r.bytes_new, 'bytes_total': r.bytes_total, 'manifest_size': len(raw),
@@ -251,14 +255,19 @@ return {'bytes_new': r.bytes_new, 'bytes_total': r.bytes_total, 'manifest_size':
 class SharedDiskTransport(BundleTransport):
     """Kernel and server share ``<root_dir>/handoff-runs/<id>``.
 
-    The kernel gets its bundle's chunks as copies of its own (an in-OS copy, ~0.5 s per GB), not
-    hard links: a link is the blob store's own inode, and a kernel may write anything in its
-    workspace, so a run could have rewritten chunks other runs and later handoffs share."""
+    With ``views`` (sandboxed kernels), a kernel's bundle view ``<views>/<workspace name>``,
+    made empty by the sandbox provisioner and shown read-only inside the sandbox, receives hard
+    links to the stored chunks: the restore maps the pages the upload wrote (no copy of 1 GB,
+    no second GB of page cache), and the blob store's inodes stay unwritable (EROFS) for the
+    run. Without a view (unsandboxed kernels, or a view on another file system: then copies
+    land in the view), the kernel gets copies of its own in its workspace (an in-OS copy,
+    ~0.5 s per GB): there a link would hand the run the blob store's inode to rewrite."""
 
     name = "shared"
 
-    def __init__(self, workspace: Workspace) -> None:
+    def __init__(self, workspace: Workspace, views: Path | None = None) -> None:
         super().__init__(workspace)
+        self.views = views
         self._roots: dict[str, str] = {}   # run id -> its workspace as its current kernel sees it
 
     def attach(self, run_id: str, kernel_root: str | None) -> None:
@@ -270,23 +279,37 @@ class SharedDiskTransport(BundleTransport):
     def _kernel_root(self, run_id: str) -> str:
         return self._roots.get(run_id) or str(self.workspace.run_dir(run_id))
 
+    def _view(self, run_id: str) -> Path | None:
+        """The run's current kernel's bundle view, if that kernel has one (its provisioner made it)."""
+        if self.views is None:
+            return None
+        view = bundle_view_dir(self.views, self._kernel_root(run_id))
+        return view if view.is_dir() else None
+
     def send_bundle(self, executor: Executor, run_id: str, manifest: dict[str, Any],
                     blobs: Blobs) -> KernelBundle:
+        shas = Manifest.parse(manifest).shas
+        root = self._kernel_root(run_id)
+        view = self._view(run_id)
+        if view is not None:
+            _link_view(view, shas, blobs)
+            atomic_write_bytes(view / "manifest.json", json.dumps(manifest).encode("utf-8"))
+            return KernelBundle(bundle_dir=BUNDLE_MOUNT, root=root)
         ckpt = self.workspace.ckpt_dir(run_id)
         with ThreadPoolExecutor(COPIERS, thread_name_prefix="handoff-copy") as pool:
-            list(pool.map(lambda sha: copy_file(blobs.path(sha), ckpt / chunk_relpath(sha)),
-                          Manifest.parse(manifest).shas))
+            list(pool.map(lambda sha: copy_file(blobs.path(sha), ckpt / chunk_relpath(sha)), shas))
         atomic_write_bytes(ckpt / "manifest.json", json.dumps(manifest).encode("utf-8"))
-        root = self._kernel_root(run_id)
         return KernelBundle(bundle_dir=f"{root}/{CKPT_DIR}", root=root)
 
     def fetch_checkpoint(self, executor: Executor, run_id: str, run_state: dict[str, Any],
                          blobs: Blobs, *, max_bytes: int | None = None,
                          base: dict[str, Any] | None = None) -> Checkpoint:
         ckpt = self.workspace.ckpt_dir(run_id)
+        view = self._view(run_id)
+        based = view is not None and (view / "manifest.json").is_file()
         atomic_write_bytes(self.workspace.run_json(run_id), json.dumps(run_state).encode("utf-8"))
-        res = executor.execute(kernel_call(_SAVE, _save_args(self._kernel_root(run_id))), CALL_TIMEOUT,
-                               silent=True, store_history=False)
+        args = _save_args(self._kernel_root(run_id), BUNDLE_MOUNT if based else "")
+        res = executor.execute(kernel_call(_SAVE, args), CALL_TIMEOUT, silent=True, store_history=False)
         check(res, "saving a checkpoint")
         try:
             manifest = json.loads((ckpt / "manifest.json").read_text(encoding="utf-8"))
@@ -297,10 +320,25 @@ class SharedDiskTransport(BundleTransport):
                                  "the run goes on; a crash now would resume from the previous checkpoint") from exc
         new_bytes = 0
         for sha in blobs.missing(shas):
-            raw = (ckpt / chunk_relpath(sha)).read_bytes()
-            blobs.put(sha, raw)  # verifies the sha256: nothing is decoded, nothing unpickled
+            own = ckpt / chunk_relpath(sha)
+            if view is not None and not own.is_file() and (view / chunk_relpath(sha)).is_file():
+                own = view / chunk_relpath(sha)   # referenced from the view; gone from the store since
+            raw = own.read_bytes()
+            blobs.put(sha, raw)  # verifies the hash: nothing is decoded, nothing unpickled
             new_bytes += len(raw)
         return Checkpoint(manifest, new_bytes, _stored_total(manifest))
+
+
+def _link_view(view: Path, shas: list[str], blobs: Blobs) -> None:
+    """Make ``view`` hold exactly the chunks ``shas`` (hard links to the stored ones, copies
+    where the file system refuses a link); links of an earlier bundle go. The directory itself
+    stays: a sandbox has it mounted."""
+    want = {chunk_relpath(sha) for sha in shas}
+    for sha in shas:
+        link_or_copy(blobs.path(sha), view / chunk_relpath(sha))
+    for old in (view / CHUNKS).glob("*/*"):
+        if f"{CHUNKS}/{old.parent.name}/{old.name}" not in want:
+            old.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,13 +558,14 @@ class KernelChannelTransport(BundleTransport):
         self._roots.pop(run_id, None)
 
 
-def make_transport(mode: str, kernel_manager: Any, workspace: Workspace) -> BundleTransport:
+def make_transport(mode: str, kernel_manager: Any, workspace: Workspace,
+                   views: Path | None = None) -> BundleTransport:
     """``c.HandoffApp.transport``: ``auto`` (channels when kernels come from a gateway), ``shared``
-    or ``kernel``."""
+    or ``kernel``. ``views``: where sandboxed kernels' bundle views are (the shared disk's)."""
     from .gateway import is_gateway_kernel_manager
     mode = (mode or "auto").lower()
     if mode not in MODES:
         raise ConfigError(f"c.HandoffApp.transport is {mode!r}", f"use one of {', '.join(MODES)}")
     if mode == "auto":
         mode = "kernel" if is_gateway_kernel_manager(kernel_manager) else "shared"
-    return KernelChannelTransport(workspace) if mode == "kernel" else SharedDiskTransport(workspace)
+    return KernelChannelTransport(workspace) if mode == "kernel" else SharedDiskTransport(workspace, views)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -150,30 +151,65 @@ def test_every_probe_from_inside_a_run_is_refused_and_the_run_still_works(
 
 SCRIBBLE = r"""
 import os
-hit = 0
-for d, _, names in os.walk(".handoff"):
-    for n in names:
-        p = os.path.join(d, n)
-        os.chmod(p, 0o644)
-        with open(p, "r+b") as f:
-            f.write(b"scribbled by the run")
-        hit += 1
-print("scribbled over", hit, "files")
+from handoff_magic.chunks import CHUNKS
+BUNDLE = "/handoff-bundle"   # the run's read-only view of its stored chunks
+attacks = {}
+def attack(name, do):
+    try:
+        do()
+    except OSError as exc:
+        attacks[name] = attacks.get(name, "") or "refused"
+    else:
+        attacks[name] = "DONE"
+def via_proc(p):
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        open("/proc/self/fd/%d" % fd, "r+b").write(b"scribbled")
+    finally:
+        os.close(fd)
+def steal(p):
+    os.link(p, "stolen-chunk")
+    open("stolen-chunk", "r+b").write(b"scribbled")
+views = [os.path.join(d, n) for d, _, names in os.walk(os.path.join(BUNDLE, CHUNKS)) for n in names]
+for p in views:
+    attack("write", lambda: open(p, "r+b").write(b"scribbled by the run"))
+    attack("chmod", lambda: os.chmod(p, 0o666))
+    attack("truncate", lambda: os.truncate(p, 0))
+    attack("link into the workspace", lambda: steal(p))
+    attack("reopen via /proc/self/fd", lambda: via_proc(p))
+    attack("unlink", lambda: os.unlink(p))
+attack("new file in the bundle", lambda: open(os.path.join(BUNDLE, "evil"), "w").write("x"))
+open("stolen-chunk", "wb").write(b"the workspace is the run's own")
+print("bundle", len(views))
+for name, outcome in attacks.items():
+    print(name, "=", outcome)
 """
 
 
 def test_a_run_scribbling_over_its_bundle_cannot_damage_the_chunks_other_runs_share(
         srv: JupyterServerProcess, bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
-    """A run may write anything in its workspace, including the chunk files of its own bundle;
-    those must be its own copies, not the server's stored chunks, which later handoffs reuse."""
+    """A run's kernel maps its bundle's chunks straight from the server's store (hard links, no
+    copy), shown read-only: no way of writing them works from inside the run (the stored chunks
+    are shared with other runs and later handoffs), while its workspace stays its own."""
     bdir, manifest = bundle
     first = hand_off(srv, bdir, manifest, model=scripted_model(tmp_path / "a", [run_python(SCRIBBLE), finish()]))
     assert wait_status(srv, first)["status"] == "completed"
     out = tool_results(all_events(srv, first))[0]["outputs"][0]["text"]
-    assert int(out.split()[2]) > 0, out
+    head, *rows = out.strip().splitlines()
+    assert int(head.split()[1]) == len(manifest["chunks"]), out
+    outcomes = dict(row.split(" = ") for row in rows)
+    assert len(outcomes) == 7 and set(outcomes.values()) == {"refused"}, out
     for sha in manifest["chunks"]:
         stored = shard_path(srv.data_dir / "blobs", sha)
         assert address_matches(sha, stored.read_bytes()), f"stored chunk {sha[:19]} was changed by a run"
+    # the run ended: its view of the store went with its kernel (a warm spare's view stays)
+    def views_without_kernels() -> set[str]:
+        spares = {p.name for p in (srv.root_dir / "handoff-runs").glob(".spare-*")}
+        return {p.name for p in (srv.data_dir / "bundle-views").iterdir()} - spares
+    deadline = time.monotonic() + 30
+    while views_without_kernels() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not views_without_kernels()
     # the next handoff of the same state (its chunks deduplicated) restores intact
     second = hand_off(srv, bdir, manifest, model=scripted_model(tmp_path / "b", [
         run_python("print('rows', len(df))"), finish()]))
