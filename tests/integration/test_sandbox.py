@@ -138,6 +138,10 @@ def test_every_probe_from_inside_a_run_is_refused_and_the_run_still_works(
     assert (ws / "made_in_the_sandbox.txt").read_text() == "workspace is writable"
     assert (ws / "result.ipynb").exists()
     assert "checkpoint" in {e["type"] for e in all_events(srv, run_id)}
+    # the kernel's checkpoint holds only what changed: the handed-off chunks, which it maps
+    # read-only from the server's store, were neither copied into its workspace nor rewritten
+    written = {p.name for p in (ws / ".handoff" / "ckpt" / "chunks").glob("*/*")}
+    assert written and not written & set(manifest["chunks"]), sorted(written & set(manifest["chunks"]))[:3]
     box: dict[str, Any] = {}
     th = threading.Thread(target=lambda: box.update(r=srv.client.post(
         f"/handoff/api/runs/{run_id}/pull", json={"timeout": 60})))
