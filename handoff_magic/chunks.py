@@ -396,9 +396,13 @@ class ChunkStore:
         self._pending.clear()
 
     def flush(self) -> None:
-        """Make every new chunk's directory entry durable."""
+        """Make every new chunk's directory entry durable, and the entries of shard directories
+        made for them (the chunk root's own entry is the bundle's, fsynced with its manifest)."""
+        if not self._dirs:
+            return
         for d in list(self._dirs):
             fsync_dir(d)
+        fsync_dir(self.root)
         self._dirs.clear()
 
     def close(self) -> None:

@@ -89,6 +89,7 @@ def test_every_chunk_is_fsynced_before_it_is_visible_and_its_directory_after(
         tmp, dst = events[moves[0]][1].split("\0")
         assert ("fsync", tmp) in events[:moves[0]], f"{name} became visible before its bytes were fsynced"
         assert ("dirsync", str(Path(dst).parent)) in events[moves[0]:], f"{name}'s directory entry never fsynced"
+    assert ("dirsync", str(bundle / "chunks")) in events, "new shard directories' entries never fsynced"
     assert not _temps(bundle)
     back: dict[str, Any] = {}
     load_state(bundle, ns=back, files=False)
