@@ -220,7 +220,8 @@ def start_writeback(fd: int) -> bool:
             return False
     if fn(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0:
         return True
-    if ctypes.get_errno() == errno.ENOSYS:   # this kernel never will (ESPIPE, EINVAL...: only this file)
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ESPIPE):   # this system or filesystem never will
         _sync_file_range = False
     return False
 
@@ -255,7 +256,7 @@ class _WriteBack:
                 return False
             return True
 
-    def _run(self) -> None:   # never dies early: stop() relies on it draining the queue
+    def _run(self) -> None:
         while True:
             fd = self._q.get()
             if fd is None:
@@ -263,24 +264,15 @@ class _WriteBack:
             try:
                 if not self._stopping:
                     start_writeback(fd)
-            except Exception:  # noqa: BLE001 - a head start only; the fsync does the work anyway
-                pass
-            try:
+            finally:
                 os.close(fd)
-            except OSError as exc:   # a write error some filesystems report at close: the save must fail
-                self.error = self.error or exc
-
-    error: OSError | None = None
 
     def stop(self) -> None:
-        """Close every file still waiting (without starting its write-back) and end the thread;
-        raises the first error a close reported."""
+        """Close every file still waiting (without starting its write-back) and end the thread."""
         with self._gate:
             self._stopping = True
             self._q.put(None)     # the thread drains the queue meanwhile: this waits little
         self._thread.join()
-        if self.error is not None:
-            raise self.error
 
 
 def _load_sync_file_range() -> Any:
@@ -459,10 +451,7 @@ class ChunkStore:
 
     def abort(self) -> None:
         """Batch mode: drop pending chunks (a failed save leaves nothing half-written behind)."""
-        try:
-            self._stop_writeback()
-        except OSError:
-            pass            # a chunk's close failed: it is dropped below like the rest
+        self._stop_writeback()
         for sha, tmp in list(self._pending.items()):
             tmp.unlink(missing_ok=True)
             self.new_shas.discard(sha)
