@@ -21,7 +21,6 @@ import errno
 import hashlib
 import mmap
 import os
-import queue
 import re
 import sys
 import threading
@@ -226,55 +225,6 @@ def start_writeback(fd: int) -> bool:
     return False
 
 
-def writeback_available() -> bool:
-    """Whether ``start_writeback`` may work here (False once it proved it cannot)."""
-    return _sync_file_range is not False and sys.platform.startswith("linux")
-
-
-class _WriteBack:
-    """One thread that starts write-back (``start_writeback``) of the chunk files handed to it
-    and closes them. The writers never wait for it: ``sync_file_range`` blocks while the disk's
-    queue is full, and that wait is the disk's, not the hashing's. It takes at most ``depth``
-    files at once (a writer closes the file itself when it is full: the fsync does that one);
-    ``stop`` closes what it did not get to."""
-
-    def __init__(self, depth: int = 32) -> None:
-        self._q: queue.Queue[int | None] = queue.Queue(depth)
-        self._stopping = False
-        self._gate = threading.Lock()     # nothing is taken after stop's end marker
-        self._thread = threading.Thread(target=self._run, name="handoff-writeback", daemon=True)
-        self._thread.start()
-
-    def take(self, fd: int) -> bool:
-        """Own ``fd`` from now on (True), or leave it to the caller (False: too many waiting)."""
-        with self._gate:
-            if self._stopping:
-                return False
-            try:
-                self._q.put_nowait(fd)
-            except queue.Full:
-                return False
-            return True
-
-    def _run(self) -> None:
-        while True:
-            fd = self._q.get()
-            if fd is None:
-                return
-            try:
-                if not self._stopping:
-                    start_writeback(fd)
-            finally:
-                os.close(fd)
-
-    def stop(self) -> None:
-        """Close every file still waiting (without starting its write-back) and end the thread."""
-        with self._gate:
-            self._stopping = True
-            self._q.put(None)     # the thread drains the queue meanwhile: this waits little
-        self._thread.join()
-
-
 def _load_sync_file_range() -> Any:
     if not sys.platform.startswith("linux"):
         return False
@@ -410,35 +360,24 @@ class ChunkStore:
         remember_chunks(mv, futs)
         return futs
 
-    _writeback: "_WriteBack | None" = None    # batch mode: starts each chunk's write-back (Linux)
-
-    def _write_pending(self, tmp: Path, data: bytes | memoryview) -> None:
-        """Write a pending chunk, then hand it to the write-back thread (``_WriteBack``), so the
+    @staticmethod
+    def _write_pending(tmp: Path, data: bytes | memoryview) -> None:
+        """Write a pending chunk and start its write-back at once (``start_writeback``), so the
         disk works while the next chunks are hashed and written; ``commit`` still fsyncs it."""
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
+            start_writeback(fd)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
-        wb = self._writeback
-        if wb is None and writeback_available():
-            with self._lock:
-                wb = self._writeback = self._writeback or _WriteBack()
-        if wb is None or not wb.take(fd):
-            os.close(fd)
-
-    def _stop_writeback(self) -> None:
-        wb, self._writeback = self._writeback, None
-        if wb is not None:
-            wb.stop()
+        os.close(fd)
 
     def commit(self) -> None:
         """Batch mode: fsync every pending chunk (in parallel), then rename them into place."""
-        self._stop_writeback()   # what it has not started yet, the fsyncs do
         if not self._pending:
             return
         pending = list(self._pending.items())
@@ -451,7 +390,6 @@ class ChunkStore:
 
     def abort(self) -> None:
         """Batch mode: drop pending chunks (a failed save leaves nothing half-written behind)."""
-        self._stop_writeback()
         for sha, tmp in list(self._pending.items()):
             tmp.unlink(missing_ok=True)
             self.new_shas.discard(sha)
