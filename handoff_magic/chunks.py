@@ -219,8 +219,7 @@ def start_writeback(fd: int) -> bool:
             return False
     if fn(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0:
         return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ESPIPE):   # this system or filesystem never will
+    if ctypes.get_errno() == errno.ENOSYS:   # this kernel never will (ESPIPE, EINVAL...: only this file)
         _sync_file_range = False
     return False
 

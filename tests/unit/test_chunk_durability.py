@@ -79,8 +79,14 @@ def test_every_chunk_is_fsynced_before_it_is_visible_and_its_directory_after(
     monkeypatch.setattr(os, "replace", replace)
     bundle = tmp_path / "b"
     ns = _arrays(1)
+    _save(tmp_path / "first", _arrays(0))   # the process's own lasting fds (the change tracker's) exist now
+    fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
+    started[0] = 0
+    events.clear()
     report = _save(bundle, ns)
     assert (started[0] > 0) == (writeback == "writeback")
+    if fds:
+        assert len(os.listdir("/proc/self/fd")) == fds, "the save left files open"
     names = _visible(bundle)
     assert len(names) >= 4 and report.bytes_new >= ns["a"].nbytes + ns["b"].nbytes
     for name in names:
@@ -159,6 +165,7 @@ def test_start_writeback_takes_regular_files_and_declines_the_rest(tmp_path: Pat
     finally:
         os.close(r)
         os.close(w)
+    assert chunks._sync_file_range is not False, "one file it cannot take must not turn it off for the others"
 
 
 def test_where_the_call_is_missing_it_is_not_tried_again(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
