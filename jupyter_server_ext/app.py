@@ -58,7 +58,8 @@ class HandoffApp(HandoffSettings, ExtensionAppJinjaMixin, ExtensionApp):
         data = Path(self.data_dir).expanduser()
         data.mkdir(parents=True, exist_ok=True)
         self.store = RunStore(data / "handoff.sqlite")
-        self.blobs = BlobStore(data / "blobs", max_chunk_bytes=self.max_chunk_bytes)
+        self.blobs = BlobStore(data / "blobs", max_chunk_bytes=self.max_chunk_bytes,
+                               direct=self.direct_uploads)
         self.workspace = Workspace(Path(self.serverapp.root_dir), self.get_public_url)
         self.sandbox_state = self._prepare_sandbox(data)
         self.notifier = Notifier(self.store, self.notify_urls, self.get_public_url, log=self.log,

@@ -12,9 +12,19 @@ The run is created (the laptop told "safe to close") only after ``settle``, so t
 unchanged, but a 1 GB handoff no longer pays 256 fsyncs one after the other in its uploads. A
 pending chunk is never visible under its address, so a power cut can leave temp files (GC
 removes them) but never a torn chunk.
+
+Uploads are written with O_DIRECT where the file system takes it (``direct``; tmpfs does not,
+and then the page cache is used): whole 4 KiB blocks gathered in a writer lane's aligned buffer
+go straight to the disk, the last partial block through the cache. Buffered writes cost this
+2-core VM 1-2.5 s of system time per GB (page-cache growth) plus the write-back at fsync;
+direct ones about 0.3 s, and the data is on the disk when the upload ends, so the flusher's
+fsync only has metadata left.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
+import mmap
 import os
 import queue
 import threading
@@ -32,6 +42,9 @@ from .errors import BlobError, BlobTooLarge
 
 TMP_PREFIX = ".tmp-"
 FLUSHERS = 2   # background fsyncs of pending uploads at once (the disk merges them)
+LANES = 4      # threads that hash and write uploads (a handoff PUTs 3 chunks at once)
+ALIGN = 4096   # O_DIRECT: buffer address, length and file offset in whole blocks of this
+STAGE = 1024 * 1024   # a lane's aligned buffer: uploaded bytes are gathered here into whole blocks
 
 
 def check_sha(sha: str) -> str:
@@ -43,13 +56,32 @@ def check_sha(sha: str) -> str:
     return sha
 
 
+class _Lane:
+    """A long-lived thread that hashes and writes the pieces of the uploads bound to it, each
+    upload's pieces in order. Starting a thread per upload stalled the event loop until the new
+    thread first ran (``Thread.start`` waits for it): about a fifth of the loop's time during a
+    1 GB handoff on a busy 2-core machine."""
+
+    def __init__(self, name: str) -> None:
+        self.jobs: queue.SimpleQueue[tuple[BlobWriter, bytes | memoryview | None]] = queue.SimpleQueue()
+        self.bound = 0   # uploads bound to this lane now (the store's lock guards it)
+        self.stage = mmap.mmap(-1, STAGE)   # page-aligned, reused by every upload on the lane
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            writer, piece = self.jobs.get()
+            writer._work(piece, self.stage)
+
+
 class BlobWriter:
     """Streams one upload to a temp file, hashing as it goes; ``commit`` verifies and renames.
 
-    Hashing and writing happen in the writer's own thread while the event loop keeps reading the
-    socket (``offer`` hands a piece over without blocking; when the disk falls behind, the
-    handler awaits ``write`` instead, which holds the connection back), so each byte is hashed
-    once, as it arrives, off the loop.
+    Hashing and writing happen on one of the store's writer lanes while the event loop keeps
+    reading the socket (``offer`` hands a piece over without blocking; when the disk falls
+    behind, the handler awaits ``write`` instead, which holds the connection back), so each byte
+    is hashed once, as it arrives, off the loop.
     """
 
     QUEUE = 32   # pieces (tornado reads 64 KiB-1 MiB at a time) waiting for the disk
@@ -61,62 +93,115 @@ class BlobWriter:
         self.size = 0
         self._hash = AddressHasher(self.sha)   # the algorithm the address names
         final = store.final_path(sha)
-        final.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = final.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-        self._file: BinaryIO | None = open(self._tmp, "wb")
-        self._queue: queue.Queue[bytes | None] = queue.Queue(self.QUEUE)
+        self._fd: int | None
+        self._fd, self._direct = store._open_temp(self._tmp)
+        self._carry = b""   # the bytes past the last whole block (O_DIRECT writes whole blocks)
+        self._room = threading.Semaphore(self.QUEUE)
+        self._drained = threading.Event()
         self._failed: BaseException | None = None
-        self._thread: threading.Thread | None = None
+        self._lane: _Lane | None = None
 
-    def _count(self, data: bytes) -> None:
-        if self._file is None:
+    def _count(self, data: bytes | memoryview) -> None:
+        if self._fd is None:
             raise BlobError("upload already finished", "retry the PUT")
         self.size += len(data)
         if self.size > self.max_bytes:
             self.abort()
             raise BlobTooLarge(f"chunk is larger than the {self.max_bytes} byte limit",
                                "split data into smaller chunks or raise HandoffApp.max_chunk_bytes")
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._drain, name="handoff-blob-writer", daemon=True)
-            self._thread.start()
+        if self._lane is None:
+            self._lane = self.store._bind_lane()
 
     def offer(self, data: bytes) -> bool:
         """Queue ``data`` without blocking; False when the queue is full (then call ``write``)."""
-        if self._queue.full():
+        if not self._room.acquire(blocking=False):
             return False
-        self._count(data)
-        self._queue.put_nowait(data)
+        try:
+            self._count(data)
+        except BaseException:
+            self._room.release()
+            raise
+        self._enqueue(data)
         return True
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         """Queue ``data``, waiting for room (call it off the event loop)."""
         self._count(data)
-        self._queue.put(data)
+        self._room.acquire()
+        self._enqueue(data)
 
-    def _drain(self) -> None:
-        file = self._file
-        while True:
-            piece = self._queue.get()
-            if piece is None:
-                return
-            if self._failed is None and file is not None:
-                try:
-                    self._hash.update(piece)
-                    file.write(piece)
-                except BaseException as exc:  # noqa: BLE001 - raised by commit()
-                    self._failed = exc
+    def _enqueue(self, data: bytes | memoryview) -> None:
+        lane = self._lane
+        if lane is None or self._fd is None:   # aborted while it waited for room: dropped
+            self._room.release()
+            return
+        lane.jobs.put((self, data))
+
+    def _work(self, piece: bytes | memoryview | None, stage: mmap.mmap) -> None:
+        """On the lane: hash and write one piece (None: every earlier piece is done)."""
+        if piece is None:
+            self._drained.set()
+            return
+        try:
+            fd = self._fd
+            if self._failed is None and fd is not None:
+                self._hash.update(piece)
+                self._store(fd, memoryview(piece).cast("B"), stage)
+        except BaseException as exc:  # noqa: BLE001 - raised by commit()
+            self._failed = exc
+        finally:
+            self._room.release()
+
+    def _store(self, fd: int, data: memoryview, stage: mmap.mmap) -> None:
+        """Write ``data`` after what came before. With O_DIRECT the bytes are gathered in the
+        lane's aligned buffer and whole blocks go to the disk; the rest waits for the next piece
+        (or ``commit``)."""
+        while data and self._direct:
+            held = len(self._carry)
+            stage[:held] = self._carry
+            take = min(STAGE - held, len(data))
+            stage[held: held + take] = data[:take]
+            data = data[take:]
+            end = held + take
+            whole = end - end % ALIGN
+            self._carry = stage[whole:end]
+            if whole:
+                self._write(fd, memoryview(stage)[:whole])
+        if data or (self._carry and not self._direct):
+            self._write(fd, memoryview(self._carry + bytes(data)) if self._carry else data)
+            self._carry = b""
+
+    def _write(self, fd: int, view: memoryview) -> None:
+        while view:
+            try:
+                n = os.write(fd, view)
+            except OSError as exc:
+                if not (self._direct and exc.errno == errno.EINVAL):
+                    raise
+                self._buffered(fd)   # this file system takes no direct writes: write through the cache
+                continue
+            view = view[n:]
+            if self._direct and n % ALIGN:
+                self._buffered(fd)   # a short write left the offset off a block boundary
+
+    def _buffered(self, fd: int) -> None:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~getattr(os, "O_DIRECT", 0))
+        self._direct = False
 
     def _join(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+        """Wait until the lane has handled every piece queued so far, and leave the lane."""
+        lane, self._lane = self._lane, None
+        if lane is not None:
+            lane.jobs.put((self, None))
+            self._drained.wait()
+            self.store._unbind_lane(lane)
 
     def commit(self, *, durable: bool = True) -> bool:
         """Verify the hash and publish the blob; True if it was new. ``durable=False`` leaves it
         pending (see the module docstring) until ``BlobStore.settle``: visible to ``has`` and
         ``missing`` at once, published under its address by the settle."""
-        if self._file is None:
+        if self._fd is None:
             raise BlobError("upload already finished", "retry the PUT")
         self._join()
         if self._failed is not None:
@@ -128,11 +213,19 @@ class BlobWriter:
             raise BlobError(f"uploaded bytes hash to {digest}, not {self.sha}: the chunk was corrupted "
                             "in transit or addressed wrongly; upload it again",
                             "upload the chunk again; nothing was stored")
-        self._file.flush()
-        if durable:
-            os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
+        fd, self._fd = self._fd, None
+        try:
+            if self._carry:   # the last partial block goes through the page cache
+                self._buffered(fd)
+                self._write(fd, memoryview(self._carry))
+                self._carry = b""
+            if durable:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            self._tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
         if not durable:
             return self.store.add_pending(self.sha, self._tmp)
         final = self.store.final_path(self.sha)
@@ -142,16 +235,11 @@ class BlobWriter:
         return not existed
 
     def abort(self) -> None:
-        file, self._file = self._file, None
-        if self._thread is not None:
-            while True:   # the writer must not wait on a full queue forever
-                try:
-                    self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            self._join()
-        if file is not None:
-            file.close()
+        """Drop the upload: the lane skips its queued pieces, the temp file is removed."""
+        fd, self._fd = self._fd, None   # from now on the lane writes none of its pieces
+        self._join()
+        if fd is not None:
+            os.close(fd)
         try:
             self._tmp.unlink()
         except FileNotFoundError:
@@ -161,13 +249,18 @@ class BlobWriter:
 class BlobStore:
     """``root/<sha[:2]>/<sha>``; every method is safe from any thread (files are published by rename)."""
 
-    def __init__(self, root: Path, max_chunk_bytes: int = 256 * 1024 * 1024) -> None:
+    def __init__(self, root: Path, max_chunk_bytes: int = 256 * 1024 * 1024, *, direct: bool = True) -> None:
+        """``direct``: write uploads with O_DIRECT where the file system allows it (see the
+        module docstring)."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_chunk_bytes = max_chunk_bytes
+        self.direct = direct
         self._pending: dict[str, tuple[Path, Future[None]]] = {}   # sha -> (temp file, its fsync)
         self._lock = threading.Lock()
         self._flusher: ThreadPoolExecutor | None = None
+        self._lanes: list[_Lane] = []
+        self._dirs: set[Path] = set()   # shard directories known to exist (GC never removes them)
 
     def final_path(self, sha: str) -> Path:
         return shard_path(self.root, check_sha(sha))
@@ -230,6 +323,43 @@ class BlobStore:
             if not self.has(sha):
                 out.append(sha)
         return out
+
+    def _open_temp(self, tmp: Path) -> tuple[int, bool]:
+        """A new upload's temp file (descriptor, written with O_DIRECT?); its shard directory is
+        made the first time only."""
+        if tmp.parent not in self._dirs:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            self._dirs.add(tmp.parent)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        direct = getattr(os, "O_DIRECT", 0) if self.direct else 0
+        for attempt in (1, 2):
+            try:
+                if direct:
+                    try:
+                        return os.open(tmp, flags | direct, 0o666), True
+                    except OSError as exc:   # tmpfs and some others refuse O_DIRECT
+                        if exc.errno != errno.EINVAL:
+                            raise
+                return os.open(tmp, flags, 0o666), False
+            except FileNotFoundError:   # the directory went away behind our back
+                if attempt == 2:
+                    raise
+                tmp.parent.mkdir(parents=True, exist_ok=True)
+        raise AssertionError("unreachable")
+
+    def _bind_lane(self) -> _Lane:
+        """The writer lane with the fewest uploads now (a new one while there are fewer than LANES)."""
+        with self._lock:
+            lane = min(self._lanes, key=lambda ln: ln.bound, default=None)
+            if lane is None or (lane.bound and len(self._lanes) < LANES):
+                lane = _Lane(f"handoff-blob-writer-{len(self._lanes)}")
+                self._lanes.append(lane)
+            lane.bound += 1
+            return lane
+
+    def _unbind_lane(self, lane: _Lane) -> None:
+        with self._lock:
+            lane.bound -= 1
 
     def writer(self, sha: str, max_bytes: int | None = None) -> BlobWriter:
         return BlobWriter(self, sha, self.max_chunk_bytes if max_bytes is None else max_bytes)

@@ -65,6 +65,10 @@ class HandoffSettings(Configurable):
     max_bundle_bytes = Integer(8 * 1024**3, help="Largest bundle (sum of its stored chunks) a run may "
                                                  "reference; larger ones get 413.").tag(config=True)
     max_chunk_bytes = Integer(256 * 1024**2, help="Largest single uploaded chunk.").tag(config=True)
+    direct_uploads = Bool(True, help="Write uploaded chunks with O_DIRECT (straight to the disk, not "
+                                     "through the page cache) where data_dir's file system allows it: "
+                                     "less server CPU, and they are on the disk when the upload ends. "
+                                     "Turn off for a data_dir on a network file system.").tag(config=True)
     max_events_wait = Float(60.0, help="Longest a long-poll for events may wait, in seconds.").tag(config=True)
     gc_interval = Float(6 * 3600.0, help="Seconds between scheduled collections of uploaded chunks no "
                                          "run references (0 = only on demand: python -m "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import sqlite3
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from handoff_magic.state import RunState
+from jupyter_server_ext import blobs as blobs_module
 from jupyter_server_ext.blobs import BlobStore
 from jupyter_server_ext.errors import BlobError
 from jupyter_server_ext.store import RunStore
@@ -258,6 +260,72 @@ def test_reading_a_pending_upload_settles_it(tmp_path: Path) -> None:
     assert blobs.read(sha) == data and blobs.final_path(sha).is_file()
     sha2, _ = _upload(blobs, b"checkpointed later")
     assert blobs.put(sha2, b"checkpointed later") is False and blobs.final_path(sha2).is_file()
+
+
+def _stream(blobs: BlobStore, data: bytes, piece_sizes: list[int]) -> str:
+    """Upload ``data`` as tornado hands it over: pieces of uneven sizes, offered without waiting."""
+    sha = _sha(data)
+    w = blobs.writer(sha)
+    pos, i = 0, 0
+    while pos < len(data):
+        piece = data[pos: pos + piece_sizes[i % len(piece_sizes)]]
+        if not w.offer(piece):
+            w.write(piece)
+        pos, i = pos + len(piece), i + 1
+    assert w.commit(durable=False)
+    blobs.settle([sha])
+    return sha
+
+
+SIZES = [0, 1, 4095, 4096, 4097, 1024 * 1024 + 123, 5 * 1024 * 1024 + 7]
+PIECES = [1, 65536, 4096 * 3 + 5, 1024 * 1024, 300_000]
+
+
+@pytest.mark.parametrize("refuse", ["nothing", "direct open", "direct write"])
+def test_uploads_in_uneven_pieces_are_stored_byte_for_byte_whatever_the_file_system_takes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refuse: str) -> None:
+    """Direct (O_DIRECT) writes where the file system takes them, the page cache where it refuses
+    them at open (tmpfs on older kernels) or at the first write: the same bytes either way."""
+    direct = getattr(os, "O_DIRECT", 0)
+    real_open, real_write = os.open, os.write
+
+    def open_(path: str, flags: int, mode: int = 0o777) -> int:
+        if refuse == "direct open" and flags & direct:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode)
+
+    def write(fd: int, data: bytes) -> int:
+        if refuse == "direct write" and blobs_module.fcntl.fcntl(fd, blobs_module.fcntl.F_GETFL) & direct:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(blobs_module.os, "open", open_)
+    monkeypatch.setattr(blobs_module.os, "write", write)
+    blobs = BlobStore(tmp_path / "blobs")
+    for size in SIZES:
+        data = os.urandom(size)
+        sha = _stream(blobs, data, PIECES[size % len(PIECES):] + PIECES[: size % len(PIECES)])
+        assert blobs.final_path(sha).read_bytes() == data, size
+    assert not [p for p in (tmp_path / "blobs").rglob(".tmp-*")]
+
+
+def test_many_uploads_share_a_few_writer_threads_and_a_cut_one_leaves_nothing(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path / "blobs")
+    before = threading.active_count()
+    datas = [os.urandom(200_000 + i) for i in range(24)]
+    writers = [blobs.writer(_sha(d)) for d in datas]
+    for w, d in zip(writers, datas):   # all in flight at once, as concurrent PUTs are
+        w.write(d[:100_000])
+    cut = writers.pop(5)
+    cut.abort()                        # the client went away mid-body
+    del datas[5]
+    for w, d in zip(writers, datas):
+        w.write(d[100_000:])
+        assert w.commit(durable=False)
+    assert threading.active_count() - before <= blobs_module.LANES + blobs_module.FLUSHERS
+    blobs.settle([_sha(d) for d in datas])
+    assert all(blobs.read(_sha(d)) == d for d in datas)
+    assert not [p for p in (tmp_path / "blobs").rglob(".tmp-*")]
 
 
 def test_gc_frees_a_stale_upload_no_run_claimed_and_spares_a_fresh_one(tmp_path: Path) -> None:
