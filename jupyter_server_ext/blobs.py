@@ -94,8 +94,10 @@ class BlobWriter:
         self._hash = AddressHasher(self.sha)   # the algorithm the address names
         final = store.final_path(sha)
         self._tmp = final.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-        self._fd: int | None
-        self._fd, self._direct = store._open_temp(self._tmp)
+        self._fd: int | None = None   # opened by the lane at the first piece (no file work on the loop)
+        self._direct = False
+        self._finished = False        # committed or aborted: no more pieces
+        self._aborted = False
         self._carry = b""   # the bytes past the last whole block (O_DIRECT writes whole blocks)
         self._room = threading.Semaphore(self.QUEUE)
         self._drained = threading.Event()
@@ -103,7 +105,7 @@ class BlobWriter:
         self._lane: _Lane | None = None
 
     def _count(self, data: bytes | memoryview) -> None:
-        if self._fd is None:
+        if self._finished:
             raise BlobError("upload already finished", "retry the PUT")
         self.size += len(data)
         if self.size > self.max_bytes:
@@ -133,7 +135,7 @@ class BlobWriter:
 
     def _enqueue(self, data: bytes | memoryview) -> None:
         lane = self._lane
-        if lane is None or self._fd is None:   # aborted while it waited for room: dropped
+        if lane is None or self._aborted:   # aborted while it waited for room: dropped
             self._room.release()
             return
         lane.jobs.put((self, data))
@@ -144,10 +146,11 @@ class BlobWriter:
             self._drained.set()
             return
         try:
-            fd = self._fd
-            if self._failed is None and fd is not None:
+            if self._failed is None and not self._aborted:
+                if self._fd is None:
+                    self._fd, self._direct = self.store._open_temp(self._tmp)
                 self._hash.update(piece)
-                self._store(fd, memoryview(piece).cast("B"), stage)
+                self._store(self._fd, memoryview(piece).cast("B"), stage)
         except BaseException as exc:  # noqa: BLE001 - raised by commit()
             self._failed = exc
         finally:
@@ -201,8 +204,9 @@ class BlobWriter:
         """Verify the hash and publish the blob; True if it was new. ``durable=False`` leaves it
         pending (see the module docstring) until ``BlobStore.settle``: visible to ``has`` and
         ``missing`` at once, published under its address by the settle."""
-        if self._fd is None:
+        if self._finished:
             raise BlobError("upload already finished", "retry the PUT")
+        self._finished = True
         self._join()
         if self._failed is not None:
             self.abort()
@@ -213,6 +217,8 @@ class BlobWriter:
             raise BlobError(f"uploaded bytes hash to {digest}, not {self.sha}: the chunk was corrupted "
                             "in transit or addressed wrongly; upload it again",
                             "upload the chunk again; nothing was stored")
+        if self._fd is None:   # an empty upload: no piece opened the file
+            self._fd, self._direct = self.store._open_temp(self._tmp)
         fd, self._fd = self._fd, None
         try:
             if self._carry:   # the last partial block goes through the page cache
@@ -236,8 +242,9 @@ class BlobWriter:
 
     def abort(self) -> None:
         """Drop the upload: the lane skips its queued pieces, the temp file is removed."""
-        fd, self._fd = self._fd, None   # from now on the lane writes none of its pieces
+        self._finished = self._aborted = True   # from now on the lane writes none of its pieces
         self._join()
+        fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
         try:

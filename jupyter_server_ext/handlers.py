@@ -18,6 +18,8 @@ from tornado.iostream import StreamClosedError
 
 from . import pages
 from .api import parse_answer, parse_create, parse_events_query, parse_pull_timeout, parse_shas
+from handoff_magic.chunks import CHUNK_SIZE
+
 from .blobs import BlobWriter, check_sha
 from .errors import BadRequest, BlobError, BlobTooLarge, NotFound, ServerError
 from .http import RESOURCE, ApiHandler, is_authorized
@@ -41,6 +43,33 @@ class MissingBlobsHandler(ApiHandler):
 
 
 BODY_PIECE = 1024 * 1024   # bytes tornado hands a streaming upload at once (its default is 64 KiB)
+BODY_BUFFER = CHUNK_SIZE   # uploads up to this size are received into a reused buffer
+YIELD_BYTES = 4 * 1024 * 1024   # let other requests run after this much of one body (as tornado does)
+
+
+class _BodyBuffers:
+    """Receive buffers reused from one chunk upload to the next (used on the event loop only).
+
+    Tornado reads a streamed body into a new 1 MiB bytearray per piece, appends it to its read
+    buffer and slices a new bytes object off that: three copies and fresh memory to fault in
+    per piece. An upload read with ``read_into`` into one of these lands in place, in one copy;
+    its pieces are views of it, so a buffer is reused only after its upload was committed (every
+    piece hashed and written)."""
+
+    KEEP = 8
+
+    def __init__(self) -> None:
+        self._free: list[bytearray] = []
+
+    def take(self) -> bytearray:
+        return self._free.pop() if self._free else bytearray(BODY_BUFFER)
+
+    def give(self, buf: bytearray) -> None:
+        if len(self._free) < self.KEEP:
+            self._free.append(buf)
+
+
+_BUFFERS = _BodyBuffers()
 
 
 def _bigger_body_pieces(connection: Any) -> None:
@@ -63,6 +92,7 @@ class BlobHandler(ApiHandler):
 
     _writer: BlobWriter | None = None
     _deferred: Exception | None = None
+    _buffer: bytearray | None = None
 
     async def prepare(self) -> None:  # type: ignore[override]
         if self.request.method != "PUT":
@@ -91,9 +121,39 @@ class BlobHandler(ApiHandler):
             self._cap_body(cap + DISCARD_BYTES)
             _bigger_body_pieces(self.request.connection)
             self._writer = self.service.blobs.writer(sha, cap)
+            if length is not None and length.isdigit() and 0 < int(length) <= BODY_BUFFER:
+                self._receive_in_place()
         except (web.HTTPError, ServerError) as exc:
             self._deferred = exc
             self._cap_body(DISCARD_BYTES)
+
+    def _receive_in_place(self) -> None:
+        """Read this request's body with ``read_into`` into a reused buffer (see _BodyBuffers)
+        instead of tornado's copying reads: this request's connection object (tornado makes one
+        per request) gets its own ``_read_fixed_body``; anything unexpected keeps tornado's."""
+        conn = self.request.connection
+        stream = getattr(conn, "stream", None)
+        deliver = getattr(conn, "_deliver_body", None)
+        if stream is None or deliver is None or not hasattr(conn, "_read_fixed_body") \
+                or not hasattr(stream, "read_into"):
+            return
+        buf = self._buffer = _BUFFERS.take()
+        view = memoryview(buf)
+
+        async def read_fixed_body(content_length: int, delegate: Any) -> None:
+            if content_length > len(view):   # cannot happen (Content-Length was checked); be safe
+                raise web.HTTPError(400, "body larger than its Content-Length")
+            pos = work = 0
+            while pos < content_length:
+                n = await stream.read_into(view[pos: min(content_length, pos + BODY_PIECE)], partial=True)
+                await deliver(delegate, view[pos: pos + n])
+                pos += n
+                work += n
+                if work >= YIELD_BYTES:
+                    work = 0
+                    await asyncio.sleep(0)
+
+        conn._read_fixed_body = read_fixed_body  # type: ignore[union-attr]
 
     def _cap_body(self, limit: int) -> None:
         cast(HTTP1Connection, self.request.connection).set_max_body_size(limit)
@@ -142,7 +202,12 @@ class BlobHandler(ApiHandler):
             raise BadRequest("upload was not received", "retry the PUT")
         # off the event loop (hash check, close); made durable in one batch when the run is
         # created (BlobStore.settle), not one fsync per chunk
-        created = await asyncio.to_thread(writer.commit, durable=False)
+        try:
+            created = await asyncio.to_thread(writer.commit, durable=False)
+        finally:
+            buf, self._buffer = self._buffer, None
+            if buf is not None:   # the body was read to its end and every piece written
+                _BUFFERS.give(buf)
         self.send({"sha256": sha, "size": writer.size, "created": created}, 201 if created else 200)
 
     def _existing(self, sha: str) -> Path:
