@@ -13,8 +13,8 @@ unchanged, but a 1 GB handoff no longer pays 256 fsyncs one after the other in i
 pending chunk is never visible under its address, so a power cut can leave temp files (GC
 removes them) but never a torn chunk.
 
-Uploads are written with O_DIRECT where the file system takes it (``direct``; tmpfs does not,
-and then the page cache is used): whole 4 KiB blocks gathered in a writer lane's aligned buffer
+Uploads are written with O_DIRECT where the file system takes it (``direct``; one that refuses
+it, such as tmpfs before Linux 6.6, gets the page cache): whole 4 KiB blocks gathered in a writer lane's aligned buffer
 go straight to the disk, the last partial block through the cache. Buffered writes cost this
 2-core VM 1-2.5 s of system time per GB (page-cache growth) plus the write-back at fsync;
 direct ones about 0.3 s, and the data is on the disk when the upload ends, so the flusher's

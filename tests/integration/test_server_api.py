@@ -232,6 +232,42 @@ def test_upload_cut_mid_body_leaves_nothing(srv: JupyterServerProcess) -> None:
     assert srv.client.put(f"/handoff/api/blobs/{h}", content=data).status_code == 201
 
 
+def test_uploads_back_to_back_on_one_connection_in_uneven_bursts_are_stored_exactly(
+        srv: JupyterServerProcess) -> None:
+    """Bodies arrive in bursts of odd sizes with pauses (so the server reads them in pieces),
+    one after another on one kept-alive socket, big then small (a reused receive buffer must
+    not leak an earlier body's bytes), with a corrupted one among them: each is stored exactly
+    as sent or refused, and the connection keeps working."""
+    import http.client
+    import os
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+    auth = {"Authorization": f"token {srv.token}"}
+    bodies = [os.urandom(n) for n in (MiB, 1, 4095, 4097, 300_001, MiB - 1)]
+    pending_before = set((srv.data_dir / "blobs").rglob(".tmp-*"))   # earlier tests' unsettled uploads
+    for i, data in enumerate(bodies):
+        h = sha(data)
+        bad = i == 3
+        sent = data[:-1] + bytes([data[-1] ^ 1]) if bad else data
+        conn.putrequest("PUT", f"/handoff/api/blobs/{h}")
+        for k, v in {**auth, "Content-Length": str(len(sent))}.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        for pos in range(0, len(sent), 77_777):
+            conn.send(sent[pos: pos + 77_777])
+            if pos % 3 == 0:
+                time.sleep(0.002)
+        reply = conn.getresponse()
+        body = json.loads(reply.read())
+        if bad:
+            assert reply.status == 400 and h in body["error"]
+            assert srv.client.head(f"/handoff/api/blobs/{h}").status_code == 404
+        else:
+            assert reply.status == 201 and body["size"] == len(data), body
+            assert srv.client.get(f"/handoff/api/blobs/{h}").content == data
+    conn.close()
+    assert set((srv.data_dir / "blobs").rglob(".tmp-*")) == pending_before   # the refused one left nothing
+
+
 # ---------------------------------------------------------------------------------------------
 # POST /runs validation: hostile or broken manifests create nothing
 # ---------------------------------------------------------------------------------------------
