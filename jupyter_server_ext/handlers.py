@@ -16,10 +16,10 @@ from tornado import web
 from tornado.http1connection import HTTP1Connection
 from tornado.iostream import StreamClosedError
 
-from . import pages
-from .api import parse_answer, parse_create, parse_events_query, parse_pull_timeout, parse_shas
 from handoff_magic.chunks import CHUNK_SIZE
 
+from . import pages
+from .api import parse_answer, parse_create, parse_events_query, parse_pull_timeout, parse_shas
 from .blobs import BlobWriter, check_sha
 from .errors import BadRequest, BlobError, BlobTooLarge, NotFound, ServerError
 from .http import RESOURCE, ApiHandler, is_authorized
