@@ -38,7 +38,7 @@ from .journal import Journal, Outcome
 from .kernel_rpc import kernel_result
 from .kernels import Kernel, KernelPool
 from .recovery import checkpoint_key, has_cut_off_step, held_key, roll_back
-from .transport import BundleTransport
+from .transport import BundleTransport, SendStopped
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,9 @@ class RunDriver:
         elif not was_waiting:
             journal.status("restoring", reason="resuming after a server restart" if resumed
                            else "restoring the handed-off state in a fresh kernel")
-        await self._new_kernel(run, reason="server restart" if resumed else "handoff")
+        if not await self._new_kernel(run, reason="server restart" if resumed else "handoff"):
+            await self.end_requested(run)   # cancelled or pulled before its state was in a kernel
+            return
         self._roll_back(run, "the Jupyter Server stopped while this step ran")
         cap = self.settings.max_tokens_per_run
         if cap > 0:  # the server's budget bounds the run's own
@@ -280,8 +282,11 @@ class RunDriver:
         run.log.emit("error", error=message, hint=hint)
         await self._end(run, "failed", reason=message)
 
-    async def _new_kernel(self, run: ActiveRun, reason: str) -> None:
-        """A fresh kernel in the workspace with the latest manifest restored in it."""
+    async def _new_kernel(self, run: ActiveRun, reason: str) -> bool:
+        """A fresh kernel in the workspace with the latest manifest restored in it; False (and no
+        kernel) if the run was cancelled or pulled before the restore began: its state is still
+        the latest stored manifest, so copying the bundle and restoring it would be work for
+        nothing (a 1 GB bundle: seconds of CPU the pull back that follows needs)."""
         await self.release_kernel(run)
         t0 = time.perf_counter()
         manifest, kind = self.checkpoints.latest(run.id)
@@ -292,12 +297,29 @@ class RunDriver:
         self.transport.attach(run.id, kernel.root)
         run.crashed = False
         t_ready = time.perf_counter()
+
+        def stop() -> bool:
+            return run.cancel_requested or run.pull_requested
+
         try:  # the kernel may not share our disk (gateways): the transport brings the bundle
-            kb = await self._in_thread(self.transport.send_bundle, kernel.executor, run.id, manifest, self.blobs)
+            if stop():
+                raise SendStopped("ended before its bundle was sent")
+            kb = await self._in_thread(self.transport.send_bundle, kernel.executor, run.id, manifest, self.blobs,
+                                       stop=stop)
+        except SendStopped:
+            log.info("jupyter-handoff: run %s: %s requested while its kernel was prepared; not restoring",
+                     run.id, "pull" if run.pull_requested else "cancel")
+            await self.release_kernel(run)
+            self.kernels.refill()   # the spare it adopted is replaced, as after a restore
+            return False
         except TransportError as exc:
             raise RunFailure(f"sending the bundle to the kernel failed: {exc.message}", exc.hint or "") from exc
         res = await self._in_thread(kernel.executor.execute, self.transport.restore_code(kb), RESTORE_TIMEOUT,
                                     silent=True, store_history=False)
+        if res.status != "ok" and stop():   # a cancel interrupts the restore: not a failure
+            await self.release_kernel(run)
+            self.kernels.refill()
+            return False
         if res.status != "ok":
             err = res.error or {}
             raise RunFailure(f"restoring the {kind} bundle in a fresh kernel failed: "
@@ -322,6 +344,7 @@ class RunDriver:
         run.ckpt_key = held_key(manifest)
         self.kernels.refill()  # the next spare boots while the model thinks, not during the restore
         await self._in_thread(run.log.write_notebook)
+        return True
 
     async def release_kernel(self, run: ActiveRun) -> None:
         kernel, run.kernel = run.kernel, None

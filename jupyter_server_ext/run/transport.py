@@ -120,6 +120,20 @@ def drop_server_files(manifest: dict[str, Any], base: dict[str, Any] | None) -> 
     return out
 
 
+def _check_stop(stop: Callable[[], bool] | None) -> None:
+    if stop is not None and stop():
+        raise SendStopped("the run was cancelled or pulled while its bundle was sent to its kernel",
+                          "nothing to do: the run ends from its last stored checkpoint")
+
+
+class SendStopped(TransportError):
+    """``send_bundle`` gave up because its ``stop`` said so (the run was cancelled or pulled
+    while its bundle was on its way into the kernel): the kernel is not to be used."""
+
+
+Stop = Callable[[], bool]
+
+
 class BundleTransport(ABC):
     """Moves a run's bundle into its kernel and the kernel's checkpoints back into the BlobStore."""
 
@@ -135,8 +149,10 @@ class BundleTransport(ABC):
 
     @abstractmethod
     def send_bundle(self, executor: Executor, run_id: str, manifest: dict[str, Any],
-                    blobs: Blobs) -> KernelBundle:
-        """Make every chunk of ``manifest`` and the manifest itself readable by the kernel."""
+                    blobs: Blobs, *, stop: Stop | None = None) -> KernelBundle:
+        """Make every chunk of ``manifest`` and the manifest itself readable by the kernel.
+        ``stop`` is asked between chunks; once it is true no more are sent and ``SendStopped``
+        is raised (a cancelled run does not go on copying a bundle nobody will restore)."""
 
     @abstractmethod
     def fetch_checkpoint(self, executor: Executor, run_id: str, run_state: dict[str, Any],
@@ -287,17 +303,22 @@ class SharedDiskTransport(BundleTransport):
         return view if view.is_dir() else None
 
     def send_bundle(self, executor: Executor, run_id: str, manifest: dict[str, Any],
-                    blobs: Blobs) -> KernelBundle:
+                    blobs: Blobs, *, stop: Stop | None = None) -> KernelBundle:
         shas = Manifest.parse(manifest).shas
         root = self._kernel_root(run_id)
         view = self._view(run_id)
         if view is not None:
-            _link_view(view, shas, blobs)
+            _link_view(view, shas, blobs, stop)
             atomic_write_bytes(view / "manifest.json", json.dumps(manifest).encode("utf-8"))
             return KernelBundle(bundle_dir=BUNDLE_MOUNT, root=root)
         ckpt = self.workspace.ckpt_dir(run_id)
+
+        def copy(sha: str) -> None:
+            _check_stop(stop)
+            copy_file(blobs.path(sha), ckpt / chunk_relpath(sha))
+
         with ThreadPoolExecutor(COPIERS, thread_name_prefix="handoff-copy") as pool:
-            list(pool.map(lambda sha: copy_file(blobs.path(sha), ckpt / chunk_relpath(sha)), shas))
+            list(pool.map(copy, shas))
         atomic_write_bytes(ckpt / "manifest.json", json.dumps(manifest).encode("utf-8"))
         return KernelBundle(bundle_dir=f"{root}/{CKPT_DIR}", root=root)
 
@@ -329,12 +350,13 @@ class SharedDiskTransport(BundleTransport):
         return Checkpoint(manifest, new_bytes, _stored_total(manifest))
 
 
-def _link_view(view: Path, shas: list[str], blobs: Blobs) -> None:
+def _link_view(view: Path, shas: list[str], blobs: Blobs, stop: Stop | None = None) -> None:
     """Make ``view`` hold exactly the chunks ``shas`` (hard links to the stored ones, copies
     where the file system refuses a link); links of an earlier bundle go. The directory itself
     stays: a sandbox has it mounted."""
     want = {chunk_relpath(sha) for sha in shas}
     for sha in shas:
+        _check_stop(stop)
         link_or_copy(blobs.path(sha), view / chunk_relpath(sha))
     for old in (view / CHUNKS).glob("*/*"):
         if f"{CHUNKS}/{old.parent.name}/{old.name}" not in want:
@@ -394,8 +416,9 @@ class KernelChannelTransport(BundleTransport):
         return root
 
     def _put_files(self, executor: Executor, root: str,
-                   files: list[tuple[str, str, int, Callable[[], bytes]]]) -> int:
-        """Send ``(relpath, sha256, size, read)`` files in pieces; returns bytes sent."""
+                   files: list[tuple[str, str, int, Callable[[], bytes]]], *, stop: Stop | None = None) -> int:
+        """Send ``(relpath, sha256, size, read)`` files in pieces; returns bytes sent. ``stop``
+        is asked before each file is read (``SendStopped`` once it is true)."""
         batch: list[dict[str, Any]] = []
         batch_size = 0
         sent = 0
@@ -407,6 +430,7 @@ class KernelChannelTransport(BundleTransport):
             batch, batch_size = [], 0
 
         for rel, sha, size, read in files:
+            _check_stop(stop)
             data = read()
             if len(data) != size or not address_matches(sha, data):
                 raise TransportError(f"{rel} is damaged on this server (hash mismatch)",
@@ -460,7 +484,7 @@ class KernelChannelTransport(BundleTransport):
         return {rel: b"".join(p) for rel, p in parts.items()}
 
     def send_bundle(self, executor: Executor, run_id: str, manifest: dict[str, Any],
-                    blobs: Blobs) -> KernelBundle:
+                    blobs: Blobs, *, stop: Stop | None = None) -> KernelBundle:
         shas = Manifest.parse(manifest).shas
         root, have = self._open(executor, run_id)
         sizes = {sha: int((manifest.get("chunks") or {}).get(sha, {}).get("stored", -1)) for sha in shas}
@@ -470,7 +494,7 @@ class KernelChannelTransport(BundleTransport):
              functools.partial(blobs.read, sha)) for sha in todo]
         raw = json.dumps(manifest).encode("utf-8")
         files.append((f"{CKPT_DIR}/manifest.json", hashlib.sha256(raw).hexdigest(), len(raw), lambda: raw))
-        sent = self._put_files(executor, root, files)
+        sent = self._put_files(executor, root, files, stop=stop)
         log.info("jupyter-handoff: run %s: sent %d of %d chunk(s), %d bytes, over the kernel's channels",
                  run_id, len(todo), len(shas), sent)
         return KernelBundle(bundle_dir=f"{root}/{CKPT_DIR}", root=root, bytes_sent=sent)

@@ -264,6 +264,33 @@ def test_cancel_interrupts_the_kernel_and_ends_cancelled(
     assert srv.client.post(f"/handoff/api/runs/{run_id}/cancel").status_code == 409
 
 
+def test_a_run_cancelled_or_pulled_while_it_is_restored_ends_so_at_once(
+        srv: JupyterServerProcess, bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    """Cancel or pull right after the handoff, while the server is still giving the run its kernel:
+    the run ends cancelled / pulled at once (never failed: a cancel that interrupts the restore is
+    not a restore failure), no step runs, no kernel is left, and a pull returns the handed-off state."""
+    bdir, manifest = bundle
+    model = _scripted(tmp_path, [run_python("made_remotely = 1"), finish()])
+    cancelled = hand_off(srv, bdir, manifest, model=model)
+    assert srv.client.post(f"/handoff/api/runs/{cancelled}/cancel").status_code == 200
+    pulled = hand_off(srv, bdir, manifest, model=model)
+    r = srv.client.post(f"/handoff/api/runs/{pulled}/pull", json={"timeout": 60})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "pulled"
+    assert {v["name"] for v in body["manifest"]["variables"]} == {v["name"] for v in manifest["variables"]}
+    for run_id, end in ((cancelled, "cancelled"), (pulled, "pulled")):
+        assert wait_status(srv, run_id, timeout=60)["status"] == end
+        events = all_events(srv, run_id)
+        statuses = [e["data"]["status"] for e in events if e["type"] == "status"]
+        assert statuses[-1] == end and "failed" not in statuses, statuses
+        assert not tool_results(events), "no step ran after the cancel / pull"
+        # its kernel was still booting (no warm spare here): the bundle was never copied into it
+        # and restored there for nothing
+        assert "restore" not in [e["type"] for e in events]
+    _wait_no_kernels(srv)
+
+
 def test_pull_pauses_at_the_step_boundary_and_returns_the_checkpoint(
         srv: JupyterServerProcess, bundle: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     bdir, manifest = bundle

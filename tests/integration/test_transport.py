@@ -20,7 +20,7 @@ from jupyter_server_ext.run.executor import KernelExecutor
 from jupyter_server_ext.blobs import BlobStore
 from jupyter_server_ext.errors import TransportError
 from jupyter_server_ext.run.kernel_rpc import kernel_result
-from jupyter_server_ext.run.transport import KernelChannelTransport, SharedDiskTransport, make_transport
+from jupyter_server_ext.run.transport import KernelChannelTransport, SendStopped, SharedDiskTransport, make_transport
 from jupyter_server_ext.workspace import Workspace
 from tests.harness.runner_helpers import capture_bundle
 
@@ -197,3 +197,31 @@ def test_make_transport_picks_by_kernel_manager_and_trait(tmp_path: Path) -> Non
     assert isinstance(make_transport("shared", gw, ws), SharedDiskTransport)
     with pytest.raises(ValueError, match="c.HandoffApp.transport"):
         make_transport("nfs", mkm, ws)
+
+
+@pytest.mark.parametrize("kind", ["shared", "channels"])
+def test_a_bundle_send_that_is_told_to_stop_sends_no_more_chunks(
+        kind: str, executor: KernelExecutor, bundle: tuple[Path, dict[str, Any]], blobs: BlobStore,
+        kernel_dir: Path, tmp_path: Path) -> None:
+    """A run cancelled or pulled while its bundle goes into its kernel: the send stops between
+    chunks (a 1 GB bundle's copy went on for seconds after a cancel) and says why."""
+    _, manifest = bundle
+    run_id = f"run-stop-{kind}"
+    t = SharedDiskTransport(workspace_in(kernel_dir)) if kind == "shared" else \
+        KernelChannelTransport(workspace_in(tmp_path / "server-root"))
+    asked: list[int] = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return True
+    with pytest.raises(SendStopped) as err:
+        t.send_bundle(executor, run_id, manifest, blobs, stop=stop)
+    assert asked and "cancelled or pulled" in err.value.message
+
+    def sent() -> list[Path]:   # wherever the (shared) kernel's cwd puts this run's workspace
+        return [p for p in kernel_dir.rglob("*") if p.is_file() and run_id in p.parts and "chunks" in p.parts]
+    assert sent() == [], "no chunk was sent once told to stop"
+
+    # a stop that stays false changes nothing: every chunk is sent
+    t.send_bundle(executor, run_id, manifest, blobs, stop=lambda: False)
+    assert len(sent()) == len(manifest["chunks"])
