@@ -264,10 +264,19 @@ class BlobStore:
         self.max_chunk_bytes = max_chunk_bytes
         self.direct = direct
         self._pending: dict[str, tuple[Path, Future[None]]] = {}   # sha -> (temp file, its fsync)
+        self._moved = 0.0   # time.monotonic() when chunk bytes last went in or out (``moved``)
         self._lock = threading.Lock()
         self._flusher: ThreadPoolExecutor | None = None
         self._lanes: list[_Lane] = []
         self._dirs: set[Path] = set()   # shard directories known to exist (GC never removes them)
+
+    def moved(self) -> None:
+        """Chunk bytes are moving now (a GET or PUT of a blob)."""
+        self._moved = time.monotonic()
+
+    def idle_for(self) -> float:
+        """Seconds since chunk bytes last moved (``moved``)."""
+        return time.monotonic() - self._moved
 
     def final_path(self, sha: str) -> Path:
         return shard_path(self.root, check_sha(sha))

@@ -163,6 +163,7 @@ class BlobHandler(ApiHandler):
         returned future before it reads more (back pressure instead of memory)."""
         if self._writer is None:
             return None  # draining a refused body
+        self.service.blobs.moved()
         try:
             if self._writer.offer(chunk):
                 return None
@@ -231,6 +232,8 @@ class BlobHandler(ApiHandler):
         """The stored bytes, sent from a read-only mapping of the blob: the page cache goes to the
         socket in one copy, with no read() loop on the event loop (reading 1 MiB pieces into bytes
         first cost about a quarter of the loop's time during a pull back)."""
+        blobs = self.service.blobs
+        blobs.moved()
         path = await asyncio.to_thread(self._existing, sha)
         with open(path, "rb") as f:  # noqa: ASYNC230 - an open and an mmap, no read
             size = os.fstat(f.fileno()).st_size
@@ -244,6 +247,8 @@ class BlobHandler(ApiHandler):
                 await self.request.connection.write(memoryview(mapped))  # type: ignore[union-attr, arg-type]
             except StreamClosedError:
                 return   # the client went away mid-body; it retries the chunk on a new connection
+            finally:
+                blobs.moved()
         self.finish()
 
 

@@ -27,6 +27,7 @@ import asyncio
 import logging
 import os
 import shutil
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ DROP_ENV = frozenset({"JUPYTER_TOKEN", "JPY_API_TOKEN", "JUPYTERHUB_API_TOKEN", 
 INLINE_MPL = "module://matplotlib_inline.backend_inline"
 WARM_IMPORT_TIMEOUT = 120.0
 RESTART_SETTLE = 15.0   # seconds a start or restart under way may take to finish before a shutdown
+BOOT_QUIET = 0.5        # a spare boots once chunk transfers have paused this long (seconds) ...
+BOOT_DEFER_MAX = 30.0   # ... or after this long at most, or at once when a run wants it
 # what a spare loads ahead of its run (a kernel call: nothing is bound in the run's namespace);
 # modules this server lacks are skipped
 _WARM_UP = """
@@ -110,7 +113,7 @@ class KernelPool:
 
     def __init__(self, settings: HandoffSettings, kernel_manager: Any, workspace: Workspace, *,
                  in_thread: InThread[Any], sandbox: SandboxState | None = None, server_token: str = "",
-                 warm_allowed: bool = True) -> None:
+                 warm_allowed: bool = True, transfers_idle: Callable[[], float] | None = None) -> None:
         self.settings = settings
         self.sandbox = sandbox
         self.kernel_manager = kernel_manager
@@ -121,6 +124,10 @@ class KernelPool:
         self._warm_allowed = warm_allowed and not (sandbox is not None and sandbox.problem)
         self._sandboxed = sandbox is not None and sandbox.mode == "bwrap"
         self._warm: asyncio.Future[_Spare] | None = None
+        # seconds since the server last moved chunk bytes (a pull back's GETs, a handoff's PUTs):
+        # a kernel boot costs about a CPU-second, which a 1 GB pull back on two cores would share
+        self._transfers_idle = transfers_idle
+        self._wanted: asyncio.Event | None = None   # set when a run waits for the spare
         self._stopping = False
 
     # -- what a run's kernel is ------------------------------------------------------------------
@@ -273,6 +280,7 @@ class KernelPool:
         """A spare kernel on an empty workspace of its own, with handoff_magic's restore and
         ``c.HandoffApp.warm_imports`` imported, so the next handoff skips kernel start-up and
         those imports (~0.5 s and ~1 s for pandas, far more on a loaded machine)."""
+        await self._until_transfers_pause()
         ws = self.workspace.new_spare_dir()
         kid = ""
         try:
@@ -292,12 +300,30 @@ class KernelPool:
             raise
         return _Spare(Kernel(kid, ex, str(ws)), ws)
 
+    async def _until_transfers_pause(self) -> None:
+        """Wait until no chunk has moved for BOOT_QUIET seconds (at most BOOT_DEFER_MAX), unless a
+        run asks for the spare meanwhile (``_adopt``): then it boots at once."""
+        if self._transfers_idle is None:
+            return
+        wanted = self._wanted = asyncio.Event()
+        deadline = time.monotonic() + BOOT_DEFER_MAX
+        while not wanted.is_set():
+            wait = min(BOOT_QUIET - self._transfers_idle(), deadline - time.monotonic())
+            if wait <= 0:
+                return
+            try:
+                await asyncio.wait_for(wanted.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
+
     async def _adopt(self, ws: Path) -> Kernel | None:
         """The live spare, its workspace renamed to ``ws``; None if there is none, or ``ws``
         already exists (a resumed run's files are there: it gets a kernel of its own)."""
         if self._warm is None or ws.exists():  # noqa: ASYNC240 - one stat of a local directory
             return None
         task, self._warm = self._warm, None
+        if self._wanted is not None:
+            self._wanted.set()   # a boot still waiting for transfers to pause starts now
         try:
             spare = await asyncio.shield(task)   # (still booting: a cold start would take as long)
         except asyncio.CancelledError:

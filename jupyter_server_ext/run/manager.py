@@ -68,7 +68,7 @@ class RunManager:
         self.checkpoints = Checkpoints(settings, store, blobs, workspace, self.transport)
         self.kernels = KernelPool(settings, kernel_manager, workspace, in_thread=self._call_in_thread,
                                   sandbox=sandbox, server_token=server_token,
-                                  warm_allowed=self.transport.name == "shared")
+                                  warm_allowed=self.transport.name == "shared", transfers_idle=blobs.idle_for)
         self._closing = threading.Event()     # the server is stopping: commit nothing more
         self.slots = Slots(settings.max_concurrent_runs, self._closing)
         self.driver = RunDriver(settings, store, blobs, workspace, self.transport, self.checkpoints,
