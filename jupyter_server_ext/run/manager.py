@@ -78,8 +78,8 @@ class RunManager:
         self._stuck_task: asyncio.Task[None] | None = None
         self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * settings.max_concurrent_runs + 2),
                                         thread_name_prefix="handoff-run")
-        # removing an ended run's kernel-side checkpoint dir (a copy of every chunk it held:
-        # ~0.5 s of system time per GB) right when a pull back starts downloading that run
+        # removing an ended run's kernel-side checkpoint dir (unsandboxed, a copy of every chunk
+        # it held: ~0.5 s of system time per GB) right when a pull back starts downloading that run
         # competed with the downloads for the CPU; at nice 19 it waits for a quiet moment
         self._tidy = ThreadPoolExecutor(max_workers=1, thread_name_prefix="handoff-tidy",
                                         initializer=_tidy_thread_priority)
