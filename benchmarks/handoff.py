@@ -11,7 +11,9 @@ For each namespace size, with a real Jupyter Server subprocess (the extension) a
 Fair: with ``--baseline REV`` the same steps run against this repository at ``REV`` (its own
 server and kernels, via PYTHONPATH), alternating ours / baseline / ours / baseline; guest memory
 and the page cache are warmed first, one untimed round per variant warms imports and the
-server, and medians of ``--repeat`` runs are printed next to the load average.
+server, every round starts once both servers are idle (what a round leaves running, such as a
+spare kernel booting, would otherwise land on the next variant's), and medians of ``--repeat``
+runs are printed next to the load average.
 
     python benchmarks/handoff.py                          # 10 MB and 1 GB, 3 runs each
     python benchmarks/handoff.py --sizes 10MB --repeat 1  # quick
@@ -154,6 +156,37 @@ class PeakRSS:
     @property
     def extra(self) -> int:
         return max(0, self.peak - self.base)
+
+
+def quiet(variants: list[Variant], busy: float = 0.05, longest: float = 30.0) -> None:
+    """Wait until every server, with its kernels, has used under ``busy`` of a CPU for half a
+    second (at most ``longest`` s): what one variant's round leaves running (a spare kernel
+    booting after a pull, a cancelled run's clean-up) must not land on the next variant's."""
+    deadline = time.monotonic() + longest
+    while time.monotonic() < deadline:
+        procs: list[psutil.Process] = []
+        for v in variants:
+            try:
+                root = psutil.Process(v.cloud.proc.pid)  # type: ignore[union-attr]
+                procs += [root, *root.children(recursive=True)]
+            except psutil.Error:
+                continue
+        before = cpu_seconds(procs)
+        time.sleep(0.5)
+        if cpu_seconds(procs) - before < busy * 0.5:
+            return
+
+
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    """User + system CPU time of the processes still alive."""
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
 
 
 def kernel_pid(k: Kernel) -> int:
@@ -310,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             for rep in range(args.repeat):
                 for v in variants:
                     n += 1
+                    quiet(variants)
                     r = one_round(v, size, base / f"r{n}")
                     results[v.name][size].append(r)
                     print(f"  [{v.name} {fmt_bytes(size)} run {rep + 1}] safe to close {r['safe_to_close']:.3f}s, "
