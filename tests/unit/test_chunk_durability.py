@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from handoff_magic import chunks
+from handoff_magic import atomic, chunks
 from handoff_magic.chunks import CHUNK_SIZE, start_writeback
 from handoff_magic.snapshot.capture import save_state
 from handoff_magic.snapshot.restore import load_state
@@ -51,7 +51,7 @@ def writeback(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
 def test_every_chunk_is_fsynced_before_it_is_visible_and_its_directory_after(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writeback: str) -> None:
     events: list[tuple[str, str]] = []
-    real_fsync_file, real_fsync_dir, real_replace = chunks.fsync_file, chunks.fsync_dir, os.replace
+    real_fsync_file, real_fsync_dir, real_replace = atomic.fsync_file, atomic.fsync_dir, os.replace
 
     def fsync_file(path: Any) -> None:
         real_fsync_file(path)
@@ -135,7 +135,7 @@ def test_a_save_cut_off_by_a_full_disk_leaves_the_last_bundle_whole(
 def test_a_failed_fsync_publishes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writeback: str) -> None:
     bundle = tmp_path / "b"
     calls = [0]
-    real = chunks.fsync_file
+    real = atomic.fsync_file
 
     def fsync_file(path: Any) -> None:     # the disk reports a write error for one chunk
         calls[0] += 1

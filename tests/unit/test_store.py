@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import hashlib
 import os
 import sqlite3
@@ -295,12 +296,12 @@ def test_uploads_in_uneven_pieces_are_stored_byte_for_byte_whatever_the_file_sys
         return real_open(path, flags, mode)
 
     def write(fd: int, data: bytes) -> int:
-        if refuse == "direct write" and blobs_module.fcntl.fcntl(fd, blobs_module.fcntl.F_GETFL) & direct:
+        if refuse == "direct write" and fcntl.fcntl(fd, fcntl.F_GETFL) & direct:
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_write(fd, data)
 
-    monkeypatch.setattr(blobs_module.os, "open", open_)
-    monkeypatch.setattr(blobs_module.os, "write", write)
+    monkeypatch.setattr(os, "open", open_)   # the os module blobs.py uses
+    monkeypatch.setattr(os, "write", write)
     blobs = BlobStore(tmp_path / "blobs")
     for size in SIZES:
         data = os.urandom(size)
