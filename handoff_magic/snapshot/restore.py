@@ -40,12 +40,14 @@ log = logging.getLogger(__name__)
 
 
 # -- phase 1: read and verify ------------------------------------------------------
-def _read_buffers(store: Any, chunks: dict[str, ChunkRef], groups: list[GroupEntry]) -> dict[str, list[Any]]:
+def _read_buffers(store: Any, chunks: dict[str, ChunkRef], groups: list[GroupEntry],
+                  verify: bool = True) -> dict[str, list[Any]]:
     """Every out-of-band buffer, verified: small single chunks memory-mapped copy-on-write, others read
     straight into their destination bytearray (no intermediate copies), in parallel. A store without
     local files (``store.local`` False: chunks arriving over HTTP) fills the buffers as they come.
     Buffers are then handed to the change tracker with their chunk refs, so the next capture does
-    not read them again unless they were written to."""
+    not read them again unless they were written to. ``verify=False``: mapped chunks are not
+    hashed again (their sizes still are checked), so nothing is read until the code uses it."""
     out: dict[str, list[Any]] = {}
     tasks: list[tuple[str, memoryview, str | None]] = []
     checks: list[tuple[str, memoryview, list[str]]] = []
@@ -65,7 +67,7 @@ def _read_buffers(store: Any, chunks: dict[str, ChunkRef], groups: list[GroupEnt
                                       "— copy or save it again") from None
                 except ValueError:  # empty or shorter file
                     raise BundleError(f"chunk {shas[0]} is truncated; save or copy the bundle again") from None
-                if len(m) != b.size or not store.intact(shas[0], m):
+                if len(m) != b.size or (verify and not store.intact(shas[0], m)):
                     m.close()
                     raise BundleError(f"chunk {shas[0]} is corrupt (sha256 mismatch), it belongs to "
                                       f"{', '.join(g.names)}; save or copy the bundle again")
@@ -78,7 +80,8 @@ def _read_buffers(store: Any, chunks: dict[str, ChunkRef], groups: list[GroupEnt
             if mapped is not None:
                 off = 0
                 for ref in refs:
-                    checks.append((ref.sha, mapped[off: off + ref.size], g.names))
+                    if verify:
+                        checks.append((ref.sha, mapped[off: off + ref.size], g.names))
                     off += ref.size
                 bufs.append(mapped)
                 track.append((mapped, refs, False))
@@ -216,11 +219,14 @@ TRUST_HINT = "left out: it came from the remote run and can run code on load; %p
 
 def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path | None = None,
                file_conflicts: dict[str, str] | None = None, ns: dict[str, Any] | None = None,
-               trust: PullTrust | None = None) -> RestoreReport:
+               trust: PullTrust | None = None, verify: bool = True) -> RestoreReport:
     """Restore bundle ``path`` into this kernel. Validates everything before changing anything.
 
     ``trust`` (a pull back without ``--trust``): only plain data and what this laptop sent is
     loaded; every other variable is reported as skipped with the reason (see trust.py).
+    ``verify=False`` skips re-hashing the large buffers it maps (not reads), for a bundle whose
+    chunks were hash-checked when stored and cannot have changed since: a server's run kernel
+    reading its read-only view of the server's store. 1 GB then loads without being read.
 
     Raises BundleError (a StateError) naming the problem when the bundle is unreadable,
     corrupt or from a newer version; then the namespace and files are untouched.
@@ -231,7 +237,7 @@ def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path |
     store = ChunkStore(bundle / CHUNKS)
     store.register(manifest.chunks)
     report = restore_from(manifest, store, shell, files=files, root=root, file_conflicts=file_conflicts, ns=ns,
-                          trust=trust)
+                          trust=trust, verify=verify)
     report.path = str(bundle)
     report.seconds = time.perf_counter() - t_start
     return report
@@ -239,7 +245,8 @@ def load_state(path: Any, shell: Any = None, *, files: bool = True, root: Path |
 
 def restore_from(manifest: Manifest, store: Any, shell: Any = None, *, files: bool = True,
                  root: Path | None = None, file_conflicts: dict[str, str] | None = None,
-                 ns: dict[str, Any] | None = None, trust: PullTrust | None = None) -> RestoreReport:
+                 ns: dict[str, Any] | None = None, trust: PullTrust | None = None,
+                 verify: bool = True) -> RestoreReport:
     """``load_state`` from any chunk source: a bundle's ``ChunkStore``, or chunks fetched from a
     server as they are needed (pull back, remote/download.py) with no local bundle in between."""
     t_start = time.perf_counter()
@@ -259,7 +266,7 @@ def restore_from(manifest: Manifest, store: Any, shell: Any = None, *, files: bo
             payloads[g.id] = b"".join(store.get(s) for s in g.payload)
         except BundleError as exc:
             raise BundleError(f"{exc} (it belongs to {', '.join(g.names)})") from None
-    buffers = _read_buffers(store, manifest.chunks, groups)
+    buffers = _read_buffers(store, manifest.chunks, groups, verify)
     file_plan: list[tuple[FileEntry, Path]] = []
     if files:
         for entry in manifest.files:

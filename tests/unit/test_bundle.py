@@ -382,3 +382,27 @@ def test_repetitive_text_columns_round_trip_as_a_string_table(tmp_path: Path) ->
     assert back["with_nan"][5] != back["with_nan"][5] and back["with_nan"][6] == "item-6"
     assert type(back["subclass"][7]) is np.str_
     pd.testing.assert_frame_equal(back["df"], df)
+
+
+def test_without_verify_a_mapped_load_reads_nothing_but_still_checks_sizes(tmp_path: Path) -> None:
+    """``verify=False`` (a server kernel's read-only view of chunks the server hash-checked):
+    large buffers are mapped and not re-hashed, so a flipped byte goes unseen by design, while
+    a chunk of the wrong size is still refused and the namespace stays untouched."""
+    arr = np.random.default_rng(7).random((CHUNK_SIZE * 2 + 4096) // 8)
+    rep = _save(tmp_path / "b", {"arr": arr})
+    shas = rep.manifest["groups"][0]["buffers"][0]["chunks"]
+    p = shard_path(tmp_path / "b" / "chunks", shas[0])
+    data = bytearray(p.read_bytes())
+    data[8] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="corrupt"):
+        load_state(tmp_path / "b", ns={}, files=False)
+    ns: dict[str, Any] = {}
+    load_state(tmp_path / "b", ns=ns, files=False, verify=False)
+    assert np.array_equal(ns["arr"][CHUNK_SIZE // 8:], arr[CHUNK_SIZE // 8:]) and ns["arr"][1] != arr[1]
+    last = shard_path(tmp_path / "b" / "chunks", shas[-1])
+    last.write_bytes(last.read_bytes()[:-100])
+    target = {"arr": "untouched"}
+    with pytest.raises(BundleError, match="truncated|wrong size"):
+        load_state(tmp_path / "b", ns=target, files=False, verify=False)
+    assert target == {"arr": "untouched"}
