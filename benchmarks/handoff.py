@@ -158,7 +158,7 @@ class PeakRSS:
         return max(0, self.peak - self.base)
 
 
-def quiet(variants: list[Variant], busy: float = 0.05, longest: float = 30.0) -> None:
+def quiet(variants: list[Variant], busy: float = 0.2, longest: float = 10.0) -> None:
     """Wait until every server, with its kernels, has used under ``busy`` of a CPU for half a
     second (at most ``longest`` s): what one variant's round leaves running (a spare kernel
     booting after a pull, a cancelled run's clean-up) must not land on the next variant's."""
