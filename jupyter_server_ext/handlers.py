@@ -218,6 +218,19 @@ class BlobHandler(ApiHandler):
             raise NotFound(f"chunk {sha} is not on this server", "upload it with PUT")
         return path
 
+    def _mapped(self, sha: str) -> tuple[int, mmap.mmap | None]:
+        """The blob's size and a read-only mapping of it with its pages read in (call it in a
+        thread). Uploads skip the page cache and a run's kernel maps its chunks without reading
+        them, so a pull back's GET is often the first read: from the disk, which must not stall
+        the event loop in the middle of a socket write."""
+        with open(self._existing(sha), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            # blobs are published by rename and never written in place, so the mapping stays valid
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        if mapped is not None:
+            _ = mapped[::mmap.PAGESIZE]   # a byte a page: every page is faulted in here, not on the loop
+        return size, mapped
+
     @web.authenticated
     @authorized
     async def head(self, sha: str) -> None:
@@ -234,11 +247,7 @@ class BlobHandler(ApiHandler):
         first cost about a quarter of the loop's time during a pull back)."""
         blobs = self.service.blobs
         blobs.moved()
-        path = await asyncio.to_thread(self._existing, sha)
-        with open(path, "rb") as f:  # noqa: ASYNC230 - an open and an mmap, no read
-            size = os.fstat(f.fileno()).st_size
-            # blobs are published by rename and never written in place, so the mapping stays valid
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        size, mapped = await asyncio.to_thread(self._mapped, sha)
         self.set_header("Content-Length", str(size))
         self.set_header("Content-Type", "application/octet-stream")   # never gzip-transformed
         if mapped is not None:
