@@ -18,7 +18,9 @@ it, such as tmpfs before Linux 6.6, gets the page cache): whole 4 KiB blocks gat
 go straight to the disk, the last partial block through the cache. Buffered writes cost this
 2-core VM 1-2.5 s of system time per GB (page-cache growth) plus the write-back at fsync;
 direct ones about 0.3 s, and the data is on the disk when the upload ends, so the flusher's
-fsync only has metadata left.
+fsync only has metadata left. The price is that the first read of a chunk comes from the disk
+(a run's kernel maps its chunks without reading them): ``prefetch`` queues those reads all at
+once when they are known to be next (a pull back), so the disk works ahead of the GETs.
 """
 from __future__ import annotations
 
@@ -278,6 +280,14 @@ class BlobStore:
         """Seconds since chunk bytes last moved (``moved``)."""
         return time.monotonic() - self._moved
 
+    def prefetch(self, shas: Iterable[str]) -> None:
+        """Start reading these chunks into the page cache in the background (``posix_fadvise``
+        WILLNEED: the OS queues the reads and returns). Advice only: a missing chunk, a
+        platform without the call or a refusal changes nothing; the readers still read."""
+        if hasattr(os, "posix_fadvise"):
+            paths = [self.final_path(sha) for sha in shas if is_sha(sha)]
+            threading.Thread(target=_will_need, args=(paths,), name="handoff-prefetch", daemon=True).start()
+
     def final_path(self, sha: str) -> Path:
         return shard_path(self.root, check_sha(sha))
 
@@ -431,6 +441,20 @@ class BlobStore:
                 else:
                     kept += 1
         return {"deleted": deleted, "kept": kept, "bytes_freed": freed}
+
+
+def _will_need(paths: list[Path]) -> None:
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:   # gone or pending: whoever reads it says so, not the prefetch
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass   # no read-ahead advice on this file system: the reads just come later
+        finally:
+            os.close(fd)
 
 
 def _older(path: Path, now: float, age: float) -> bool:

@@ -351,3 +351,18 @@ def test_non_finite_numbers_are_stored_as_null(store: RunStore) -> None:
     assert store.summary(rid)["status"] == "running"
     assert store.events(rid, 3)[0].data == {"value": None}
     assert store.manifest(rid, "handoff") == {"x": None}
+
+
+def test_prefetch_is_advice_that_tolerates_missing_and_bad_addresses(tmp_path: Path) -> None:
+    """A pull back asks the store to read its chunks ahead; a chunk collected meanwhile, or an
+    address that is no address, must neither raise nor stop the others being read."""
+    blobs = BlobStore(tmp_path / "blobs")
+    data = os.urandom(64 * 1024)
+    sha = "blake3-" + __import__("blake3").blake3(data).hexdigest()
+    blobs.put(sha, data)
+    before = threading.active_count()
+    blobs.prefetch(["blake3-" + "0" * 64, "not-an-address", sha])
+    deadline = time.monotonic() + 10
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() <= before and blobs.read(sha) == data
