@@ -8,6 +8,8 @@ the result notebook, the diff... are built here and nowhere else.
 """
 from __future__ import annotations
 
+import logging
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +31,20 @@ API = "/handoff/api"                      # JSON routes
 PAGES = "/handoff/runs"                   # HTML status pages
 RUN_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"   # in route regexes; handoff_magic.state.check_run_id agrees
 LINK_KEYS = ("status_page", "notebook", "diff", "events", "lab")   # a run summary's "links"
+
+
+log = logging.getLogger(__name__)
+
+
+def remove_tree(path: Path, what: str) -> None:
+    """Remove a directory the server made for a run or a kernel. Gone already is fine; a failure
+    is logged, not raised (the run or kernel it belonged to has ended): ``what`` says what stays."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("jupyter-handoff: could not remove %s (%s stays on disk): %s", path, what, exc)
 
 
 def check_run_id(run_id: str) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from ..blobs import BlobStore
 from ..errors import RunFailure
 from ..settings import HandoffSettings
 from ..store import RunStore
-from ..workspace import Workspace
+from ..workspace import Workspace, remove_tree
 from .executor import KernelExecutor
 from .transport import BundleTransport
 
@@ -108,13 +107,7 @@ class Checkpoints:
         """A run ended: keep its last checkpoint only, and drop the kernel-side checkpoint dir,
         whose copies of every chunk it ever saved would keep the run's state on disk."""
         self.prune(run_id, finished=True)
-        ckpt = self.workspace.ckpt_dir(run_id)
-        try:
-            shutil.rmtree(ckpt)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning("jupyter-handoff: could not remove %s (its chunks stay on disk): %s", ckpt, exc)
+        remove_tree(self.workspace.ckpt_dir(run_id), "its chunks")
 
 
 def gc_blobs(store: RunStore, blobs: BlobStore, *, min_age: float = 3600.0, keep: int = DEFAULT_KEEP) -> dict[str, int]:

@@ -40,7 +40,7 @@ from handoff_magic.secrets import is_secret_name
 
 from ..errors import RunFailure
 from ..settings import HandoffSettings
-from ..workspace import Workspace
+from ..workspace import Workspace, remove_tree
 from .executor import KernelExecutor
 from .kernel_rpc import check, kernel_call, kernel_result
 from .sandbox import SandboxState, bundle_view_dir
@@ -219,13 +219,7 @@ class KernelPool:
         views = self._views()
         if views is None:
             return
-        view = bundle_view_dir(views, kernel_root)
-        try:
-            shutil.rmtree(view)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning("jupyter-handoff: could not remove bundle view %s: %s", view, exc)
+        remove_tree(bundle_view_dir(views, kernel_root), "its links to stored chunks")
 
     def refill(self) -> None:
         """Start booting a spare if one is wanted and none is there (or booting)."""
