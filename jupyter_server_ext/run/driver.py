@@ -282,6 +282,13 @@ class RunDriver:
         run.log.emit("error", error=message, hint=hint)
         await self._end(run, "failed", reason=message)
 
+    async def _abandon_kernel(self, run: ActiveRun) -> bool:
+        """Give back a kernel the run no longer needs before it restored anything (False: no
+        kernel); the spare it may have adopted is replaced, as after a restore."""
+        await self.release_kernel(run)
+        self.kernels.refill()
+        return False
+
     async def _new_kernel(self, run: ActiveRun, reason: str) -> bool:
         """A fresh kernel in the workspace with the latest manifest restored in it; False (and no
         kernel) if the run was cancelled or pulled before the restore began: its state is still
@@ -309,17 +316,13 @@ class RunDriver:
         except SendStopped:
             log.info("jupyter-handoff: run %s: %s requested while its kernel was prepared; not restoring",
                      run.id, "pull" if run.pull_requested else "cancel")
-            await self.release_kernel(run)
-            self.kernels.refill()   # the spare it adopted is replaced, as after a restore
-            return False
+            return await self._abandon_kernel(run)
         except TransportError as exc:
             raise RunFailure(f"sending the bundle to the kernel failed: {exc.message}", exc.hint or "") from exc
         res = await self._in_thread(kernel.executor.execute, self.transport.restore_code(kb), RESTORE_TIMEOUT,
                                     silent=True, store_history=False)
         if res.status != "ok" and stop():   # a cancel interrupts the restore: not a failure
-            await self.release_kernel(run)
-            self.kernels.refill()
-            return False
+            return await self._abandon_kernel(run)
         if res.status != "ok":
             err = res.error or {}
             raise RunFailure(f"restoring the {kind} bundle in a fresh kernel failed: "
