@@ -358,20 +358,21 @@ class BlobStore:
             self._dirs.add(tmp.parent)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         direct = getattr(os, "O_DIRECT", 0) if self.direct else 0
-        for attempt in (1, 2):
+        try:
+            return self._create(tmp, flags, direct)
+        except FileNotFoundError:   # the directory went away behind our back: once more
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            return self._create(tmp, flags, direct)
+
+    @staticmethod
+    def _create(tmp: Path, flags: int, direct: int) -> tuple[int, bool]:
+        if direct:
             try:
-                if direct:
-                    try:
-                        return os.open(tmp, flags | direct, 0o666), True
-                    except OSError as exc:   # tmpfs and some others refuse O_DIRECT
-                        if exc.errno != errno.EINVAL:
-                            raise
-                return os.open(tmp, flags, 0o666), False
-            except FileNotFoundError:   # the directory went away behind our back
-                if attempt == 2:
+                return os.open(tmp, flags | direct, 0o666), True
+            except OSError as exc:   # tmpfs and some others refuse O_DIRECT
+                if exc.errno != errno.EINVAL:
                     raise
-                tmp.parent.mkdir(parents=True, exist_ok=True)
-        raise AssertionError("unreachable")
+        return os.open(tmp, flags, 0o666), False
 
     def _bind_lane(self) -> _Lane:
         """The writer lane with the fewest uploads now (a new one while there are fewer than LANES)."""
