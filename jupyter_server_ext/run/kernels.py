@@ -116,6 +116,7 @@ class KernelPool:
                  warm_allowed: bool = True, transfers_idle: Callable[[], float] | None = None) -> None:
         self.settings = settings
         self.sandbox = sandbox
+        self.views = sandbox.views if sandbox is not None else None   # kernels' bundle views, if any
         self.kernel_manager = kernel_manager
         self.workspace = workspace
         self.server_token = server_token
@@ -205,21 +206,15 @@ class KernelPool:
                 d.rmdir()
             except OSError as exc:
                 log.warning("jupyter-handoff: leaving spare workspace %s (%s)", d, exc)
-        views = self._views()
-        if views is not None and views.is_dir():
-            for view in views.iterdir():
+        if self.views is not None and self.views.is_dir():
+            for view in self.views.iterdir():
                 self._drop_view(view.name)
-
-    def _views(self) -> Path | None:
-        return Path(self.sandbox.bundle_views) if self.sandbox is not None and self.sandbox.bundle_views else None
 
     def _drop_view(self, kernel_root: str) -> None:
         """A kernel's bundle view (links to stored chunks) goes with the kernel: its links would
         keep chunks on disk after the blob store collected them."""
-        views = self._views()
-        if views is None:
-            return
-        remove_tree(bundle_view_dir(views, kernel_root), "its links to stored chunks")
+        if self.views is not None:
+            remove_tree(bundle_view_dir(self.views, kernel_root), "its links to stored chunks")
 
     def refill(self) -> None:
         """Start booting a spare if one is wanted and none is there (or booting)."""

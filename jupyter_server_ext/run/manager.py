@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, TypeVar
 
 from handoff_magic.state import RunState
@@ -63,8 +62,8 @@ class RunManager:
         self.ws = workspace
         self.notifier = notifier
         self.runs: dict[str, ActiveRun] = {}
-        views = Path(sandbox.bundle_views) if sandbox is not None and sandbox.bundle_views else None
-        self.transport = make_transport(settings.transport, kernel_manager, workspace, views)  # disk or channels
+        self.transport = make_transport(settings.transport, kernel_manager, workspace,
+                                        sandbox.views if sandbox is not None else None)  # disk or channels
         self.checkpoints = Checkpoints(settings, store, blobs, workspace, self.transport)
         self.kernels = KernelPool(settings, kernel_manager, workspace, in_thread=self._call_in_thread,
                                   sandbox=sandbox, server_token=server_token,

@@ -420,6 +420,11 @@ class SandboxState:
     bundle_views: str = ""  # mode "bwrap": the kernels' read-only bundle views (host side)
 
     @property
+    def views(self) -> Path | None:
+        """The bundle views' directory, or None where kernels get copies (no bwrap)."""
+        return Path(self.bundle_views) if self.bundle_views else None
+
+    @property
     def warning(self) -> str:
         """Shown on the status pages when run kernels are not isolated."""
         if self.mode == "none":
